@@ -1,0 +1,36 @@
+# Two entry points for a fresh clone (see README):
+#   make demo   set up the environment and run the main job on the embedded synthetic studio
+#   make test   set up the environment and run the test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# torch is pinned inside the same pip command as everything else (pyproject pins it too):
+# on this machine torch==2.13.0 is a CPU wheel on local disk; an unpinned resolve pulls CUDA.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "torch==2.13.0" -e ".[dev]"
+	$(BIN)/pip check
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/avat3r demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/render.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
