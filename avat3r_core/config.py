@@ -1,0 +1,76 @@
+"""Typed configuration: one dataclass per component, named presets, values from ``params.yaml``.
+
+Each component defines a dataclass and (optionally) a ``PRESETS`` dict of named overrides
+(``tiny`` for CPU and tests, ``paper`` for the published model, ...). :func:`build` resolves
+``preset`` → dataclass defaults + preset + explicit values, rejecting unknown keys by name, so the
+CLI, the Prefect flows and DVC (through ``params.yaml``) all build the very same objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from avat3r_core.errors import FormatError
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, source: str = "config") -> T:
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys raise FormatError naming them."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names - {"preset"})
+    if unknown:
+        raise FormatError(source, ", ".join(unknown), f"unknown key(s) for {cls.__name__}; known: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        if name == "preset":
+            continue
+        hint = hints.get(name)
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = from_dict(hint, value, f"{source}.{name}")
+        elif isinstance(value, list) and hint is not None and typing.get_origin(hint) is tuple:
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def build(cls: type[T], values: dict[str, Any] | None = None, preset: str | None = None, source: str = "config") -> T:
+    """Defaults ← preset (``values['preset']`` or ``preset``) ← explicit ``values``."""
+    values = dict(values or {})
+    preset = values.pop("preset", None) or preset
+    merged: dict[str, Any] = {}
+    if preset:
+        presets = getattr(cls, "PRESETS", {})
+        if preset not in presets:
+            raise FormatError(source, "preset", f"unknown preset {preset!r} for {cls.__name__}; known: {sorted(presets)}")
+        merged.update(presets[preset])
+    merged.update(values)
+    return from_dict(cls, merged, source)
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise FormatError(path, None, "params file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise FormatError(path, None, f"invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise FormatError(path, None, "top level must be a mapping of sections")
+    return data
+
+
+def section(params: dict[str, Any], name: str, cls: type[T], source: str = "params.yaml") -> T:
+    return build(cls, params.get(name) or {}, source=f"{source}:{name}")
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)

@@ -1,0 +1,91 @@
+"""One filesystem layer for local paths and remote URIs (``s3://``, ``gs://``, ``memory://`` ...).
+
+Everything that writes a manifest or a media file goes through here, so a run works unchanged
+against object storage once data outgrows a disk. Writes are atomic: write to a temporary name
+in the same directory, then rename; a killed writer leaves at worst a ``.tmp-*`` file that no
+reader looks at.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def url_to_fs(uri: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    return fs, path
+
+
+def join(base: str | Path, *parts: str) -> str:
+    base = str(base).rstrip("/")
+    return "/".join([base, *[p.strip("/") for p in parts if p]])
+
+
+def exists(uri: str | Path) -> bool:
+    fs, path = url_to_fs(uri)
+    return fs.exists(path)
+
+
+def makedirs(uri: str | Path) -> None:
+    fs, path = url_to_fs(uri)
+    fs.makedirs(path, exist_ok=True)
+
+
+def atomic_write_bytes(uri: str | Path, data: bytes) -> int:
+    """Write ``data`` to ``uri`` atomically (temp file + rename); returns the byte count."""
+    fs, path = url_to_fs(uri)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    name = path.rsplit("/", 1)[-1]
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}" if parent else f".tmp-{uuid.uuid4().hex}-{name}"
+    with fs.open(tmp, "wb") as handle:
+        handle.write(data)
+    fs.mv(tmp, path)
+    return len(data)
+
+
+def read_bytes(uri: str | Path) -> bytes:
+    fs, path = url_to_fs(uri)
+    with fs.open(path, "rb") as handle:
+        return handle.read()
+
+
+def write_parquet(table: pa.Table, uri: str | Path) -> int:
+    """Write a parquet table atomically; returns the byte count."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return atomic_write_bytes(uri, buffer.getvalue())
+
+
+def read_parquet(uri: str | Path) -> pa.Table:
+    fs, path = url_to_fs(uri)
+    return pq.read_table(path, filesystem=fs)
+
+
+def list_files(uri: str | Path, suffix: str = "") -> list[str]:
+    """Full URIs/paths of the files directly under ``uri`` ending in ``suffix`` (skips temp files)."""
+    fs, path = url_to_fs(uri)
+    if not fs.exists(path):
+        return []
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+    out = []
+    for entry in fs.ls(path, detail=False):
+        name = entry.rsplit("/", 1)[-1]
+        if name.startswith(".tmp-") or not name.endswith(suffix):
+            continue
+        out.append(prefix + entry)
+    return sorted(out)
+
+
+def remove(uri: str | Path) -> None:
+    fs, path = url_to_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

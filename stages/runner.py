@@ -1,0 +1,377 @@
+"""The shared stage runner: Ray fan-out over items, resumable, with an error manifest and stats.
+
+A stage is a class with ``setup()`` (once per worker: load models) and ``process(item, ctx)``
+(one item → rows). The runner adds what every stage needs and nothing stage-specific:
+
+* fan-out over a pool of Ray actors (resources per stage from :class:`StageResources`), or
+  inline with ``executor="local"`` for debugging;
+* commit protocol: the stage writes its media through ``ctx`` first; the runner then commits the
+  item's manifest fragment ``_parts/<id>.parquet`` atomically (temp + rename). A rerun skips every
+  committed id, so a killed run resumes without redoing or duplicating work;
+* a failing item is written to ``_errors/<id>.json`` (id, stage, message, traceback) and the run
+  goes on until the error budget is exceeded; then it drains in-flight items (their work is kept),
+  writes the manifests and raises :class:`ErrorBudgetExceeded`;
+* at the end the fragments are merged into ``<out>/<manifest>.parquet`` and
+  ``<out>/<manifest>.errors.parquet``, and throughput goes to ``<out>/<manifest>.stats.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import pyarrow as pa
+
+from avat3r_core import storage
+
+log = logging.getLogger("avat3r.stages")
+
+PARTS = "_parts"
+ERRORS = "_errors"
+
+
+class StageError(RuntimeError):
+    """A stage run that cannot go on."""
+
+
+class ErrorBudgetExceeded(StageError):
+    pass
+
+
+@dataclass
+class StageResources:
+    """How a stage is scheduled. ``concurrency=None`` sizes the actor pool from the cluster."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    concurrency: int | None = None
+    max_errors: int = 10  # absolute error budget per run
+    max_error_fraction: float = 0.5  # ... and as a fraction of the items attempted
+
+
+@dataclass
+class StageContext:
+    """What ``process`` may use: the output root and byte-counting atomic writers."""
+
+    out_dir: str
+    stage: str
+    bytes_written: int = 0
+
+    def path(self, rel: str) -> str:
+        return storage.join(self.out_dir, rel)
+
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        """Write a media file atomically under the output root; returns ``rel``."""
+        self.bytes_written += storage.atomic_write_bytes(self.path(rel), data)
+        return rel
+
+    def add_bytes(self, count: int) -> None:
+        """For media a stage writes itself (e.g. a video encoder writing a local file)."""
+        self.bytes_written += int(count)
+
+
+class Stage:
+    """Base class of a stage. Subclasses set ``name``/``version`` and implement ``process``."""
+
+    name: str = "stage"
+    version: str = "1"
+
+    def setup(self) -> None:  # noqa: B027 - optional hook
+        """Load models / open resources once per worker."""
+
+    def process(self, item: dict[str, Any], ctx: StageContext) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+
+@dataclass
+class ItemResult:
+    id: str
+    ok: bool
+    rows: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class StageSummary:
+    """The small record a flow task returns (never data)."""
+
+    stage: str
+    version: str
+    manifest: str
+    errors_manifest: str
+    items_total: int
+    items_done: int
+    items_skipped: int
+    items_failed: int
+    rows: int
+    bytes_written: int
+    seconds: float
+    items_per_s: float
+    bytes_per_s: float
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- item execution
+def _execute_item(stage: Stage, item: dict, out_dir: str) -> ItemResult:
+    """Run one item and commit its fragment (or error record). Used by both executors."""
+    item_id = item["id"]
+    ctx = StageContext(out_dir=out_dir, stage=stage.name)
+    start = time.perf_counter()
+    try:
+        rows = stage.process(item, ctx)
+        for row in rows:
+            row.setdefault("item_id", item_id)
+        table = pa.Table.from_pylist(rows) if rows else pa.table({"item_id": pa.array([], pa.string())})
+        storage.write_parquet(table, storage.join(out_dir, PARTS, f"{item_id}.parquet"))
+        storage.remove(storage.join(out_dir, ERRORS, f"{item_id}.json"))  # an earlier failure is healed
+        return ItemResult(item_id, True, len(rows), ctx.bytes_written, time.perf_counter() - start)
+    except Exception as exc:  # a bad item must not stop the others
+        message = f"{type(exc).__name__}: {exc}"
+        record = {
+            "id": item_id,
+            "stage": stage.name,
+            "message": message,
+            "traceback": traceback.format_exc(),
+            "item": json.dumps(item, default=str),
+            "time": time.time(),
+        }
+        storage.atomic_write_bytes(
+            storage.join(out_dir, ERRORS, f"{item_id}.json"), json.dumps(record).encode()
+        )
+        log.warning("stage %s: item %s failed: %s", stage.name, item_id, message)
+        return ItemResult(item_id, False, 0, ctx.bytes_written, time.perf_counter() - start, message)
+
+
+class _LocalWorker:
+    def __init__(self, factory: Callable[[], Stage], out_dir: str):
+        self.stage = factory()
+        self.stage.setup()
+        self.out_dir = out_dir
+
+    def run(self, item: dict) -> ItemResult:
+        return _execute_item(self.stage, item, self.out_dir)
+
+
+# --------------------------------------------------------------------------- manifests
+def committed_ids(out_dir: str) -> set[str]:
+    return {Path(p).name[: -len(".parquet")] for p in storage.list_files(storage.join(out_dir, PARTS), ".parquet")}
+
+
+def merge_manifest(out_dir: str, manifest_name: str) -> tuple[str, str, int]:
+    """Merge committed fragments and error records into the stage's two manifests."""
+    parts = storage.list_files(storage.join(out_dir, PARTS), ".parquet")
+    tables = [t for t in (storage.read_parquet(p) for p in parts) if t.num_rows]
+    manifest = storage.join(out_dir, f"{manifest_name}.parquet")
+    if tables:
+        table = pa.concat_tables(tables, promote_options="default")
+        if "id" in table.column_names:
+            table = table.sort_by("id")
+    else:
+        table = pa.table({"item_id": pa.array([], pa.string())})
+    storage.write_parquet(table, manifest)
+
+    records = [json.loads(storage.read_bytes(p)) for p in storage.list_files(storage.join(out_dir, ERRORS), ".json")]
+    errors_manifest = storage.join(out_dir, f"{manifest_name}.errors.parquet")
+    error_schema = pa.schema([(k, pa.string()) for k in ("id", "stage", "message", "traceback", "item")] + [("time", pa.float64())])
+    storage.write_parquet(pa.Table.from_pylist(records, schema=error_schema), errors_manifest)
+    return manifest, errors_manifest, table.num_rows
+
+
+def read_errors(out_dir: str, manifest_name: str) -> pa.Table:
+    return storage.read_parquet(storage.join(out_dir, f"{manifest_name}.errors.parquet"))
+
+
+# --------------------------------------------------------------------------- runner
+def _progress(total: int, description: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )
+    task = progress.add_task(description, total=total, status="")
+    return progress, task
+
+
+def run_stage(
+    factory: Callable[[], Stage],
+    items: Iterable[dict[str, Any]],
+    out_dir: str | Path,
+    manifest_name: str,
+    resources: StageResources | None = None,
+    executor: str = "ray",
+    show_progress: bool = True,
+) -> StageSummary:
+    """Run ``factory()``'s stage over ``items`` (dicts with a unique, dot-free ``id``).
+
+    Committed items are skipped; failed items are retried on a rerun. Returns a summary; raises
+    :class:`ErrorBudgetExceeded` (after committing everything finished) when too many items fail.
+    """
+    resources = resources or StageResources()
+    out_dir = str(out_dir)
+    items = list(items)
+    ids = [it["id"] for it in items]
+    if len(set(ids)) != len(ids):
+        dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise StageError(f"duplicate item ids in stage input: {dupes}")
+    bad = [i for i in ids if "." in i or "/" in i]
+    if bad:
+        raise StageError(f"item ids must not contain '.' or '/': {bad[:5]}")
+
+    probe = factory()  # cheap: stages load heavy things in setup(), not __init__
+    stage_name, stage_version = probe.name, probe.version
+    storage.makedirs(out_dir)
+    done = committed_ids(out_dir)
+    todo = [it for it in items if it["id"] not in done]
+    skipped = len(items) - len(todo)
+    if skipped:
+        log.info("stage %s: %d of %d items already committed in %s, skipping them", stage_name, skipped, len(items), out_dir)
+
+    start = time.perf_counter()
+    results: list[ItemResult] = []
+    budget_hit: str | None = None
+
+    def over_budget() -> str | None:
+        failed = sum(not r.ok for r in results)
+        if failed > resources.max_errors or (
+            failed >= 3 and failed > resources.max_error_fraction * max(len(results), 1)
+        ):
+            return (
+                f"stage {stage_name}: {failed} of {len(results)} attempted items failed, over the error budget "
+                f"(max_errors={resources.max_errors}, max_error_fraction={resources.max_error_fraction}); "
+                f"stopped. Everything finished is committed in {out_dir}; failures are listed in "
+                f"{storage.join(out_dir, manifest_name + '.errors.parquet')}"
+            )
+        return None
+
+    progress, task = _progress(len(todo), f"{stage_name}") if (show_progress and todo) else (None, None)
+    if progress:
+        progress.start()
+    try:
+        if todo and executor == "local":
+            worker = _LocalWorker(factory, out_dir)
+            for item in todo:
+                results.append(worker.run(item))
+                if progress:
+                    progress.update(task, advance=1, status=f"errors={sum(not r.ok for r in results)}")
+                budget_hit = over_budget()
+                if budget_hit:
+                    break
+        elif todo and executor == "ray":
+            budget_hit = _run_on_ray(factory, stage_name, todo, out_dir, resources, results, over_budget, progress, task)
+        elif todo:
+            raise StageError(f"unknown executor {executor!r} (use 'ray' or 'local')")
+    finally:
+        if progress:
+            progress.stop()
+        manifest, errors_manifest, n_rows = merge_manifest(out_dir, manifest_name)
+
+    seconds = time.perf_counter() - start
+    done_now = sum(r.ok for r in results)
+    bytes_written = sum(r.bytes for r in results)
+    n_failed = len(storage.list_files(storage.join(out_dir, ERRORS), ".json"))
+    summary = StageSummary(
+        stage=stage_name,
+        version=stage_version,
+        manifest=manifest,
+        errors_manifest=errors_manifest,
+        items_total=len(items),
+        items_done=done_now,
+        items_skipped=skipped,
+        items_failed=n_failed,
+        rows=n_rows,
+        bytes_written=bytes_written,
+        seconds=round(seconds, 3),
+        items_per_s=round(done_now / seconds, 3) if seconds > 0 else 0.0,
+        bytes_per_s=round(bytes_written / seconds, 1) if seconds > 0 else 0.0,
+    )
+    storage.atomic_write_bytes(
+        storage.join(out_dir, f"{manifest_name}.stats.json"), json.dumps(summary.to_dict(), indent=2).encode()
+    )
+    if budget_hit:
+        raise ErrorBudgetExceeded(budget_hit)
+    log.info(
+        "stage %s: %d done, %d skipped, %d failed, %.1f items/s -> %s",
+        stage_name, done_now, skipped, n_failed, summary.items_per_s, manifest,
+    )
+    return summary
+
+
+def _run_on_ray(factory, stage_name, todo, out_dir, resources, results, over_budget, progress, task) -> str | None:
+    import ray
+
+    from stages.ray_runtime import ensure_ray
+
+    ensure_ray()
+
+    @ray.remote
+    class StageActor(_LocalWorker):
+        pass
+
+    if resources.concurrency:
+        n_actors = resources.concurrency
+    else:
+        cpus = ray.cluster_resources().get("CPU", 1)
+        n_actors = max(1, int(cpus // max(resources.num_cpus, 1e-3)))
+        if resources.num_gpus:
+            n_actors = min(n_actors, max(1, int(ray.cluster_resources().get("GPU", 0) // resources.num_gpus)))
+    n_actors = max(1, min(n_actors, len(todo)))
+    actor_cls = StageActor.options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus)
+    actors = [actor_cls.remote(factory, out_dir) for _ in range(n_actors)]
+    queue = list(reversed(todo))
+    in_flight: dict[Any, Any] = {}
+    budget_hit = None
+
+    def submit(actor) -> None:
+        item = queue.pop()
+        in_flight[actor.run.remote(item)] = (actor, item)
+
+    try:
+        for actor in actors:  # one item in flight per actor keeps memory predictable
+            if queue:
+                submit(actor)
+        while in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ref = ready[0]
+            actor, item = in_flight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as exc:  # the worker itself died (OOM, segfault...)
+                result = _record_worker_death(stage_name, item, out_dir, exc)
+                actor = actor_cls.remote(factory, out_dir)
+                actors.append(actor)
+            results.append(result)
+            if progress:
+                progress.update(task, advance=1, status=f"errors={sum(not r.ok for r in results)}")
+            if budget_hit is None:
+                budget_hit = over_budget()
+            if queue and budget_hit is None:
+                submit(actor)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    return budget_hit
+
+
+def _record_worker_death(stage_name: str, item: dict, out_dir: str, exc: Exception) -> ItemResult:
+    first_line = str(exc).splitlines()[0] if str(exc) else ""
+    message = f"worker died while processing this item: {type(exc).__name__}: {first_line}"
+    record = {"id": item["id"], "stage": stage_name, "message": message, "traceback": str(exc),
+              "item": json.dumps(item, default=str), "time": time.time()}
+    storage.atomic_write_bytes(storage.join(out_dir, ERRORS, f"{item['id']}.json"), json.dumps(record).encode())
+    return ItemResult(item["id"], False, message=message)
