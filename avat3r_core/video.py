@@ -1,0 +1,136 @@
+"""Video encode/decode (H.264 via PyAV; decoding also via OpenCV).
+
+OpenCV 5 wheels cannot encode H.264, so encoding goes through PyAV (FFmpeg's libx264). Encoding
+is single-threaded and fully specified so the same frames give the same bytes (the studio relies
+on this for seed-determinism). Videos are built in memory and written atomically through the
+storage layer, so a killed writer never leaves a half-written ``.mp4`` under its final name.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from avat3r_core import storage
+from avat3r_core.errors import FormatError
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    frames: int
+    width: int
+    height: int
+    fps: float
+
+
+def encode_video(frames: Iterable[np.ndarray], fps: float = 24.0, crf: int = 16, gray: bool = False) -> bytes:
+    """H.264 ``.mp4`` bytes from RGB (H,W,3) or gray (H,W) uint8 frames (even sizes)."""
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = None
+        for frame in frames:
+            frame = np.ascontiguousarray(frame)
+            if frame.dtype != np.uint8:
+                raise ValueError(f"frames must be uint8, got {frame.dtype}")
+            if stream is None:
+                height, width = frame.shape[:2]
+                if width % 2 or height % 2:
+                    raise ValueError(f"H.264 yuv420p needs even frame sizes, got {width}x{height}")
+                stream = container.add_stream("libx264", rate=int(round(fps)))
+                stream.width, stream.height = width, height
+                stream.pix_fmt = "yuv420p"
+                # crf 0 is lossless for the luma plane (used for alpha mattes).
+                stream.options = {"crf": str(crf), "preset": "medium", "tune": "film" if not gray else "grain"}
+                stream.codec_context.thread_count = 1  # deterministic bytes
+            image = av.VideoFrame.from_ndarray(frame, format="gray" if gray else "rgb24")
+            for packet in stream.encode(image):
+                container.mux(packet)
+        if stream is None:
+            raise ValueError("no frames to encode")
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def write_video(uri: str | Path, frames: Iterable[np.ndarray], fps: float = 24.0, crf: int = 16, gray: bool = False) -> int:
+    """Encode and write atomically; returns bytes written."""
+    return storage.atomic_write_bytes(uri, encode_video(frames, fps=fps, crf=crf, gray=gray))
+
+
+def _open(uri: str | Path):
+    import av
+
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError as exc:
+        raise FormatError(uri, None, "video file not found") from exc
+    if not data:
+        raise FormatError(uri, None, "empty file (0 bytes)")
+    try:
+        return av.open(io.BytesIO(data))
+    except av.error.FFmpegError as exc:
+        raise FormatError(uri, None, f"unreadable video ({exc})") from exc
+
+
+def probe_video(uri: str | Path) -> VideoInfo:
+    """Frame count (decoded, not trusted from the header), size and rate."""
+    import av
+
+    with _open(uri) as container:
+        if not container.streams.video:
+            raise FormatError(uri, None, "no video stream")
+        stream = container.streams.video[0]
+        count = 0
+        try:
+            for _ in container.decode(stream):
+                count += 1
+        except av.error.FFmpegError as exc:
+            raise FormatError(uri, f"frame {count}", f"decode failed ({exc})") from exc
+        rate = float(stream.average_rate or stream.base_rate or 0)
+        return VideoInfo(count, stream.codec_context.width, stream.codec_context.height, rate)
+
+
+def read_frames(uri: str | Path, gray: bool = False, backend: str = "pyav") -> Iterator[np.ndarray]:
+    """Yield decoded frames as RGB (H,W,3) or gray (H,W) uint8. ``backend``: pyav or opencv."""
+    if backend == "opencv":
+        yield from _read_frames_opencv(uri, gray)
+        return
+    import av
+
+    with _open(uri) as container:
+        if not container.streams.video:
+            raise FormatError(uri, None, "no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        index = 0
+        try:
+            for frame in container.decode(stream):
+                yield frame.to_ndarray(format="gray" if gray else "rgb24")
+                index += 1
+        except av.error.FFmpegError as exc:
+            raise FormatError(uri, f"frame {index}", f"decode failed ({exc})") from exc
+
+
+def _read_frames_opencv(uri: str | Path, gray: bool) -> Iterator[np.ndarray]:
+    import cv2
+
+    fs, path = storage.url_to_fs(uri)
+    if not fs.exists(path):
+        raise FormatError(uri, None, "video file not found")
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        raise FormatError(uri, None, "OpenCV cannot open this video")
+    try:
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            yield cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY) if gray else cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+    finally:
+        capture.release()
