@@ -1,0 +1,261 @@
+"""The ``avat3r`` command line.
+
+Exit codes: 0 success · 1 unexpected failure · 2 bad arguments · 3 bad input data (a file with
+the wrong layout; the message names file and field) · 4 a stage exceeded its error budget
+(finished work is kept; the message names the error manifest).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_ERROR_BUDGET = 0, 1, 2, 3, 4
+
+app = typer.Typer(
+    name="avat3r",
+    help="Avat3r at dataset scale: synthetic studio, preprocessing stages, training and avatar reconstruction.\n\n"
+    "Exit codes: 0 ok, 1 failure, 2 bad arguments, 3 bad input data, 4 error budget exceeded.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+stage_app = typer.Typer(help="Run one stage; inspect its failures and throughput.", no_args_is_help=True)
+app.add_typer(stage_app, name="stage")
+console = Console()
+
+RayAddress = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (e.g. auto, ray://head:10001). Default: start Ray locally.")
+Executor = typer.Option("ray", "--executor", help="ray (fan out on Ray) or local (inline, for debugging).")
+ParamsPath = typer.Option("params.yaml", "--params", help="The params file DVC tracks.")
+DataRoot = typer.Option("data", "--data-root", help="Root of the DVC-tracked data tree.")
+
+
+def _run(fn, *args, **kwargs):
+    """Map the project's errors to exit codes with a one-line message naming what failed."""
+    from avat3r_core.errors import FormatError
+    from stages.runner import ErrorBudgetExceeded
+
+    try:
+        return fn(*args, **kwargs)
+    except FormatError as exc:
+        console.print(f"[bold red]bad input:[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    except ErrorBudgetExceeded as exc:
+        console.print(f"[bold red]error budget exceeded:[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_ERROR_BUDGET) from exc
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.callback()
+def main_callback(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log stage progress details.")):
+    _setup_logging(verbose)
+
+
+# --------------------------------------------------------------------------- studio
+@app.command()
+def synth(
+    out: Path = typer.Option(Path("data/raw/synthetic"), "--out", help="Capture root (NeRSemble layout)."),
+    ground_truth: Optional[Path] = typer.Option(None, "--ground-truth", help="Ground-truth root (default: <out>/../../ground_truth/<name>)."),
+    face_model: Optional[Path] = typer.Option(None, "--face-model", help="Where the studio head model (FLAME format) is written (default: <out>/../../models/studio_head)."),
+    preset: str = typer.Option("demo", "--preset", help="Studio preset: tiny, demo or large."),
+    subjects: Optional[int] = typer.Option(None, "--subjects", min=1, help="Number of people."),
+    sequences: Optional[int] = typer.Option(None, "--sequences", min=1, help="Expression sequences per person."),
+    frames: Optional[int] = typer.Option(None, "--frames", min=2, help="Frames per sequence."),
+    cameras: Optional[int] = typer.Option(None, "--cameras", min=1, max=64, help="Cameras in the rig."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", min=32, max=4096, help="Image height in pixels (width follows the portrait aspect)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Dataset seed: same seed, same data."),
+    preview: bool = typer.Option(False, "--preview", help="Also write contact-sheet PNGs per subject."),
+    ray_address: Optional[str] = RayAddress,
+    executor: str = Executor,
+):
+    """Generate the synthetic capture studio (a FLAME-format head filmed by a calibrated rig)."""
+    from avat3r_core.config import build
+    from avat3r_core.synthetic.studio import StudioConfig
+    from stages.ray_runtime import ensure_ray
+    from stages.synth import run_synth
+
+    values = {k: v for k, v in dict(subjects=subjects, sequences=sequences, frames=frames, cameras=cameras,
+                                      resolution=resolution, seed=seed).items() if v is not None}
+    if preview:
+        values["preview"] = True
+    config = _run(build, StudioConfig, values, preset=preset, source="command line")
+    root = out.parent.parent
+    gt = ground_truth or root / "ground_truth" / out.name
+    model_dir = face_model or root / "models" / "studio_head"
+    if executor == "ray":
+        ensure_ray(ray_address)
+    summary = _run(run_synth, config, str(out), str(gt), str(model_dir), executor=executor)
+    _print_summaries([summary.to_dict()])
+    console.print(f"capture: {out}\nground truth: {gt}\nface model: {model_dir}")
+    if config.preview:
+        console.print(f"previews: {gt / 'previews'}")
+
+
+# --------------------------------------------------------------------------- ingestion
+ingest_app = typer.Typer(help="Look at a capture dataset before processing it.", no_args_is_help=True)
+app.add_typer(ingest_app, name="ingest")
+
+
+@ingest_app.command("inspect")
+def ingest_inspect(
+    root: Path = typer.Argument(..., help="Dataset root (NeRSemble layout or folders with transforms.json)."),
+    layout: str = typer.Option("auto", "--layout", help="auto, nersemble or transforms."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
+):
+    """Subjects, sequences, cameras, frame counts, resolutions, and every problem found.
+
+    Exits 3 when any problem of severity 'error' was found (the items it names are unusable).
+    """
+    from dataclasses import asdict
+
+    from avat3r_core.formats.capture import scan_capture
+
+    index = _run(scan_capture, root, layout)
+    table = Table(title=f"{root} ({index.layout} layout)")
+    for col in ("subject", "sequence", "cameras", "frames", "resolution", "alpha", "colour cal."):
+        table.add_column(col)
+    for subject in index.subjects.values():
+        entries = list(subject.sequences.values()) + ([subject.background] if subject.background else [])
+        for seq in entries:
+            sizes = sorted({f"{m.width}x{m.height}" for m in seq.media.values() if m.width})
+            frames = sorted({m.frames for m in seq.media.values()})
+            alpha = sum(m.alpha_path is not None for m in seq.media.values())
+            table.add_row(subject.subject, seq.name, f"{len(seq.media)}/{len(subject.serials)}",
+                          "-".join(map(str, [frames[0], frames[-1]] if len(frames) > 1 else frames)),
+                          ", ".join(sizes), f"{alpha}/{len(seq.media)}", "yes" if subject.color_calibration else "no")
+    console.print(table)
+    errors = [p for p in index.problems if p.severity == "error"]
+    if index.problems:
+        problems = Table(title=f"{len(index.problems)} problem(s), {len(errors)} error(s)")
+        for col in ("severity", "subject", "sequence", "camera", "message", "file"):
+            problems.add_column(col)
+        for p in index.problems:
+            problems.add_row(f"[red]{p.severity}[/]" if p.severity == "error" else p.severity, p.subject,
+                             p.sequence or "", p.camera or "", escape(p.message), escape(p.path))
+        console.print(problems)
+    else:
+        console.print("[green]no problems found[/]")
+    if json_out:
+        report = {"layout": index.layout, "root": index.root, "problems": [asdict(p) for p in index.problems],
+                  "subjects": {s.subject: {"serials": s.serials, "sequences": {
+                      q.name: {c: asdict(m) for c, m in q.media.items()} for q in s.sequences.values()}}
+                      for s in index.subjects.values()}}
+        json_out.write_text(json.dumps(report, indent=1))
+    raise typer.Exit(EXIT_BAD_INPUT if errors else EXIT_OK)
+
+
+# --------------------------------------------------------------------------- flows
+@app.command()
+def preprocess(params: str = ParamsPath, data_root: str = DataRoot, ray_address: Optional[str] = RayAddress,
+               executor: str = Executor):
+    """Run the preprocess flow (studio → extract → track → priors → pack, as far as built)."""
+    from pipelines.flows import preprocess_flow
+
+    summaries = _run(preprocess_flow, params, data_root, ray_address, executor)
+    _print_summaries(summaries)
+
+
+@app.command()
+def demo(params: str = ParamsPath, data_root: str = DataRoot, ray_address: Optional[str] = RayAddress,
+         executor: str = Executor):
+    """The main job: every stage on the embedded synthetic studio, end to end."""
+    from pipelines.flows import demo_flow
+
+    result = _run(demo_flow, params, data_root, ray_address, executor)
+    _print_summaries(result["stages"])
+    console.print("[bold green]demo finished[/]")
+    for key in ("raw", "ground_truth", "previews"):
+        console.print(f"  {key:13s} {result[key]}")
+
+
+# --------------------------------------------------------------------------- inspection
+def _print_summaries(summaries: list[dict]) -> None:
+    table = Table(title="stages")
+    for col in ("stage", "items", "done", "skipped", "failed", "rows", "items/s", "MB/s", "manifest"):
+        table.add_column(col)
+    for s in summaries:
+        table.add_row(s["stage"], str(s["items_total"]), str(s["items_done"]), str(s["items_skipped"]),
+                      f"[red]{s['items_failed']}[/]" if s["items_failed"] else "0", str(s["rows"]),
+                      f"{s['items_per_s']:.2f}", f"{s['bytes_per_s'] / 1e6:.2f}", s["manifest"])
+    console.print(table)
+
+
+@stage_app.command("run")
+def stage_run(name: str = typer.Argument(..., help="Stage to run (synth, ...)."), params: str = ParamsPath,
+              data_root: str = DataRoot, ray_address: Optional[str] = RayAddress, executor: str = Executor):
+    """Run one stage from params.yaml without Prefect (this is what dvc.yaml calls)."""
+    from pipelines.flows import STAGES, DataLayout
+
+    if name not in STAGES:
+        console.print(f"[red]unknown stage {name!r}; known: {', '.join(STAGES)}[/]")
+        raise typer.Exit(EXIT_USAGE)
+    summary = _run(STAGES[name], params, DataLayout(data_root), ray_address, executor)
+    _print_summaries([summary])
+
+
+@stage_app.command("errors")
+def stage_errors(stage_dir: Path = typer.Argument(..., help="A stage output directory."),
+                 traceback: bool = typer.Option(False, "--traceback", help="Show full tracebacks.")):
+    """List the failed items of a stage run (id, message), from its error manifest."""
+    import pyarrow.parquet as pq
+
+    files = sorted(stage_dir.glob("*.errors.parquet"))
+    if not files:
+        console.print(f"[red]no error manifest (*.errors.parquet) in {stage_dir}[/]")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    total = 0
+    for path in files:
+        rows = pq.read_table(path).to_pylist()
+        total += len(rows)
+        if not rows:
+            console.print(f"{path.name}: no failed items")
+            continue
+        table = Table(title=f"{path.name}: {len(rows)} failed item(s)")
+        table.add_column("id")
+        table.add_column("stage")
+        table.add_column("message")
+        for row in rows:
+            table.add_row(row["id"], row["stage"], escape(row["message"]))
+        console.print(table)
+        if traceback:
+            for row in rows:
+                console.rule(row["id"])
+                console.print(escape(row["traceback"]))
+    raise typer.Exit(EXIT_OK if total == 0 else EXIT_FAILURE)
+
+
+@stage_app.command("stats")
+def stage_stats(paths: list[Path] = typer.Argument(..., help="Stage output directories or *.stats.json files.")):
+    """Print the throughput of stage runs (merged from their stats files)."""
+    summaries = []
+    for path in paths:
+        for stats in ([path] if path.is_file() else sorted(path.glob("*.stats.json"))):
+            summaries.append(json.loads(stats.read_text()))
+    if not summaries:
+        console.print("[red]no *.stats.json found[/]")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    _print_summaries(summaries)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

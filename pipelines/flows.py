@@ -1,0 +1,135 @@
+"""Prefect flows: which stages run, in what order, with which config. No pixels, no tensors.
+
+Each task is one coarse stage: it starts (or joins) Ray, runs the stage through the shared
+runner and returns the stage's small summary (manifest path, counts, throughput). Tasks retry
+only on infrastructure failures (a Ray worker or node lost), never on bad data: bad items are
+already in the stage's error manifest, and an exceeded error budget needs a person.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+
+from avat3r_core.config import load_params, section
+
+log = logging.getLogger("avat3r.flows")
+
+
+@dataclass
+class DataLayout:
+    """Where each stage boundary lives under the data root (DVC tracks these directories)."""
+
+    root: str = "data"
+
+    def path(self, *parts: str) -> str:
+        return str(Path(self.root, *parts))
+
+    @property
+    def raw(self) -> str:
+        return self.path("raw", "synthetic")
+
+    @property
+    def ground_truth(self) -> str:
+        return self.path("ground_truth", "synthetic")
+
+    @property
+    def face_model(self) -> str:
+        return self.path("models", "studio_head")
+
+
+def _is_infrastructure_failure(task, task_run, state) -> bool:
+    """Retry condition: only lost workers/nodes, not data errors or exhausted error budgets."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - we classify, not handle
+        name = type(exc).__name__
+        return name in {"RayActorError", "WorkerCrashedError", "NodeDiedError", "RaySystemError", "ObjectLostError"}
+    return False
+
+
+def stage_task(name: str):
+    return task(name=name, retries=2, retry_delay_seconds=5, retry_condition_fn=_is_infrastructure_failure)
+
+
+def run_synth_stage(params_path: str, layout: DataLayout, ray_address: str | None = None,
+                    executor: str = "ray") -> dict:
+    """The synth stage as the flow, the CLI (``avat3r stage run synth``) and DVC run it."""
+    from avat3r_core.synthetic.studio import StudioConfig
+    from stages.synth import run_synth
+
+    params = load_params(params_path)
+    config = section(params, "synth", StudioConfig, params_path)
+    _start_ray(executor, ray_address)
+    summary = run_synth(config, layout.raw, layout.ground_truth, layout.face_model,
+                        resources=_resources(params, "synth"), executor=executor)
+    return summary.to_dict()
+
+
+#: Stage name → the plain function that runs it from params (used by flows, CLI and dvc.yaml).
+STAGES = {"synth": run_synth_stage}
+
+
+def _start_ray(executor: str, ray_address: str | None) -> None:
+    if executor == "ray":
+        from stages.ray_runtime import ensure_ray
+
+        ensure_ray(ray_address)
+
+
+@stage_task("synth")
+def synth_task(params_path: str, layout: DataLayout, ray_address: str | None, executor: str) -> dict:
+    summary = run_synth_stage(params_path, layout, ray_address, executor)
+    get_run_logger().info("synth: %s", summary)
+    return summary
+
+
+def _resources(params: dict, stage: str):
+    from stages.runner import StageResources
+    from avat3r_core.config import build
+
+    values = dict((params.get("runtime") or {}).get("resources", {}).get("default", {}))
+    values.update((params.get("runtime") or {}).get("resources", {}).get(stage, {}))
+    return build(StageResources, values, source=f"params.yaml:runtime.resources.{stage}")
+
+
+def _publish_stage_table(summaries: list[dict], key: str) -> None:
+    rows = [
+        {
+            "stage": s["stage"],
+            "items": s["items_total"],
+            "done": s["items_done"],
+            "skipped": s["items_skipped"],
+            "failed": s["items_failed"],
+            "rows": s["rows"],
+            "items/s": s["items_per_s"],
+            "MB/s": round(s["bytes_per_s"] / 1e6, 3),
+            "manifest": s["manifest"],
+        }
+        for s in summaries
+    ]
+    create_table_artifact(key=key, table=rows, description="Stage counts, errors and throughput")
+
+
+@flow(name="preprocess", log_prints=True)
+def preprocess_flow(params_path: str = "params.yaml", data_root: str = "data", ray_address: str | None = None,
+                    executor: str = "ray") -> list[dict]:
+    """Studio (or ingest) → extract → track → priors → pack. Stages are added as they land."""
+    layout = DataLayout(data_root)
+    summaries = [synth_task(params_path, layout, ray_address, executor)]
+    _publish_stage_table(summaries, "preprocess-stages")
+    return summaries
+
+
+@flow(name="demo", log_prints=True)
+def demo_flow(params_path: str = "params.yaml", data_root: str = "data", ray_address: str | None = None,
+              executor: str = "ray") -> dict:
+    """Everything on the embedded synthetic studio: preprocess (→ train → reconstruct as they land)."""
+    summaries = preprocess_flow(params_path, data_root, ray_address, executor)
+    layout = DataLayout(data_root)
+    return {"stages": summaries, "raw": layout.raw, "ground_truth": layout.ground_truth,
+            "previews": str(Path(layout.ground_truth) / "previews")}
