@@ -106,14 +106,18 @@ def _open(uri: str | Path):
         raise FormatError(uri, None, f"unreadable video ({exc})") from exc
 
 
-def probe_video(uri: str | Path) -> VideoInfo:
-    """Frame count (decoded, not trusted from the header), size and rate."""
+def probe_video(uri: str | Path, decode: bool = True) -> VideoInfo:
+    """Frame count, size and rate. ``decode=True`` counts by decoding every frame (finds truncated
+    files, costs a full decode); ``decode=False`` trusts the container header when it has a count."""
     import av
 
     with _open(uri) as container:
         if not container.streams.video:
             raise FormatError(uri, None, "no video stream")
         stream = container.streams.video[0]
+        if not decode and stream.frames:
+            rate = float(stream.average_rate or stream.base_rate or 0)
+            return VideoInfo(int(stream.frames), stream.codec_context.width, stream.codec_context.height, rate)
         count = 0
         try:
             for _ in container.decode(stream):

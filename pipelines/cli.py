@@ -160,6 +160,36 @@ def ingest_inspect(
     raise typer.Exit(EXIT_BAD_INPUT if errors else EXIT_OK)
 
 
+@app.command()
+def extract(
+    capture: Path = typer.Option(Path("data/raw/synthetic"), "--capture", help="Capture root (NeRSemble layout or transforms.json folders)."),
+    out: Path = typer.Option(Path("data/frames"), "--out", help="Output directory (frames.parquet + images/ + alpha/)."),
+    preset: str = typer.Option("demo", "--preset", help="tiny, demo or paper (512 px crops)."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", min=16, help="Square crop size in pixels."),
+    frame_step: Optional[int] = typer.Option(None, "--frame-step", min=1, help="Every k-th frame."),
+    frames_per_sequence: Optional[int] = typer.Option(None, "--frames-per-sequence", min=0, help="This many frames per sequence, evenly spaced."),
+    layout: str = typer.Option("auto", "--layout", help="auto, nersemble or transforms."),
+    no_color_correction: bool = typer.Option(False, "--no-color-correction", help="Ignore color_calibration.json."),
+    ray_address: Optional[str] = RayAddress,
+    executor: str = Executor,
+):
+    """Extract head-centred, matted, colour-corrected crops with their crop cameras (frames.parquet)."""
+    from avat3r_core.config import build
+    from avat3r_core.extract import ExtractConfig
+    from stages.ray_runtime import ensure_ray
+    from stages.extract import run_extract
+
+    values = {k: v for k, v in dict(resolution=resolution, frame_step=frame_step,
+                                      frames_per_sequence=frames_per_sequence).items() if v is not None}
+    if no_color_correction:
+        values["color_correction"] = False
+    config = _run(build, ExtractConfig, values, preset=preset, source="command line")
+    if executor == "ray":
+        ensure_ray(ray_address)
+    centers, frames = _run(run_extract, config, str(capture), str(out), layout=layout, executor=executor)
+    _print_summaries([centers.to_dict(), frames.to_dict()])
+
+
 # --------------------------------------------------------------------------- flows
 @app.command()
 def preprocess(params: str = ParamsPath, data_root: str = DataRoot, ray_address: Optional[str] = RayAddress,
@@ -180,7 +210,7 @@ def demo(params: str = ParamsPath, data_root: str = DataRoot, ray_address: Optio
     result = _run(demo_flow, params, data_root, ray_address, executor)
     _print_summaries(result["stages"])
     console.print("[bold green]demo finished[/]")
-    for key in ("raw", "ground_truth", "previews"):
+    for key in ("raw", "ground_truth", "previews", "frames"):
         console.print(f"  {key:13s} {result[key]}")
 
 

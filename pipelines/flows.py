@@ -41,6 +41,10 @@ class DataLayout:
     def face_model(self) -> str:
         return self.path("models", "studio_head")
 
+    @property
+    def frames(self) -> str:
+        return self.path("frames")
+
 
 def _is_infrastructure_failure(task, task_run, state) -> bool:
     """Retry condition: only lost workers/nodes, not data errors or exhausted error budgets."""
@@ -70,8 +74,24 @@ def run_synth_stage(params_path: str, layout: DataLayout, ray_address: str | Non
     return summary.to_dict()
 
 
+def run_extract_stage(params_path: str, layout: DataLayout, ray_address: str | None = None,
+                      executor: str = "ray") -> dict:
+    """Extract cropped frames of the capture (head centres first, then one task per video)."""
+    from avat3r_core.extract import ExtractConfig
+    from stages.extract import run_extract
+
+    params = load_params(params_path)
+    config = section(params, "extract", ExtractConfig, params_path)
+    _start_ray(executor, ray_address)
+    centers, frames = run_extract(config, layout.raw, layout.frames, resources=_resources(params, "extract"),
+                                  executor=executor)
+    summary = frames.to_dict()
+    summary["extra"] = {"head_centers": centers.to_dict()}
+    return summary
+
+
 #: Stage name → the plain function that runs it from params (used by flows, CLI and dvc.yaml).
-STAGES = {"synth": run_synth_stage}
+STAGES = {"synth": run_synth_stage, "extract": run_extract_stage}
 
 
 def _start_ray(executor: str, ray_address: str | None) -> None:
@@ -85,6 +105,13 @@ def _start_ray(executor: str, ray_address: str | None) -> None:
 def synth_task(params_path: str, layout: DataLayout, ray_address: str | None, executor: str) -> dict:
     summary = run_synth_stage(params_path, layout, ray_address, executor)
     get_run_logger().info("synth: %s", summary)
+    return summary
+
+
+@stage_task("extract")
+def extract_task(params_path: str, layout: DataLayout, ray_address: str | None, executor: str) -> dict:
+    summary = run_extract_stage(params_path, layout, ray_address, executor)
+    get_run_logger().info("extract: %s", summary)
     return summary
 
 
@@ -120,7 +147,8 @@ def preprocess_flow(params_path: str = "params.yaml", data_root: str = "data", r
                     executor: str = "ray") -> list[dict]:
     """Studio (or ingest) → extract → track → priors → pack. Stages are added as they land."""
     layout = DataLayout(data_root)
-    summaries = [synth_task(params_path, layout, ray_address, executor)]
+    summaries = [synth_task(params_path, layout, ray_address, executor),
+                 extract_task(params_path, layout, ray_address, executor)]
     _publish_stage_table(summaries, "preprocess-stages")
     return summaries
 
@@ -132,4 +160,4 @@ def demo_flow(params_path: str = "params.yaml", data_root: str = "data", ray_add
     summaries = preprocess_flow(params_path, data_root, ray_address, executor)
     layout = DataLayout(data_root)
     return {"stages": summaries, "raw": layout.raw, "ground_truth": layout.ground_truth,
-            "previews": str(Path(layout.ground_truth) / "previews")}
+            "previews": str(Path(layout.ground_truth) / "previews"), "frames": layout.frames}

@@ -50,8 +50,8 @@ class StageResources:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     concurrency: int | None = None
-    max_errors: int = 10  # absolute error budget per run
-    max_error_fraction: float = 0.5  # ... and as a fraction of the items attempted
+    max_errors: int = 10  # error budget per run: stop when more items than this fail ...
+    max_error_fraction: float = 0.5  # ... or more than this fraction of the run's items
 
 
 @dataclass
@@ -248,9 +248,9 @@ def run_stage(
 
     def over_budget() -> str | None:
         failed = sum(not r.ok for r in results)
-        if failed > resources.max_errors or (
-            failed >= 3 and failed > resources.max_error_fraction * max(len(results), 1)
-        ):
+        # both bounds count against the whole run, so a few bad items that happen to come
+        # first cannot stop a large run early
+        if failed > resources.max_errors or failed > resources.max_error_fraction * len(items):
             return (
                 f"stage {stage_name}: {failed} of {len(results)} attempted items failed, over the error budget "
                 f"(max_errors={resources.max_errors}, max_error_fraction={resources.max_error_fraction}); "

@@ -95,7 +95,7 @@ class CaptureReader(Protocol):
 
     def detect(self, root: Path) -> bool: ...
 
-    def scan(self, root: Path, probe: bool = True) -> CaptureIndex: ...
+    def scan(self, root: Path, probe: bool = True, decode: bool = True) -> CaptureIndex: ...
 
 
 def _describe(exc: FormatError) -> str:
@@ -144,19 +144,21 @@ class NersembleReader:
             return [root]
         return sorted(p for p in root.iterdir() if p.is_dir() and _SUBJECT.match(p.name)) if root.is_dir() else []
 
-    def scan(self, root: Path, probe: bool = True) -> CaptureIndex:
+    def scan(self, root: Path, probe: bool = True, decode: bool = True) -> CaptureIndex:
+        """``probe`` reads each video's size and frame count; ``decode`` counts frames by decoding
+        (finds truncated files before processing, at the cost of a full decode)."""
         root = Path(root)
         index = CaptureIndex(self.name, str(root))
         if not root.exists():
             index.problems.append(Problem("", None, None, str(root), "dataset root does not exist"))
             return index
         for subject_dir in self._subject_dirs(root):
-            index.subjects[subject_dir.name] = self._scan_subject(subject_dir, index.problems, probe)
+            index.subjects[subject_dir.name] = self._scan_subject(subject_dir, index.problems, probe, decode)
         if not index.subjects:
             index.problems.append(Problem("", None, None, str(root), "no subject directories (<pid:03d>/) found"))
         return index
 
-    def _scan_subject(self, subject_dir: Path, problems: list[Problem], probe: bool) -> CaptureSubject:
+    def _scan_subject(self, subject_dir: Path, problems: list[Problem], probe: bool, decode: bool) -> CaptureSubject:
         pid = subject_dir.name
         calib_path = subject_dir / "calibration" / "camera_params.json"
         serials: list[str] = []
@@ -183,7 +185,7 @@ class NersembleReader:
             problems.append(Problem(pid, None, None, str(seq_root), "no sequences/ directory"))
             return subject
         for seq_dir in sorted(p for p in seq_root.iterdir() if p.is_dir()):
-            sequence = self._scan_sequence(pid, seq_dir, serials, problems, probe)
+            sequence = self._scan_sequence(pid, seq_dir, serials, problems, probe, decode)
             if seq_dir.name == BACKGROUND:
                 subject.background = sequence
             else:
@@ -192,7 +194,7 @@ class NersembleReader:
         return subject
 
     def _scan_sequence(self, pid: str, seq_dir: Path, serials: list[str], problems: list[Problem],
-                       probe: bool) -> CaptureSequence:
+                       probe: bool, decode: bool) -> CaptureSequence:
         sequence = CaptureSequence(pid, seq_dir.name)
         image_dir = seq_dir / "images"
         videos = {}
@@ -212,7 +214,7 @@ class NersembleReader:
             media = MediaSource(str(path), str(alpha) if alpha.exists() else None)
             if probe:
                 try:
-                    info = probe_video(path)
+                    info = probe_video(path, decode=decode)
                     media.frames, media.width, media.height = info.frames, info.width, info.height
                     if info.frames == 0:
                         raise FormatError(path, None, "video has no frames")
@@ -269,7 +271,7 @@ class TransformsJsonReader:
     def detect(self, root: Path) -> bool:
         return any(root.glob("transforms.json")) or any(root.glob("*/transforms.json")) or any(root.glob("*/*/transforms.json"))
 
-    def scan(self, root: Path, probe: bool = True) -> CaptureIndex:
+    def scan(self, root: Path, probe: bool = True, decode: bool = True) -> CaptureIndex:
         root = Path(root)
         index = CaptureIndex(self.name, str(root))
         files = sorted(root.glob("*/transforms.json")) + sorted(root.glob("*/*/transforms.json"))
@@ -317,12 +319,12 @@ class TransformsJsonReader:
 READERS: list[CaptureReader] = [NersembleReader(), TransformsJsonReader()]
 
 
-def scan_capture(root: str | Path, layout: str = "auto", probe: bool = True) -> CaptureIndex:
+def scan_capture(root: str | Path, layout: str = "auto", probe: bool = True, decode: bool = True) -> CaptureIndex:
     """Index a capture dataset with the named reader, or the first that recognises ``root``."""
     root = Path(root)
     for reader in READERS:
         if layout == reader.name or (layout == "auto" and reader.detect(root)):
-            return reader.scan(root, probe=probe)
+            return reader.scan(root, probe=probe, decode=decode)
     known = ", ".join(r.name for r in READERS)
     if layout != "auto":
         raise ValueError(f"unknown capture layout {layout!r}; known: {known}")

@@ -1,0 +1,259 @@
+"""Frame extraction for one video: select frames, colour-correct, matte, crop around the head.
+
+The stage (``stages/extract.py``) fans this out, one task per video; everything here works on
+one camera's video and is testable without Ray.
+
+Crops are consistent across views: the head centre is a 3D point per frame (triangulated from the
+foreground masks of all cameras, or given by tracking), and every camera crops a square that
+covers the same physical extent (``head_extent`` metres) around its projection. The crop camera
+comes from :meth:`Cameras.crop_resize`, so it projects a 3D point exactly where it lands in the
+cropped image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Iterator
+
+import cv2
+import numpy as np
+import torch
+
+from avat3r_core.cameras import Cameras
+from avat3r_core.color import apply_ccm
+
+
+@dataclass
+class ExtractConfig:
+    PRESETS: ClassVar[dict] = {
+        "tiny": dict(resolution=64, frames_per_sequence=3),
+        "demo": dict(resolution=128),
+        "paper": dict(resolution=512, image_format="png"),
+    }
+
+    resolution: int = 128  # square crop size in pixels (512 for the paper)
+    frame_step: int = 1  # every k-th frame ...
+    frame_list: tuple[int, ...] = ()  # ... or exactly these frame indices ...
+    frames_per_sequence: int = 0  # ... or this many, evenly spaced (0 = all)
+    sequences: tuple[str, ...] = ()  # only these sequences (empty = all but BACKGROUND)
+    head_extent: float = 0.15  # half-size of the crop box in metres around the head centre
+    center_views: int = 4  # cameras (spread farthest apart) whose mattes triangulate the head centre
+    color_correction: bool = True  # apply calibration/color_calibration.json when present
+    alpha_threshold: float = 0.06  # background differencing: mean abs RGB difference in [0, 1]
+    image_format: str = "jpg"  # jpg | png
+    jpeg_quality: int = 95
+    decoder: str = "pyav"  # pyav | opencv (benchmarks/extract.py measures both)
+
+    def __post_init__(self) -> None:
+        if self.image_format not in ("jpg", "png"):
+            raise ValueError(f"image_format must be jpg or png, got {self.image_format!r}")
+        if self.decoder not in ("pyav", "opencv"):
+            raise ValueError(f"decoder must be pyav or opencv, got {self.decoder!r}")
+        if self.resolution < 16 or self.frame_step < 1 or self.frames_per_sequence < 0:
+            raise ValueError("resolution ≥ 16, frame_step ≥ 1 and frames_per_sequence ≥ 0 are required")
+
+
+def select_frames(n_frames: int, config: ExtractConfig) -> list[int]:
+    """Frame indices to extract from a sequence of ``n_frames`` (all cameras use the same)."""
+    if config.frame_list:
+        bad = [f for f in config.frame_list if not 0 <= f < n_frames]
+        if bad:
+            raise ValueError(f"frame_list has indices outside 0..{n_frames - 1}: {bad}")
+        return sorted(set(config.frame_list))
+    frames = list(range(0, n_frames, config.frame_step))
+    if config.frames_per_sequence and len(frames) > config.frames_per_sequence:
+        picks = np.linspace(0, len(frames) - 1, config.frames_per_sequence).round().astype(int)
+        frames = [frames[i] for i in picks]
+    return frames
+
+
+# --------------------------------------------------------------------------- mattes
+def background_matte(frame: np.ndarray, plate: np.ndarray, threshold: float) -> np.ndarray:
+    """Foreground alpha (H, W) float32 in {0, 1} from an empty-scene plate, cleaned up.
+
+    Difference → threshold → morphological open (speckle) and close (holes) → keep the largest
+    connected component → fill interior holes. Good enough for a studio backdrop; real captures
+    with alpha videos (or a matting model) should use those instead.
+    """
+    diff = np.abs(frame.astype(np.float32) - plate.astype(np.float32)).mean(axis=2) / 255.0
+    mask = (diff > threshold).astype(np.uint8)
+    size = max(3, int(round(min(frame.shape[:2]) / 100)) | 1)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel, iterations=2)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if count > 1:
+        largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        mask = (labels == largest).astype(np.uint8)
+    # fill holes: everything not reachable from the border through background is foreground
+    flood = mask.copy()
+    h, w = mask.shape
+    seed_mask = np.zeros((h + 2, w + 2), np.uint8)
+    for y, x in ((0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1)):
+        if flood[y, x] == 0:
+            cv2.floodFill(flood, seed_mask, (x, y), 2)
+    return ((flood != 2) | (mask == 1)).astype(np.float32)
+
+
+def mask_center(alpha: np.ndarray, threshold: float = 0.5) -> np.ndarray | None:
+    """Centre of the head's bounding box in a foreground mask; ``None`` if the mask is empty.
+
+    The head is the blob from the top of the mask down to the neck, found as the narrowest row
+    below the head's widest row (shoulders widen again below it); neck and torso are excluded.
+    """
+    fg = alpha > threshold
+    rows = np.flatnonzero(fg.any(axis=1))
+    if rows.size == 0:
+        return None
+    top, bottom = rows[0], rows[-1] + 1
+    width = fg[top:bottom].sum(axis=1).astype(np.float64)
+    width = np.convolve(np.pad(width, 2, mode="edge"), np.ones(5) / 5, mode="valid")
+    widest = int(np.argmax(width[: max(1, int(0.7 * len(width)))]))
+    below = width[widest:]
+    neck = widest + int(np.argmin(below)) if below.size > 1 and below.min() < 0.85 * width[widest] else len(width)
+    head = fg[top:top + max(neck, 1)]
+    r, c = np.nonzero(head)
+    return np.array([(c.min() + c.max() + 1) / 2.0, top + (r.min() + r.max() + 1) / 2.0])
+
+
+def triangulate(cams: Cameras, points: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
+    """Least-squares 3D point closest to the rays through ``points`` (C, 2) of the valid cameras."""
+    if valid.sum() < 2:
+        return None
+    origins, dirs = cams.rays(torch.as_tensor(points, dtype=cams.dtype)[:, None, :])
+    origins = origins[:, 0][torch.as_tensor(valid)].double().numpy()
+    dirs = dirs[:, 0][torch.as_tensor(valid)].double().numpy()
+    A = np.zeros((3, 3))
+    b = np.zeros(3)
+    for o, d in zip(origins, dirs):
+        P = np.eye(3) - np.outer(d, d)
+        A += P
+        b += P @ o
+    return np.linalg.solve(A, b)
+
+
+def spread_views(centers: np.ndarray, k: int) -> list[int]:
+    """Indices of ``k`` camera centres (N, 3) chosen by farthest-point sampling (widest baselines)."""
+    k = min(k, len(centers))
+    chosen = [int(np.argmin(np.linalg.norm(centers - centers.mean(0), axis=1)))]
+    distance = np.linalg.norm(centers - centers[chosen[0]], axis=1)
+    while len(chosen) < k:
+        chosen.append(int(np.argmax(distance)))
+        distance = np.minimum(distance, np.linalg.norm(centers - centers[chosen[-1]], axis=1))
+    return sorted(chosen)
+
+
+def crop_boxes(cams: Cameras, center: np.ndarray, extent: float) -> np.ndarray:
+    """(C, 4) square boxes x0, y0, w, h covering ±``extent`` metres around ``center`` in each view."""
+    uv, depth = cams.project(torch.as_tensor(center, dtype=cams.dtype)[None])
+    uv, depth = uv[:, 0].double().numpy(), depth[:, 0].double().numpy()
+    focal = 0.5 * (cams.fx + cams.fy).double().numpy()
+    side = 2.0 * extent * focal / np.maximum(depth, 1e-6)
+    return np.stack([uv[:, 0] - side / 2, uv[:, 1] - side / 2, side, side], axis=1)
+
+
+def crop_image(image: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
+    """Resample the square ``box`` (x0, y0, w, h; may leave the image) to ``size``² pixels.
+
+    One affine warp maps output pixel centres to source coordinates with the same +0.5
+    convention as :meth:`Cameras.crop_resize`, so the crop camera stays exact; outside the
+    source image is black (alpha 0).
+    """
+    x0, y0, w, h = (float(v) for v in box)
+    # Work on the region of interest only (plus a margin for the filters), and halve it with exact
+    # 2x2 averaging while the crop shrinks by more than 2x: cost follows the crop, not the frame.
+    margin = 4 + int(np.ceil(w / size))
+    rx0, ry0 = max(int(np.floor(x0)) - margin, 0), max(int(np.floor(y0)) - margin, 0)
+    rx1 = min(int(np.ceil(x0 + w)) + margin, image.shape[1])
+    ry1 = min(int(np.ceil(y0 + h)) + margin, image.shape[0])
+    if rx1 <= rx0 or ry1 <= ry0:
+        return np.zeros((size, size) + image.shape[2:], image.dtype)
+    image = image[ry0:ry1, rx0:rx1]
+    x0, y0 = x0 - rx0, y0 - ry0
+    while w / size > 2.0 and min(image.shape[:2]) >= 4:
+        even_h, even_w = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
+        # INTER_AREA by exactly 2: output centre (i + .5) is input (2i + 1), the same +0.5 convention
+        image = cv2.resize(image[:even_h, :even_w], (even_w // 2, even_h // 2), interpolation=cv2.INTER_AREA)
+        x0, y0, w, h = x0 / 2, y0 / 2, w / 2, h / 2
+    sx, sy = size / w, size / h
+    # u_out = (u_src - x0) * sx  (continuous coordinates, centres at +0.5 on both sides)
+    M = np.array([[sx, 0.0, -x0 * sx], [0.0, sy, -y0 * sy]])
+    # OpenCV warps map integer pixel indices; shift by the half-pixel on both sides
+    M[:, 2] += M[:, :2] @ np.array([0.5, 0.5]) - 0.5
+    if sx < 1:  # shrinking: low-pass first so the bilinear warp does not alias
+        sigma = 0.5 / sx
+        image = cv2.GaussianBlur(image, (0, 0), sigmaX=sigma, sigmaY=sigma)
+    return cv2.warpAffine(image, M, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=0)
+
+
+def correct_colors(image: np.ndarray, ccm: np.ndarray | None) -> np.ndarray:
+    if ccm is None:
+        return image
+    out = apply_ccm(image.astype(np.float32) / 255.0, ccm)
+    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+
+
+def encode_image(image: np.ndarray, fmt: str, quality: int = 95) -> bytes:
+    if fmt == "jpg":
+        ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    else:
+        array = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
+        ok, data = cv2.imencode(".png", array)
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {fmt} image")
+    return data.tobytes()
+
+
+@dataclass
+class CroppedFrame:
+    frame: int
+    image: np.ndarray  # (S, S, 3) uint8
+    alpha: np.ndarray  # (S, S) uint8
+    box: np.ndarray  # (4,) x0, y0, w, h in source pixels
+
+
+def pick_frames(stream: Iterator[np.ndarray], wanted: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (index, frame) for the wanted indices of a sequential decode; stop after the last."""
+    wanted_set, last = set(wanted), max(wanted) if wanted else -1
+    for index, frame in enumerate(stream):
+        if index in wanted_set:
+            yield index, frame
+        if index >= last:
+            return
+
+
+@dataclass
+class VideoJob:
+    """Everything extraction needs about one camera's video (built by the stage's planner)."""
+
+    frames: list[int]
+    camera: Cameras  # one camera at the source resolution
+    centers: dict[int, np.ndarray] = field(default_factory=dict)  # frame → 3D head centre
+    ccm: np.ndarray | None = None
+    plate: np.ndarray | None = None  # background plate (RGB uint8) when no alpha video
+
+
+def extract_video(job: VideoJob, color: Iterator[np.ndarray], alpha: Iterator[np.ndarray] | None,
+                  config: ExtractConfig) -> Iterator[CroppedFrame]:
+    """Sequentially decode one video (and its alpha video) and yield the cropped frames."""
+    size = config.resolution
+    alpha_frames = dict(pick_frames(alpha, job.frames)) if alpha is not None else None
+    for index, frame in pick_frames(color, job.frames):
+        if (frame.shape[1], frame.shape[0]) != (job.camera.width, job.camera.height):
+            raise ValueError(f"frame {index} is {frame.shape[1]}x{frame.shape[0]}, expected "
+                             f"{job.camera.width}x{job.camera.height}")
+        if alpha_frames is not None:
+            if index not in alpha_frames:
+                raise ValueError(f"alpha video has no frame {index}")
+            matte = alpha_frames[index].astype(np.float32) / 255.0
+        elif job.plate is not None:
+            matte = background_matte(frame, job.plate, config.alpha_threshold)
+        else:
+            raise ValueError("no alpha video and no background plate: cannot matte")
+        box = crop_boxes(job.camera, job.centers[index], config.head_extent)[0]
+        image = crop_image(frame, box, size)
+        if config.color_correction:  # per pixel, so after the crop: the same result, far fewer pixels
+            image = correct_colors(image, job.ccm)
+        matte_crop = crop_image(np.rint(matte * 255).astype(np.uint8), box, size)
+        yield CroppedFrame(index, image, matte_crop, box)

@@ -1,0 +1,123 @@
+"""Extraction throughput against a decode-only loop over the same videos, in the same run.
+
+Prints one JSON object:
+* ``decode_only``: frames/s of a plain sequential decode of every video the stage reads (colour
+  and alpha, once each; PyAV and OpenCV), the reference the stage is compared with;
+* ``stage``: frames/s of the whole extract stage (head-centre pass + per-video decode, matte,
+  colour correction, crop, JPEG/PNG encode, manifest commit) with 1 and 2 Ray workers;
+* ratios: stage with 1 worker / decode-only (goal ≥ 0.7), 2 workers / 1 worker (goal ≥ 1.7).
+
+The studio renders at ``--resolution`` and its videos are then re-encoded upscaled to
+``--source-height`` (default 1024), so decode cost is that of a realistically sized capture
+without paying for rendering at that size (real NeRSemble frames are 2200x3208).
+
+Usage: python benchmarks/extract.py [--subjects 2 --cameras 8 --frames 24 --source-height 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from avat3r_core.extract import ExtractConfig  # noqa: E402
+from avat3r_core.synthetic.studio import StudioConfig  # noqa: E402
+from avat3r_core.video import encode_video, read_frames  # noqa: E402
+from stages.extract import run_extract  # noqa: E402
+from stages.runner import StageResources  # noqa: E402
+from stages.synth import run_synth  # noqa: E402
+
+
+def upscale_capture(raw: Path, height: int) -> None:
+    """Re-encode every video (colour, alpha, background) at ``height``; calibration scales with it."""
+    import cv2
+    import torch
+
+    from avat3r_core.cameras import read_nersemble_calibration, write_nersemble_calibration
+
+    for calib in raw.glob("*/calibration/camera_params.json"):
+        serials, cams = read_nersemble_calibration(calib, width=2, height=2, dtype=torch.float64)
+        first = next(read_frames(next((calib.parent.parent / "sequences").glob("*/images/*.mp4"))))
+        scale = height / first.shape[0]
+        cams = type(cams)(cams.world_to_cam, cams.K, first.shape[1], first.shape[0])
+        width = int(round(first.shape[1] * scale / 2)) * 2
+        write_nersemble_calibration(calib, serials, cams.resize(width, height))
+    for video in raw.glob("*/sequences/*/*/cam_*.mp4"):
+        gray = video.parent.name == "alpha"
+        frames = [cv2.resize(f, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)[:height, :width]
+                  for f in read_frames(video, gray=gray)]
+        video.write_bytes(encode_video(frames, crf=0 if gray else 18, gray=gray))
+
+
+def decode_only(videos: list[Path], backend: str) -> float:
+    """Frames/s (colour frames) of decoding each colour video and its alpha video once."""
+    start, count = time.perf_counter(), 0
+    for video in videos:
+        for _ in read_frames(video, backend=backend):
+            count += 1
+        alpha = video.parent.parent / "alpha" / video.name
+        if alpha.exists():
+            for _ in read_frames(alpha, gray=True, backend=backend):
+                pass
+    return count / (time.perf_counter() - start)
+
+
+def stage_rate(raw: Path, out: Path, workers: int, config: ExtractConfig, n_frames: int) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    run_extract(config, str(raw), str(out), resources=StageResources(concurrency=workers), executor="ray")
+    return n_frames / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subjects", type=int, default=2)
+    parser.add_argument("--cameras", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=48)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--source-height", type=int, default=1024)
+    parser.add_argument("--crop", type=int, default=128)
+    args = parser.parse_args()
+
+    import ray
+
+    work = Path(tempfile.mkdtemp(prefix="avat3r-bench-extract-"))
+    try:
+        studio = StudioConfig(subjects=args.subjects, sequences=1, frames=args.frames, cameras=args.cameras,
+                              resolution=args.resolution, supersample=1)
+        run_synth(studio, str(work / "raw"), str(work / "gt"), str(work / "model"), executor="local")
+        if args.source_height != studio.height:
+            upscale_capture(work / "raw", args.source_height)
+        videos = sorted((work / "raw").glob("*/sequences/EXP-*/images/cam_*.mp4"))
+        n_frames = len(videos) * args.frames
+        config = ExtractConfig(resolution=args.crop)
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+        decode = {backend: decode_only(videos, backend) for backend in ("pyav", "opencv")}
+        fastest = max(decode, key=decode.get)
+        config = ExtractConfig(resolution=args.crop, decoder=fastest)
+        stage_rate(work / "raw", work / "warmup", 1, config, n_frames)  # numba/codec warm-up
+        one = stage_rate(work / "raw", work / "frames1", 1, config, n_frames)
+        two = stage_rate(work / "raw", work / "frames2", 2, config, n_frames)
+        result = {
+            "videos": len(videos), "frames": n_frames,
+            "source_height": args.source_height,
+            "crop": args.crop, "decoder_used": fastest,
+            "decode_only_frames_per_s": {k: round(v, 1) for k, v in decode.items()},
+            "stage_frames_per_s": {"1_worker": round(one, 1), "2_workers": round(two, 1)},
+            "ratio_stage_1_worker_vs_decode_only": round(one / decode[fastest], 3),
+            "ratio_2_workers_vs_1": round(two / one, 3),
+            "goals": {"per_worker_ge_0.7": one / decode[fastest] >= 0.7, "scaling_ge_1.7": two / one >= 1.7},
+        }
+        print(json.dumps(result, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

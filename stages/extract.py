@@ -1,0 +1,237 @@
+"""The extract stage: capture videos → cropped, matted, colour-corrected frames + ``frames.parquet``.
+
+Two passes through the shared runner, both resumable:
+
+1. ``head_centers`` — one item per (subject, sequence): decode the foreground of the selected
+   frames in every camera (the alpha video when there is one, else background differencing),
+   triangulate the head centre per frame across views and smooth it over time. Small output.
+2. ``frames`` — one item per video (sequential decode within a video): crop every selected frame
+   around the projected head centre, write image + alpha, and one manifest row per frame.
+
+Problems the capture reader found (unreadable video, camera without calibration, wrong
+resolution, ...) become items that fail with that message, so they land in the error manifest by
+name while the rest of the dataset completes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from avat3r_core import storage
+from avat3r_core.cameras import Cameras
+from avat3r_core.errors import FormatError
+from avat3r_core.extract import (ExtractConfig, VideoJob, background_matte, encode_image, extract_video,
+                                 mask_center, pick_frames, select_frames, spread_views, triangulate)
+from avat3r_core.formats.capture import BACKGROUND, CaptureIndex, CaptureSubject, scan_capture
+from avat3r_core.formats.manifests import cameras_to_columns
+from avat3r_core.ids import make_id
+from avat3r_core.video import read_frames
+from stages.runner import Stage, StageContext, StageResources, StageSummary, run_stage
+
+
+def _camera_dict(cams: Cameras, i: int) -> dict:
+    cols = cameras_to_columns(cams[i])
+    return {"world_to_cam": cols["world_to_cam"][0], "K": cols["K"][0], "width": cams.width, "height": cams.height}
+
+
+def _camera_from_dict(d: dict) -> Cameras:
+    return Cameras(torch.tensor(d["world_to_cam"], dtype=torch.float64).reshape(1, 4, 4),
+                   torch.tensor(d["K"], dtype=torch.float64).reshape(1, 3, 3), d["width"], d["height"])
+
+
+def _plate(subject: CaptureSubject, serial: str) -> str | None:
+    media = subject.background.media.get(serial) if subject.background else None
+    return media.path if media else None
+
+
+def _first_frame(path: str, decoder: str) -> np.ndarray:
+    for frame in read_frames(path, backend=decoder):
+        return frame
+    raise FormatError(path, None, "background plate video has no frames")
+
+
+def _matte_stream(item: dict, decoder: str, threshold: float):
+    """Foreground mattes (float32 in [0, 1]) of a video, from its alpha video or its plate."""
+    if item.get("alpha_video"):
+        for frame in read_frames(item["alpha_video"], gray=True, backend=decoder):
+            yield frame.astype(np.float32) / 255.0
+    elif item.get("plate"):
+        plate = _first_frame(item["plate"], decoder)
+        for frame in read_frames(item["video"], backend=decoder):
+            yield background_matte(frame, plate, threshold)
+    else:
+        raise FormatError(item["video"], None, "no alpha video and no BACKGROUND plate for this camera: cannot matte")
+
+
+# --------------------------------------------------------------------------- pass 1
+def _one_thread_per_worker() -> None:
+    """Stages run one worker per core; OpenCV's and torch's own thread pools would oversubscribe."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+class HeadCenterStage(Stage):
+    """Per (subject, sequence): a triangulated, smoothed 3D head centre for every selected frame."""
+
+    name = "head_centers"
+    version = "1"
+
+    def __init__(self, config: ExtractConfig):
+        self.config = config
+
+    def setup(self) -> None:
+        _one_thread_per_worker()
+
+    def process(self, item: dict, ctx: StageContext) -> list[dict]:
+        if item.get("problem"):
+            raise FormatError(item["path"], None, item["problem"])
+        frames = item["frames"]
+        cams = Cameras.cat([_camera_from_dict(v["camera"]) for v in item["videos"]])
+        centers_2d = np.full((len(frames), len(cams), 2), np.nan)
+        for c, video in enumerate(item["videos"]):
+            for t, (_, matte) in enumerate(pick_frames(_matte_stream(video, self.config.decoder, self.config.alpha_threshold), frames)):
+                center = mask_center(matte)
+                if center is not None:
+                    centers_2d[t, c] = center
+        centers = np.full((len(frames), 3), np.nan)
+        for t in range(len(frames)):
+            valid = ~np.isnan(centers_2d[t, :, 0])
+            point = triangulate(cams, np.nan_to_num(centers_2d[t]), valid)
+            if point is not None:
+                centers[t] = point
+        if np.isnan(centers).all():
+            raise ValueError(f"no foreground found in any camera of {item['subject']}/{item['sequence']}")
+        # fill frames without enough views from their neighbours, then smooth over time
+        good = ~np.isnan(centers[:, 0])
+        for d in range(3):
+            centers[:, d] = np.interp(np.arange(len(frames)), np.flatnonzero(good), centers[good, d])
+        kernel = np.array([1.0, 2.0, 3.0, 2.0, 1.0])
+        padded = np.pad(centers, ((2, 2), (0, 0)), mode="edge")
+        smooth = np.stack([np.convolve(padded[:, d], kernel / kernel.sum(), mode="valid") for d in range(3)], 1)
+        return [{"id": make_id(item["subject"], item["sequence"], f), "subject": item["subject"],
+                 "sequence": item["sequence"], "frame": f, "center": list(map(float, smooth[t])),
+                 "views": int((~np.isnan(centers_2d[t, :, 0])).sum())} for t, f in enumerate(frames)]
+
+
+# --------------------------------------------------------------------------- pass 2
+class ExtractStage(Stage):
+    """Per video: crop the selected frames around the head, write image + alpha + manifest rows."""
+
+    name = "extract"
+    version = "1"
+
+    def __init__(self, config: ExtractConfig):
+        self.config = config
+
+    def setup(self) -> None:
+        _one_thread_per_worker()
+
+    def process(self, item: dict, ctx: StageContext) -> list[dict]:
+        if item.get("problem"):
+            raise FormatError(item["path"], None, item["problem"])
+        cfg = self.config
+        camera = _camera_from_dict(item["camera"])
+        job = VideoJob(frames=item["frames"], camera=camera,
+                       centers={int(f): np.array(c) for f, c in item["centers"].items()},
+                       ccm=np.array(item["ccm"]) if item.get("ccm") is not None else None)
+        alpha = None
+        if item.get("alpha_video"):
+            alpha = read_frames(item["alpha_video"], gray=True, backend=cfg.decoder)
+        elif item.get("plate"):
+            job.plate = _first_frame(item["plate"], cfg.decoder)
+        color = read_frames(item["video"], backend=cfg.decoder)
+        rows = []
+        base = f"{item['subject']}/{make_id(item['sequence'])}/cam_{item['camera_serial']}"
+        for cropped in extract_video(job, color, alpha, cfg):
+            image_rel = ctx.write_bytes(f"images/{base}/{cropped.frame:06d}.{cfg.image_format}",
+                                        encode_image(cropped.image, cfg.image_format, cfg.jpeg_quality))
+            alpha_rel = ctx.write_bytes(f"alpha/{base}/{cropped.frame:06d}.png", encode_image(cropped.alpha, "png"))
+            crop_cam = camera.crop_resize(torch.tensor(cropped.box, dtype=torch.float64)[None], cfg.resolution)
+            rows.append({
+                "id": make_id(item["subject"], item["sequence"], cropped.frame, item["camera_serial"]),
+                "subject": item["subject"], "sequence": item["sequence"], "frame": cropped.frame,
+                "camera": item["camera_serial"], "image": image_rel, "alpha": alpha_rel,
+                "width": cfg.resolution, "height": cfg.resolution,
+                **{k: v[0] for k, v in cameras_to_columns(crop_cam).items()},
+                "crop_box": [float(v) for v in cropped.box],
+                "source_width": camera.width, "source_height": camera.height,
+                "alpha_source": "alpha_video" if item.get("alpha_video") else "background_difference",
+                "color_corrected": bool(cfg.color_correction and job.ccm is not None),
+            })
+        missing = sorted(set(job.frames) - {r["frame"] for r in rows})
+        if missing:
+            raise FormatError(item["video"], f"frame {missing[0]}",
+                              f"video ended early: {len(missing)} selected frame(s) missing (truncated file?)")
+        return rows
+
+
+# --------------------------------------------------------------------------- planning
+def plan(index: CaptureIndex, config: ExtractConfig) -> tuple[list[dict], list[dict]]:
+    """Items for both passes from a capture index; problems become failing items."""
+    center_items, video_items = [], []
+    problems = {(p.subject, p.sequence, p.camera): p for p in index.problems if p.severity == "error"}
+    for pid, subject in index.subjects.items():
+        subject_problem = problems.get((pid, None, None))
+        for seq_name, sequence in subject.sequences.items():
+            if config.sequences and seq_name not in config.sequences:
+                continue
+            n_frames = sequence.frames
+            frames = select_frames(n_frames, config) if n_frames else []
+            videos = []
+            for serial, media in sorted(sequence.media.items()):
+                i = subject.serials.index(serial)
+                videos.append({
+                    "video": media.path, "alpha_video": media.alpha_path, "plate": _plate(subject, serial),
+                    "camera_serial": serial, "camera": _camera_dict(subject.cameras, i),
+                    "ccm": subject.color_calibration[serial].tolist()
+                    if subject.color_calibration and serial in subject.color_calibration else None,
+                })
+            seq_id = make_id(pid, seq_name)
+            if subject_problem or subject.cameras is None:
+                reason = subject_problem.message if subject_problem else "no usable calibration"
+                center_items.append({"id": seq_id, "problem": reason,
+                                     "path": subject_problem.path if subject_problem else subject.root})
+                continue
+            # the head centre needs a few well-spread views, not all: fewer mattes to decode twice
+            views = spread_views(subject.cameras[[subject.serials.index(v["camera_serial"]) for v in videos]]
+                                 .centers.numpy(), config.center_views) if videos else []
+            center_items.append({"id": seq_id, "subject": pid, "sequence": seq_name, "frames": frames,
+                                 "videos": [videos[i] for i in views]})
+            for video in videos:
+                video_items.append({"id": make_id(pid, seq_name, video["camera_serial"]), "subject": pid,
+                                    "sequence": seq_name, "frames": frames, **video})
+        # videos the reader rejected: one failing item each, named by the reader's message
+        for (p_pid, p_seq, p_cam), problem in problems.items():
+            if p_pid == pid and p_seq and p_seq != BACKGROUND and p_cam and (not config.sequences or p_seq in config.sequences):
+                video_items.append({"id": make_id(pid, p_seq, p_cam), "problem": problem.message, "path": problem.path})
+    return center_items, video_items
+
+
+def run_extract(config: ExtractConfig, capture_root: str, out_dir: str, layout: str = "auto",
+                resources: StageResources | None = None, executor: str = "ray") -> tuple[StageSummary, StageSummary]:
+    """Extract frames of a capture into ``out_dir`` (``head_centers/`` + ``frames.parquet``)."""
+    index = scan_capture(capture_root, layout=layout, decode=False)
+    center_items, video_items = plan(index, config)
+    centers_dir = storage.join(out_dir, "head_centers")
+    centers = run_stage(lambda: HeadCenterStage(config), center_items, centers_dir, "head_centers",
+                        resources=resources, executor=executor)
+    by_sequence: dict[tuple[str, str], dict[int, list[float]]] = {}
+    for row in storage.read_parquet(centers.manifest).to_pylist():
+        if "center" in row:
+            by_sequence.setdefault((row["subject"], row["sequence"]), {})[row["frame"]] = row["center"]
+    ready = []
+    for item in video_items:
+        if item.get("problem"):
+            ready.append(item)
+            continue
+        found = by_sequence.get((item["subject"], item["sequence"]))
+        if found is None:
+            ready.append({"id": item["id"], "path": item["video"],
+                          "problem": "no head centre for this sequence (see head_centers.errors.parquet)"})
+        else:
+            ready.append({**item, "centers": {str(k): v for k, v in found.items()}})
+    frames = run_stage(lambda: ExtractStage(config), ready, out_dir, "frames", resources=resources, executor=executor)
+    return centers, frames

@@ -1,0 +1,141 @@
+"""Frame extraction on the studio: exact crop cameras, mattes, resume, and every bad input named."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from avat3r_core.extract import ExtractConfig, background_matte, crop_image, select_frames
+from avat3r_core.formats.manifests import FRAMES_SCHEMA, cameras_from_rows
+from avat3r_core.synthetic.studio import StudioConfig
+from avat3r_core.video import encode_video, read_frames
+from stages.extract import run_extract
+from stages.synth import run_synth
+
+STUDIO = dict(subjects=2, sequences=1, frames=4, cameras=4, resolution=128, seed=11)
+
+
+@pytest.fixture(scope="module")
+def capture(tmp_path_factory):
+    root = tmp_path_factory.mktemp("capture")
+    run_synth(StudioConfig(**STUDIO), str(root / "raw"), str(root / "gt"), str(root / "model"), executor="local")
+    return root
+
+
+def extract(capture_root, out, **config):
+    return run_extract(ExtractConfig(**{"resolution": 64, **config}), str(capture_root), str(out), executor="local")
+
+
+def test_select_frames():
+    assert select_frames(10, ExtractConfig(frame_step=3)) == [0, 3, 6, 9]
+    assert select_frames(10, ExtractConfig(frames_per_sequence=3)) == [0, 4, 9]
+    assert select_frames(10, ExtractConfig(frame_list=(7, 2))) == [2, 7]
+    with pytest.raises(ValueError, match="outside"):
+        select_frames(5, ExtractConfig(frame_list=(9,)))
+
+
+def test_crop_cameras_reproject_ground_truth_landmarks(capture, tmp_path):
+    centers, frames = extract(capture / "raw", tmp_path / "frames")
+    assert centers.items_failed == 0 and frames.items_failed == 0
+    table = pq.read_table(frames.manifest)
+    assert table.schema.names[: len(FRAMES_SCHEMA)] == FRAMES_SCHEMA.names
+    rows = table.to_pylist()
+    assert len(rows) == 2 * 4 * 4 and all(r["color_corrected"] and r["alpha_source"] == "alpha_video" for r in rows)
+    from avat3r_core.flame import FlameLayer, load_flame_model, load_landmark_embedding
+
+    layer = FlameLayer(load_flame_model(capture / "model/head_model.pkl"),
+                       landmarks=load_landmark_embedding(capture / "model/head_landmark_embedding.pkl"), dtype=torch.float64)
+    errors = []
+    for pid in ("001", "002"):
+        gt = np.load(capture / f"gt/{pid}/sequences/EXP-1-head/flame_params.npz")
+        lm2d = np.load(capture / f"gt/{pid}/sequences/EXP-1-head/landmarks2d.npz")
+        serials = [str(s) for s in lm2d["serials"]]
+        for row in (r for r in rows if r["subject"] == pid):
+            t, c = row["frame"], serials.index(row["camera"])
+            with torch.no_grad():
+                out = layer(**{k: torch.tensor(gt[v][t:t + 1] if v != "shape" else gt[v], dtype=torch.float64)
+                               for k, v in dict(shape="shape", expr="expression", rotation="rotation", neck="neck",
+                                                jaw="jaw", eyes="eyes", translation="translation").items()})
+            uv, _ = cameras_from_rows([row], torch.float64).project(out.landmarks[0])
+            x0, y0, w, h = row["crop_box"]
+            expected = (lm2d["landmarks"][t, c] - [x0, y0]) * [row["width"] / w, row["height"] / h]
+            errors.append(np.abs(uv[0].numpy() - expected).max())
+    assert max(errors) < 0.5, max(errors)
+
+
+def test_images_alpha_and_crops_agree(capture, tmp_path):
+    _, frames = extract(capture / "raw", tmp_path / "frames", frame_list=(1,))
+    row = pq.read_table(frames.manifest).to_pylist()[0]
+    image = np.array(Image.open(tmp_path / "frames" / row["image"]))
+    alpha = np.array(Image.open(tmp_path / "frames" / row["alpha"]))
+    assert image.shape == (64, 64, 3) and alpha.shape == (64, 64)
+    assert 0.15 < (alpha > 127).mean() < 0.9  # a head, not an empty or full frame
+    # the crop is the source frame warped by the crop box
+    source = list(read_frames(capture / "raw" / row["subject"] / "sequences" / row["sequence"] / "alpha" /
+                              f"cam_{row['camera']}.mp4", gray=True))[1]
+    assert np.abs(crop_image(source, np.array(row["crop_box"]), 64).astype(int) - alpha).mean() < 2
+
+
+def test_background_differencing_when_there_are_no_alpha_videos(capture, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(capture / "raw", raw)
+    for alpha_dir in raw.glob("*/sequences/*/alpha"):
+        shutil.rmtree(alpha_dir)
+    _, frames = extract(raw, tmp_path / "frames", frame_list=(2,))
+    _, reference = extract(capture / "raw", tmp_path / "reference", frame_list=(2,))
+    diff_rows = {r["id"]: r for r in pq.read_table(frames.manifest).to_pylist()}
+    assert {r["alpha_source"] for r in diff_rows.values()} == {"background_difference"}
+    for ref in pq.read_table(reference.manifest).to_pylist():
+        # crops from differencing mattes sit near where the true mattes put them (< 10% of the box;
+        # the crop camera is exact either way, this only moves the framing)
+        assert np.abs(np.array(diff_rows[ref["id"]]["crop_box"]) - ref["crop_box"]).max() < 0.1 * ref["crop_box"][2]
+        video = capture / "raw" / ref["subject"] / "sequences" / ref["sequence"]
+        frame = list(read_frames(video / "images" / f"cam_{ref['camera']}.mp4"))[2]
+        plate = list(read_frames(capture / "raw" / ref["subject"] / "sequences/BACKGROUND/images" / f"cam_{ref['camera']}.mp4"))[0]
+        truth = list(read_frames(video / "alpha" / f"cam_{ref['camera']}.mp4", gray=True))[2] > 127
+        matte = background_matte(frame, plate, ExtractConfig().alpha_threshold) > 0.5
+        assert (matte & truth).sum() / (matte | truth).sum() > 0.95, ref["id"]  # IoU with the true matte
+
+
+def test_bad_inputs_are_named_and_the_rest_completes(capture, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(capture / "raw", raw)
+    images = raw / "001/sequences/EXP-1-head/images"
+    serials = sorted(p.stem[4:] for p in images.glob("cam_*.mp4"))
+    truncated = images / f"cam_{serials[0]}.mp4"
+    truncated.write_bytes(truncated.read_bytes()[:1500])
+    (images / f"cam_{serials[1]}.mp4").write_bytes(b"")
+    frames = list(read_frames(images / f"cam_{serials[2]}.mp4"))
+    (images / "cam_999999999.mp4").write_bytes(encode_video(frames))  # not in the calibration
+    small = [f[::2, ::2] for f in frames]
+    (raw / "002/sequences/EXP-1-head/images" / f"cam_{serials[3]}.mp4").write_bytes(encode_video(small))
+    other = raw / "002/sequences/EXP-1-head/images" / f"cam_{serials[0]}.mp4"
+    other.write_bytes(encode_video(list(read_frames(other))[:2]))  # shorter than the others
+
+    centers, result = extract(raw, tmp_path / "frames")
+    errors = {r["id"]: r["message"] for r in pq.read_table(result.errors_manifest).to_pylist()}
+    assert any(serials[0] in k for k in errors) and any(serials[1] in k and "0 bytes" in m for k, m in errors.items())
+    assert any("999999999" in k and "no calibration" in m for k, m in errors.items())
+    assert any(serials[3] in k and "resolution" in m for k, m in errors.items())
+    done = {r["id"].rsplit("_", 1)[1] + "/" + r["subject"] for r in pq.read_table(result.manifest).to_pylist()}
+    assert f"{serials[2]}/001" in done and f"{serials[3]}/001" in done
+    assert f"{serials[0]}/002" in done  # the short video still gives its frames ...
+    rows_002 = [r for r in pq.read_table(result.manifest).to_pylist() if r["subject"] == "002"]
+    assert {r["frame"] for r in rows_002} == {0, 1}  # ... and the sequence uses the common length
+    # a rerun keeps everything written and retries only the failures
+    again = extract(raw, tmp_path / "frames")[1]
+    assert again.items_skipped == result.items_done and again.items_done == 0
+
+
+def test_spread_views_picks_wide_baselines():
+    from avat3r_core.extract import spread_views
+
+    line = np.array([[x, 0.0, 0.0] for x in range(9)])
+    assert spread_views(line, 3) == [0, 4, 8]
+    assert spread_views(line, 20) == list(range(9))
