@@ -51,3 +51,27 @@ def cameras_from_rows(rows: list[dict], dtype: torch.dtype = torch.float32) -> C
     w2c = torch.tensor(np.array([r["world_to_cam"] for r in rows], dtype=np.float64).reshape(-1, 4, 4), dtype=dtype)
     K = torch.tensor(np.array([r["K"] for r in rows], dtype=np.float64).reshape(-1, 3, 3), dtype=dtype)
     return Cameras(w2c, K, width, height)
+
+
+#: track → ``tracking/tracking.parquet``: one row per (subject, sequence, frame). FLAME parameters
+#: are float lists; ``expression_code`` is the 135-d code the model consumes
+#: (``avat3r_core.tracking.expression_code`` documents its layout).
+TRACKING_COLUMNS = ("id", "subject", "sequence", "frame", "shape", "expression", "rotation", "translation",
+                    "jaw", "neck", "eyes", "expression_code", "residual_px", "backend")
+
+#: priors → ``priors/priors.parquet``: one row per frames row (same ``id``). Maps are stored at the
+#: crop resolution as compressed ``.npz`` files (float16): ``position`` (H, W, 3) world-space
+#: points and ``confidence`` (H, W) in [0, 1] (DUSt3R's conf mapped by 1 − 1/conf, so the paper's
+#: "> 0.5" threshold means conf > 2); ``features`` (C, h, w) on the feature grid.
+PRIORS_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("subject", pa.string()),
+    ("sequence", pa.string()),
+    ("frame", pa.int32()),
+    ("camera", pa.string()),
+    ("position", pa.string()),  # relative path of an .npz with `position` and `confidence`
+    ("position_source", pa.string()),  # dust3r | ground_truth | face_model
+    ("features", pa.string()),  # relative path of an .npz with `features`, or "" when none
+    ("feature_source", pa.string()),  # sapiens_<size> | efficientnet_lite0_imagenet | none
+    ("feature_dim", pa.int32()),
+])

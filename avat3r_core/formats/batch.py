@@ -1,0 +1,51 @@
+"""The typed training/evaluation batch: what the loader yields and the trainer consumes.
+
+One item = one (subject, sequence, target timestep): V input views taken at *other* timesteps of
+the same subject and sequence (different expressions), and T supervision views at the target
+timestep with its expression code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from avat3r_core.cameras import Cameras
+
+
+@dataclass
+class Avat3rBatch:
+    # inputs (B samples, V views)
+    images: Tensor  # (B, V, 3, H, W) float in [0, 1]
+    alphas: Tensor  # (B, V, 1, H, W)
+    cameras: Cameras  # B·V cameras, sample-major
+    position_maps: Tensor  # (B, V, 3, H, W) world-space points
+    confidence: Tensor  # (B, V, H, W) in [0, 1]
+    features: Tensor | None  # (B, V, C, h, w) or None (no feature source)
+    # supervision (T target views at one timestep)
+    target_images: Tensor  # (B, T, 3, H, W)
+    target_alphas: Tensor  # (B, T, 1, H, W)
+    target_cameras: Cameras  # B·T cameras, sample-major
+    expression: Tensor  # (B, 135) expression code of the target timestep
+    # bookkeeping
+    keys: list[str]  # sample keys (<pid>_<seq>_<frame:06d> of the target)
+    input_frames: Tensor  # (B, V) timestep of each input view
+    target_frames: Tensor  # (B,) target timestep
+
+    @property
+    def batch_size(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device) -> "Avat3rBatch":
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.to(device) if isinstance(value, (Tensor, Cameras)) else value
+        return Avat3rBatch(**out)
+
+    def is_finite(self) -> bool:
+        """False if any float tensor holds NaN/Inf (the trainer skips such batches)."""
+        tensors = [getattr(self, f.name) for f in fields(self)]
+        return all(bool(torch.isfinite(t).all()) for t in tensors if isinstance(t, Tensor) and t.is_floating_point())
