@@ -48,9 +48,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from avat3r_core.weights import check_state_dict, safe_torch_load
 from avat3r_core.errors import FormatError
 
 __all__ = [
@@ -218,10 +218,7 @@ def _template(net: str) -> LPIPS:
 def _read_state_dict(path: Path, what: str) -> Mapping[str, Tensor]:
     if not path.is_file():
         raise FormatError(path, None, f"LPIPS {what} weights file not found")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt files and refused pickles surface as many exception types
-        raise FormatError(path, None, f"not a readable weights-only torch file: {type(exc).__name__}: {exc}"[:500]) from None
+    sd = safe_torch_load(path)
     if not isinstance(sd, Mapping):
         raise FormatError(path, None, f"expected a state_dict (mapping of tensors), got {type(sd).__name__}")
     bad = [str(k) for k, v in sd.items() if not isinstance(v, Tensor)]
@@ -230,23 +227,9 @@ def _read_state_dict(path: Path, what: str) -> Mapping[str, Tensor]:
     return sd
 
 
-def _short(keys: list[str], n: int = 12) -> str:
-    return ", ".join(keys[:n]) + (f", … (+{len(keys) - n})" if len(keys) > n else "")
-
-
 def _check_keys(path: Path | str, sd: Mapping[str, Tensor], expected: Mapping[str, Tensor], ignorable: tuple[str, ...] = ()) -> None:
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected) - set(ignorable))
-    if missing or unexpected:
-        raise FormatError(
-            path,
-            _short(missing + unexpected, 6),
-            f"state_dict does not match the LPIPS layout: missing keys [{_short(missing)}]; "
-            f"unexpected keys [{_short(unexpected)}]",
-        )
-    for k, v in expected.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise FormatError(path, k, f"shape {tuple(sd[k].shape)} differs from the expected {tuple(v.shape)}")
+    check_state_dict(expected, sd, path, what="the LPIPS layout", ignorable=ignorable)
+    for k in expected:
         if not sd[k].is_floating_point():
             raise FormatError(path, k, f"dtype {sd[k].dtype} is not floating point")
 

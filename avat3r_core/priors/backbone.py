@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avat3r_core.errors import FormatError
+from avat3r_core.weights import check_state_dict, safe_torch_load
 
 __all__ = [
     "BACKBONE_SOURCE",
@@ -172,13 +173,7 @@ def default_weights_path() -> Path | None:
 
 
 def _load_state_dict(path: Path) -> Mapping[str, Tensor]:
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, IsADirectoryError, PermissionError, MemoryError):
-        raise
-    except Exception as exc:  # corrupt files and refused pickles surface as many types
-        msg = f"not a readable weights-only torch file: {type(exc).__name__}: {exc}"
-        raise FormatError(path, None, msg[:500]) from None
+    sd = safe_torch_load(path)
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
@@ -210,18 +205,7 @@ def load_efficientnet_lite0(
         where = path
         state_dict = _load_state_dict(path)
     model = EfficientNetLite0(padding=padding)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    if missing or unexpected:
-        def short(keys: list[str]) -> str:
-            return ", ".join(keys[:12]) + (f", … (+{len(keys) - 12})" if len(keys) > 12 else "")
-
-        raise FormatError(where or "<state_dict>", None,
-                          f"missing keys [{short(missing)}]; unexpected keys [{short(unexpected)}]")
-    for k, v in state_dict.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise FormatError(where or "<state_dict>", k, f"shape {tuple(v.shape)} differs from {tuple(own[k].shape)}")
+    check_state_dict(model.state_dict(), state_dict, where or "<state_dict>", what="EfficientNet-Lite0")
     model.load_state_dict(state_dict, strict=True)
     return model.to(device).eval()
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import ast
 import math
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -60,6 +59,7 @@ from torch import Tensor, nn
 
 from avat3r_core.cameras import Cameras
 from avat3r_core.errors import FormatError
+from avat3r_core.weights import check_state_dict, safe_torch_load
 
 __all__ = [
     "Dust3rConfig",
@@ -610,39 +610,8 @@ def build_dust3r(cfg: Dust3rConfig, device: torch.device | str | None = None) ->
 # ====================================================================== checkpoint loading
 
 
-def _torch_load(path: Path, device: torch.device | str) -> Any:
-    """``torch.load`` with only ``argparse.Namespace`` allowed beyond tensors and containers."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location=device, weights_only=True)
-    except (FileNotFoundError, IsADirectoryError, PermissionError, MemoryError):
-        raise
-    except pickle.UnpicklingError as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else "refused by the weights-only unpickler"
-        raise FormatError(path, None, f"refused by the weights-only loader: {msg}"[:500]) from None
-    except Exception as exc:  # a corrupt file surfaces as many exception types inside torch.load
-        raise FormatError(path, None, f"not a readable torch checkpoint: {type(exc).__name__}: {exc}"[:500]) from None
-
-
 def _load_strict(model: nn.Module, sd: Mapping[str, Any], path: Any) -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    if missing or unexpected:
-        def short(keys: list[str]) -> str:
-            return ", ".join(keys[:12]) + (f", … (+{len(keys) - 12})" if len(keys) > 12 else "")
-
-        raise FormatError(
-            path, "model",
-            f"state_dict does not match the network: missing keys [{short(missing)}]; "
-            f"unexpected keys [{short(unexpected)}]",
-        )
-    for k, v in sd.items():
-        if not isinstance(v, Tensor):
-            raise FormatError(path, f"model.{k}", f"expected a tensor, got {type(v).__name__}")
-        if tuple(v.shape) != tuple(own[k].shape):
-            msg = f"shape {tuple(v.shape)} differs from the network's {tuple(own[k].shape)}"
-            raise FormatError(path, f"model.{k}", msg)
+    check_state_dict(model.state_dict(), sd, path, what="the network", field="model", field_prefix="model.")
     # assign=True: the module (built on the meta device) takes the loaded tensors as its
     # parameters, so the 2.3 GB ViT-L model is not allocated twice.
     model.load_state_dict(sd, strict=True, assign=True)
@@ -669,7 +638,7 @@ def load_dust3r(
         if path is None:
             raise ValueError("load_dust3r: give a path or a state_dict")
         path = Path(path)
-        ckpt = _torch_load(path, device)
+        ckpt = safe_torch_load(path, device, allowed_globals=[argparse.Namespace])
         if isinstance(ckpt, Mapping) and "model" in ckpt and isinstance(ckpt["model"], Mapping):
             state_dict = ckpt["model"]
             if config is None:
