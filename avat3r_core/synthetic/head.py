@@ -434,9 +434,8 @@ def _skinning(builder: _HeadBuilder, V: np.ndarray) -> np.ndarray:
     W = np.zeros((builder.n_vertices, 5))
     n_sh = len(builder.anchor)
     A = builder.anchor
-    x, y, z = A[:, 0], A[:, 1], A[:, 2]
+    y, z = A[:, 1], A[:, 2]
     jaw = _ss(MOUTH_Y + 0.001, MOUTH_Y - 0.012, y) * _ss(-0.035, 0.02, z)
-    jaw *= _ss(-0.125, -0.085, y) * 0.0 + 1.0
     jaw = np.where(builder.is_upper, 0.0, jaw)
     low = builder.slit_lower
     jaw[low] = 1 - 0.55 * (np.abs(A[low, 0]) / MOUTH_HW) ** 4

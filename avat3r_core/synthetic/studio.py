@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from avat3r_core.cameras import Cameras
-from avat3r_core.color import apply_ccm, linear_to_srgb, srgb_to_linear
+from avat3r_core.color import linear_to_srgb, srgb_to_linear
 
 #: NeRSemble sequence names, used in order (BACKGROUND is always added).
 SEQUENCE_NAMES = (
