@@ -128,10 +128,14 @@ def probe_video(uri: str | Path, decode: bool = True) -> VideoInfo:
         return VideoInfo(count, stream.codec_context.width, stream.codec_context.height, rate)
 
 
-def read_frames(uri: str | Path, gray: bool = False, backend: str = "pyav") -> Iterator[np.ndarray]:
-    """Yield decoded frames as RGB (H,W,3) or gray (H,W) uint8. ``backend``: pyav or opencv."""
+def read_frames(uri: str | Path, gray: bool = False, backend: str = "pyav", threads: int = 0) -> Iterator[np.ndarray]:
+    """Yield decoded frames as RGB (H,W,3) or gray (H,W) uint8. ``backend``: pyav or opencv.
+
+    ``threads``: decoder threads (0 = FFmpeg's choice, all cores). Stages run one worker per core
+    and pass 1, so workers do not fight over cores.
+    """
     if backend == "opencv":
-        yield from _read_frames_opencv(uri, gray)
+        yield from _read_frames_opencv(uri, gray, threads)
         return
     import av
 
@@ -140,6 +144,8 @@ def read_frames(uri: str | Path, gray: bool = False, backend: str = "pyav") -> I
             raise FormatError(uri, None, "no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        if threads:
+            stream.codec_context.thread_count = threads
         index = 0
         try:
             for frame in container.decode(stream):
@@ -149,13 +155,14 @@ def read_frames(uri: str | Path, gray: bool = False, backend: str = "pyav") -> I
             raise FormatError(uri, f"frame {index}", f"decode failed ({exc})") from exc
 
 
-def _read_frames_opencv(uri: str | Path, gray: bool) -> Iterator[np.ndarray]:
+def _read_frames_opencv(uri: str | Path, gray: bool, threads: int = 0) -> Iterator[np.ndarray]:
     import cv2
 
     fs, path = storage.url_to_fs(uri)
     if not fs.exists(path):
         raise FormatError(uri, None, "video file not found")
-    capture = cv2.VideoCapture(str(path))
+    params = [cv2.CAP_PROP_N_THREADS, threads] if threads else []
+    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, params)
     if not capture.isOpened():
         raise FormatError(uri, None, "OpenCV cannot open this video")
     try:

@@ -56,14 +56,15 @@ def upscale_capture(raw: Path, height: int) -> None:
 
 
 def decode_only(videos: list[Path], backend: str) -> float:
-    """Frames/s (colour frames) of decoding each colour video and its alpha video once."""
+    """Frames/s (colour frames) of decoding each colour video and its alpha video once, with one
+    decoder thread: the budget of one stage worker."""
     start, count = time.perf_counter(), 0
     for video in videos:
-        for _ in read_frames(video, backend=backend):
+        for _ in read_frames(video, backend=backend, threads=1):
             count += 1
         alpha = video.parent.parent / "alpha" / video.name
         if alpha.exists():
-            for _ in read_frames(alpha, gray=True, backend=backend):
+            for _ in read_frames(alpha, gray=True, backend=backend, threads=1):
                 pass
     return count / (time.perf_counter() - start)
 

@@ -46,7 +46,7 @@ def _plate(subject: CaptureSubject, serial: str) -> str | None:
 
 
 def _first_frame(path: str, decoder: str) -> np.ndarray:
-    for frame in read_frames(path, backend=decoder):
+    for frame in read_frames(path, backend=decoder, threads=1):
         return frame
     raise FormatError(path, None, "background plate video has no frames")
 
@@ -54,11 +54,11 @@ def _first_frame(path: str, decoder: str) -> np.ndarray:
 def _matte_stream(item: dict, decoder: str, threshold: float):
     """Foreground mattes (float32 in [0, 1]) of a video, from its alpha video or its plate."""
     if item.get("alpha_video"):
-        for frame in read_frames(item["alpha_video"], gray=True, backend=decoder):
+        for frame in read_frames(item["alpha_video"], gray=True, backend=decoder, threads=1):
             yield frame.astype(np.float32) / 255.0
     elif item.get("plate"):
         plate = _first_frame(item["plate"], decoder)
-        for frame in read_frames(item["video"], backend=decoder):
+        for frame in read_frames(item["video"], backend=decoder, threads=1):
             yield background_matte(frame, plate, threshold)
     else:
         raise FormatError(item["video"], None, "no alpha video and no BACKGROUND plate for this camera: cannot matte")
@@ -139,10 +139,10 @@ class ExtractStage(Stage):
                        ccm=np.array(item["ccm"]) if item.get("ccm") is not None else None)
         alpha = None
         if item.get("alpha_video"):
-            alpha = read_frames(item["alpha_video"], gray=True, backend=cfg.decoder)
+            alpha = read_frames(item["alpha_video"], gray=True, backend=cfg.decoder, threads=1)
         elif item.get("plate"):
             job.plate = _first_frame(item["plate"], cfg.decoder)
-        color = read_frames(item["video"], backend=cfg.decoder)
+        color = read_frames(item["video"], backend=cfg.decoder, threads=1)
         rows = []
         base = f"{item['subject']}/{make_id(item['sequence'])}/cam_{item['camera_serial']}"
         for cropped in extract_video(job, color, alpha, cfg):
