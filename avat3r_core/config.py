@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -53,6 +53,16 @@ def build(cls: type[T], values: dict[str, Any] | None = None, preset: str | None
         merged.update(presets[preset])
     merged.update(values)
     return from_dict(cls, merged, source)
+
+
+class Presets:
+    """Mixin for config dataclasses: ``Cls.preset("tiny", key=value)`` = :func:`build` with a preset."""
+
+    PRESETS: ClassVar[dict] = {}
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any):
+        return build(cls, overrides, preset=name, source=cls.__name__)
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:

@@ -45,6 +45,14 @@ class DataLayout:
     def frames(self) -> str:
         return self.path("frames")
 
+    @property
+    def frames_manifest(self) -> str:
+        return str(Path(self.frames, "frames.parquet"))
+
+    @property
+    def tracking(self) -> str:
+        return self.path("tracking")
+
 
 def _is_infrastructure_failure(task, task_run, state) -> bool:
     """Retry condition: only lost workers/nodes, not data errors or exhausted error budgets."""
@@ -90,8 +98,28 @@ def run_extract_stage(params_path: str, layout: DataLayout, ray_address: str | N
     return summary
 
 
+def run_track_stage(params_path: str, layout: DataLayout, ray_address: str | None = None,
+                    executor: str = "ray") -> dict:
+    """FLAME tracking per (subject, sequence). On the studio, the landmark backend is its ground
+    truth (+ noise from params), passed explicitly from the data layout; real captures use
+    ``backend: mediapipe`` or ``file``."""
+    from avat3r_core.config import build
+    from avat3r_core.synthetic.studio import face_model_paths
+    from stages.track import TrackConfig, run_track
+
+    params = load_params(params_path)
+    values = dict(params.get("track") or {})
+    if values.get("backend", "ground_truth") == "ground_truth":
+        values.setdefault("ground_truth_root", layout.ground_truth)
+    config = build(TrackConfig, values, source=f"{params_path}:track")
+    _start_ray(executor, ray_address)
+    summary = run_track(config, layout.frames_manifest, layout.tracking, face_model_paths(layout.face_model),
+                        resources=_resources(params, "track"), executor=executor)
+    return summary.to_dict()
+
+
 #: Stage name → the plain function that runs it from params (used by flows, CLI and dvc.yaml).
-STAGES = {"synth": run_synth_stage, "extract": run_extract_stage}
+STAGES = {"synth": run_synth_stage, "extract": run_extract_stage, "track": run_track_stage}
 
 
 def _start_ray(executor: str, ray_address: str | None) -> None:
@@ -112,6 +140,13 @@ def synth_task(params_path: str, layout: DataLayout, ray_address: str | None, ex
 def extract_task(params_path: str, layout: DataLayout, ray_address: str | None, executor: str) -> dict:
     summary = run_extract_stage(params_path, layout, ray_address, executor)
     get_run_logger().info("extract: %s", summary)
+    return summary
+
+
+@stage_task("track")
+def track_task(params_path: str, layout: DataLayout, ray_address: str | None, executor: str) -> dict:
+    summary = run_track_stage(params_path, layout, ray_address, executor)
+    get_run_logger().info("track: %s", summary)
     return summary
 
 
@@ -148,7 +183,8 @@ def preprocess_flow(params_path: str = "params.yaml", data_root: str = "data", r
     """Studio (or ingest) → extract → track → priors → pack. Stages are added as they land."""
     layout = DataLayout(data_root)
     summaries = [synth_task(params_path, layout, ray_address, executor),
-                 extract_task(params_path, layout, ray_address, executor)]
+                 extract_task(params_path, layout, ray_address, executor),
+                 track_task(params_path, layout, ray_address, executor)]
     _publish_stage_table(summaries, "preprocess-stages")
     return summaries
 
@@ -160,4 +196,5 @@ def demo_flow(params_path: str = "params.yaml", data_root: str = "data", ray_add
     summaries = preprocess_flow(params_path, data_root, ray_address, executor)
     layout = DataLayout(data_root)
     return {"stages": summaries, "raw": layout.raw, "ground_truth": layout.ground_truth,
-            "previews": str(Path(layout.ground_truth) / "previews"), "frames": layout.frames}
+            "previews": str(Path(layout.ground_truth) / "previews"), "frames": layout.frames,
+            "tracking": layout.tracking}
