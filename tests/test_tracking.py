@@ -13,7 +13,7 @@ import torch
 
 from avat3r_core.flame import FlameLayer, load_flame_model, load_landmark_embedding
 from avat3r_core.tracking import TRACKING_SCHEMA, expression_code
-from avat3r_core.tracking.fit import (FitConfig, SubsetFlame, fit_sequence, fit_uncalibrated,
+from avat3r_core.tracking.fit import (FitConfig, SubsetFlame, fit_uncalibrated,
                                       flame_params_to_full)
 from avat3r_core.tracking.landmarks import (FileLandmarks, GroundTruthLandmarks, MediaPipeLandmarks,
                                             crop_points, mediapipe_available)
