@@ -210,7 +210,7 @@ def demo(params: str = ParamsPath, data_root: str = DataRoot, ray_address: Optio
     result = _run(demo_flow, params, data_root, ray_address, executor)
     _print_summaries(result["stages"])
     console.print("[bold green]demo finished[/]")
-    for key in ("raw", "ground_truth", "previews", "frames", "tracking"):
+    for key in ("raw", "ground_truth", "previews", "frames", "tracking", "priors"):
         console.print(f"  {key:13s} {result[key]}")
 
 

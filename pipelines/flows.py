@@ -26,6 +26,10 @@ class DataLayout:
 
     root: str = "data"
 
+    def __post_init__(self) -> None:
+        # absolute, so Ray workers (whose working directory is not ours) find the same files
+        self.root = str(Path(self.root).resolve())
+
     def path(self, *parts: str) -> str:
         return str(Path(self.root, *parts))
 
@@ -52,6 +56,14 @@ class DataLayout:
     @property
     def tracking(self) -> str:
         return self.path("tracking")
+
+    @property
+    def tracking_manifest(self) -> str:
+        return str(Path(self.tracking, "tracking.parquet"))
+
+    @property
+    def priors(self) -> str:
+        return self.path("priors")
 
 
 def _is_infrastructure_failure(task, task_run, state) -> bool:
@@ -118,8 +130,30 @@ def run_track_stage(params_path: str, layout: DataLayout, ray_address: str | Non
     return summary.to_dict()
 
 
+def run_priors_stage(params_path: str, layout: DataLayout, ray_address: str | None = None,
+                     executor: str = "ray") -> dict:
+    """Position maps and feature maps per frame. Sources follow params (``auto``: DUSt3R when a
+    checkpoint is given, else the studio's ground-truth depth on synthetic data, else the tracked
+    face model); every row records which source (and which stand-in) made it."""
+    from avat3r_core.config import build
+    from avat3r_core.synthetic.studio import face_model_paths
+    from stages.priors import PriorsConfig, run_priors
+
+    params = load_params(params_path)
+    values = dict(params.get("priors") or {})
+    if values.get("position_source", "auto") in ("auto", "ground_truth") and Path(layout.ground_truth).exists():
+        values.setdefault("ground_truth_root", layout.ground_truth)
+    config = build(PriorsConfig, values, source=f"{params_path}:priors")
+    _start_ray(executor, ray_address)
+    tracking = layout.tracking_manifest if Path(layout.tracking_manifest).exists() else None
+    summary = run_priors(config, layout.frames_manifest, layout.priors, resources=_resources(params, "priors"),
+                         executor=executor, tracking_manifest=tracking, face_model_paths=face_model_paths(layout.face_model))
+    return summary.to_dict()
+
+
 #: Stage name → the plain function that runs it from params (used by flows, CLI and dvc.yaml).
-STAGES = {"synth": run_synth_stage, "extract": run_extract_stage, "track": run_track_stage}
+STAGES = {"synth": run_synth_stage, "extract": run_extract_stage, "track": run_track_stage,
+          "priors": run_priors_stage}
 
 
 def _start_ray(executor: str, ray_address: str | None) -> None:
@@ -147,6 +181,13 @@ def extract_task(params_path: str, layout: DataLayout, ray_address: str | None, 
 def track_task(params_path: str, layout: DataLayout, ray_address: str | None, executor: str) -> dict:
     summary = run_track_stage(params_path, layout, ray_address, executor)
     get_run_logger().info("track: %s", summary)
+    return summary
+
+
+@stage_task("priors")
+def priors_task(params_path: str, layout: DataLayout, ray_address: str | None, executor: str) -> dict:
+    summary = run_priors_stage(params_path, layout, ray_address, executor)
+    get_run_logger().info("priors: %s", summary)
     return summary
 
 
@@ -184,7 +225,8 @@ def preprocess_flow(params_path: str = "params.yaml", data_root: str = "data", r
     layout = DataLayout(data_root)
     summaries = [synth_task(params_path, layout, ray_address, executor),
                  extract_task(params_path, layout, ray_address, executor),
-                 track_task(params_path, layout, ray_address, executor)]
+                 track_task(params_path, layout, ray_address, executor),
+                 priors_task(params_path, layout, ray_address, executor)]
     _publish_stage_table(summaries, "preprocess-stages")
     return summaries
 
@@ -197,4 +239,4 @@ def demo_flow(params_path: str = "params.yaml", data_root: str = "data", ray_add
     layout = DataLayout(data_root)
     return {"stages": summaries, "raw": layout.raw, "ground_truth": layout.ground_truth,
             "previews": str(Path(layout.ground_truth) / "previews"), "frames": layout.frames,
-            "tracking": layout.tracking}
+            "tracking": layout.tracking, "priors": layout.priors}

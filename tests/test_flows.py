@@ -16,6 +16,7 @@ def write_params(path, **synth):
         "synth": {"preset": "tiny", "seed": 3, "preview": True, **synth},
         "extract": {"preset": "tiny"},
         "track": {"preset": "tiny", "backend": "ground_truth", "noise_px": 0.25},  # 1 px at 256 px
+        "priors": {"preset": "tiny"},
         "runtime": {"resources": {"default": {"num_cpus": 1, "max_errors": 2}}},
     }
     path.write_text(yaml.safe_dump(params))
@@ -27,7 +28,7 @@ def test_demo_flow_runs_the_built_stages_and_is_resumable(prefect_harness, ray_s
 
     params = write_params(tmp_path / "params.yaml")
     result = demo_flow(params_path=params, data_root=str(tmp_path / "data"))
-    synth, extract, track = result["stages"]
+    synth, extract, track, priors = result["stages"]
     assert synth["stage"] == "synth" and synth["items_done"] == 2 and synth["items_failed"] == 0
     rows = pq.read_table(synth["manifest"]).to_pylist()
     assert {r["subject"] for r in rows} == {"001", "002"}
@@ -37,12 +38,16 @@ def test_demo_flow_runs_the_built_stages_and_is_resumable(prefect_harness, ray_s
     assert track["stage"] == "track" and track["items_failed"] == 0
     tracking = pq.read_table(track["manifest"]).to_pylist()
     assert len(tracking) == 2 * 3 and len(tracking[0]["expression_code"]) == 135
+    assert priors["stage"] == "priors" and priors["items_failed"] == 0
+    maps = pq.read_table(priors["manifest"]).to_pylist()
+    assert len(maps) == len(frames) and {m["position_source"] for m in maps} == {"ground_truth"}
+    assert {m["feature_source"] for m in maps} == {"efficientnet_lite0_imagenet"}
     assert (tmp_path / "data/ground_truth/synthetic/previews/001.png").exists()
     stats = json.loads((tmp_path / "data/raw/synthetic/synth.stats.json").read_text())
     assert stats["bytes_written"] > 0 and stats["items_per_s"] > 0
     # nothing changed: a rerun skips every committed subject
     again = demo_flow(params_path=params, data_root=str(tmp_path / "data"))
-    assert [s["items_done"] for s in again["stages"]] == [0, 0, 0]
+    assert [s["items_done"] for s in again["stages"]] == [0, 0, 0, 0]
     assert again["stages"][0]["items_skipped"] == 2 and again["stages"][1]["items_skipped"] == 8
 
 
