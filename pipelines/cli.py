@@ -190,6 +190,34 @@ def extract(
     _print_summaries([centers.to_dict(), frames.to_dict()])
 
 
+# --------------------------------------------------------------------------- shards
+shards_app = typer.Typer(help="Check and summarise packed WebDataset shards.", no_args_is_help=True)
+app.add_typer(shards_app, name="shards")
+
+
+@shards_app.command("verify")
+def shards_verify(shards_dir: Path = typer.Argument(Path("data/shards"), help="Directory with index.parquet and the shards.")):
+    """Re-read every shard against index.parquet (count, keys, checksum, decodable members); exit 3 if any is broken."""
+    from avat3r_core.dataset.pack import verify_shards
+
+    report = _run(verify_shards, str(shards_dir))
+    console.print(f"{report['shards']} shard(s), {report['samples']} sample(s) checked")
+    for path, problems in report["broken"].items():
+        for problem in problems:
+            console.print(f"[red]broken[/] {escape(str(path))}: {escape(str(problem))}")
+    if report["ok"]:
+        console.print("[green]all shards match the index[/]")
+    raise typer.Exit(EXIT_OK if report["ok"] else EXIT_BAD_INPUT)
+
+
+@shards_app.command("stats")
+def shards_stats(shards_dir: Path = typer.Argument(Path("data/shards"), help="Directory with index.parquet.")):
+    """Shards, samples, subjects and bytes per split."""
+    from avat3r_core.dataset.pack import shard_stats
+
+    console.print_json(json.dumps(_run(shard_stats, str(shards_dir)), default=str))
+
+
 # --------------------------------------------------------------------------- flows
 @app.command()
 def preprocess(params: str = ParamsPath, data_root: str = DataRoot, ray_address: Optional[str] = RayAddress,
@@ -210,7 +238,7 @@ def demo(params: str = ParamsPath, data_root: str = DataRoot, ray_address: Optio
     result = _run(demo_flow, params, data_root, ray_address, executor)
     _print_summaries(result["stages"])
     console.print("[bold green]demo finished[/]")
-    for key in ("raw", "ground_truth", "previews", "frames", "tracking", "priors"):
+    for key in ("raw", "ground_truth", "previews", "frames", "tracking", "priors", "shards"):
         console.print(f"  {key:13s} {result[key]}")
 
 

@@ -65,6 +65,10 @@ class DataLayout:
     def priors(self) -> str:
         return self.path("priors")
 
+    @property
+    def shards(self) -> str:
+        return self.path("shards")
+
 
 def _is_infrastructure_failure(task, task_run, state) -> bool:
     """Retry condition: only lost workers/nodes, not data errors or exhausted error budgets."""
@@ -151,9 +155,24 @@ def run_priors_stage(params_path: str, layout: DataLayout, ray_address: str | No
     return summary.to_dict()
 
 
+def run_pack_stage(params_path: str, layout: DataLayout, ray_address: str | None = None,
+                   executor: str = "ray") -> dict:
+    """Sharded WebDataset packing, split by subject (train/val/test)."""
+    from avat3r_core.dataset.pack import PackConfig
+    from stages.pack import run_pack
+
+    params = load_params(params_path)
+    config = section(params, "pack", PackConfig, params_path)
+    _start_ray(executor, ray_address)
+    summary = run_pack(config, layout.frames_manifest, layout.tracking_manifest,
+                       str(Path(layout.priors, "priors.parquet")), layout.shards,
+                       resources=_resources(params, "pack"), executor=executor)
+    return summary.to_dict()
+
+
 #: Stage name → the plain function that runs it from params (used by flows, CLI and dvc.yaml).
 STAGES = {"synth": run_synth_stage, "extract": run_extract_stage, "track": run_track_stage,
-          "priors": run_priors_stage}
+          "priors": run_priors_stage, "pack": run_pack_stage}
 
 
 def _start_ray(executor: str, ray_address: str | None) -> None:
@@ -188,6 +207,13 @@ def track_task(params_path: str, layout: DataLayout, ray_address: str | None, ex
 def priors_task(params_path: str, layout: DataLayout, ray_address: str | None, executor: str) -> dict:
     summary = run_priors_stage(params_path, layout, ray_address, executor)
     get_run_logger().info("priors: %s", summary)
+    return summary
+
+
+@stage_task("pack")
+def pack_task(params_path: str, layout: DataLayout, ray_address: str | None, executor: str) -> dict:
+    summary = run_pack_stage(params_path, layout, ray_address, executor)
+    get_run_logger().info("pack: %s", summary)
     return summary
 
 
@@ -226,7 +252,8 @@ def preprocess_flow(params_path: str = "params.yaml", data_root: str = "data", r
     summaries = [synth_task(params_path, layout, ray_address, executor),
                  extract_task(params_path, layout, ray_address, executor),
                  track_task(params_path, layout, ray_address, executor),
-                 priors_task(params_path, layout, ray_address, executor)]
+                 priors_task(params_path, layout, ray_address, executor),
+                 pack_task(params_path, layout, ray_address, executor)]
     _publish_stage_table(summaries, "preprocess-stages")
     return summaries
 
@@ -239,4 +266,4 @@ def demo_flow(params_path: str = "params.yaml", data_root: str = "data", ray_add
     layout = DataLayout(data_root)
     return {"stages": summaries, "raw": layout.raw, "ground_truth": layout.ground_truth,
             "previews": str(Path(layout.ground_truth) / "previews"), "frames": layout.frames,
-            "tracking": layout.tracking, "priors": layout.priors}
+            "tracking": layout.tracking, "priors": layout.priors, "shards": layout.shards}

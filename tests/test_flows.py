@@ -17,6 +17,7 @@ def write_params(path, **synth):
         "extract": {"preset": "tiny"},
         "track": {"preset": "tiny", "backend": "ground_truth", "noise_px": 0.25},  # 1 px at 256 px
         "priors": {"preset": "tiny"},
+        "pack": {"preset": "tiny", "split_fractions": [0.5, 0.5, 0.0]},
         "runtime": {"resources": {"default": {"num_cpus": 1, "max_errors": 2}}},
     }
     path.write_text(yaml.safe_dump(params))
@@ -28,7 +29,7 @@ def test_demo_flow_runs_the_built_stages_and_is_resumable(prefect_harness, ray_s
 
     params = write_params(tmp_path / "params.yaml")
     result = demo_flow(params_path=params, data_root=str(tmp_path / "data"))
-    synth, extract, track, priors = result["stages"]
+    synth, extract, track, priors, pack = result["stages"]
     assert synth["stage"] == "synth" and synth["items_done"] == 2 and synth["items_failed"] == 0
     rows = pq.read_table(synth["manifest"]).to_pylist()
     assert {r["subject"] for r in rows} == {"001", "002"}
@@ -42,12 +43,20 @@ def test_demo_flow_runs_the_built_stages_and_is_resumable(prefect_harness, ray_s
     maps = pq.read_table(priors["manifest"]).to_pylist()
     assert len(maps) == len(frames) and {m["position_source"] for m in maps} == {"ground_truth"}
     assert {m["feature_source"] for m in maps} == {"efficientnet_lite0_imagenet"}
+    assert pack["stage"] == "pack" and pack["items_failed"] == 0
+    from avat3r_core.dataset.pack import verify_shards
+
+    report = verify_shards(str(tmp_path / "data/shards"))
+    assert report["ok"] and report["samples"] == 2 * 3  # every (subject, sequence, frame) once
+    verify = run_cli("shards", "verify", str(tmp_path / "data/shards"))
+    assert verify.returncode == 0 and "all shards match the index" in verify.stdout
+    assert run_cli("shards", "stats", str(tmp_path / "data/shards")).returncode == 0
     assert (tmp_path / "data/ground_truth/synthetic/previews/001.png").exists()
     stats = json.loads((tmp_path / "data/raw/synthetic/synth.stats.json").read_text())
     assert stats["bytes_written"] > 0 and stats["items_per_s"] > 0
     # nothing changed: a rerun skips every committed subject
     again = demo_flow(params_path=params, data_root=str(tmp_path / "data"))
-    assert [s["items_done"] for s in again["stages"]] == [0, 0, 0, 0]
+    assert [s["items_done"] for s in again["stages"]] == [0, 0, 0, 0, 0]
     assert again["stages"][0]["items_skipped"] == 2 and again["stages"][1]["items_skipped"] == 8
 
 

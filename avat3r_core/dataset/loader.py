@@ -1,0 +1,586 @@
+"""Training loader: WebDataset shards → Avat3r items (inputs at other timesteps) → :class:`Avat3rBatch`.
+
+Pipeline per DataLoader worker::
+
+    shard list (per epoch, per rank, per worker) → tar reading (webdataset's tar expander and
+    key grouping, with a counting handler) → completeness check → Avat3r sampler (subject-aware
+    buffer + k-farthest viewpoint sampling) → decode only the chosen views → item shuffle buffer
+    → collate → Avat3rBatch
+
+Shards
+    The shard list is shuffled per epoch with ``Random((seed, epoch))``, identically on every rank.
+    ``resampled=False``: rank r takes shards ``r::world_size`` of that order, worker w of the rank
+    takes ``w::num_workers`` of those, and each shard is read once: every sample is read exactly
+    once per epoch when there are at least ``world_size × num_workers`` shards (packing's
+    ``min_shards`` is there for that). ``resampled=True`` (training): each worker draws shards with
+    replacement from the whole list with its own seeded RNG ``(seed, epoch, rank, worker)`` and
+    stops after a fixed quota, so every rank yields exactly ``epoch_length`` items (whole batches)
+    and no rank waits on another because its shards ran out.
+
+Corrupt data
+    Errors while reading a tar (truncated file, bad header), incomplete samples (a field listed in
+    ``meta.json`` missing, e.g. the last sample of a truncated shard) and views that fail to decode
+    are skipped; each is counted in :attr:`Avat3rLoader.counters` (shared across worker processes)
+    and logged once as a warning. Unlike ``webdataset.warn_and_continue`` the handler does not sleep.
+
+The Avat3r sampler
+    Per training item: the *target* is one timestep; T supervision views are T of its cameras
+    (all if fewer), random; V input views come from *other* timesteps of the same subject and
+    sequence, chosen by k-farthest viewpoint sampling over (timestep, camera) candidates: a random
+    first view, then repeatedly the candidate whose camera centre is farthest from the views chosen
+    so far, ties (e.g. the same camera at different timesteps) broken at random, so views spread
+    over the rig and timesteps vary. Other timesteps come from a subject-aware buffer: the last
+    ``buffer_per_sequence`` timesteps of each (subject, sequence) seen by this worker, at most
+    ``max_sequences`` sequences (least recently used evicted). Samples are packed in
+    (subject, sequence, frame) order, so a sequence's timesteps arrive together. A sample whose
+    sequence has no other timestep in the buffer yet *waits* (one per sequence) and is emitted
+    as soon as a second timestep of its sequence arrives; if none arrives before its sequence is
+    evicted or the stream ends it is dropped and counted as ``no_partner``. The buffer keeps the
+    encoded bytes only; just the chosen views are decoded.
+    ``random_timestep_inputs=False`` (the published ablation): inputs are views of the target
+    timestep itself, picked the same way; no buffer, nothing waits.
+
+Decoding uses OpenCV by default (``benchmarks/loader.py`` measures OpenCV against Pillow).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import multiprocessing
+import random
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from avat3r_core import storage
+from avat3r_core.config import Presets
+from avat3r_core.cameras import Cameras
+from avat3r_core.dataset.pack import EXPRESSION_DIM, sample_fields, shard_urls
+from avat3r_core.formats.batch import Avat3rBatch
+
+log = logging.getLogger("avat3r.dataset")
+
+#: names of the shared counters (see :attr:`Avat3rLoader.counters`)
+COUNTERS = ("corrupt", "no_partner", "samples", "items")
+
+
+@dataclass
+class LoaderConfig(Presets):
+    PRESETS: ClassVar[dict] = {
+        "tiny": dict(input_views=4, target_views=4, batch_size=2, buffer_per_sequence=4, max_sequences=4,
+                     shuffle_buffer=4),
+        "demo": dict(batch_size=1),
+        "paper": dict(input_views=4, target_views=8, batch_size=1, buffer_per_sequence=4, max_sequences=2,
+                      shuffle_buffer=4),
+    }
+
+    input_views: int = 4  # V
+    target_views: int = 8  # T (all cameras of the target timestep when it has fewer)
+    batch_size: int = 1
+    random_timestep_inputs: bool = True  # False: inputs from the target timestep (published ablation)
+    buffer_per_sequence: int = 8  # timesteps kept per (subject, sequence) for input sampling
+    max_sequences: int = 4  # sequences held at once per worker (LRU)
+    shuffle_buffer: int = 8  # items shuffled before batching (0: off)
+    resampled: bool = True  # draw shards with replacement, fixed epoch length (training)
+    decoder: str = "opencv"  # opencv | pillow
+
+    def __post_init__(self) -> None:
+        if self.decoder not in ("opencv", "pillow"):
+            raise ValueError(f"decoder must be opencv or pillow, got {self.decoder!r}")
+        if min(self.input_views, self.target_views, self.batch_size) < 1:
+            raise ValueError("input_views, target_views and batch_size must be ≥ 1")
+        if self.buffer_per_sequence < 2 or self.max_sequences < 1 or self.shuffle_buffer < 0:
+            raise ValueError("buffer_per_sequence ≥ 2, max_sequences ≥ 1 and shuffle_buffer ≥ 0 are required")
+
+
+# --------------------------------------------------------------------------- decoding
+def decode_image(data: bytes, decoder: str = "opencv") -> np.ndarray:
+    """(H, W, 3) uint8 RGB."""
+    if decoder == "opencv":
+        import cv2
+
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if img is None:
+            raise ValueError("image does not decode")
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def decode_alpha(data: bytes, decoder: str = "opencv") -> np.ndarray:
+    """(H, W) uint8 matte."""
+    if decoder == "opencv":
+        import cv2
+
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+        if img is None:
+            raise ValueError("alpha does not decode")
+        return img
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("L"))
+
+
+def load_npz(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+# --------------------------------------------------------------------------- samples
+@dataclass
+class Timestep:
+    """One packed sample, parsed but not decoded: its media stay encoded bytes."""
+
+    key: str
+    subject: str
+    sequence: str
+    frame: int
+    serials: list[str]
+    image_ext: str
+    world_to_cam: np.ndarray  # (C, 4, 4)
+    K: np.ndarray  # (C, 3, 3)
+    width: int
+    height: int
+    centers: np.ndarray  # (C, 3) camera centres
+    has_position: list[bool]
+    has_features: list[bool]
+    expression: np.ndarray  # (135,)
+    raw: dict[str, bytes]
+
+    @property
+    def seq_key(self) -> tuple[str, str]:
+        return (self.subject, self.sequence)
+
+
+def parse_sample(sample: dict[str, Any]) -> Timestep:
+    """A grouped WebDataset sample → :class:`Timestep`; raises on an incomplete sample."""
+    if "meta.json" not in sample:
+        raise ValueError(f"sample {sample.get('__key__')!r} has no meta.json (incomplete)")
+    meta = json.loads(sample["meta.json"])
+    missing = [f for f in sample_fields(meta) if f not in sample]
+    if missing:
+        raise ValueError(f"sample {sample.get('__key__')!r} is incomplete: missing {missing[:3]}")
+    cams = [json.loads(sample[f"cam_{s}.camera.json"]) for s in meta["cameras"]]
+    sizes = {(c["width"], c["height"]) for c in cams}
+    if len(sizes) != 1:
+        raise ValueError(f"sample {sample['__key__']!r}: cameras have different sizes")
+    w2c = np.array([c["world_to_cam"] for c in cams], dtype=np.float64).reshape(-1, 4, 4)
+    K = np.array([c["K"] for c in cams], dtype=np.float64).reshape(-1, 3, 3)
+    centers = -np.einsum("cji,cj->ci", w2c[:, :3, :3], w2c[:, :3, 3])
+    expression = np.load(io.BytesIO(sample["expression.npy"]), allow_pickle=False).astype(np.float32).reshape(-1)
+    if expression.shape != (EXPRESSION_DIM,):
+        raise ValueError(f"sample {sample['__key__']!r}: expression has shape {expression.shape}")
+    (width, height), = sizes
+    return Timestep(key=sample["__key__"], subject=meta["subject"], sequence=meta["sequence"], frame=int(meta["frame"]),
+                    serials=list(meta["cameras"]), image_ext=meta["image_ext"], world_to_cam=w2c, K=K,
+                    width=int(width), height=int(height), centers=centers,
+                    has_position=list(meta["has_position"]), has_features=list(meta["has_features"]),
+                    expression=expression, raw=sample)
+
+
+# --------------------------------------------------------------------------- view selection
+def farthest_views(centers: np.ndarray, k: int, rng: random.Random, groups: np.ndarray | None = None,
+                   tol: float = 1e-6) -> list[int]:
+    """k-farthest viewpoint sampling: indices of ``k`` of the candidate ``centers`` (N, 3).
+
+    A random first pick, then repeatedly the candidate farthest (Euclidean, camera centres) from
+    every pick so far; near-ties are broken at random, preferring candidates whose ``groups``
+    label (the timestep) has not been picked yet. Candidates are picked at most once, so
+    ``k > N`` returns all N (in pick order).
+    """
+    n = len(centers)
+    if n == 0:
+        return []
+    picks = [rng.randrange(n)]
+    dist = np.linalg.norm(centers - centers[picks[0]], axis=1)
+    dist[picks[0]] = -1.0
+    while len(picks) < min(k, n):
+        best = dist.max()
+        ties = np.flatnonzero(dist >= best - tol)
+        if groups is not None:
+            fresh = ties[~np.isin(groups[ties], groups[picks])]
+            ties = fresh if len(fresh) else ties
+        nxt = int(ties[rng.randrange(len(ties))])
+        picks.append(nxt)
+        dist = np.minimum(dist, np.linalg.norm(centers - centers[nxt], axis=1))
+        dist[picks] = -1.0
+    return picks
+
+
+@dataclass
+class ItemPlan:
+    target: Timestep
+    target_views: list[int]  # camera indices of the target timestep
+    inputs: list[tuple[Timestep, int]]  # (timestep, camera index)
+
+
+class Avat3rSampler:
+    """Turns a stream of :class:`Timestep` into :class:`ItemPlan` (see the module docstring)."""
+
+    def __init__(self, config: LoaderConfig, rng: random.Random, on_drop: Callable[[Timestep], None] | None = None):
+        self.config = config
+        self.rng = rng
+        self.on_drop = on_drop or (lambda ts: None)
+        self.buffers: OrderedDict[tuple[str, str], OrderedDict[int, Timestep]] = OrderedDict()
+        self.pending: dict[tuple[str, str], Timestep] = {}
+
+    def _plan(self, target: Timestep, sources: list[Timestep]) -> ItemPlan | None:
+        cfg = self.config
+        cands = [(ts, c) for ts in sources for c in range(len(ts.serials)) if ts.has_position[c]]
+        if not cands:
+            return None
+        centers = np.stack([ts.centers[c] for ts, c in cands])
+        groups = np.array([ts.frame for ts, _ in cands])
+        picks = farthest_views(centers, cfg.input_views, self.rng, groups)
+        while len(picks) < cfg.input_views:  # fewer candidates than V: repeat (in pick order)
+            picks.append(picks[len(picks) % len(picks)])
+        n_cam = len(target.serials)
+        targets = self.rng.sample(range(n_cam), min(cfg.target_views, n_cam))
+        return ItemPlan(target, targets, [cands[i] for i in picks])
+
+    def push(self, ts: Timestep) -> list[ItemPlan]:
+        if not self.config.random_timestep_inputs:
+            plan = self._plan(ts, [ts])
+            return [plan] if plan else []
+        key = ts.seq_key
+        buf = self.buffers.get(key)
+        if buf is None:
+            buf = self.buffers[key] = OrderedDict()
+            while len(self.buffers) > self.config.max_sequences:
+                old_key, _ = self.buffers.popitem(last=False)
+                dropped = self.pending.pop(old_key, None)
+                if dropped is not None:
+                    self.on_drop(dropped)
+        self.buffers.move_to_end(key)
+        buf.pop(ts.frame, None)
+        buf[ts.frame] = ts
+        while len(buf) > self.config.buffer_per_sequence:
+            buf.popitem(last=False)
+        out = []
+        waiting = self.pending.pop(key, None)
+        for target in ([waiting] if waiting is not None else []) + [ts]:
+            others = [o for f, o in buf.items() if f != target.frame]
+            if not others:
+                if target is ts:
+                    self.pending[key] = ts  # waits for another timestep of its sequence
+                # else: the waiting sample's frame came again (resampled): the newer copy waits instead
+                continue
+            plan = self._plan(target, others)
+            if plan:
+                out.append(plan)
+        return out
+
+    def flush(self) -> None:
+        """End of stream: waiting samples never found a partner."""
+        for ts in self.pending.values():
+            self.on_drop(ts)
+        self.pending.clear()
+        self.buffers.clear()
+
+
+def decode_item(plan: ItemPlan, decoder: str) -> dict[str, Any]:
+    """Decode just the chosen views of a plan (numpy: uint8 images and mattes, float32 maps)."""
+    t = plan.target
+    imgs, alphas, w2c, K, pos, conf, feats, frames = [], [], [], [], [], [], [], []
+    for ts, c in plan.inputs:
+        s = ts.serials[c]
+        imgs.append(decode_image(ts.raw[f"cam_{s}.{ts.image_ext}"], decoder))
+        alphas.append(decode_alpha(ts.raw[f"cam_{s}.alpha.png"], decoder))
+        p = load_npz(ts.raw[f"cam_{s}.position.npz"])
+        if p["position"].shape[:2] != imgs[-1].shape[:2]:
+            raise ValueError(f"{ts.key} cam {s}: position map {p['position'].shape[:2]} != image {imgs[-1].shape[:2]}")
+        pos.append(p["position"].astype(np.float32).transpose(2, 0, 1))
+        conf.append(p["confidence"].astype(np.float32))
+        feats.append(load_npz(ts.raw[f"cam_{s}.features.npz"])["features"].astype(np.float32)
+                     if ts.has_features[c] else None)
+        w2c.append(ts.world_to_cam[c])
+        K.append(ts.K[c])
+        frames.append(ts.frame)
+        if (ts.width, ts.height) != (t.width, t.height):
+            raise ValueError(f"{ts.key}: input size {ts.width}x{ts.height} != target {t.width}x{t.height}")
+    timgs = [decode_image(t.raw[f"cam_{t.serials[c]}.{t.image_ext}"], decoder) for c in plan.target_views]
+    talphas = [decode_alpha(t.raw[f"cam_{t.serials[c]}.alpha.png"], decoder) for c in plan.target_views]
+    have_feats = all(f is not None for f in feats)
+    return {  # numpy: torch's intra-op threads only cost time on arrays this small
+        "key": t.key,
+        "images": np.stack(imgs),  # (V, H, W, 3) uint8
+        "alphas": np.stack(alphas),  # (V, H, W) uint8
+        "world_to_cam": np.stack(w2c),
+        "K": np.stack(K),
+        "position_maps": np.stack(pos),
+        "confidence": np.stack(conf),
+        "features": np.stack(feats) if have_feats else None,
+        "target_images": np.stack(timgs),
+        "target_alphas": np.stack(talphas),
+        "target_world_to_cam": t.world_to_cam[plan.target_views],
+        "target_K": t.K[plan.target_views],
+        "expression": t.expression,
+        "input_frames": np.array(frames, dtype=np.int64),
+        "target_frame": t.frame,
+        "width": t.width,
+        "height": t.height,
+    }
+
+
+def _unit(images: np.ndarray) -> np.ndarray:
+    """uint8 (..., H, W, C) → float32 (..., C, H, W) in [0, 1]."""
+    out = np.moveaxis(images, -1, -3).astype(np.float32)
+    out *= np.float32(1.0 / 255.0)
+    return out
+
+
+def collate(items: list[dict[str, Any]]) -> Avat3rBatch:
+    """Stack decoded items into an :class:`Avat3rBatch` (T is the smallest target count in the batch)."""
+    if not items:
+        raise ValueError("collate needs at least one item")
+    sizes = {(it["width"], it["height"]) for it in items}
+    if len(sizes) != 1:
+        raise ValueError(f"items of one batch have different image sizes {sorted(sizes)}")
+    (width, height), = sizes
+    B = len(items)
+    T = min(it["target_images"].shape[0] for it in items)
+
+    def stack(name: str, n: int | None = None) -> np.ndarray:
+        return np.stack([it[name][:n] if n else it[name] for it in items])
+
+    V = items[0]["images"].shape[0]
+    t = torch.from_numpy
+    feats = None
+    if all(it["features"] is not None for it in items):
+        feats = t(stack("features"))
+    return Avat3rBatch(
+        images=t(_unit(stack("images"))),
+        alphas=t(_unit(stack("alphas")[..., None])),
+        cameras=Cameras(t(stack("world_to_cam").reshape(B * V, 4, 4).astype(np.float32)),
+                        t(stack("K").reshape(B * V, 3, 3).astype(np.float32)), width, height),
+        position_maps=t(stack("position_maps")),
+        confidence=t(stack("confidence")),
+        features=feats,
+        target_images=t(_unit(stack("target_images", T))),
+        target_alphas=t(_unit(stack("target_alphas", T)[..., None])),
+        target_cameras=Cameras(t(stack("target_world_to_cam", T).reshape(B * T, 4, 4).astype(np.float32)),
+                               t(stack("target_K", T).reshape(B * T, 3, 3).astype(np.float32)), width, height),
+        expression=t(stack("expression").astype(np.float32)),
+        keys=[it["key"] for it in items],
+        input_frames=t(stack("input_frames")),
+        target_frames=torch.tensor([it["target_frame"] for it in items], dtype=torch.long),
+    )
+
+
+# --------------------------------------------------------------------------- dataset
+class _Counters:
+    """Counters shared by the main process and its DataLoader workers (forked)."""
+
+    def __init__(self) -> None:
+        self._values = multiprocessing.Array("q", len(COUNTERS))
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._values.get_lock():
+            self._values[COUNTERS.index(name)] += n
+
+    def as_dict(self) -> dict[str, int]:
+        with self._values.get_lock():
+            return dict(zip(COUNTERS, self._values[:]))
+
+    def reset(self) -> None:
+        with self._values.get_lock():
+            for i in range(len(COUNTERS)):
+                self._values[i] = 0
+
+
+def _quota(total: int, part: int, parts: int) -> int:
+    return total // parts + (1 if part < total % parts else 0)
+
+
+class Avat3rDataset(IterableDataset):
+    """The per-worker pipeline (see the module docstring). Use :func:`make_loader` to batch it."""
+
+    def __init__(self, shards: list[str], config: LoaderConfig, rank: int = 0, world_size: int = 1,
+                 epoch_length: int | None = None, seed: int = 0):
+        super().__init__()
+        if not shards:
+            raise ValueError("no shards given")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if config.resampled and not epoch_length:
+            raise ValueError("resampled=True needs an epoch_length (items per rank)")
+        self.shards = sorted(shards)
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.epoch_length, self.seed = epoch_length, seed
+        self.epoch = 0
+        self.counters = _Counters()
+        self._warned = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    # -- plumbing
+    def _handler(self, exn: Exception) -> bool:
+        self.counters.add("corrupt")
+        if self._warned < 20:  # a broken shard can raise many times: say it, but not forever
+            self._warned += 1
+            log.warning("skipping corrupt data: %s", repr(exn)[:300])
+        return True
+
+    def shard_order(self) -> list[str]:
+        order = list(self.shards)
+        random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        return order
+
+    def worker_shards(self, worker: int, num_workers: int) -> Iterator[str]:
+        if not self.config.resampled:
+            yield from self.shard_order()[self.rank::self.world_size][worker::num_workers]
+            return
+        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}:shards")
+        while True:
+            yield self.shards[rng.randrange(len(self.shards))]
+
+    def _sources(self, urls: Iterator[str]) -> Iterator[dict]:
+        for url in urls:
+            try:
+                fs, path = storage.url_to_fs(url)
+                stream = fs.open(path, "rb")
+            except Exception as exn:  # noqa: BLE001
+                self._handler(exn)
+                continue
+            try:
+                yield {"url": url, "stream": stream}
+            finally:
+                stream.close()
+
+    def samples(self, worker: int = 0, num_workers: int = 1) -> Iterator[Timestep]:
+        """Complete, parsed samples of this rank × worker (no sampling)."""
+        from webdataset.tariterators import group_by_keys, tar_file_expander
+
+        files = tar_file_expander(self._sources(self.worker_shards(worker, num_workers)), handler=self._handler)
+        for sample in group_by_keys(files, handler=self._handler):
+            try:
+                ts = parse_sample(sample)
+            except Exception as exn:  # noqa: BLE001
+                self._handler(exn)
+                continue
+            self.counters.add("samples")
+            yield ts
+
+    def items(self, worker: int = 0, num_workers: int = 1) -> Iterator[dict[str, Any]]:
+        """Decoded training items of this rank × worker, shuffled, up to the worker's quota."""
+        cfg = self.config
+        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}:views")
+        sampler = Avat3rSampler(cfg, rng, on_drop=lambda ts: self.counters.add("no_partner"))
+        quota = None
+        if self.epoch_length:
+            n_batches = math.ceil(self.epoch_length / cfg.batch_size)
+            quota = _quota(n_batches, worker, num_workers) * cfg.batch_size
+            if quota == 0:
+                return
+
+        def decoded() -> Iterator[dict[str, Any]]:
+            since_item = 0
+            for ts in self.samples(worker, num_workers):
+                since_item += 1
+                for plan in sampler.push(ts):
+                    try:
+                        item = decode_item(plan, cfg.decoder)
+                    except Exception as exn:  # noqa: BLE001 - a view that does not decode
+                        self._handler(exn)
+                        continue
+                    since_item = 0
+                    yield item
+                if cfg.resampled and since_item > 100 + 50 * len(self.shards):
+                    raise RuntimeError(f"no usable item in the last {since_item} samples: are the shards all broken?")
+            sampler.flush()
+
+        produced = 0
+        for item in _shuffled(decoded(), cfg.shuffle_buffer, rng):
+            yield item
+            self.counters.add("items")
+            produced += 1
+            if quota is not None and produced >= quota:
+                return
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        if info is None:
+            return self.items(0, 1)
+        import cv2
+
+        cv2.setNumThreads(1)  # one decode thread per worker process; workers are the parallelism
+        torch.set_num_threads(1)
+        return self.items(info.id, info.num_workers)
+
+
+def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
+    if size <= 1:
+        yield from items
+        return
+    buf: list = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = rng.randrange(size)
+        yield buf[i]
+        buf[i] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+class Avat3rLoader:
+    """A DataLoader over :class:`Avat3rDataset` yielding :class:`Avat3rBatch`; one epoch per ``iter``.
+
+    ``set_epoch`` fixes the next epoch's number; otherwise epochs count up from 0.
+    ``counters`` (``corrupt``, ``no_partner``, ``samples``, ``items``) accumulate over epochs in
+    all worker processes.
+    """
+
+    def __init__(self, dataset: Avat3rDataset, num_workers: int = 0):
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self._next_epoch = 0
+        self._lock = threading.Lock()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._next_epoch = int(epoch)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return self.dataset.counters.as_dict()
+
+    @property
+    def corrupt_count(self) -> int:
+        return self.counters["corrupt"]
+
+    def __len__(self) -> int:
+        if not self.dataset.epoch_length:
+            raise TypeError("without an epoch_length the number of batches is not known in advance")
+        return math.ceil(self.dataset.epoch_length / self.dataset.config.batch_size)
+
+    def __iter__(self) -> Iterator[Avat3rBatch]:
+        with self._lock:
+            self.dataset.set_epoch(self._next_epoch)
+            self._next_epoch += 1
+        loader = DataLoader(self.dataset, batch_size=self.dataset.config.batch_size, collate_fn=collate,
+                            num_workers=self.num_workers, persistent_workers=False,
+                            prefetch_factor=4 if self.num_workers else None)
+        return iter(loader)
+
+
+def make_loader(shards: str | list[str], config: LoaderConfig, rank: int = 0, world_size: int = 1,
+                num_workers: int = 0, epoch_length: int | None = None, seed: int = 0,
+                split: str = "train") -> Avat3rLoader:
+    """The training/eval loader. ``shards``: a shards directory (its ``index.parquet``, ``split``)
+    or a list of shard paths. ``epoch_length``: items per rank per epoch (required when
+    ``config.resampled``; whole batches: rounded up to a multiple of the batch size)."""
+    urls = shard_urls(shards, split) if isinstance(shards, str) else list(shards)
+    return Avat3rLoader(Avat3rDataset(urls, config, rank, world_size, epoch_length, seed), num_workers)
