@@ -93,7 +93,8 @@ def _batched_rigid_errors(world_to_cam: Tensor) -> tuple[Tensor, Tensor, Tensor]
         r = m[:, :3, :3]
         eye = torch.eye(3, dtype=m.dtype, device=m.device)
         ortho_err = (r @ r.transpose(-1, -2) - eye).abs().amax(dim=(-1, -2))
-        det = torch.linalg.det(r) if len(m) else m.new_zeros(0)
+        # the triple product: elementwise, far cheaper than a batched LU for 3x3 blocks
+        det = (torch.linalg.cross(r[:, 0], r[:, 1], dim=-1) * r[:, 2]).sum(-1)
     return last_err, ortho_err, det
 
 
