@@ -239,22 +239,23 @@ def extract_video(job: VideoJob, color: Iterator[np.ndarray], alpha: Iterator[np
                   config: ExtractConfig) -> Iterator[CroppedFrame]:
     """Sequentially decode one video (and its alpha video) and yield the cropped frames."""
     size = config.resolution
-    alpha_frames = dict(pick_frames(alpha, job.frames)) if alpha is not None else None
+    # alpha and colour are decoded in lockstep (each sequentially), so no frame is held twice
+    alpha_stream = pick_frames(alpha, job.frames) if alpha is not None else None
     for index, frame in pick_frames(color, job.frames):
         if (frame.shape[1], frame.shape[0]) != (job.camera.width, job.camera.height):
             raise ValueError(f"frame {index} is {frame.shape[1]}x{frame.shape[0]}, expected "
                              f"{job.camera.width}x{job.camera.height}")
-        if alpha_frames is not None:
-            if index not in alpha_frames:
+        if alpha_stream is not None:
+            alpha_index, matte = next(alpha_stream, (None, None))
+            if alpha_index != index:
                 raise ValueError(f"alpha video has no frame {index}")
-            matte = alpha_frames[index].astype(np.float32) / 255.0
         elif job.plate is not None:
-            matte = background_matte(frame, job.plate, config.alpha_threshold)
+            matte = np.rint(background_matte(frame, job.plate, config.alpha_threshold) * 255).astype(np.uint8)
         else:
             raise ValueError("no alpha video and no background plate: cannot matte")
         box = crop_boxes(job.camera, job.centers[index], config.head_extent)[0]
         image = crop_image(frame, box, size)
         if config.color_correction:  # per pixel, so after the crop: the same result, far fewer pixels
             image = correct_colors(image, job.ccm)
-        matte_crop = crop_image(np.rint(matte * 255).astype(np.uint8), box, size)
+        matte_crop = crop_image(matte, box, size)
         yield CroppedFrame(index, image, matte_crop, box)
