@@ -218,6 +218,46 @@ def shards_stats(shards_dir: Path = typer.Argument(Path("data/shards"), help="Di
     console.print_json(json.dumps(_run(shard_stats, str(shards_dir)), default=str))
 
 
+# --------------------------------------------------------------------------- model
+model_app = typer.Typer(help="The Avat3r network.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("info")
+def model_info_command(
+    preset: str = typer.Option("tiny", "--preset", help="tiny, small or paper."),
+    feature_dim: Optional[int] = typer.Option(None, "--feature-dim", min=0, help="Feature channels (0 = no features)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+):
+    """Parameter count per part and a FLOPs estimate for a model preset."""
+    from avat3r_core.config import build
+    from avat3r_core.model import Avat3rConfig
+    from avat3r_core.model.avat3r import model_info
+
+    values = {"feature_dim": feature_dim} if feature_dim is not None else {}
+    info = model_info(_run(build, Avat3rConfig, values, preset=preset, source="command line"))
+    if json_out:
+        console.print_json(json.dumps(info, default=str))
+        return
+    cfg = info["config"]
+    console.print(f"[bold]Avat3r {preset}[/]: {cfg['num_views']} views × {cfg['image_size']}², patch {cfg['patch_size']}, "
+                  f"width {cfg['dim']} ({info['heads']} heads), {info['tokens']} tokens, features {cfg['feature_dim']}")
+    table = Table(title="parameters")
+    table.add_column("part")
+    table.add_column("parameters", justify="right")
+    for part, count in info["parameters"].items():
+        table.add_row(part, f"{count:,}")
+    console.print(table)
+    flops = Table(title="GFLOPs per sample (multiply-add = 2)")
+    flops.add_column("part")
+    flops.add_column("GFLOPs", justify="right")
+    for part, value in info["gflops"].items():
+        flops.add_row(part, f"{value:,.3f}")
+    console.print(flops)
+    console.print(f"at most {info['max_gaussians']:,} Gaussians; expression-independent blocks cached for driving: "
+                  f"{info['encoder_blocks_cached']}")
+
+
 # --------------------------------------------------------------------------- flows
 @app.command()
 def preprocess(params: str = ParamsPath, data_root: str = DataRoot, ray_address: Optional[str] = RayAddress,

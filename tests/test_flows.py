@@ -84,5 +84,7 @@ def test_cli_exit_codes(tmp_path):
     result = run_cli("stage", "run", "synth", "--params", bad, "--data-root", str(tmp_path / "d"), "--executor", "local")
     assert result.returncode == 3 and "colour" in result.stdout  # bad input names the key
     assert run_cli("stage", "run", "nope").returncode == 2
+    info = run_cli("model", "info", "--preset", "tiny", "--json")
+    assert info.returncode == 0 and json.loads(info.stdout)["parameters"]["total"] > 0
     help_text = run_cli("--help").stdout
     assert "Exit codes" in help_text and "synth" in help_text
