@@ -182,39 +182,22 @@ def _start_ray(executor: str, ray_address: str | None) -> None:
         ensure_ray(ray_address)
 
 
-@stage_task("synth")
-def synth_task(params_path: str, layout: DataLayout, ray_address: str | None, executor: str) -> dict:
-    summary = run_synth_stage(params_path, layout, ray_address, executor)
-    get_run_logger().info("synth: %s", summary)
-    return summary
+def _flow_task(name: str):
+    """The Prefect task of one stage: the registry's function, with retries and a log line."""
+    run = STAGES[name]
+
+    @stage_task(name)
+    def run_stage_task(params_path: str, layout: DataLayout, ray_address: str | None, executor: str) -> dict:
+        summary = run(params_path, layout, ray_address, executor)
+        get_run_logger().info("%s: %s", name, summary)
+        return summary
+
+    return run_stage_task
 
 
-@stage_task("extract")
-def extract_task(params_path: str, layout: DataLayout, ray_address: str | None, executor: str) -> dict:
-    summary = run_extract_stage(params_path, layout, ray_address, executor)
-    get_run_logger().info("extract: %s", summary)
-    return summary
-
-
-@stage_task("track")
-def track_task(params_path: str, layout: DataLayout, ray_address: str | None, executor: str) -> dict:
-    summary = run_track_stage(params_path, layout, ray_address, executor)
-    get_run_logger().info("track: %s", summary)
-    return summary
-
-
-@stage_task("priors")
-def priors_task(params_path: str, layout: DataLayout, ray_address: str | None, executor: str) -> dict:
-    summary = run_priors_stage(params_path, layout, ray_address, executor)
-    get_run_logger().info("priors: %s", summary)
-    return summary
-
-
-@stage_task("pack")
-def pack_task(params_path: str, layout: DataLayout, ray_address: str | None, executor: str) -> dict:
-    summary = run_pack_stage(params_path, layout, ray_address, executor)
-    get_run_logger().info("pack: %s", summary)
-    return summary
+#: The preprocess flow's stages, in order, each as a Prefect task.
+PREPROCESS = ("synth", "extract", "track", "priors", "pack")
+STAGE_TASKS = {name: _flow_task(name) for name in STAGES}
 
 
 def _resources(params: dict, stage: str):
@@ -249,11 +232,7 @@ def preprocess_flow(params_path: str = "params.yaml", data_root: str = "data", r
                     executor: str = "ray") -> list[dict]:
     """Studio (or ingest) → extract → track → priors → pack. Stages are added as they land."""
     layout = DataLayout(data_root)
-    summaries = [synth_task(params_path, layout, ray_address, executor),
-                 extract_task(params_path, layout, ray_address, executor),
-                 track_task(params_path, layout, ray_address, executor),
-                 priors_task(params_path, layout, ray_address, executor),
-                 pack_task(params_path, layout, ray_address, executor)]
+    summaries = [STAGE_TASKS[name](params_path, layout, ray_address, executor) for name in PREPROCESS]
     _publish_stage_table(summaries, "preprocess-stages")
     return summaries
 

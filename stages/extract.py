@@ -73,11 +73,8 @@ def _one_thread_per_worker() -> None:
     torch.set_num_threads(1)
 
 
-class HeadCenterStage(Stage):
-    """Per (subject, sequence): a triangulated, smoothed 3D head centre for every selected frame."""
-
-    name = "head_centers"
-    version = "1"
+class _ExtractStageBase(Stage):
+    """Shared by both passes: the config, one thread per worker, and reader problems as errors."""
 
     def __init__(self, config: ExtractConfig):
         self.config = config
@@ -85,9 +82,20 @@ class HeadCenterStage(Stage):
     def setup(self) -> None:
         _one_thread_per_worker()
 
-    def process(self, item: dict, ctx: StageContext) -> list[dict]:
+    @staticmethod
+    def raise_problem(item: dict) -> None:
         if item.get("problem"):
             raise FormatError(item["path"], None, item["problem"])
+
+
+class HeadCenterStage(_ExtractStageBase):
+    """Per (subject, sequence): a triangulated, smoothed 3D head centre for every selected frame."""
+
+    name = "head_centers"
+    version = "1"
+
+    def process(self, item: dict, ctx: StageContext) -> list[dict]:
+        self.raise_problem(item)
         frames = item["frames"]
         cams = Cameras.cat([_camera_from_dict(v["camera"]) for v in item["videos"]])
         centers_2d = np.full((len(frames), len(cams), 2), np.nan)
@@ -117,21 +125,14 @@ class HeadCenterStage(Stage):
 
 
 # --------------------------------------------------------------------------- pass 2
-class ExtractStage(Stage):
+class ExtractStage(_ExtractStageBase):
     """Per video: crop the selected frames around the head, write image + alpha + manifest rows."""
 
     name = "extract"
     version = "1"
 
-    def __init__(self, config: ExtractConfig):
-        self.config = config
-
-    def setup(self) -> None:
-        _one_thread_per_worker()
-
     def process(self, item: dict, ctx: StageContext) -> list[dict]:
-        if item.get("problem"):
-            raise FormatError(item["path"], None, item["problem"])
+        self.raise_problem(item)
         cfg = self.config
         camera = _camera_from_dict(item["camera"])
         job = VideoJob(frames=item["frames"], camera=camera,
