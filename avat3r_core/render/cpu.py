@@ -116,6 +116,16 @@ def _gather(c, start, end, ids, means2d, conics, colors, opacities):
     return gx, gy, ga, gb, gc, go, gthr, gcol
 
 
+@njit(cache=True, inline="always")
+def _tile_of_job(job, n_tiles, tile_w, tile_size, width, height):
+    """(camera, x0, y0, x1, y1) of the tile a parallel job covers (jobs run camera-major)."""
+    c = job // n_tiles
+    t = job - c * n_tiles
+    ty0 = (t // tile_w) * tile_size
+    tx0 = (t % tile_w) * tile_size
+    return c, tx0, ty0, min(tx0 + tile_size, width), min(ty0 + tile_size, height)
+
+
 @njit(parallel=True, cache=True, fastmath=False)
 def _raster_fwd(means2d, conics, colors, opacities, backgrounds, offsets, ids,
                 width, height, tile_size, tile_w, tile_h, out_color, out_t, out_last):
@@ -123,12 +133,7 @@ def _raster_fwd(means2d, conics, colors, opacities, backgrounds, offsets, ids,
     n_ch = colors.shape[2]
     n_tiles = tile_w * tile_h
     for job in prange(n_cam * n_tiles):
-        c = job // n_tiles
-        t = job - c * n_tiles
-        ty0 = (t // tile_w) * tile_size
-        tx0 = (t % tile_w) * tile_size
-        ty1 = min(ty0 + tile_size, height)
-        tx1 = min(tx0 + tile_size, width)
+        c, tx0, ty0, tx1, ty1 = _tile_of_job(job, n_tiles, tile_w, tile_size, width, height)
         start = offsets[job]
         end = offsets[job + 1]
         n = end - start
@@ -174,12 +179,7 @@ def _raster_bwd(means2d, conics, colors, opacities, backgrounds, offsets, ids,
     n_ch = colors.shape[2]
     n_tiles = tile_w * tile_h
     for job in prange(n_cam * n_tiles):
-        c = job // n_tiles
-        t = job - c * n_tiles
-        ty0 = (t // tile_w) * tile_size
-        tx0 = (t % tile_w) * tile_size
-        ty1 = min(ty0 + tile_size, height)
-        tx1 = min(tx0 + tile_size, width)
+        c, tx0, ty0, tx1, ty1 = _tile_of_job(job, n_tiles, tile_w, tile_size, width, height)
         start = offsets[job]
         end = offsets[job + 1]
         n = end - start

@@ -40,6 +40,15 @@ def _edge(ax, ay, bx, by, px, py):
     return (bx - ax) * (py - ay) - (by - ay) * (px - ax)
 
 
+@numba.njit(cache=True, inline="always")
+def _oriented_edge(ia, ib, ax, ay, bx, by, px, py):
+    """Edge function of a→b evaluated with the lower vertex index first (so the two triangles
+    sharing an edge compute bitwise-opposite values), and whether that order is a→b."""
+    if ia < ib:
+        return _edge(ax, ay, bx, by, px, py), True
+    return -_edge(bx, by, ax, ay, px, py), False
+
+
 @numba.njit(cache=True)
 def _raster_one(uv, z, faces, width, height, near, face_id, bary, depth):
     """Rasterize all faces into one camera's buffers (serial z-buffer)."""
@@ -83,24 +92,9 @@ def _raster_one(uv, z, faces, width, height, near, face_id, bary, depth):
             for j in range(j0, j1 + 1):
                 px = j + 0.5
                 # edge opposite vertex k, evaluated with the lower vertex index first
-                if i1 < i2:
-                    e0 = _edge(x1, y1, x2, y2, px, py)
-                    d0 = True
-                else:
-                    e0 = -_edge(x2, y2, x1, y1, px, py)
-                    d0 = False
-                if i2 < i0:
-                    e1 = _edge(x2, y2, x0, y0, px, py)
-                    d1 = True
-                else:
-                    e1 = -_edge(x0, y0, x2, y2, px, py)
-                    d1 = False
-                if i0 < i1:
-                    e2 = _edge(x0, y0, x1, y1, px, py)
-                    d2 = True
-                else:
-                    e2 = -_edge(x1, y1, x0, y0, px, py)
-                    d2 = False
+                e0, d0 = _oriented_edge(i1, i2, x1, y1, x2, y2, px, py)
+                e1, d1 = _oriented_edge(i2, i0, x2, y2, x0, y0, px, py)
+                e2, d2 = _oriented_edge(i0, i1, x0, y0, x1, y1, px, py)
                 e0 *= sign
                 e1 *= sign
                 e2 *= sign
