@@ -1,0 +1,202 @@
+"""The training stage: Ray Train (``TorchTrainer``, DDP) around :func:`avat3r_core.training.train_loop`.
+
+``run_train(config, batch_source_factory, out_dir)`` starts (or joins) Ray and runs
+``config.num_workers`` workers (``ScalingConfig(num_workers, use_gpu)``; Ray sets up the process
+group: gloo on CPU, NCCL on GPU). Each worker builds the model, wraps it with
+``ray.train.torch.prepare_model`` (DDP when there is more than one worker) and trains on its own
+shard: the batch source is called as ``factory(rank, world_size, epoch)``.
+
+Checkpoints: every ``checkpoint_every`` steps and at the end, rank 0 writes ``checkpoint.pt``
+(model, optimiser, scheduler, step, every rank's loader position and RNG state) into a temporary
+directory and hands it to ``ray.train.report(metrics, checkpoint=Checkpoint.from_directory(...))``;
+Ray persists it under ``<storage_path>/<name>/`` and keeps the newest ``keep_checkpoints``.
+Resume: a worker restarted after a failure (``max_failures``), or a rerun with the same
+``storage_path`` and ``name``, gets the latest checkpoint from ``ray.train.get_checkpoint()``;
+``resume_from=<dir>`` starts a new run from a given checkpoint directory instead. Either way the
+run ends at ``config.steps``.
+
+Rank 0 writes the logs and reports into ``out_dir`` (``train_log.csv``, ``tensorboard/``,
+``plots/*.csv``, ``val/*.png``, ``metrics.json``); on a multi-node cluster ``out_dir`` must be a
+shared path. ``executor="local"`` runs the same loop in this process without Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from avat3r_core.training import (
+    CHECKPOINT_FILE,
+    BatchSource,
+    SyntheticSource,
+    LocalSession,
+    TrainConfig,
+    train_loop,
+)
+
+log = logging.getLogger("avat3r.stages.train")
+
+
+def set_cpu_threads(n: int) -> None:
+    """Limit torch's intra-op threads and numba's (the CPU renderer) to ``n``. Both share the
+    OpenMP runtime: numba's OpenMP layer resets the OpenMP thread count to its own at each parallel
+    launch, so limiting torch alone does not hold."""
+    import torch
+
+    try:
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:  # pragma: no cover - numba is a dependency of the CPU renderer
+        pass
+    torch.set_num_threads(n)
+
+
+class RayTrainSession:
+    """:class:`avat3r_core.training.TrainSession` inside a Ray Train worker."""
+
+    def __init__(self, resume_from: str | None = None, find_unused_parameters: bool = False,
+                 cpu_threads: int | None = None):
+        import ray.train
+        import ray.train.torch
+
+        if cpu_threads:  # one thread per reserved CPU: workers must not oversubscribe the node
+            set_cpu_threads(cpu_threads)
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.resume_from = Path(resume_from) if resume_from else None
+        self.find_unused_parameters = find_unused_parameters
+
+    def prepare_model(self, model):
+        import ray.train.torch
+
+        kwargs = {"find_unused_parameters": True} if self.find_unused_parameters else None
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs=kwargs)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()  # this run's latest (restart after failure / same name)
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                yield Path(directory)
+        else:
+            yield self.resume_from
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _worker(loop_config: dict) -> None:
+    """The per-worker training function (runs in each Ray Train worker)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = loop_config["config"]
+    session = RayTrainSession(loop_config["resume_from"], loop_config.get("find_unused_parameters", False),
+                              cpu_threads=None if config.use_gpu else config.cpus_per_worker)
+    train_loop(loop_config["config"], loop_config["source"], loop_config["out_dir"], session,
+               loop_config["val_source"])
+
+
+def _check_resume(resume_from: str | Path | None) -> str | None:
+    if resume_from is None:
+        return None
+    path = Path(resume_from).resolve()
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory to resume from does not exist: {path}")
+    if not (path / CHECKPOINT_FILE).exists():
+        raise FileNotFoundError(f"checkpoint directory {path} holds no {CHECKPOINT_FILE}")
+    return str(path)
+
+
+def run_train(config: TrainConfig, batch_source_factory: BatchSource, out_dir: str | Path,
+              val_source_factory: BatchSource | None = None, *, resume_from: str | Path | None = None,
+              storage_path: str | Path | None = None, name: str = "train", max_failures: int = 0,
+              executor: str = "ray", ray_address: str | None = None,
+              find_unused_parameters: bool = False) -> dict[str, Any]:
+    """Train ``config`` on ``batch_source_factory`` and return the run's metrics (``metrics.json``
+    plus ``checkpoint``: the final checkpoint directory).
+
+    ``storage_path`` (default ``<out_dir>/ray``) and ``name`` locate the checkpoints; rerunning with
+    the same pair resumes from the newest one. ``resume_from``: a checkpoint directory to start
+    from (a missing one raises FileNotFoundError naming it). ``executor="local"``: no Ray, one
+    process (checkpoints under ``<storage_path>/<name>/``).
+    """
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resume = _check_resume(resume_from)
+    storage = Path(storage_path).resolve() if storage_path is not None else out_dir / "ray"
+    if executor == "local":
+        session = LocalSession(storage / name, keep=config.keep_checkpoints, resume_from=resume)
+        metrics = train_loop(config, batch_source_factory, out_dir, session, val_source_factory)
+        found = session.checkpoints()
+        return {**metrics, "checkpoint": str(found[-1]) if found else None}
+    if executor != "ray":
+        raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from stages.ray_runtime import ensure_ray
+
+    ensure_ray(ray_address)
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"config": config, "source": batch_source_factory, "val_source": val_source_factory,
+                           "out_dir": str(out_dir), "resume_from": resume,
+                           "find_unused_parameters": find_unused_parameters},
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=RunConfig(storage_path=str(storage), name=name,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=max(1, config.keep_checkpoints))),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    metrics_path = out_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else dict(result.metrics or {})
+    metrics["checkpoint"] = result.checkpoint.path if result.checkpoint is not None else None
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Demo: train on the in-memory synthetic source (the WebDataset loader is wired by the CLI)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="avat3r training on synthetic data (Ray Train)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--workers", type=int)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--executor", default="ray", choices=["ray", "local"])
+    ap.add_argument("--resume-from")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    overrides: dict = {"model": {"image_size": args.size}}
+    if args.steps:
+        overrides["steps"] = args.steps
+    if args.workers:
+        overrides["num_workers"] = args.workers
+    config = TrainConfig.preset(args.preset, **overrides)
+    mc = config.model_config()
+    source = SyntheticSource(num_samples=16, size=args.size, num_inputs=mc.num_views, num_targets=4,
+                             feature_dim=mc.feature_dim if mc.features_enabled else 0)
+    val = SyntheticSource(num_samples=2, size=args.size, num_inputs=mc.num_views, num_targets=4, seed=1,
+                          shuffle=False, feature_dim=mc.feature_dim if mc.features_enabled else 0)
+    metrics = run_train(config, source, args.out, val, resume_from=args.resume_from, executor=args.executor)
+    print(json.dumps(metrics, indent=1))
+
+
+if __name__ == "__main__":
+    main()

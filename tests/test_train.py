@@ -1,0 +1,144 @@
+"""The training stage: the loop overfits one sample, a killed run resumes to the same weights,
+bad batches are skipped and counted, 2-worker Ray Train DDP keeps ranks identical, and the
+non-learned baseline is evaluated and reported beside the model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from avat3r_core.training import (
+    SyntheticSource,
+    TrainConfig,
+    evaluate,
+    image_grid,
+    predict_images,
+    synthetic_sample,
+)
+from stages.train import run_train
+
+SIZE = 32
+MODEL = {"feature_dim": 0, "image_size": SIZE, "num_views": 2}
+
+
+def config(**overrides) -> TrainConfig:
+    return TrainConfig.preset("tiny", model=dict(MODEL), **overrides)
+
+
+def log_steps(out: Path) -> list[int]:
+    with (out / "train_log.csv").open(newline="") as f:
+        return [int(r["step"]) for r in csv.DictReader(f)]
+
+
+def test_overfits_one_sample_past_30_db_and_writes_reports(tmp_path):
+    source = SyntheticSource(num_samples=1, size=SIZE)
+    cfg = config(steps=150, lr=2e-3, checkpoint_every=1000, validate_every=0)
+    metrics = run_train(cfg, source, tmp_path / "run", source, executor="local")
+    assert metrics["val_psnr"] > 30.0, metrics
+    assert math.isfinite(metrics["baseline_val_psnr"]) and metrics["baseline_val_psnr"] < metrics["val_psnr"]
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("final_train_loss", "val_psnr", "val_ssim", "baseline_val_psnr", "baseline_val_ssim",
+                "lpips_status", "steps", "samples_per_s", "skipped_batches"):
+        assert key in saved, key
+    assert saved["steps"] == 150 and saved["lpips_status"].startswith("LPIPS disabled")
+    assert log_steps(tmp_path / "run") == list(range(1, 151))
+    with (tmp_path / "run" / "train_log.csv").open(newline="") as f:
+        row = next(csv.DictReader(f))
+    assert all(float(row[k]) >= 0 for k in ("data_s", "forward_s", "render_s", "backward_s", "samples_per_s"))
+    assert (tmp_path / "run" / "plots" / "train.csv").exists() and (tmp_path / "run" / "plots" / "val.csv").exists()
+    assert list((tmp_path / "run" / "val").glob("*.png")) and list((tmp_path / "run" / "tensorboard").iterdir())
+    assert Path(metrics["checkpoint"], "checkpoint.pt").exists()
+
+
+class CrashOnce:
+    """Wraps a source; raises once (the 'kill') when rank 0 reaches the given batch of an epoch."""
+
+    def __init__(self, source, marker: Path, epoch: int, position: int):
+        self.source, self.marker, self.epoch, self.position = source, marker, epoch, position
+
+    def __call__(self, rank, world_size, epoch):
+        for i, batch in enumerate(self.source(rank, world_size, epoch)):
+            if rank == 0 and (epoch, i) == (self.epoch, self.position) and not self.marker.exists():
+                self.marker.touch()
+                raise RuntimeError("simulated kill")
+            yield batch
+
+
+def test_killed_run_resumes_to_the_same_weights_and_counts_nan_batches(tmp_path):
+    source = SyntheticSource(num_samples=3, size=SIZE, nan_samples=(1,))  # 1 of 3 samples has a NaN
+    cfg = config(steps=8, checkpoint_every=4, keep_checkpoints=2, validate_every=0)
+    straight = run_train(cfg, source, tmp_path / "straight", executor="local")
+
+    crashing = CrashOnce(source, tmp_path / "killed.marker", epoch=3, position=0)  # after step 4's checkpoint
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run_train(cfg, crashing, tmp_path / "resumed", executor="local")
+    assert log_steps(tmp_path / "resumed")[-1] > 4  # it trained past the checkpoint before dying
+    resumed = run_train(cfg, crashing, tmp_path / "resumed", executor="local")  # same dir: resumes
+
+    assert resumed["resumed_from_step"] == 4 and resumed["steps"] == straight["steps"] == 8
+    assert resumed["param_checksum"] == straight["param_checksum"]
+    assert resumed["skipped_batches"] == straight["skipped_batches"] > 0  # NaN batches skipped, counted
+    assert resumed["final_train_loss"] == straight["final_train_loss"]
+    assert log_steps(tmp_path / "resumed") == list(range(1, 9))  # rows past the checkpoint were replaced
+    kept = sorted((tmp_path / "resumed" / "ray" / "train").glob("checkpoint_*"))
+    assert [p.name for p in kept] == ["checkpoint_000000004", "checkpoint_000000008"]
+
+    # an explicit checkpoint directory starts a new run from there
+    more = run_train(config(steps=8, checkpoint_every=100, validate_every=0), source, tmp_path / "from_dir",
+                     resume_from=kept[0], executor="local")
+    assert more["resumed_from_step"] == 4 and more["param_checksum"] == straight["param_checksum"]
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_missing_checkpoint_directory_is_a_clear_error(tmp_path, executor):
+    missing = tmp_path / "no_such_checkpoint"
+    with pytest.raises(FileNotFoundError, match="no_such_checkpoint"):
+        run_train(config(steps=1), SyntheticSource(num_samples=1), tmp_path / "out", resume_from=missing,
+                  executor=executor)
+
+
+def test_two_worker_ray_train_keeps_ranks_identical_and_resumes(tmp_path, ray_session):
+    source = SyntheticSource(num_samples=4, size=SIZE)
+    val = SyntheticSource(num_samples=1, size=SIZE, seed=7, shuffle=False)
+    out = tmp_path / "ddp"
+    first = run_train(config(steps=3, num_workers=2, checkpoint_every=3, validate_every=0), source, out, val,
+                      name="ddp")
+    ranks = [json.loads((out / "ranks" / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["step"] == ranks[1]["step"] == 3
+    assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"] == first["param_checksum"]
+    assert first["samples"] == 6 and Path(first["checkpoint"], "checkpoint.pt").exists()
+    # the same storage path + name: Ray Train hands the latest checkpoint back (get_checkpoint);
+    # rank 0 then dies at step 5 (after step 4, which was not checkpointed): FailureConfig restarts
+    # the worker group, which resumes from step 3 again and finishes
+    crashing = CrashOnce(source, tmp_path / "killed.marker", epoch=2, position=0)
+    second = run_train(config(steps=5, num_workers=2, checkpoint_every=3, validate_every=0), crashing, out, val,
+                       name="ddp", max_failures=1)
+    assert (tmp_path / "killed.marker").exists()
+    ranks = [json.loads((out / "ranks" / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    assert second["resumed_from_step"] == 3 and second["steps"] == 5 and second["samples"] == 10
+    assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"] != first["param_checksum"]
+    assert log_steps(out) == [1, 2, 3, 4, 5]
+    assert math.isfinite(second["val_psnr"]) and math.isfinite(second["baseline_val_psnr"])
+
+
+def test_baseline_is_evaluated_by_the_same_code_and_shown_beside_the_model():
+    batch = synthetic_sample(0, size=SIZE)
+    metrics = evaluate([batch], model=None)
+    assert math.isfinite(metrics["psnr"]) and 10.0 < metrics["psnr"] < 60.0 and 0.0 < metrics["ssim"] <= 1.0
+    grid = image_grid(batch, {"baseline": predict_images(batch)})
+    # one row per target view; columns: 2 inputs | target | baseline
+    assert grid.shape == (2 * SIZE, 4 * SIZE, 3) and grid.dtype.name == "uint8"
+
+
+def test_presets():
+    paper = TrainConfig.preset("paper")
+    assert (paper.lr, paper.batch_size, paper.steps, paper.bf16, paper.use_gpu) == (5e-5, 1, 3_500_000, True, True)
+    assert paper.loss.use_lpips and paper.loss.lpips_start_step == 3_000_000
+    assert paper.model_config().image_size == 512
+    tiny = TrainConfig.preset("tiny")
+    assert tiny.steps <= 1000 and not tiny.use_gpu and tiny.model_config().dim == 128
+    assert tiny.lr_at(0) < tiny.lr_at(tiny.warmup_steps) and tiny.lr_at(tiny.steps) < tiny.lr
