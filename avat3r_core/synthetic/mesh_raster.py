@@ -143,6 +143,19 @@ def _np(x, dtype=np.float64) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
+def _batched_cameras(world_to_cam, K) -> tuple[np.ndarray, np.ndarray]:
+    """(C, 4, 4) poses and (C, 3, 3) intrinsics from batched or unbatched arrays/tensors."""
+    w2c = _np(world_to_cam)
+    Km = _np(K)
+    if w2c.ndim == 2:
+        w2c = w2c[None]
+    if Km.ndim == 2:
+        Km = np.broadcast_to(Km, (w2c.shape[0], 3, 3))
+    if Km.shape[0] != w2c.shape[0]:
+        raise ValueError(f"{w2c.shape[0]} poses but {Km.shape[0]} intrinsics")
+    return w2c, Km
+
+
 def rasterize_mesh(vertices, faces, world_to_cam, K, width: int, height: int, near: float = 0.01):
     """Z-buffer rasterization of one mesh into C cameras.
 
@@ -152,14 +165,7 @@ def rasterize_mesh(vertices, faces, world_to_cam, K, width: int, height: int, ne
     """
     v = _np(vertices)
     f = np.ascontiguousarray(_np(faces, np.int64))
-    w2c = _np(world_to_cam)
-    Km = _np(K)
-    if w2c.ndim == 2:
-        w2c = w2c[None]
-    if Km.ndim == 2:
-        Km = np.broadcast_to(Km, (w2c.shape[0], 3, 3))
-    if Km.shape[0] != w2c.shape[0]:
-        raise ValueError(f"{w2c.shape[0]} poses but {Km.shape[0]} intrinsics")
+    w2c, Km = _batched_cameras(world_to_cam, K)
     C = w2c.shape[0]
     uv, z = _project(v, w2c, Km)
     face_id = np.full((C, height, width), -1, dtype=np.int32)
@@ -252,12 +258,7 @@ def shade_mesh(vertices, faces, world_to_cam, K, width: int, height: int, albedo
     s = int(supersample)
     v = _np(vertices)
     f = _np(faces, np.int64)
-    w2c = _np(world_to_cam)
-    Km = _np(K)
-    if w2c.ndim == 2:
-        w2c = w2c[None]
-    if Km.ndim == 2:
-        Km = np.broadcast_to(Km, (w2c.shape[0], 3, 3))
+    w2c, Km = _batched_cameras(world_to_cam, K)
     Ks = Km.copy()
     Ks[:, :2, :] *= s
     face_id, bary, depth_s = rasterize_mesh(v, f, w2c, Ks, width * s, height * s, near)
