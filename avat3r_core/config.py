@@ -34,7 +34,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, source: str = "config")
             continue
         hint = hints.get(name)
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = from_dict(hint, value, f"{source}.{name}")
+            value = build(hint, value, source=f"{source}.{name}")  # a nested section may name a preset
         elif isinstance(value, list) and hint is not None and typing.get_origin(hint) is tuple:
             value = tuple(value)
         kwargs[name] = value

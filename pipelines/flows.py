@@ -9,6 +9,7 @@ already in the stage's error manifest, and an exceeded error budget needs a pers
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from avat3r_core.config import load_params, section
+from pipelines.caching import outputs_present, stage_cache_key
 
 log = logging.getLogger("avat3r.flows")
 
@@ -54,6 +56,10 @@ class DataLayout:
         return str(Path(self.frames, "frames.parquet"))
 
     @property
+    def raw_manifest(self) -> str:
+        return str(Path(self.raw, "synth.parquet"))
+
+    @property
     def tracking(self) -> str:
         return self.path("tracking")
 
@@ -69,6 +75,27 @@ class DataLayout:
     def shards(self) -> str:
         return self.path("shards")
 
+    @property
+    def priors_manifest(self) -> str:
+        return str(Path(self.priors, "priors.parquet"))
+
+    @property
+    def shards_index(self) -> str:
+        return str(Path(self.shards, "index.parquet"))
+
+    @property
+    def train_metrics(self) -> str:
+        return str(Path(self.train, "metrics.json"))
+
+    @property
+    def train(self) -> str:
+        return self.path("train")
+
+    @property
+    def checkpoint(self) -> str:
+        """The trained model reconstruction uses (the train stage copies its final checkpoint here)."""
+        return self.path("train", "checkpoint")
+
 
 def _is_infrastructure_failure(task, task_run, state) -> bool:
     """Retry condition: only lost workers/nodes, not data errors or exhausted error budgets."""
@@ -78,10 +105,6 @@ def _is_infrastructure_failure(task, task_run, state) -> bool:
         name = type(exc).__name__
         return name in {"RayActorError", "WorkerCrashedError", "NodeDiedError", "RaySystemError", "ObjectLostError"}
     return False
-
-
-def stage_task(name: str):
-    return task(name=name, retries=2, retry_delay_seconds=5, retry_condition_fn=_is_infrastructure_failure)
 
 
 def run_synth_stage(params_path: str, layout: DataLayout, ray_address: str | None = None,
@@ -165,14 +188,33 @@ def run_pack_stage(params_path: str, layout: DataLayout, ray_address: str | None
     config = section(params, "pack", PackConfig, params_path)
     _start_ray(executor, ray_address)
     summary = run_pack(config, layout.frames_manifest, layout.tracking_manifest,
-                       str(Path(layout.priors, "priors.parquet")), layout.shards,
+                       layout.priors_manifest, layout.shards,
                        resources=_resources(params, "pack"), executor=executor)
     return summary.to_dict()
 
 
+def run_train_stage(params_path: str, layout: DataLayout, ray_address: str | None = None,
+                    executor: str = "ray") -> dict:
+    """Ray Train (DDP) on the packed shards; the model is sized from the data. Returns the run's
+    metrics (``metrics.json``: validation PSNR/SSIM beside the non-learned baseline) and the final
+    checkpoint path."""
+    from stages.train import train_on_shards, train_stage_configs
+
+    params = load_params(params_path)
+    config, data = train_stage_configs(params.get("train") or {}, source=f"{params_path}:train")
+    t0 = time.perf_counter()
+    metrics = train_on_shards(config, data, layout.shards, layout.train, executor=executor, ray_address=ray_address)
+    # the common stage summary shape (items = optimiser steps, rows = samples, failed = skipped batches)
+    return {"stage": "train", "items_total": config.steps, "items_done": metrics["steps"] - metrics["resumed_from_step"],
+            "items_skipped": metrics["resumed_from_step"], "items_failed": metrics["skipped_batches"],
+            "rows": metrics["samples"], "items_per_s": metrics["samples_per_s"], "bytes_per_s": 0.0,
+            "seconds": round(time.perf_counter() - t0, 3), "manifest": layout.train_metrics,
+            "extra": metrics}
+
+
 #: Stage name → the plain function that runs it from params (used by flows, CLI and dvc.yaml).
 STAGES = {"synth": run_synth_stage, "extract": run_extract_stage, "track": run_track_stage,
-          "priors": run_priors_stage, "pack": run_pack_stage}
+          "priors": run_priors_stage, "pack": run_pack_stage, "train": run_train_stage}
 
 
 def _start_ray(executor: str, ray_address: str | None) -> None:
@@ -182,17 +224,67 @@ def _start_ray(executor: str, ray_address: str | None) -> None:
         ensure_ray(ray_address)
 
 
+@dataclass(frozen=True)
+class StageIO:
+    """What a stage reads and writes under the data layout, and its version: the task cache key
+    (:mod:`pipelines.caching`) hashes the inputs, and a missing output forces a rerun."""
+
+    version: str
+    inputs: tuple[str, ...]  # DataLayout attribute names
+    outputs: tuple[str, ...]
+
+    def paths(self, layout: DataLayout, names: tuple[str, ...]) -> list[str]:
+        return [getattr(layout, n) for n in names]
+
+
+#: Bump a version when the stage's output changes meaning (the stage classes carry the same number).
+STAGE_IO = {
+    "synth": StageIO("1", (), ("raw_manifest",)),
+    "extract": StageIO("1", ("raw",), ("frames_manifest",)),
+    "track": StageIO("1", ("frames_manifest", "face_model", "ground_truth"), ("tracking_manifest",)),
+    "priors": StageIO("1", ("frames_manifest", "tracking_manifest", "ground_truth"), ("priors_manifest",)),
+    "pack": StageIO("1", ("frames_manifest", "tracking_manifest", "priors_manifest"), ("shards_index",)),
+    "train": StageIO("1", ("shards_index",), ("train_metrics", "checkpoint")),
+}
+
+
+def _cache_key(name: str):
+    def key(context, parameters: dict) -> str:
+        layout: DataLayout = parameters["layout"]
+        config = load_params(parameters["params_path"]).get(name) or {}
+        io = STAGE_IO[name]
+        return stage_cache_key(name, io.version, config, layout.root, io.paths(layout, io.inputs))
+
+    return key
+
+
 def _flow_task(name: str):
-    """The Prefect task of one stage: the registry's function, with retries and a log line."""
+    """The Prefect task of one stage: the registry's function, with retries, caching and a log line."""
     run = STAGES[name]
 
-    @stage_task(name)
+    @task(name=name, retries=2, retry_delay_seconds=5, retry_condition_fn=_is_infrastructure_failure,
+          cache_key_fn=_cache_key(name), persist_result=True)
     def run_stage_task(params_path: str, layout: DataLayout, ray_address: str | None, executor: str) -> dict:
         summary = run(params_path, layout, ray_address, executor)
         get_run_logger().info("%s: %s", name, summary)
         return summary
 
     return run_stage_task
+
+
+def run_stage_cached(name: str, params_path: str, layout: DataLayout, ray_address: str | None, executor: str) -> dict:
+    """Run stage ``name`` as its Prefect task: a cache hit (same inputs, config and version, outputs
+    still there) returns the earlier summary without starting Ray, marked ``cached: True``."""
+    stage_task_ = STAGE_TASKS[name]
+    io = STAGE_IO[name]
+    if not outputs_present(io.paths(layout, io.outputs)):
+        stage_task_ = stage_task_.with_options(refresh_cache=True)
+    state = stage_task_(params_path, layout, ray_address, executor, return_state=True)
+    summary = dict(state.result())
+    summary["cached"] = state.name == "Cached"
+    if summary["cached"]:
+        get_run_logger().info("%s: cached — inputs, config and version unchanged; nothing to do", name)
+    return summary
 
 
 #: The preprocess flow's stages, in order, each as a Prefect task.
@@ -213,6 +305,7 @@ def _publish_stage_table(summaries: list[dict], key: str) -> None:
     rows = [
         {
             "stage": s["stage"],
+            "cached": s.get("cached", False),
             "items": s["items_total"],
             "done": s["items_done"],
             "skipped": s["items_skipped"],
@@ -232,17 +325,52 @@ def preprocess_flow(params_path: str = "params.yaml", data_root: str = "data", r
                     executor: str = "ray") -> list[dict]:
     """Studio (or ingest) → extract → track → priors → pack. Stages are added as they land."""
     layout = DataLayout(data_root)
-    summaries = [STAGE_TASKS[name](params_path, layout, ray_address, executor) for name in PREPROCESS]
+    summaries = [run_stage_cached(name, params_path, layout, ray_address, executor) for name in PREPROCESS]
     _publish_stage_table(summaries, "preprocess-stages")
     return summaries
+
+
+@flow(name="train", log_prints=True)
+def train_flow(params_path: str = "params.yaml", data_root: str = "data", ray_address: str | None = None,
+               executor: str = "ray") -> dict:
+    """Ray Train on the packed shards (``params.yaml`` ``train``); publishes the curves and the
+    latest validation grid as artifacts."""
+    layout = DataLayout(data_root)
+    summary = run_stage_cached("train", params_path, layout, ray_address, executor)
+    _publish_stage_table([summary], "train-stage")
+    _publish_training(layout)
+    return summary
+
+
+def _publish_training(layout: DataLayout) -> None:
+    """Prefect artifacts of a training run: validation PSNR/SSIM beside the baseline, and the
+    loss curve (sampled), so the UI shows how the run went without opening TensorBoard."""
+    import csv
+
+    val_csv = Path(layout.train, "plots", "val.csv")
+    if val_csv.exists():
+        with val_csv.open(newline="") as f:
+            rows = [{k: (round(float(v), 4) if k != "step" else int(float(v))) for k, v in r.items()} for r in csv.DictReader(f)]
+        create_table_artifact(key="train-validation", table=rows,
+                              description="Validation on held-out subjects: model vs the non-learned baseline")
+    train_csv = Path(layout.train, "plots", "train.csv")
+    if train_csv.exists():
+        with train_csv.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        stride = max(1, len(rows) // 50)
+        curve = [{"step": int(float(r["step"])), "loss": round(float(r["loss"]), 5), "lr": float(r["lr"])}
+                 for r in rows[::stride]]
+        create_table_artifact(key="train-loss-curve", table=curve, description="Training loss (every %d-th step)" % stride)
 
 
 @flow(name="demo", log_prints=True)
 def demo_flow(params_path: str = "params.yaml", data_root: str = "data", ray_address: str | None = None,
               executor: str = "ray") -> dict:
-    """Everything on the embedded synthetic studio: preprocess (→ train → reconstruct as they land)."""
+    """Everything on the embedded synthetic studio: preprocess → train (→ reconstruct as it lands)."""
     summaries = preprocess_flow(params_path, data_root, ray_address, executor)
+    summaries.append(train_flow(params_path, data_root, ray_address, executor))
     layout = DataLayout(data_root)
     return {"stages": summaries, "raw": layout.raw, "ground_truth": layout.ground_truth,
             "previews": str(Path(layout.ground_truth) / "previews"), "frames": layout.frames,
-            "tracking": layout.tracking, "priors": layout.priors, "shards": layout.shards}
+            "tracking": layout.tracking, "priors": layout.priors, "shards": layout.shards,
+            "training": layout.train, "checkpoint": layout.checkpoint}

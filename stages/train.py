@@ -25,14 +25,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from avat3r_core.config import Presets, build
+from avat3r_core.dataset.loader import LoaderConfig, make_loader
 from avat3r_core.training import (
     CHECKPOINT_FILE,
     BatchSource,
-    SyntheticSource,
     LocalSession,
+    SyntheticSource,
     TrainConfig,
     train_loop,
 )
@@ -53,6 +57,76 @@ def set_cpu_threads(n: int) -> None:
     except ImportError:  # pragma: no cover - numba is a dependency of the CPU renderer
         pass
     torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class TrainDataConfig(Presets):
+    """Where training batches come from: the packed shards through the WebDataset loader
+    (``params.yaml`` ``train.data``). Training draws shards with replacement for a fixed epoch
+    length per rank; validation reads the first ``val_samples`` samples of ``val_split`` in a fixed
+    order, so every validation sees the same held-out views and expressions."""
+
+    PRESETS: ClassVar[dict] = {
+        "tiny": dict(loader=dict(preset="tiny", batch_size=1, target_views=2), epoch_length=8, val_samples=2),
+        "demo": dict(loader=dict(preset="demo", target_views=4), epoch_length=64, val_samples=16),
+        "paper": dict(loader=dict(preset="paper"), epoch_length=10_000, val_samples=64, loader_workers=4),
+    }
+
+    loader: LoaderConfig = field(default_factory=LoaderConfig)  #: views per sample, decoder, buffers
+    epoch_length: int = 64  #: training items per rank per epoch (shards are resampled)
+    loader_workers: int = 0  #: DataLoader processes per rank (0: decode in the training process)
+    val_split: str = "val"
+    val_samples: int = 16  #: held-out samples evaluated at each validation
+
+    def __post_init__(self) -> None:
+        if self.epoch_length < 1 or self.val_samples < 0 or self.loader_workers < 0:
+            raise ValueError("epoch_length ≥ 1, val_samples ≥ 0 and loader_workers ≥ 0 are required")
+
+
+class ShardSource:
+    """:data:`~avat3r_core.training.BatchSource` over packed shards: ``(rank, world_size, epoch)`` →
+    that rank's batches of the epoch. ``validation=True``: no resampling, no shuffling, at most
+    ``max_samples`` samples. Picklable (Ray ships it to the workers; each builds its own loader)."""
+
+    def __init__(self, shards_dir: str | Path, data: TrainDataConfig, batch_size: int, split: str = "train",
+                 validation: bool = False, seed: int = 0):
+        self.shards_dir, self.data, self.batch_size = str(shards_dir), data, batch_size
+        self.split, self.validation, self.seed = split, validation, seed
+
+    def loader_config(self) -> LoaderConfig:
+        if self.validation:
+            return replace(self.data.loader, batch_size=1, resampled=False, shuffle_buffer=0)
+        return replace(self.data.loader, batch_size=self.batch_size)
+
+    def __call__(self, rank: int = 0, world_size: int = 1, epoch: int = 0):
+        config = self.loader_config()
+        if self.validation:
+            loader = make_loader(self.shards_dir, config, 0, 1, 0, None, self.seed, self.split)
+            for i, batch in enumerate(loader):
+                if i >= self.data.val_samples:
+                    return
+                yield batch
+            return
+        loader = make_loader(self.shards_dir, config, rank, world_size, self.data.loader_workers,
+                             self.data.epoch_length, self.seed, self.split)
+        loader.set_epoch(epoch)
+        yield from loader
+
+
+def model_overrides_from_shards(shards_dir: str | Path, split: str = "train") -> dict:
+    """The model inputs the packed data implies: crop resolution (``image_size``) and the stored
+    feature channels (``feature_dim``; no features in the shards → ``use_features=False``)."""
+    config = LoaderConfig.preset("demo", target_views=1, batch_size=1, resampled=False, shuffle_buffer=0)
+    batch = next(iter(make_loader(str(shards_dir), config, split=split)), None)
+    if batch is None:
+        raise ValueError(f"{shards_dir}: split {split!r} yields no sample; cannot size the model")
+    overrides: dict = {"image_size": int(batch.images.shape[-1]), "num_views": int(batch.images.shape[1])}
+    if batch.features is None:
+        overrides["use_features"] = False
+    else:
+        overrides["feature_dim"] = int(batch.features.shape[2])
+    return overrides
 
 
 class RayTrainSession:
@@ -167,6 +241,39 @@ def run_train(config: TrainConfig, batch_source_factory: BatchSource, out_dir: s
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else dict(result.metrics or {})
     metrics["checkpoint"] = result.checkpoint.path if result.checkpoint is not None else None
     return metrics
+
+
+def train_on_shards(config: TrainConfig, data: TrainDataConfig, shards_dir: str | Path, out_dir: str | Path,
+                    **run_kwargs) -> dict[str, Any]:
+    """Train on packed shards: the model is sized from the data (explicit ``config.model`` values
+    win), validation runs on ``data.val_split``, and the final checkpoint is copied to
+    ``<out_dir>/checkpoint`` (a stable path for reconstruction and DVC)."""
+    shards_dir = Path(shards_dir).resolve()
+    if not (shards_dir / "index.parquet").exists():
+        raise FileNotFoundError(f"no shards index at {shards_dir / 'index.parquet'} (run the pack stage first)")
+    inferred = model_overrides_from_shards(shards_dir)
+    config = replace(config, model={**inferred, **config.model})
+    log.info("model sized from %s: %s", shards_dir, inferred)
+    source = ShardSource(shards_dir, data, config.batch_size, "train", seed=config.seed)
+    val = ShardSource(shards_dir, data, 1, data.val_split, validation=True, seed=config.seed) if data.val_samples else None
+    metrics = run_train(config, source, out_dir, val, **run_kwargs)
+    final = Path(out_dir).resolve() / "checkpoint"
+    if metrics.get("checkpoint"):
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.copytree(metrics["checkpoint"], final)
+        metrics["checkpoint"] = str(final)
+        (Path(out_dir) / "metrics.json").write_text(json.dumps(
+            {k: v for k, v in metrics.items() if k != "checkpoint"}, indent=1))
+    return metrics
+
+
+def train_stage_configs(values: dict, source: str = "params.yaml:train") -> tuple[TrainConfig, TrainDataConfig]:
+    """``params.yaml``'s ``train`` section: the :class:`TrainConfig` keys at the top (so
+    ``dvc exp run -S train.steps=...`` works) and the loader under ``data``."""
+    values = dict(values or {})
+    data = build(TrainDataConfig, values.pop("data", None) or {"preset": "demo"}, source=f"{source}.data")
+    return build(TrainConfig, values, source=source), data
 
 
 def main(argv: list[str] | None = None) -> None:

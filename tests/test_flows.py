@@ -11,13 +11,15 @@ import pyarrow.parquet as pq
 import yaml
 
 
-def write_params(path, **synth):
+def write_params(path, train_steps=4, **synth):
     params = {
         "synth": {"preset": "tiny", "seed": 3, "preview": True, **synth},
         "extract": {"preset": "tiny"},
         "track": {"preset": "tiny", "backend": "ground_truth", "noise_px": 0.25},  # 1 px at 256 px
         "priors": {"preset": "tiny"},
         "pack": {"preset": "tiny", "split_fractions": [0.5, 0.5, 0.0]},
+        "train": {"preset": "tiny", "steps": train_steps, "validate_every": 2, "checkpoint_every": 2, "cpus_per_worker": 1,
+                  "data": {"preset": "tiny"}},
         "runtime": {"resources": {"default": {"num_cpus": 1, "max_errors": 2}}},
     }
     path.write_text(yaml.safe_dump(params))
@@ -29,7 +31,7 @@ def test_demo_flow_runs_the_built_stages_and_is_resumable(prefect_harness, ray_s
 
     params = write_params(tmp_path / "params.yaml")
     result = demo_flow(params_path=params, data_root=str(tmp_path / "data"))
-    synth, extract, track, priors, pack = result["stages"]
+    synth, extract, track, priors, pack, train = result["stages"]
     assert synth["stage"] == "synth" and synth["items_done"] == 2 and synth["items_failed"] == 0
     rows = pq.read_table(synth["manifest"]).to_pylist()
     assert {r["subject"] for r in rows} == {"001", "002"}
@@ -52,12 +54,31 @@ def test_demo_flow_runs_the_built_stages_and_is_resumable(prefect_harness, ray_s
     assert verify.returncode == 0 and "all shards match the index" in verify.stdout
     assert run_cli("shards", "stats", str(tmp_path / "data/shards")).returncode == 0
     assert (tmp_path / "data/ground_truth/synthetic/previews/001.png").exists()
+    # training: sized from the shards (64² crops, 4 views), validated on the held-out subject
+    assert train["stage"] == "train" and train["items_done"] == 4 and train["items_failed"] == 0
+    metrics = json.loads((tmp_path / "data/train/metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["val_psnr"] > 10 and metrics["baseline_val_psnr"] > 10
+    assert (tmp_path / "data/train/checkpoint/checkpoint.pt").exists()
+    from avat3r_core.weights import safe_torch_load
+
+    stored = safe_torch_load(tmp_path / "data/train/checkpoint/checkpoint.pt")["config"]["model"]
+    assert stored["image_size"] == 64 and stored["feature_dim"] == 112  # tiny priors keep all channels
+    assert list((tmp_path / "data/train/val").glob("*.png"))
     stats = json.loads((tmp_path / "data/raw/synthetic/synth.stats.json").read_text())
     assert stats["bytes_written"] > 0 and stats["items_per_s"] > 0
-    # nothing changed: a rerun skips every committed subject
+    assert not any(s["cached"] for s in result["stages"])
+    # nothing changed: every stage is a Prefect cache hit (no Ray work at all)
     again = demo_flow(params_path=params, data_root=str(tmp_path / "data"))
-    assert [s["items_done"] for s in again["stages"]] == [0, 0, 0, 0, 0]
-    assert again["stages"][0]["items_skipped"] == 2 and again["stages"][1]["items_skipped"] == 8
+    assert all(s["cached"] for s in again["stages"]), [(s["stage"], s["cached"]) for s in again["stages"]]
+    # a lost output reruns its stage, which skips every committed item
+    (tmp_path / "data/tracking/tracking.parquet").unlink()
+    # more training steps: only train reruns, resuming from its last checkpoint
+    write_params(tmp_path / "params.yaml", train_steps=6)
+    third = demo_flow(params_path=params, data_root=str(tmp_path / "data"))
+    assert [s["cached"] for s in third["stages"]] == [True, True, False, True, True, False]
+    track3, train3 = third["stages"][2], third["stages"][5]
+    assert track3["items_done"] == 0 and track3["items_skipped"] == 2
+    assert train3["items_skipped"] == 4 and train3["items_done"] == 2
 
 
 def run_cli(*args):
