@@ -1,0 +1,229 @@
+"""Held-out evaluation (avat3r_core.evaluation, stages.evaluate, `avat3r evaluate`) on tiny studio shards."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from avat3r_core.dataset.loader import make_loader
+from avat3r_core.errors import FormatError
+from avat3r_core.evaluation import (
+    LPIPS_NOT_COMPUTED,
+    MEDIAPIPE_TO_IBUG68,
+    PSNR_CAP,
+    EvalConfig,
+    GroundTruth68,
+    TargetViewIndex,
+    eval_loader_config,
+    evaluate_report,
+    load_eval_model,
+    mediapipe_to_ibug68,
+)
+from tests.test_pack_loader import FEATURE_DIM, make_priors_and_tracking
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from avat3r_core.extract import ExtractConfig
+    from avat3r_core.synthetic.studio import StudioConfig
+    from avat3r_core.training import TrainConfig, build_model, build_optimizer, save_checkpoint
+    from stages.extract import run_extract
+    from avat3r_core.dataset.pack import PackConfig
+    from stages.pack import run_pack
+    from stages.synth import run_synth
+
+    root = tmp_path_factory.mktemp("evaluation")
+    run_synth(StudioConfig(subjects=3, sequences=1, frames=3, cameras=4, resolution=96),
+              str(root / "raw"), str(root / "gt"), str(root / "model"), executor="local")
+    run_extract(ExtractConfig(resolution=SIZE), str(root / "raw"), str(root / "frames"), executor="local")
+    make_priors_and_tracking(root / "frames", root / "tracking", root / "priors")
+    run_pack(PackConfig(shard_size_mb=1.0, min_shards=1, seed=0), str(root / "frames/frames.parquet"),
+             str(root / "tracking/tracking.parquet"), str(root / "priors/priors.parquet"), str(root / "shards"),
+             executor="local")
+    torch.manual_seed(0)
+    config = TrainConfig.preset("tiny", model={"image_size": SIZE, "feature_dim": FEATURE_DIM})
+    model = build_model(config)
+    optimizer, scheduler = build_optimizer(model, config)
+    save_checkpoint(root / "ckpt", model, optimizer, 7, scheduler=scheduler, config=config)
+    cfg = EvalConfig(target_views=3, grid_samples=2)
+    batches = list(make_loader(str(root / "shards"), eval_loader_config(cfg), split="test"))
+    return {"root": root, "shards": str(root / "shards"), "frames": str(root / "frames/frames.parquet"),
+            "gt": str(root / "gt"), "ckpt": root / "ckpt", "batches": batches, "config": cfg}
+
+
+def _oracle(batch):
+    """A 'method' whose renders are exactly the targets on the white background."""
+    from avat3r_core.training import targets_on_background
+
+    return targets_on_background(batch, torch.ones(3)).clamp(0, 1)
+
+
+def test_identical_images_psnr_inf_per_view_and_capped_in_the_mean(data):
+    report = evaluate_report(data["batches"], methods={"oracle": _oracle})
+    rows = report.method_rows("oracle")
+    assert rows and all(math.isinf(r["psnr"]) and r["psnr"] > 0 for r in rows)  # metrics.psnr: +inf
+    assert all(r["ssim"] == pytest.approx(1.0, abs=1e-5) for r in rows)
+    summary = report.summary("oracle")
+    assert summary["psnr"] == PSNR_CAP  # capped like training.evaluate
+    assert json.loads(json.dumps(report.metrics(), allow_nan=False))["oracle"]["psnr"] == PSNR_CAP
+    assert "inf" in report.to_csv().splitlines()[1]
+
+
+def test_every_target_view_finds_its_frames_row_and_gt_landmarks(data):
+    views = TargetViewIndex(data["frames"])
+    gt = GroundTruth68(data["gt"])
+    for batch in data["batches"]:
+        rows = views.rows_for(batch)
+        assert all(r is not None for r in rows)
+        T = batch.target_images.shape[1]
+        for i, r in enumerate(rows):
+            assert batch.keys[i // T].startswith(f"{r['subject']}_")
+            assert int(r["frame"]) == int(batch.target_frames[i // T])
+            np.testing.assert_allclose(np.asarray(r["K"]).reshape(3, 3), batch.target_cameras.K[i].numpy(), rtol=1e-5)
+        pts, vis = gt.landmarks(rows)
+        assert vis.any(axis=1).all()  # every view sees some landmarks
+        assert (pts[vis] >= -0.5).all() and (pts[vis] <= SIZE + 0.5).all()  # inside the crop
+
+
+def test_ground_truth_akd_against_itself_is_zero(data):
+    gt = GroundTruth68(data["gt"])
+    report = evaluate_report(data["batches"], methods={"oracle": _oracle}, views=TargetViewIndex(data["frames"]),
+                             ground_truth=gt, detector=gt)  # the ground truth as the "detector"
+    s = report.summary("oracle")
+    assert s["akd_views"] == s["views"] > 0
+    assert s["akd"] == 0.0 and s["akd_inner"] == 0.0 and s["akd_det"] == 0.0
+    assert report.floor()["akd"] == 0.0
+    md = report.to_markdown()
+    assert "AKD floor" in md and "AKD unavailable" not in md
+
+
+def test_baseline_equals_training_evaluate(data):
+    from avat3r_core.training import evaluate
+
+    expected = evaluate(data["batches"], None)
+    report = evaluate_report(data["batches"], None)
+    assert report.methods == ["baseline"]
+    s = report.summary("baseline")
+    assert s["views"] == expected["images"]
+    assert s["psnr"] == pytest.approx(expected["psnr"], rel=1e-6)
+    assert s["ssim"] == pytest.approx(expected["ssim"], rel=1e-6)
+
+
+def test_table_has_our_rows_and_the_published_rows(data):
+    model, _ = load_eval_model(data["ckpt"])
+    report = evaluate_report(data["batches"], model, context={"split": "test"})
+    md = report.to_markdown()
+    table = [l for l in md.splitlines() if l.startswith("| ")]
+    assert table[1].startswith("| ours") and table[2].startswith("| non-learned baseline")
+    published = [l for l in table if "published, different data and resolution" in l]
+    assert len(published) == 2 and "NeRSemble" in published[0] and "Ava-256" in published[1]
+    assert "| 20.5 | 0.75 | 0.33 | 3.7 |" in published[0] and "| 20.7 | 0.71 | 0.33 | 4.8 |" in published[1]
+    assert LPIPS_NOT_COMPUTED in md
+    assert "AKD unavailable: no landmark detector given" in md
+
+
+def test_lpips_computed_when_weight_files_are_given(data, tmp_path):
+    from avat3r_core.lpips import LPIPS, load_lpips
+    from avat3r_core.metrics import lpips_metric
+
+    torch.manual_seed(1)
+    net = LPIPS("alex")
+    sd = net.state_dict()
+    torch.save({k: v for k, v in sd.items() if k.startswith("features.")}, tmp_path / "alex_backbone.pth")
+    torch.save({k: v.abs() for k, v in sd.items() if k.startswith("lin")}, tmp_path / "alex.pth")
+    lp = load_lpips("alex", tmp_path / "alex_backbone.pth", tmp_path / "alex.pth")
+    batch = data["batches"][0]
+    report = evaluate_report([batch], None, lpips_model=lp, lpips_status="LPIPS: computed (test)")
+    from avat3r_core.training import predict_images, targets_on_background
+
+    expected = lpips_metric(predict_images(batch, None), targets_on_background(batch, torch.ones(3)).clamp(0, 1), model=lp)
+    got = [r["lpips"] for r in report.method_rows("baseline")]
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5)
+    assert report.summary("baseline")["lpips"] == pytest.approx(float(expected.mean()), rel=1e-5)
+
+
+def test_missing_or_ill_formed_checkpoint_names_the_directory(data, tmp_path):
+    from stages.evaluate import run_evaluate
+
+    missing = tmp_path / "no_such_checkpoint"
+    with pytest.raises(FormatError, match="no_such_checkpoint"):
+        run_evaluate(missing, data["shards"], tmp_path / "out")
+    empty = tmp_path / "empty_ckpt"
+    empty.mkdir()
+    with pytest.raises(FormatError, match="empty_ckpt.*no checkpoint.pt"):
+        run_evaluate(empty, data["shards"], tmp_path / "out")
+    bad = tmp_path / "bad_ckpt"
+    bad.mkdir()
+    (bad / "checkpoint.pt").write_bytes(b"not a torch file")
+    with pytest.raises(FormatError, match="bad_ckpt"):
+        run_evaluate(bad, data["shards"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    result = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(missing), "--shards", data["shards"],
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 3
+    assert "no_such_checkpoint" in result.output.replace("\n", "")
+
+
+def test_run_evaluate_writes_the_four_outputs(data, tmp_path):
+    from stages.evaluate import run_evaluate
+
+    out = tmp_path / "eval"
+    config = EvalConfig(target_views=3, grid_samples=2, max_samples=3)
+    metrics = run_evaluate(data["ckpt"], data["shards"], out, "test", frames_manifest=data["frames"],
+                           ground_truth=data["gt"], config=config)
+    assert set(metrics["outputs"]) == {"metrics.json", "report.md", "per_view.csv", "grid.png"}
+    on_disk = json.loads((out / "metrics.json").read_text())  # strict JSON (no NaN)
+    assert on_disk["step"] == 7 and on_disk["samples"] == 3 and on_disk["resolution"] == [SIZE, SIZE]
+    assert on_disk["lpips_status"] == LPIPS_NOT_COMPUTED
+    assert on_disk["ours"]["views"] == on_disk["baseline"]["views"] == 9
+    # AKD: either computed by the detector, or unavailable with its reason (never made up)
+    if on_disk["akd_status"] != "computed":
+        assert on_disk["akd_status"].startswith("unavailable: ") and on_disk["ours"]["akd"] is None
+    rows = list(csv.DictReader(io.StringIO((out / "per_view.csv").read_text())))
+    assert len(rows) == 18 and {r["method"] for r in rows} == {"ours", "baseline"}
+    assert all(r["camera"] for r in rows)
+    from PIL import Image
+
+    with Image.open(out / "grid.png") as im:  # 2 samples × 2 views; inputs | target | ours | baseline
+        assert im.size == ((4 + 1 + 2) * SIZE, 14 + 4 * SIZE)
+
+
+def test_mediapipe_to_ibug68_table():
+    assert len(MEDIAPIPE_TO_IBUG68) == 68 and all(0 <= i < 478 for ids in MEDIAPIPE_TO_IBUG68 for i in ids)
+    pts = np.random.default_rng(0).uniform(0, 100, (2, 478, 2))
+    out = mediapipe_to_ibug68(pts)
+    assert out.shape == (2, 68, 2)
+    np.testing.assert_allclose(out[:, 36], pts[:, 33])  # right eye outer corner
+    np.testing.assert_allclose(out[:, 3], (pts[:, 132] + pts[:, 58]) / 2)
+
+
+def test_akd_unavailable_with_the_reason_when_the_detector_finds_no_face(data):
+    class Blind:
+        name = "blind test detector"
+
+        def __call__(self, images, rows):
+            n = len(images)
+            return np.zeros((n, 68, 2)), np.zeros(n, bool)
+
+    report = evaluate_report(data["batches"], None, views=TargetViewIndex(data["frames"]),
+                             ground_truth=GroundTruth68(data["gt"]), detector=Blind())
+    assert report.akd_status.startswith("the detector (blind test detector) found no face")
+    metrics = report.metrics()
+    assert metrics["akd_status"].startswith("unavailable: ") and metrics["baseline"]["akd"] is None
+    assert metrics["detector_floor"] is None
+    md = report.to_markdown()
+    assert "AKD unavailable: the detector (blind test detector) found no face" in md
+    assert "| unavailable | unavailable | unavailable |" in md and "AKD floor" not in md
