@@ -68,14 +68,13 @@ from avat3r_core.formats.batch import Avat3rBatch
 from avat3r_core.ids import make_id
 from avat3r_core.losses import composite
 from avat3r_core.metrics import CSIM_UNAVAILABLE, lpips_metric, psnr, ssim
-from avat3r_core.weights import check_state_dict, safe_torch_load
 
 log = logging.getLogger("avat3r.evaluation")
 
 __all__ = [
     "AKD_NOTE", "EvalConfig", "EvalReport", "GroundTruth68", "LPIPS_NOT_COMPUTED", "MEDIAPIPE_TO_IBUG68",
     "MediaPipe68", "PSNR_CAP", "PUBLISHED", "TargetViewIndex", "eval_loader_config", "evaluate_report",
-    "load_eval_model", "make_detector68", "mediapipe_to_ibug68", "resolve_checkpoint",
+    "load_eval_model", "make_detector68", "mediapipe_to_ibug68",
 ]
 
 #: Per-view PSNR is capped here before averaging (``+inf`` for identical images), as in training.evaluate.
@@ -156,48 +155,11 @@ def eval_loader_config(config: EvalConfig):
 
 
 # --------------------------------------------------------------------------- checkpoints
-def resolve_checkpoint(directory: str | Path) -> Path:
-    """The ``checkpoint.pt`` of ``directory``: directly in it, or in its newest ``checkpoint_*``
-    sub-directory (also under ``checkpoints/`` or ``ray/train/``: a training run's output directory,
-    local or Ray Train with the default storage path and name). Raises
-    :class:`FormatError` naming the directory when there is none."""
-    from avat3r_core.training import CHECKPOINT_FILE
+def load_eval_model(checkpoint: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, info): :func:`avat3r_core.training.load_trained_model`."""
+    from avat3r_core.training import load_trained_model
 
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FormatError(directory, None, "checkpoint directory does not exist")
-    direct = directory / CHECKPOINT_FILE
-    if direct.is_file():
-        return direct
-    for base in (directory, directory / "checkpoints", directory / "ray" / "train"):
-        found = sorted(p for p in base.glob("checkpoint_*") if (p / CHECKPOINT_FILE).is_file())
-        if found:
-            return found[-1] / CHECKPOINT_FILE
-    raise FormatError(directory, None, f"no {CHECKPOINT_FILE} in this checkpoint directory "
-                      "(nor in a checkpoint_* sub-directory of it, of its checkpoints/ or of its ray/train/)")
-
-
-def load_eval_model(directory: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, info) from a checkpoint written by :func:`avat3r_core.training.save_checkpoint`.
-
-    Read with the weights-only loader; the network is built from the checkpoint's own config and
-    its state dict must match exactly. Every problem raises :class:`FormatError` naming the file.
-    """
-    from avat3r_core.training import TrainConfig, build_model
-
-    path = resolve_checkpoint(directory)
-    state = safe_torch_load(path, map_location=device)
-    if not isinstance(state, Mapping) or "model" not in state:
-        raise FormatError(path, "model", "not a training checkpoint (no 'model' state dict)")
-    if not isinstance(state.get("config"), Mapping):
-        raise FormatError(path, "config", "the checkpoint holds no training config; cannot rebuild the network")
-    config = from_dict(TrainConfig, dict(state["config"]), source=f"{path} [config]")
-    model = build_model(config)
-    check_state_dict(model.state_dict(), state["model"], path, field_prefix="model.")
-    model.load_state_dict(state["model"], strict=True)
-    model = model.to(device).eval()
-    info = {"checkpoint": str(path), "step": int(state.get("step", 0)), "model_preset": config.model_preset,
-            "image_size": int(config.model_config().image_size)}
+    model, _, info = load_trained_model(checkpoint, device)
     return model, info
 
 

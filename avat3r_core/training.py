@@ -41,7 +41,8 @@ import torch
 from torch import Tensor
 
 from avat3r_core.cameras import Cameras
-from avat3r_core.config import Presets, build
+from avat3r_core.config import Presets, build, from_dict
+from avat3r_core.errors import FormatError
 from avat3r_core.formats.batch import Avat3rBatch
 from avat3r_core.gaussians import Gaussians
 from avat3r_core.losses import Avat3rLoss, LossConfig, composite
@@ -49,7 +50,7 @@ from avat3r_core.metrics import psnr, ssim
 from avat3r_core.model.avat3r import Avat3r, Avat3rInputs
 from avat3r_core.model.config import Avat3rConfig
 from avat3r_core.render import render
-from avat3r_core.weights import safe_torch_load
+from avat3r_core.weights import check_state_dict, safe_torch_load
 
 log = logging.getLogger("avat3r.training")
 
@@ -346,6 +347,56 @@ def load_checkpoint(directory: str | Path, model, optimizer=None, scheduler=None
         scheduler.load_state_dict(state["scheduler"])
     return {"step": int(state["step"]), "extra": state.get("extra", {}), "rng": state.get("rng"),
             "config": state.get("config")}
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """The ``checkpoint.pt`` meant by ``checkpoint``: the file itself, a directory holding it, or the
+    newest ``checkpoint_*`` sub-directory of a run's output (directly, under ``checkpoints/``, or
+    under ``ray/train/``: Ray Train's default storage path and name). Raises FormatError naming it."""
+    path = Path(checkpoint)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FormatError(path, None, "checkpoint directory does not exist")
+    if (path / CHECKPOINT_FILE).is_file():
+        return path / CHECKPOINT_FILE
+    for base in (path, path / "checkpoints", path / "ray" / "train"):
+        found = sorted(p for p in base.glob("checkpoint_*") if (p / CHECKPOINT_FILE).is_file())
+        if found:
+            return found[-1] / CHECKPOINT_FILE
+    raise FormatError(path, None, f"no {CHECKPOINT_FILE} in this checkpoint directory "
+                      "(nor in a checkpoint_* sub-directory of it, of its checkpoints/ or of its ray/train/)")
+
+
+def load_trained_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[Avat3r, TrainConfig, dict]:
+    """(network in eval mode on ``device``, its TrainConfig, info) from a checkpoint written by
+    :func:`save_checkpoint`: rebuilt from the stored config, weights read with the weights-only
+    loader (no code is unpickled) and matched key by key. ``info``: checkpoint path, step, sha256
+    (avatars built with another checkpoint are rebuilt). Every problem raises FormatError naming the file."""
+    path = resolve_checkpoint(checkpoint)
+    state = safe_torch_load(path, map_location=device)
+    if not isinstance(state, dict) or "model" not in state:
+        raise FormatError(path, "model", "not an avat3r training checkpoint (no 'model' state dict)")
+    if not isinstance(state.get("config"), dict):
+        raise FormatError(path, "config", "the checkpoint holds no training config; cannot rebuild the network")
+    config = from_dict(TrainConfig, dict(state["config"]), source=f"{path} [config]")
+    model = build_model(config)
+    check_state_dict(model.state_dict(), state["model"], path, "the Avat3r network", field_prefix="model.")
+    model.load_state_dict(state["model"], strict=True)
+    info = {"checkpoint": str(path), "step": int(state.get("step", 0)), "sha256": checkpoint_digest(path),
+            "model_preset": config.model_preset, "image_size": int(config.model_config().image_size)}
+    return model.to(device).eval(), config, info
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """sha256 of a checkpoint file (identifies the weights an avatar was built with)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with Path(resolve_checkpoint(path)).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- baseline and evaluation

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from avat3r_core.errors import FormatError
+from avat3r_core.storage import atomic_write_bytes
 from avat3r_core.evaluation import (
     EvalConfig,
     GroundTruth68,
@@ -44,18 +43,6 @@ from avat3r_core.evaluation import (
 log = logging.getLogger("avat3r.stages.evaluate")
 
 OUTPUTS = ("metrics.json", "report.md", "per_view.csv", "grid.png")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _lpips(backbone: str | None, lin: str | None, net: str):
@@ -133,8 +120,8 @@ def run_evaluate(checkpoint: str | Path, shards_dir: str | Path, out_dir: str | 
     out.mkdir(parents=True, exist_ok=True)
     metrics = report.metrics()
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
-    _atomic_write(out / "report.md", report.to_markdown().encode())
-    _atomic_write(out / "per_view.csv", report.to_csv().encode())
+    atomic_write_bytes(out / "report.md", report.to_markdown().encode())
+    atomic_write_bytes(out / "per_view.csv", report.to_csv().encode())
     if report.grid is not None:
         import io
 
@@ -142,7 +129,7 @@ def run_evaluate(checkpoint: str | Path, shards_dir: str | Path, out_dir: str | 
 
         buf = io.BytesIO()
         Image.fromarray(report.grid).save(buf, format="PNG")
-        _atomic_write(out / "grid.png", buf.getvalue())
-    _atomic_write(out / "metrics.json", json.dumps(metrics, indent=1).encode())  # last: marks a complete run
+        atomic_write_bytes(out / "grid.png", buf.getvalue())
+    atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=1).encode())  # last: marks a complete run
     log.info("evaluated %d samples of %s in %.1f s → %s", report.samples, split, metrics["seconds"], out)
     return {**metrics, "outputs": {name: str(out / name) for name in OUTPUTS if (out / name).exists()}}

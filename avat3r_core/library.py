@@ -1,0 +1,1187 @@
+"""Avatar libraries: which avatars to build from what, and everything done to one avatar.
+
+A team builds avatars in bulk from a *library manifest* (CSV, YAML or Parquet; one row per avatar):
+
+============  ======================================================================================
+column        meaning
+============  ======================================================================================
+avatar_id     optional; dot-free ``[A-Za-z0-9_-]`` (it names ``avatars/<id>/``). Absent: derived
+              deterministically from mode, subject / source name, sequence and frame.
+mode          ``capture`` | ``photos`` | ``image`` | ``video``
+source        capture: the capture's ``frames.parquet``; photos: a folder of images (or several
+              image paths joined by ``;``); image: one image; video: one video file
+subject       capture only (required there); ``sequence``, ``frame``: optional narrowing
+expressions   optional expression track for ``animation.mp4``: ``builtin``, a ``tracking.parquet``
+              (``path#<subject>/<sequence>`` picks one tracked sequence) or a ``.npy`` of (T, 135) codes
+priors        capture only: ``priors.parquet`` (default ``<frames dir>/../priors/priors.parquet``)
+tracking      capture only: ``tracking.parquet`` (default ``<frames dir>/../tracking/tracking.parquet``)
+============  ======================================================================================
+
+Relative paths are relative to the library file (like every manifest of the project), so a library
+can be moved together with its inputs. Errors name the file, the row and the field.
+
+Per mode, :class:`Preparer` turns one library row into the model's inputs (:class:`PreparedAvatar`):
+
+* ``capture`` — views of a preprocessed capture: ``frames.parquet`` crops, ``priors.parquet``
+  position maps / features (whatever sources the priors stage used, recorded), chosen by
+  farthest viewpoints over the subject's (frame, camera) candidates, preferring distinct
+  timesteps (as training did: the model was trained on inputs at other timesteps).
+* ``photos`` / ``image`` / ``video`` — uncalibrated pictures: landmarks (MediaPipe, or landmark
+  files beside the pictures: backend ``file``) → :func:`~avat3r_core.tracking.fit.fit_uncalibrated`
+  (face-model shape, per-image expression, one camera per image, head at the origin) → square
+  head crops with exact crop cameras (the same ``crop_boxes``/``crop_image`` as extraction) →
+  priors: DUSt3R position maps when a checkpoint is given, else the ``face_model`` stand-in (the
+  fitted mesh rendered into each crop); features from EfficientNet (stand-in), Sapiens or none,
+  projected with the training data's ``feature_projection.npz``. Video mode fits a subsample of the
+  frames and picks the frames whose head poses differ most (farthest camera directions in the head
+  frame). Photos beyond ``num_views`` are picked the same way.
+
+Failures are named exceptions carrying the path and the reason (:class:`NoFaceError`,
+:class:`UnreadableInputError`, :class:`TooFewFramesError`, :class:`FitFailedError`), so the error
+manifest says which file of which avatar was at fault.
+
+:func:`build_avatar` then runs the network once (``Avat3r.encode``; the encoder cache is saved so
+driving later runs only the decoder), decodes the neutral expression (Gaussians → ``.ply``,
+``preview.png``, ``turntable.mp4``) and an expression track (``animation.mp4``).
+:func:`animate_avatar` drives a built avatar from its cache alone (``avat3r animate``).
+
+Pure torch/numpy: no Ray, no Prefect (``stages/reconstruct.py`` adds the fan-out).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+
+from avat3r_core import storage
+from avat3r_core.cameras import Cameras
+from avat3r_core.config import Presets, from_dict
+from avat3r_core.errors import Avat3rError, FormatError
+from avat3r_core.ids import id_part
+
+log = logging.getLogger("avat3r.reconstruct")
+
+__all__ = [
+    "MODES", "LIBRARY_COLUMNS", "LANDMARKS_SUFFIX", "LibraryEntry", "read_library", "write_library",
+    "write_capture_library", "AvatarInputError", "NoFaceError", "UnreadableInputError", "TooFewFramesError",
+    "FitFailedError", "PrepareConfig", "PreparedAvatar", "Preparer", "farthest_viewpoints", "pick_diverse_poses",
+    "builtin_expressions", "load_expression_track", "neutral_code",
+    "build_avatar", "AvatarFiles", "animate_avatar", "drive_without_cache", "view_orbit",
+    "CACHE_FILE", "PLY_FILE", "PREVIEW_FILE", "TURNTABLE_FILE", "ANIMATION_FILE", "META_FILE",
+]
+
+MODES = ("capture", "photos", "image", "video")
+LIBRARY_COLUMNS = ("avatar_id", "mode", "source", "subject", "sequence", "frame", "expressions", "priors", "tracking")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+#: landmark file beside a picture for the ``file`` backend: ``photo.png`` → ``photo.landmarks.npz``
+LANDMARKS_SUFFIX = ".landmarks.npz"
+CACHE_FILE, PLY_FILE, PREVIEW_FILE = "encoder_cache.pt", "gaussians_neutral.ply", "preview.png"
+TURNTABLE_FILE, ANIMATION_FILE, META_FILE = "turntable.mp4", "animation.mp4", "meta.json"
+_ID_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+# ====================================================================== errors
+class AvatarInputError(Avat3rError):
+    """An avatar's input cannot be used; ``path`` is the file at fault, ``reason`` says why."""
+
+    kind = "bad input"
+
+    def __init__(self, path: str | Path | None, reason: str):
+        self.path = str(path) if path is not None else None
+        self.reason = reason
+        super().__init__(f"{self.path or '<input>'}: {self.kind}: {reason}")
+
+
+class NoFaceError(AvatarInputError):
+    kind = "no face detected"
+
+
+class UnreadableInputError(AvatarInputError):
+    kind = "unreadable"
+
+
+class TooFewFramesError(AvatarInputError):
+    kind = "too few frames"
+
+
+class FitFailedError(AvatarInputError):
+    kind = "face-model fit failed"
+
+
+# ====================================================================== the library manifest
+@dataclass
+class LibraryEntry:
+    """One avatar to build (paths absolute after :func:`read_library`)."""
+
+    avatar_id: str
+    mode: str
+    source: str
+    subject: str | None = None
+    sequence: str | None = None
+    frame: int | None = None
+    expressions: str | None = None
+    priors: str | None = None
+    tracking: str | None = None
+    library: str = ""  # the library file it came from (for messages)
+    row: int = 0  # 1-based row in that file
+
+    def to_item(self) -> dict:
+        """The stage item: JSON-able, with the runner's ``id``."""
+        return {"id": self.avatar_id, **asdict(self)}
+
+    @classmethod
+    def from_item(cls, item: dict) -> "LibraryEntry":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in item.items() if k in names})
+
+    def where(self) -> str:
+        return f"{self.library} row {self.row} (avatar {self.avatar_id})"
+
+    def image_paths(self) -> list[str]:
+        """Photos mode: the images of the folder (sorted) or the ``;``-separated list."""
+        if ";" in self.source:
+            return [p for p in self.source.split(";") if p]
+        path = Path(self.source)
+        if path.is_dir():
+            files = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+            if not files:
+                raise UnreadableInputError(path, f"no images ({', '.join(IMAGE_EXTS)}) in the folder")
+            return files
+        return [self.source]
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip())
+
+
+def _resolve(base: Path, value: str) -> str:
+    """Library paths are relative to the library file; ``;`` lists and ``#`` selectors survive."""
+    if "://" in value:
+        return value
+    if ";" in value:
+        return ";".join(_resolve(base, v) for v in value.split(";") if v)
+    path, sep, selector = value.partition("#")
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve()) + (sep + selector if sep else "")
+
+
+def _read_rows(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if not path.exists():
+        raise FormatError(path, None, "library file not found")
+    try:
+        if suffix == ".csv":
+            with path.open(newline="") as f:
+                return [dict(r) for r in csv.DictReader(f)]
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(path.read_text()) or []
+            if isinstance(data, dict):
+                if "avatars" not in data:
+                    raise FormatError(path, "avatars", "a YAML mapping needs an 'avatars' list")
+                data = data["avatars"]
+            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+                raise FormatError(path, None, "expected a list of mappings (one per avatar)")
+            return data
+        if suffix == ".parquet":
+            return storage.read_parquet(str(path)).to_pylist()
+    except FormatError:
+        raise
+    except Exception as exc:  # csv/yaml/parquet errors of many types
+        raise FormatError(path, None, f"unreadable library file: {type(exc).__name__}: {exc}") from None
+    raise FormatError(path, None, f"unknown library format {suffix!r} (use .csv, .yaml/.yml or .parquet)")
+
+
+def read_library(path: str | Path) -> list[LibraryEntry]:
+    """Read and validate a library manifest (see the module docstring); raises FormatError naming
+    the file, the row and the field."""
+    path = Path(path).resolve()
+    base = path.parent
+    entries: list[LibraryEntry] = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(_read_rows(path), start=1):
+        def field_(name: str) -> str:
+            return f"row {i}: {name}"
+
+        unknown = sorted(set(raw) - set(LIBRARY_COLUMNS))
+        if unknown:
+            raise FormatError(path, field_(", ".join(unknown)), f"unknown column(s); known: {', '.join(LIBRARY_COLUMNS)}")
+        row = {k: (None if _blank(raw.get(k)) else raw.get(k)) for k in LIBRARY_COLUMNS}
+        mode = str(row["mode"] or "").strip().lower()
+        if mode not in MODES:
+            raise FormatError(path, field_("mode"), f"expected one of {', '.join(MODES)}, got {row['mode']!r}")
+        if row["source"] is None:
+            raise FormatError(path, field_("source"), "missing (the frames manifest, folder, image or video)")
+        source = _resolve(base, str(row["source"]).strip())
+        subject = None if row["subject"] is None else str(row["subject"]).strip()
+        sequence = None if row["sequence"] is None else str(row["sequence"]).strip()
+        frame = row["frame"]
+        if frame is not None:
+            try:
+                frame = int(str(frame).strip())
+            except ValueError:
+                raise FormatError(path, field_("frame"), f"expected an integer frame index, got {frame!r}") from None
+        if mode == "capture" and subject is None:
+            raise FormatError(path, field_("subject"), "capture mode needs the subject to build")
+        if mode != "capture":
+            for name in ("subject", "sequence", "frame", "priors", "tracking"):
+                if row[name] is not None:
+                    raise FormatError(path, field_(name), f"only used in capture mode, not in {mode!r} mode")
+        avatar_id = row["avatar_id"]
+        if avatar_id is None:
+            name = subject if mode == "capture" else Path(source.split(";")[0]).stem
+            parts = [mode, name] + ([sequence] if sequence else []) + ([frame] if frame is not None else [])
+            try:
+                avatar_id = "_".join(id_part(p) for p in parts)
+            except ValueError as exc:
+                raise FormatError(path, field_("avatar_id"), f"cannot derive an id ({exc}); give avatar_id") from None
+        avatar_id = str(avatar_id).strip()
+        if not _ID_OK.match(avatar_id):
+            raise FormatError(path, field_("avatar_id"),
+                              f"{avatar_id!r} is not a dot-free id of [A-Za-z0-9_-] starting with a letter or digit")
+        if avatar_id in seen:
+            raise FormatError(path, field_("avatar_id"), f"duplicate id {avatar_id!r} (also row {seen[avatar_id]})")
+        seen[avatar_id] = i
+        expressions = None if row["expressions"] is None else str(row["expressions"]).strip()
+        if expressions and expressions != "builtin":
+            expressions = _resolve(base, expressions)
+        entries.append(LibraryEntry(
+            avatar_id=avatar_id, mode=mode, source=source, subject=subject, sequence=sequence, frame=frame,
+            expressions=expressions,
+            priors=_resolve(base, str(row["priors"])) if row["priors"] is not None else None,
+            tracking=_resolve(base, str(row["tracking"])) if row["tracking"] is not None else None,
+            library=str(path), row=i))
+    return entries
+
+
+def write_library(rows: Sequence[dict | LibraryEntry], path: str | Path) -> str:
+    """Write a library manifest (format by extension: .csv, .yaml/.yml or .parquet)."""
+    import pyarrow as pa
+
+    path = Path(path)
+    plain = []
+    for r in rows:
+        d = asdict(r) if isinstance(r, LibraryEntry) else dict(r)
+        plain.append({k: d.get(k) for k in LIBRARY_COLUMNS if d.get(k) is not None})
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        schema = pa.schema([(k, pa.int64() if k == "frame" else pa.string()) for k in LIBRARY_COLUMNS])
+        table = pa.Table.from_pylist([{k: r.get(k) for k in LIBRARY_COLUMNS} for r in plain], schema=schema)
+        storage.write_parquet(table, str(path))
+    elif suffix == ".csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(LIBRARY_COLUMNS))
+        writer.writeheader()
+        for r in plain:
+            writer.writerow(r)
+        storage.atomic_write_bytes(str(path), buf.getvalue().encode())
+    elif suffix in (".yaml", ".yml"):
+        import yaml
+
+        storage.atomic_write_bytes(str(path), yaml.safe_dump({"avatars": plain}, sort_keys=False).encode())
+    else:
+        raise ValueError(f"unknown library format {suffix!r} (use .csv, .yaml/.yml or .parquet)")
+    return str(path)
+
+
+def write_capture_library(frames_manifest: str, splits: str, split: str = "test", out_path: str = "library.parquet",
+                          expressions: str | None = None) -> str:
+    """A library of one ``capture`` avatar per subject of ``split`` (held-out subjects by default).
+
+    ``splits``: ``splits.json`` (subjects per split, written by the pack stage) or the shards
+    directory holding it. Each avatar is built from the subject's first sequence; its animation is
+    driven by the subject's *last* tracked sequence (a novel expression sequence when it has
+    several) when ``<frames dir>/../tracking/tracking.parquet`` exists, else by the built-in set.
+    ``expressions`` overrides that for every row. Ids: ``capture_<subject>``.
+    """
+    spath = storage.join(splits, "splits.json") if not str(splits).endswith(".json") else str(splits)
+    try:
+        table = json.loads(storage.read_bytes(spath))
+    except FileNotFoundError:
+        raise FormatError(spath, None, "splits file not found (run the pack stage first)") from None
+    except json.JSONDecodeError as exc:
+        raise FormatError(spath, None, f"invalid JSON: {exc}") from None
+    if split not in table:
+        raise FormatError(spath, split, f"no such split; known: {sorted(table)}")
+    wanted = set(table[split])
+    frames_manifest = str(Path(frames_manifest).resolve())
+    frames = storage.read_parquet(frames_manifest).select(["subject", "sequence"]).to_pylist()
+    sequences: dict[str, set[str]] = {}
+    for r in frames:
+        if r["subject"] in wanted:
+            sequences.setdefault(r["subject"], set()).add(r["sequence"])
+    tracking = Path(frames_manifest).parent.parent / "tracking" / "tracking.parquet"
+    tracked: dict[str, set[str]] = {}
+    if tracking.exists():
+        for r in storage.read_parquet(str(tracking)).select(["subject", "sequence"]).to_pylist():
+            tracked.setdefault(r["subject"], set()).add(r["sequence"])
+    rows = []
+    for subject in sorted(sequences):
+        seqs = sorted(sequences[subject])
+        expr = expressions
+        if expr is None:
+            drive = sorted(tracked.get(subject, ()))
+            expr = f"{tracking}#{subject}/{drive[-1]}" if drive else "builtin"
+        rows.append({"avatar_id": f"capture_{id_part(subject)}", "mode": "capture", "source": frames_manifest,
+                     "subject": subject, "sequence": seqs[0], "expressions": expr})
+    if not rows:
+        log.warning("write_capture_library: no subject of split %r (%s) has frames in %s", split, sorted(wanted),
+                    frames_manifest)
+    return write_library(rows, out_path)
+
+
+# ====================================================================== view / frame choice
+def farthest_viewpoints(centers: np.ndarray, k: int, groups: np.ndarray | None = None) -> list[int]:
+    """Deterministic k-farthest viewpoint choice over camera centres (N, 3).
+
+    The first pick is the camera nearest the mean centre (the most central view, i.e. the frontal
+    one of a frontal rig), then repeatedly the candidate farthest from all picks; ties (the same
+    camera at several timesteps) go to a ``groups`` label (timestep) not picked yet, then to the
+    lowest index. Deterministic, unlike the training sampler, so a rebuilt avatar is the same.
+    """
+    centers = np.asarray(centers, np.float64)
+    n = len(centers)
+    if n == 0:
+        return []
+    picks = [int(np.argmin(np.linalg.norm(centers - centers.mean(0), axis=1)))]
+    dist = np.linalg.norm(centers - centers[picks[0]], axis=1)
+    while len(picks) < min(k, n):
+        dist[picks] = -1.0
+        ties = np.flatnonzero(dist >= dist.max() - 1e-6)
+        if groups is not None:
+            fresh = ties[~np.isin(groups[ties], groups[picks])]
+            ties = fresh if len(fresh) else ties
+        picks.append(int(ties[0]))
+        dist = np.minimum(dist, np.linalg.norm(centers - centers[picks[-1]], axis=1))
+    return picks
+
+
+def pick_diverse_poses(world_to_cam: np.ndarray, k: int) -> list[int]:
+    """Indices of ``k`` images whose head poses differ most (head-frame cameras of an uncalibrated fit).
+
+    With the head fixed at the origin, a head pose is a camera direction; farthest-point sampling on
+    the unit directions starts at the most frontal one (nearest the mean direction). Sorted.
+    """
+    w2c = np.asarray(world_to_cam, np.float64)
+    centers = -np.einsum("nji,nj->ni", w2c[:, :3, :3], w2c[:, :3, 3])
+    dirs = centers / np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-12)
+    return sorted(farthest_viewpoints(dirs, k))
+
+
+# ====================================================================== configuration
+@dataclass
+class PrepareConfig(Presets):
+    """How pictures become model inputs (the model itself fixes the crop size and feature width).
+
+    Landmarks: ``mediapipe`` (MediaPipe FaceLandmarker; the face model's landmark embedding must
+    select from its 478 points, e.g. FLAME's MediaPipe embedding) or ``file`` (``<picture stem>``
+    ``.landmarks.npz`` beside each picture: ``landmarks`` (L, 2) pixels, or (T, L, 2) for a video,
+    optional ``visible``). The synthetic studio's head ships a 68-point embedding that MediaPipe's
+    points do not map onto, so studio pictures use ``file`` with the studio's landmarks: an explicit
+    choice, written into every avatar's ``meta.json`` and the index.
+    """
+
+    PRESETS: ClassVar[dict] = {"tiny": {}, "demo": {}}
+
+    landmarks: str = "mediapipe"  # mediapipe | file
+    mediapipe_model: str = ""  # face_landmarker.task (default: the installed copy)
+    face_model: str = ""  # FLAME-format model (.pkl); required for photos/image/video modes
+    landmark_embedding: str = ""  # its landmark embedding (.pkl/.npz)
+    fov_deg: float = 24.0  # assumed vertical field of view of uncalibrated pictures
+    head_extent: float = 0.15  # half-size of the square crop in metres around the head (as extraction)
+    fit_preset: str = "tiny"  # FitConfig preset
+    fit: dict = field(default_factory=dict)  # FitConfig overrides
+    position_source: str = "auto"  # auto (dust3r if a checkpoint is given, else face_model) | dust3r | face_model
+    dust3r_checkpoint: str = ""
+    feature_source: str = "auto"  # auto (sapiens if given, else efficientnet) | sapiens | efficientnet | none
+    sapiens_model: str = ""
+    sapiens_input_size: tuple[int, int] = (1024, 1024)
+    feature_projection: str = ""  # the training data's feature_projection.npz ("" = unprojected)
+    num_views: int = 4  # input views per avatar (image mode: 1)
+    video_max_frames: int = 300  # frames read from a video
+    video_fit_frames: int = 12  # frames (evenly spaced) the face model is fitted on
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.sapiens_input_size = tuple(int(v) for v in self.sapiens_input_size)  # type: ignore[assignment]
+        checks = {
+            "landmarks": self.landmarks in ("mediapipe", "file"),
+            "position_source": self.position_source in ("auto", "dust3r", "face_model"),
+            "feature_source": self.feature_source in ("auto", "sapiens", "efficientnet", "none"),
+            "device": self.device in ("auto", "cpu", "cuda"),
+            "num_views": self.num_views >= 1, "video_fit_frames": self.video_fit_frames >= 2,
+            "video_max_frames": self.video_max_frames >= 2, "head_extent": self.head_extent > 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise FormatError(type(self).__name__, ", ".join(bad), f"invalid value(s): {[getattr(self, k) for k in bad]}")
+        if self.position_source == "dust3r" and not self.dust3r_checkpoint:
+            raise FormatError(type(self).__name__, "dust3r_checkpoint", "position_source 'dust3r' needs a checkpoint")
+        if self.feature_source == "sapiens" and not self.sapiens_model:
+            raise FormatError(type(self).__name__, "sapiens_model", "feature_source 'sapiens' needs the model file")
+
+    @property
+    def resolved_position_source(self) -> str:
+        if self.position_source == "auto":
+            return "dust3r" if self.dust3r_checkpoint else "face_model"
+        return self.position_source
+
+    def resolved_feature_source(self, features_enabled: bool) -> str:
+        if not features_enabled:
+            return "none"
+        if self.feature_source == "auto":
+            return "sapiens" if self.sapiens_model else "efficientnet"
+        return self.feature_source
+
+    def fit_config(self):
+        from avat3r_core.tracking.fit import FitConfig
+
+        return FitConfig.preset(self.fit_preset, **dict(self.fit))
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA device is available to this worker")
+    return torch.device(device)
+
+
+# ====================================================================== prepared inputs
+@dataclass
+class PreparedAvatar:
+    """The model inputs of one avatar plus what rendering needs; serialises to an ``.npz`` (no pickle)."""
+
+    avatar_id: str
+    images: np.ndarray  # (V, S, S, 3) uint8 crops
+    world_to_cam: np.ndarray  # (V, 4, 4) float64 crop cameras (OpenCV)
+    K: np.ndarray  # (V, 3, 3)
+    position: np.ndarray  # (V, S, S, 3) float32 world points
+    confidence: np.ndarray  # (V, S, S) float32
+    features: np.ndarray | None  # (V, C, h, w) float32
+    reference: dict[str, np.ndarray]  # FLAME rotation/translation (3,) of the neutral pose (world frame)
+    center: np.ndarray  # (3,) head centre (world)
+    radius: float  # typical camera distance
+    front: np.ndarray  # (3,) unit direction from the head towards the mean input camera
+    up: np.ndarray  # (3,) unit world up of the input cameras
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_views(self) -> int:
+        return int(self.images.shape[0])
+
+    def cameras(self, device: torch.device | str = "cpu") -> Cameras:
+        S = self.images.shape[1]
+        return Cameras(torch.as_tensor(self.world_to_cam, dtype=torch.float32, device=device),
+                       torch.as_tensor(self.K, dtype=torch.float32, device=device), S, S)
+
+    def inputs(self, device: torch.device | str = "cpu"):
+        from avat3r_core.model.avat3r import Avat3rInputs
+
+        t = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=device)  # noqa: E731
+        images = t(self.images).permute(0, 3, 1, 2).float().div(255.0)[None]
+        feats = None if self.features is None else t(self.features).float()[None]
+        return Avat3rInputs(images=images, cameras=self.cameras(device),
+                            position_maps=t(self.position).float().permute(0, 3, 1, 2)[None],
+                            confidence=t(self.confidence).float()[None], features=feats)
+
+    def to_bytes(self) -> bytes:
+        arrays = {k: getattr(self, k) for k in ("images", "world_to_cam", "K", "position", "confidence", "center", "front", "up")}
+        if self.features is not None:
+            arrays["features"] = self.features
+        for k, v in self.reference.items():
+            arrays[f"reference_{k}"] = np.asarray(v)
+        header = {"avatar_id": self.avatar_id, "radius": float(self.radius), "meta": self.meta}
+        buf = io.BytesIO()
+        np.savez(buf, header=np.array(json.dumps(header, default=_json_default)), **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "PreparedAvatar":
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            header = json.loads(str(z["header"]))
+            a = {k: z[k] for k in z.files}
+        return cls(avatar_id=header["avatar_id"], images=a["images"], world_to_cam=a["world_to_cam"], K=a["K"],
+                   position=a["position"], confidence=a["confidence"], features=a.get("features"),
+                   reference={k[len("reference_"):]: v for k, v in a.items() if k.startswith("reference_")},
+                   center=a["center"], radius=header["radius"], front=a["front"], up=a["up"], meta=header["meta"])
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _framing(position: np.ndarray, confidence: np.ndarray, world_to_cam: np.ndarray, source: str):
+    """Head centre (median of confident position-map points), camera distance, front and up."""
+    pts = position[confidence > 0.5]
+    if len(pts) < 16:
+        raise AvatarInputError(source, f"only {len(pts)} confident position-map pixels over all views: nothing to build")
+    center = np.median(pts.astype(np.float64), axis=0)
+    R, t = world_to_cam[:, :3, :3], world_to_cam[:, :3, 3]
+    cams = -np.einsum("nji,nj->ni", R, t)
+    radius = float(np.median(np.linalg.norm(cams - center, axis=1)))
+    front = (cams - center).mean(0)
+    front = front / max(np.linalg.norm(front), 1e-12)
+    up = -R[:, 1, :].mean(0)  # OpenCV: image y points down
+    up = up - front * (up @ front)
+    up = up / max(np.linalg.norm(up), 1e-12)
+    return center, radius, front, up
+
+
+# ====================================================================== reading pictures
+def read_image(path: str) -> np.ndarray:
+    """RGB uint8 (H, W, 3); a missing or undecodable file raises :class:`UnreadableInputError`."""
+    import cv2
+
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise UnreadableInputError(path, "file not found") from None
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    if image is None:
+        raise UnreadableInputError(path, "cannot decode the image (corrupt, empty or not an image)")
+    return np.ascontiguousarray(image[..., ::-1])
+
+
+def read_video_frames(path: str, max_frames: int) -> list[np.ndarray]:
+    """Up to ``max_frames`` RGB frames; undecodable → :class:`UnreadableInputError`; < 2 frames →
+    :class:`TooFewFramesError` (one frame is a picture: use mode ``image``)."""
+    from avat3r_core.video import read_frames
+
+    if not storage.exists(path):
+        raise UnreadableInputError(path, "file not found")
+    frames: list[np.ndarray] = []
+    try:
+        for frame in read_frames(path):
+            frames.append(frame)
+            if len(frames) >= max_frames:
+                break
+    except Exception as exc:  # PyAV raises many error types for broken files
+        if len(frames) < 2:
+            raise UnreadableInputError(path, f"cannot decode the video: {type(exc).__name__}: {exc}") from None
+        log.warning("%s: decoding stopped after %d frames: %s", path, len(frames), exc)
+    if len(frames) < 2:
+        raise TooFewFramesError(path, f"the video has {len(frames)} decodable frame(s); video mode needs at least 2 "
+                                      "with different head poses (use mode 'image' for a single picture)")
+    return frames
+
+
+def landmarks_path(picture: str) -> str:
+    p = Path(picture)
+    return str(p.with_name(p.stem + LANDMARKS_SUFFIX))
+
+
+def read_landmarks_beside(picture: str, frames: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``file`` backend: ``(points (N, L, 2), confidence (N, L))`` from ``<stem>.landmarks.npz``.
+
+    A missing file means no face was marked for that picture (:class:`NoFaceError`). ``frames``:
+    a video's frame count (the file then holds (T, L, 2) with T ≥ frames).
+    """
+    path = landmarks_path(picture)
+    if not storage.exists(path):
+        raise NoFaceError(picture, f"landmark backend 'file': no landmark file {path}")
+    try:
+        with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as z:
+            if "landmarks" not in z:
+                raise FormatError(path, "landmarks", "missing required key")
+            pts = np.asarray(z["landmarks"], np.float64)
+            vis = np.asarray(z["visible"], np.float64) if "visible" in z else np.ones(pts.shape[:-1])
+    except FormatError:
+        raise
+    except Exception as exc:
+        raise FormatError(path, None, f"not a readable .npz: {exc}") from None
+    if frames is None:
+        pts, vis = pts[None], vis[None]
+    if pts.ndim != 3 or pts.shape[-1] != 2:
+        raise FormatError(path, "landmarks", f"expected ({'T, ' if frames else ''}L, 2), got {pts.shape}")
+    if vis.shape != pts.shape[:2]:
+        raise FormatError(path, "visible", f"expected {pts.shape[:2]}, got {vis.shape}")
+    if frames is not None and pts.shape[0] < frames:
+        raise FormatError(path, "landmarks", f"{pts.shape[0]} frames of landmarks for a video of {frames} frames")
+    n = frames if frames is not None else 1
+    return pts[:n], np.clip(vis[:n], 0, 1)
+
+
+# ====================================================================== preparation
+class Preparer:
+    """Turns library rows into :class:`PreparedAvatar`; heavy models are loaded once, lazily.
+
+    ``image_size`` and ``feature_dim`` come from the checkpoint's model config (the crops must be
+    what the network was trained on); ``features_enabled`` says whether it takes features at all.
+    """
+
+    def __init__(self, config: PrepareConfig, image_size: int, feature_dim: int = 0, features_enabled: bool = False):
+        self.config = config
+        self.image_size = int(image_size)
+        self.feature_dim = int(feature_dim)
+        self.features_enabled = bool(features_enabled)
+        self.device = pick_device(config.device)
+        self.position_source = config.resolved_position_source
+        self.feature_source = config.resolved_feature_source(self.features_enabled)
+        self._layer = None
+        self._embedding = None
+        self._detector = None
+        self._dust3r = None
+        self._features = None
+        self._feature_name = None
+        self._projection: tuple[torch.Tensor, torch.Tensor] | None = None
+        if self.feature_source in ("efficientnet", "sapiens") and config.feature_projection:
+            path = config.feature_projection
+            try:
+                with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as z:
+                    self._projection = (torch.from_numpy(z["matrix"]).float(), torch.from_numpy(z["mean"]).float())
+                    self.projection_meta = json.loads(str(z["meta"])) if "meta" in z else {}
+            except FileNotFoundError:
+                raise FormatError(path, None, "feature projection file not found") from None
+            except KeyError as exc:
+                raise FormatError(path, str(exc), "missing key in the feature projection") from None
+            if self._projection[0].shape[1] != self.feature_dim:
+                raise FormatError(path, "matrix", f"projects to {self._projection[0].shape[1]} channels, the model "
+                                  f"takes {self.feature_dim}")
+
+    def check_picture_features(self) -> None:
+        """Raise FormatError now if pictures' features could never match the model's width (a
+        missing projection); capture mode reads the priors stage's stored features instead."""
+        if self.features_enabled and self._projection is None and self.feature_source == "efficientnet" \
+                and self.feature_dim != 112:
+            raise FormatError("PrepareConfig", "feature_projection",
+                              f"the model takes {self.feature_dim} feature channels, EfficientNet-Lite0 gives 112: give "
+                              "the training data's feature_projection.npz")
+
+    # ------------------------------------------------------------------ lazily loaded models
+    def face_layer(self):
+        if self._layer is None:
+            from avat3r_core.flame import FlameLayer, load_flame_model, load_landmark_embedding
+
+            cfg = self.config
+            if not cfg.face_model or not cfg.landmark_embedding:
+                raise FormatError("PrepareConfig", "face_model", "photos/image/video modes need face_model and "
+                                  "landmark_embedding (a FLAME-format model and its landmark embedding)")
+            self._embedding = load_landmark_embedding(cfg.landmark_embedding)
+            self._layer = FlameLayer(load_flame_model(cfg.face_model), landmarks=self._embedding,
+                                     dtype=torch.float64).eval()
+        return self._layer
+
+    def detect(self, images: list[np.ndarray], pictures: list[str], video: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Landmarks of N pictures (or N video frames of ``pictures[0]``): points, confidence, found."""
+        if self.config.landmarks == "file":
+            if video:
+                pts, conf = read_landmarks_beside(pictures[0], frames=len(images))
+            else:
+                pts_l, conf_l = [], []
+                for p in pictures:
+                    try:
+                        a, b = read_landmarks_beside(p)
+                    except NoFaceError:
+                        a, b = None, None
+                    pts_l.append(a)
+                    conf_l.append(b)
+                L = next((a.shape[1] for a in pts_l if a is not None), 0)
+                if L == 0:
+                    raise NoFaceError(";".join(pictures), "landmark backend 'file': no landmark file beside any picture "
+                                      f"(expected <stem>{LANDMARKS_SUFFIX})")
+                pts = np.concatenate([a if a is not None else np.zeros((1, L, 2)) for a in pts_l])
+                conf = np.concatenate([b if b is not None else np.zeros((1, L)) for b in conf_l])
+            found = (conf > 0).sum(1) >= 6
+            return pts, conf, found
+        if self._detector is None:
+            from avat3r_core.tracking.landmarks import MediaPipeLandmarks
+
+            self._detector = MediaPipeLandmarks(self.config.mediapipe_model or None)
+        points, conf, found = [], [], []
+        for image in images:  # one at a time: pictures differ in size
+            d = self._detector.detect(image[None])
+            points.append(d.points[0])
+            conf.append(d.confidence[0])
+            found.append(bool(d.found[0]))
+        return np.stack(points).astype(np.float64), np.stack(conf).astype(np.float64), np.array(found)
+
+    def _features_of(self, crops: np.ndarray) -> np.ndarray | None:
+        if self.feature_source == "none":
+            return None
+        self.check_picture_features()
+        from avat3r_core.priors import sources
+
+        if self._features is None:
+            if self.feature_source == "efficientnet":
+                from avat3r_core.priors.backbone import BACKBONE_SOURCE, load_efficientnet_lite0
+
+                self._features = load_efficientnet_lite0(device=self.device)
+                self._feature_name = BACKBONE_SOURCE
+            else:
+                from avat3r_core.priors.sapiens import load_sapiens
+
+                self._features = load_sapiens(self.config.sapiens_model, device=self.device)
+                self._feature_name = f"sapiens_{self._features.size}" if self._features.size else "sapiens"
+        if self.feature_source == "efficientnet":
+            raw = sources.efficientnet_features(self._features, crops)
+        else:
+            raw = sources.sapiens_features(self._features, crops, size=self.config.sapiens_input_size)
+        feats = sources.features_to_store(raw.cpu(), self._projection).astype(np.float32)
+        if feats.shape[1] != self.feature_dim:
+            raise FormatError(self.config.feature_projection or self._feature_name, "feature_dim",
+                              f"{self._feature_name} features have {feats.shape[1]} channels after projection, the "
+                              f"model takes {self.feature_dim} (give the training data's feature_projection.npz)")
+        return feats
+
+    def feature_source_name(self) -> str:
+        if self.feature_source == "none":
+            return "none"
+        if self._feature_name:
+            return self._feature_name
+        return "efficientnet_lite0_imagenet" if self.feature_source == "efficientnet" else "sapiens"
+
+    # ------------------------------------------------------------------ entry point
+    def prepare(self, entry: LibraryEntry) -> PreparedAvatar:
+        start = time.perf_counter()
+        if entry.mode == "capture":
+            out = self.prepare_capture(entry)
+        elif entry.mode == "photos":
+            paths = entry.image_paths()
+            images = [read_image(p) for p in paths]
+            out = self.prepare_pictures(entry, images, paths)
+        elif entry.mode == "image":
+            out = self.prepare_pictures(entry, [read_image(entry.source)], [entry.source])
+        elif entry.mode == "video":
+            frames = read_video_frames(entry.source, self.config.video_max_frames)
+            out = self.prepare_pictures(entry, frames, [entry.source], video=True)
+        else:  # read_library already refuses this
+            raise FormatError(entry.library, f"row {entry.row}: mode", f"unknown mode {entry.mode!r}")
+        out.meta["prepare_s"] = round(time.perf_counter() - start, 3)
+        return out
+
+    # ------------------------------------------------------------------ capture mode
+    def prepare_capture(self, entry: LibraryEntry) -> PreparedAvatar:
+        """Farthest viewpoints of a preprocessed capture (frames + priors [+ tracking] manifests)."""
+        import cv2
+
+        frames_manifest = entry.source
+        frames_dir = str(Path(frames_manifest).parent)
+        priors_manifest = entry.priors or str(Path(frames_dir).parent / "priors" / "priors.parquet")
+        tracking_manifest = entry.tracking or str(Path(frames_dir).parent / "tracking" / "tracking.parquet")
+        for p, what in ((frames_manifest, "frames manifest"), (priors_manifest, "priors manifest")):
+            if not storage.exists(p):
+                raise AvatarInputError(p, f"{what} not found")
+        rows = [r for r in storage.read_parquet(frames_manifest).to_pylist() if str(r["subject"]) == entry.subject]
+        if entry.sequence is not None:
+            rows = [r for r in rows if str(r["sequence"]) == entry.sequence]
+        elif rows:
+            first = sorted({str(r["sequence"]) for r in rows})[0]
+            rows = [r for r in rows if str(r["sequence"]) == first]
+        if entry.frame is not None:
+            rows = [r for r in rows if int(r["frame"]) == entry.frame]
+        if not rows:
+            raise AvatarInputError(frames_manifest, f"no frames of subject {entry.subject!r}"
+                                   f"{f' sequence {entry.sequence!r}' if entry.sequence else ''}"
+                                   f"{f' frame {entry.frame}' if entry.frame is not None else ''}")
+        priors = {r["id"]: r for r in storage.read_parquet(priors_manifest).to_pylist()}
+        rows = sorted((r for r in rows if r["id"] in priors), key=lambda r: r["id"])
+        if not rows:
+            raise AvatarInputError(priors_manifest, f"no priors for any frame of subject {entry.subject!r}")
+        w2c = np.array([r["world_to_cam"] for r in rows], np.float64).reshape(-1, 4, 4)
+        centers = -np.einsum("nji,nj->ni", w2c[:, :3, :3], w2c[:, :3, 3])
+        picks = farthest_viewpoints(centers, self.config.num_views, np.array([int(r["frame"]) for r in rows]))
+        chosen = [rows[i] for i in picks]
+        priors_dir = str(Path(priors_manifest).parent)
+        S = self.image_size
+        images, cams, pos, conf, feats, views = [], [], [], [], [], []
+        for r in chosen:
+            img_path = storage.join(frames_dir, r["image"])
+            image = read_image(img_path)
+            p = priors[r["id"]]
+            pos_path = storage.join(priors_dir, p["position"])
+            with np.load(io.BytesIO(storage.read_bytes(pos_path)), allow_pickle=False) as z:
+                position, confidence = z["position"].astype(np.float32), z["confidence"].astype(np.float32)
+            cam = Cameras(torch.tensor(np.reshape(r["world_to_cam"], (1, 4, 4))), torch.tensor(np.reshape(r["K"], (1, 3, 3))),
+                          int(r["width"]), int(r["height"]))
+            if image.shape[:2] != (S, S) or position.shape[:2] != (S, S):
+                # the network's crop size differs from the capture's: resize (cameras scale exactly)
+                image = cv2.resize(image, (S, S), interpolation=cv2.INTER_AREA)
+                position = cv2.resize(position, (S, S), interpolation=cv2.INTER_NEAREST)
+                confidence = cv2.resize(confidence, (S, S), interpolation=cv2.INTER_NEAREST)
+                cam = cam.resize(S, S)
+            images.append(image)
+            cams.append(cam)
+            pos.append(position)
+            conf.append(confidence)
+            if self.features_enabled:
+                if not p.get("features"):
+                    raise AvatarInputError(priors_manifest, f"row {r['id']} has no features (feature_source "
+                                           f"{p.get('feature_source')!r}) but the model takes {self.feature_dim} channels")
+                with np.load(io.BytesIO(storage.read_bytes(storage.join(priors_dir, p["features"]))), allow_pickle=False) as z:
+                    f = z["features"].astype(np.float32)
+                if f.shape[0] != self.feature_dim:
+                    raise FormatError(storage.join(priors_dir, p["features"]), "features",
+                                      f"{f.shape[0]} channels, the model takes {self.feature_dim}")
+                feats.append(f)
+            views.append({"id": r["id"], "frame": int(r["frame"]), "camera": str(r["camera"]), "image": img_path})
+        reference = {"rotation": np.zeros(3), "translation": np.zeros(3)}
+        if storage.exists(tracking_manifest):
+            key = (entry.subject, str(chosen[0]["sequence"]), int(chosen[0]["frame"]))
+            for t in storage.read_parquet(tracking_manifest).to_pylist():
+                if (str(t["subject"]), str(t["sequence"]), int(t["frame"])) == key:
+                    reference = {"rotation": np.asarray(t["rotation"], np.float64),
+                                 "translation": np.asarray(t["translation"], np.float64)}
+                    break
+        cameras = Cameras.cat(cams)
+        position, confidence = np.stack(pos), np.stack(conf)
+        world_to_cam = cameras.world_to_cam.double().numpy()
+        center, radius, front, up = _framing(position, confidence, world_to_cam, priors_manifest)
+        sources = sorted({str(priors[r["id"]]["position_source"]) for r in chosen})
+        fsources = sorted({str(priors[r["id"]]["feature_source"]) for r in chosen})
+        meta = {"mode": "capture", "views": views, "position_source": ",".join(sources),
+                "feature_source": ",".join(fsources) if self.features_enabled else "none",
+                "landmarks": "", "frames_manifest": frames_manifest, "priors_manifest": priors_manifest,
+                "tracking_manifest": tracking_manifest if storage.exists(tracking_manifest) else ""}
+        return PreparedAvatar(entry.avatar_id, np.stack(images), world_to_cam, cameras.K.double().numpy(), position,
+                              confidence, np.stack(feats) if feats else None, reference, center, radius, front, up, meta)
+
+    # ------------------------------------------------------------------ photos / image / video
+    def prepare_pictures(self, entry: LibraryEntry, images: list[np.ndarray], pictures: list[str],
+                         video: bool = False) -> PreparedAvatar:
+        """Landmarks → uncalibrated face-model fit → head crops → priors, for N pictures (or frames)."""
+        from avat3r_core.extract import crop_boxes, crop_image
+        from avat3r_core.priors import sources
+        from avat3r_core.tracking.fit import fit_uncalibrated
+
+        cfg = self.config
+        source = pictures[0] if video else ";".join(pictures)
+        layer = self.face_layer()
+        points, conf, found = self.detect(images, pictures, video=video)
+        if not found.any():
+            raise NoFaceError(source, f"no face in any of the {len(images)} {'frames' if video else 'pictures'} "
+                                      f"(landmark backend {cfg.landmarks!r})")
+        names = [f"{pictures[0]}#frame{i}" for i in range(len(images))] if video else list(pictures)
+        dropped = [names[i] for i in np.flatnonzero(~found)]
+        if dropped:
+            log.warning("avatar %s: no face in %d of %d inputs, dropped: %s", entry.avatar_id, len(dropped),
+                        len(images), ", ".join(dropped[:5]))
+        keep = np.flatnonzero(found)
+        if video and len(keep) < 2:
+            raise TooFewFramesError(source, f"a face was found in only {len(keep)} frame(s); video mode needs 2")
+        if video and len(keep) > cfg.video_fit_frames:  # evenly spaced: cover the whole clip
+            keep = keep[np.unique(np.round(np.linspace(0, len(keep) - 1, cfg.video_fit_frames)).astype(int))]
+        indices = self._embedding.landmark_indices
+        L = points.shape[1]
+        if indices is None and L != layer.lmk_faces.shape[0]:
+            raise FormatError(cfg.landmark_embedding, "landmark_indices",
+                              f"the {cfg.landmarks} backend gives {L} points but the embedding embeds "
+                              f"{layer.lmk_faces.shape[0]} and selects none (for MediaPipe give FLAME's MediaPipe "
+                              f"embedding; for the synthetic studio use landmarks='file')")
+        sizes = np.array([[images[i].shape[1], images[i].shape[0]] for i in keep])
+        fit = fit_uncalibrated(layer, points[keep], sizes, conf[keep], fov_deg=cfg.fov_deg, config=cfg.fit_config(),
+                               landmark_indices=indices, video=video)
+        if not fit.converged:
+            raise FitFailedError(source, fit.message or f"residuals {np.round(fit.residuals, 2).tolist()} px")
+        n_views = 1 if entry.mode == "image" else cfg.num_views
+        local = pick_diverse_poses(fit.world_to_cam, n_views) if len(keep) > n_views else list(range(len(keep)))
+        S = self.image_size
+        # head centre: the middle of the fitted neutral head (head frame = world for uncalibrated inputs)
+        neutral = sources.flame_vertices(layer, {"shape": fit.params["shape"][0],
+                                                 "expression": np.zeros_like(fit.params["expression"][0]),
+                                                 "rotation": np.zeros(3), "translation": np.zeros(3)}).numpy()
+        center3 = 0.5 * (neutral.min(0) + neutral.max(0))
+        crops, cams, verts = [], [], []
+        for j in local:
+            i = int(keep[j])
+            cam = Cameras(torch.as_tensor(fit.world_to_cam[j:j + 1]), torch.as_tensor(fit.K[j:j + 1]),
+                          int(sizes[j, 0]), int(sizes[j, 1]))
+            box = crop_boxes(cam, center3, cfg.head_extent)[0]
+            crops.append(crop_image(images[i], box, S))
+            cams.append(cam.crop_resize(box[None], S))
+            params = {k: fit.params[k][j] for k in ("expression", "jaw", "neck", "eyes")}
+            params.update(shape=fit.params["shape"][0], rotation=np.zeros(3), translation=np.zeros(3))
+            verts.append(sources.flame_vertices(layer, params).numpy())
+        cameras = Cameras.cat(cams)
+        crops_arr = np.stack(crops)
+        if self.position_source == "dust3r":
+            if self._dust3r is None:
+                from avat3r_core.priors.dust3r import load_dust3r
+
+                self._dust3r = load_dust3r(cfg.dust3r_checkpoint, device=self.device)
+            # one view: DUSt3R pairs the image with itself, as its official code does for single images
+            twice = len(local) == 1
+            maps = sources.position_from_dust3r(self._dust3r, np.concatenate([crops_arr] * (2 if twice else 1)),
+                                                Cameras.cat([cameras] * (2 if twice else 1)).to(dtype=torch.float64))
+            maps = maps[:len(local)]
+            position_source = "dust3r"
+        else:
+            maps = [sources.position_from_mesh(v, layer.faces, cameras[k].to(dtype=torch.float64)) for k, v in enumerate(verts)]
+            position_source = "face_model"
+        position = np.stack([m[0].numpy() for m in maps]).astype(np.float32)
+        confidence = np.stack([m[1].numpy() for m in maps]).astype(np.float32)
+        feats = self._features_of(crops_arr) if self.features_enabled else None
+        world_to_cam = cameras.world_to_cam.double().numpy()
+        center, radius, front, up = _framing(position, confidence, world_to_cam, source)
+        views = [{"input": names[int(keep[j])], "residual_px": float(fit.residuals[j])} for j in local]
+        meta = {"mode": entry.mode, "views": views, "position_source": position_source,
+                "feature_source": self.feature_source_name() if self.features_enabled else "none",
+                "landmarks": cfg.landmarks, "fit_residual_px": float(np.mean(fit.residuals)), "fitted": int(len(keep)),
+                "dropped": dropped, "fov_deg": cfg.fov_deg,
+                "note": "uncalibrated: cameras from a face-model fit with an assumed field of view; head at the origin"}
+        reference = {"rotation": np.zeros(3), "translation": np.zeros(3)}
+        return PreparedAvatar(entry.avatar_id, crops_arr, world_to_cam, cameras.K.double().numpy(), position,
+                              confidence, feats, reference, center, radius, front, up, meta)
+
+
+# ====================================================================== expressions
+#: the built-in expression set: (label, FLAME parameters of the key). ``expression_<k>`` moves
+#: component k of the face model's expression basis by the given number of standard deviations
+#: (FLAME coefficients are in sigma units; on the studio head component 1 is "smile", 3
+#: "brow_raise", 8 "pucker"); ``jaw_open`` rotates the jaw joint.
+BUILTIN_KEYS: tuple[tuple[str, dict], ...] = (
+    ("neutral", {}),
+    ("expression_1_plus", {"expression": {1: 2.0}}),
+    ("jaw_open", {"jaw": (0.3, 0.0, 0.0)}),
+    ("expression_3_plus", {"expression": {3: 2.0}}),
+    ("expression_8_plus", {"expression": {8: 2.0}}),
+    ("expression_0_plus_jaw", {"expression": {0: 1.5}, "jaw": (0.15, 0.0, 0.0)}),
+    ("neutral", {}),
+)
+
+
+def _key_params(spec: dict) -> dict[str, np.ndarray]:
+    expr = np.zeros(100)
+    for k, v in spec.get("expression", {}).items():
+        expr[k] = v
+    return {"expression": expr, "jaw": np.asarray(spec.get("jaw", (0.0, 0.0, 0.0)), np.float64)}
+
+
+def builtin_expressions(reference: dict | None = None, frames_per_key: int = 8) -> tuple[np.ndarray, list[str]]:
+    """Codes (T, 135) float32 easing between :data:`BUILTIN_KEYS` (cosine), head at ``reference``."""
+    keys = [_key_params(spec) for _, spec in BUILTIN_KEYS]
+    params: dict[str, list] = {"expression": [], "jaw": []}
+    labels = []
+    for a in range(len(keys) - 1):
+        for s in range(frames_per_key):
+            w = 0.5 - 0.5 * math.cos(math.pi * s / frames_per_key)
+            for k in params:
+                params[k].append((1 - w) * keys[a][k] + w * keys[a + 1][k])
+            labels.append(BUILTIN_KEYS[a][0] if w < 0.5 else BUILTIN_KEYS[a + 1][0])
+    return _encode({k: np.stack(v) for k, v in params.items()}, reference), labels
+
+
+def _encode(params: dict[str, np.ndarray], reference: dict | None) -> np.ndarray:
+    from avat3r_core.tracking import expression_code
+
+    T = len(next(iter(params.values())))
+    ref = reference or {}
+    full = dict(params)
+    for key in ("rotation", "translation"):
+        if key not in full:
+            full[key] = np.tile(np.asarray(ref.get(key, np.zeros(3)), np.float64).reshape(1, 3), (T, 1))
+    return expression_code.encode(full).astype(np.float32)
+
+
+def neutral_code(reference: dict | None = None) -> np.ndarray:
+    """(135,) the neutral expression with the head at its reference pose."""
+    return _encode({"expression": np.zeros((1, 100))}, reference)[0]
+
+
+def load_expression_track(spec: str | None, reference: dict | None = None, frames_per_key: int = 8,
+                          drive_head_pose: bool = False) -> tuple[np.ndarray, str]:
+    """Expression codes (T, 135) float32 and a description of where they came from.
+
+    ``spec``: ``None``/``builtin`` → :func:`builtin_expressions`; ``<tracking.parquet>[#subject/sequence]``
+    → that sequence's tracked FLAME expression, jaw, neck and eyes, in frame order (the file must
+    hold one sequence when no selector is given); ``<codes>.npy`` → (T, 135) codes as they are.
+    The head stays at ``reference`` unless ``drive_head_pose`` (the tracked head motion is in its
+    own capture's world frame, which is not the avatar's).
+    """
+    if not spec or spec == "builtin":
+        codes, _ = builtin_expressions(reference, frames_per_key)
+        return codes, "builtin"
+    path, _, selector = spec.partition("#")
+    if not storage.exists(path):
+        raise FormatError(path, None, "expression track not found")
+    if path.endswith(".npy"):
+        try:
+            codes = np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
+        except Exception as exc:
+            raise FormatError(path, None, f"not a readable .npy of codes: {exc}") from None
+        if codes.ndim != 2 or codes.shape[1] != 135 or len(codes) == 0:
+            raise FormatError(path, None, f"expected (T, 135) expression codes, got {codes.shape}")
+        if not np.isfinite(codes).all():
+            raise FormatError(path, None, "codes hold NaN/Inf")
+        return codes.astype(np.float32), spec
+    rows = storage.read_parquet(path).to_pylist()
+    if selector:
+        subject, _, sequence = selector.partition("/")
+        rows = [r for r in rows if str(r["subject"]) == subject and (not sequence or str(r["sequence"]) == sequence)]
+    groups = {(str(r["subject"]), str(r["sequence"])) for r in rows}
+    if not rows:
+        raise FormatError(path, selector or None, "no tracked frames for this selector")
+    if len(groups) > 1:
+        raise FormatError(path, None, f"holds {len(groups)} sequences; pick one with '{path}#<subject>/<sequence>'")
+    rows.sort(key=lambda r: int(r["frame"]))
+    try:
+        params = {k: np.array([r[k] for r in rows], np.float64) for k in ("expression", "jaw", "neck", "eyes")}
+        if drive_head_pose:
+            params.update({k: np.array([r[k] for r in rows], np.float64) for k in ("rotation", "translation")})
+    except KeyError as exc:
+        raise FormatError(path, str(exc).strip("'"), "missing tracking column") from None
+    return _encode(params, reference), spec
+
+
+# ====================================================================== model + checkpoints
+# ====================================================================== building an avatar
+def view_orbit(center, radius: float, front, up, frames: int = 24, yaw_deg: float = 45.0, pitch_deg: float = 5.0,
+               fov_deg: float = 20.0, size: int = 256, device: torch.device | str = "cpu",
+               yaw_values: Sequence[float] | None = None) -> Cameras:
+    """A yaw ping-pong around ``center`` in the input cameras' frame (``front``: towards them).
+
+    Unlike :func:`avat3r_core.avatar.orbit_cameras` (y up, face +z) this follows whatever world
+    frame the inputs live in (a calibrated rig's or the head frame of a fit). ``frames=1``: the
+    frontal view. ``yaw_values`` (degrees) replaces the sweep by explicit views.
+    """
+    center, front, up = (np.asarray(v, np.float64).reshape(3) for v in (center, front, up))
+    side = np.cross(up, front)
+    if yaw_values is not None:
+        yaw = np.deg2rad(np.asarray(yaw_values, np.float64).reshape(-1))
+    else:
+        t = np.linspace(0.0, 2.0 * np.pi, frames, endpoint=False)
+        yaw = np.deg2rad(yaw_deg) * np.sin(t)
+    pitch = np.deg2rad(pitch_deg)
+    dirs = (np.cos(yaw)[:, None] * front + np.sin(yaw)[:, None] * side) * np.cos(pitch) + np.sin(pitch) * up
+    eyes = center + radius * dirs
+    return Cameras.look_at(torch.tensor(eyes), torch.tensor(center), up=torch.tensor(up), fov_deg=fov_deg, width=size,
+                           height=size, dtype=torch.float32, device=device)
+
+
+@dataclass
+class AvatarFiles:
+    """What :func:`build_avatar` made (file name → bytes) and its numbers."""
+
+    files: dict[str, bytes]
+    stats: dict
+
+
+@torch.no_grad()
+def build_avatar(model, prepared: PreparedAvatar, codes: np.ndarray, turntable_frames: int = 24, size: int = 256,
+                 preview_views: int = 4, fps: float = 24.0, yaw_deg: float = 45.0, fov_deg: float = 20.0,
+                 background: tuple[float, float, float] = (1.0, 1.0, 1.0), chunk: int = 4) -> AvatarFiles:
+    """Encode once, then the neutral Gaussians (``.ply``, preview, turntable) and the animation.
+
+    The animation is driven through the encoder cache (decoder only per frame), exactly as
+    ``avat3r animate`` later drives it from the saved cache.
+    """
+    from PIL import Image
+
+    from avat3r_core.avatar import animation_frames, encoded_bytes, grid, render_frames
+    from avat3r_core.video import encode_video
+
+    device = next(model.parameters()).device
+    timings = {}
+    t0 = time.perf_counter()
+    encoded = model.encode(prepared.inputs(device))
+    timings["encode_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    neutral = torch.as_tensor(neutral_code(prepared.reference), device=device)[None]
+    gaussians = model.decode(encoded, neutral).gaussians(0).detach().to(dtype=torch.float32)
+    timings["decode_s"] = time.perf_counter() - t0
+    files: dict[str, bytes] = {CACHE_FILE: encoded_bytes(encoded)}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        gaussians.to("cpu").save_ply(Path(tmp) / PLY_FILE)
+        files[PLY_FILE] = (Path(tmp) / PLY_FILE).read_bytes()
+    t0 = time.perf_counter()
+    orbit = dict(center=prepared.center, radius=prepared.radius, front=prepared.front, up=prepared.up, size=size,
+                 yaw_deg=yaw_deg, fov_deg=fov_deg, device=device)
+    turntable = render_frames(gaussians, view_orbit(frames=turntable_frames, **orbit), background)
+    files[TURNTABLE_FILE] = encode_video(list(turntable), fps=fps)
+    # preview: the inputs (top row) above the neutral avatar seen from a few angles (bottom row)
+    import cv2
+
+    k = max(1, preview_views)
+    views = render_frames(gaussians, view_orbit(yaw_values=np.linspace(-yaw_deg, yaw_deg, k) if k > 1 else [0.0],
+                                                **orbit), background)
+    top = [cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR) for img in prepared.images]
+    cols = max(len(top), k)
+    sheet = grid(top + [np.full((size, size, 3), 255, np.uint8)] * (cols - len(top)) + list(views), cols)
+    buf = io.BytesIO()
+    Image.fromarray(sheet).save(buf, format="PNG")
+    files[PREVIEW_FILE] = buf.getvalue()
+    timings["turntable_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    front_cam = view_orbit(frames=1, **orbit)
+    anim = animation_frames(model, encoded, torch.as_tensor(codes, device=device), front_cam, chunk=chunk,
+                            background=background)
+    files[ANIMATION_FILE] = encode_video(list(anim), fps=fps)
+    timings["animation_s"] = time.perf_counter() - t0
+    stats = {"gaussians": len(gaussians), "views": prepared.num_views, "animation_frames": int(len(codes)),
+             "turntable_frames": int(turntable_frames), **{k: round(v, 4) for k, v in timings.items()}}
+    return AvatarFiles(files, stats)
+
+
+@torch.no_grad()
+def drive_without_cache(model, prepared: PreparedAvatar, codes: np.ndarray, camera: Cameras,
+                        background: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> np.ndarray:
+    """The reference for the cache: a full encode + decode per expression (N, H, W, 3) uint8."""
+    from avat3r_core.avatar import render_frames
+
+    device = next(model.parameters()).device
+    inputs = prepared.inputs(device)
+    frames = []
+    for code in torch.as_tensor(codes, device=device):
+        output = model(inputs, code[None])
+        frames.append(render_frames(output.gaussians(0), camera, background)[0])
+    return np.stack(frames)
+
+
+def animate_avatar(avatar_dir: str | Path, expressions: str | None, out: str | Path, checkpoint: str | Path | None = None,
+                   size: int | None = None, fps: float | None = None, device: str = "auto",
+                   drive_head_pose: bool = False) -> dict:
+    """Drive a built avatar (its ``meta.json`` + encoder cache) with an expression track → MP4.
+
+    Only the decoder runs per frame. ``checkpoint`` defaults to the one the avatar was built with
+    (recorded in ``meta.json``); the cache is read with the weights-only loader.
+    """
+    from avat3r_core.avatar import animation_frames, load_encoded
+    from avat3r_core.video import encode_video
+
+    avatar_dir = Path(avatar_dir)
+    meta_path = avatar_dir / META_FILE
+    if not meta_path.exists():
+        raise FormatError(meta_path, None, "not a built avatar directory (no meta.json)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        framing = meta["framing"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise FormatError(meta_path, str(exc), "unreadable avatar metadata") from None
+    dev = pick_device(device)
+    from avat3r_core.training import load_trained_model
+
+    model, _, _ = load_trained_model(checkpoint or meta["checkpoint"], dev)
+    encoded = load_encoded(avatar_dir / CACHE_FILE, dev)
+    reference = {k: np.asarray(v) for k, v in meta.get("reference", {}).items()}
+    codes, described = load_expression_track(expressions, reference, drive_head_pose=drive_head_pose)
+    size = int(size or meta.get("render", {}).get("size", 256))
+    fps = float(fps or meta.get("render", {}).get("fps", 24.0))
+    camera = view_orbit(framing["center"], framing["radius"], framing["front"], framing["up"], frames=1, size=size,
+                        fov_deg=meta.get("render", {}).get("fov_deg", 20.0), device=dev)
+    start = time.perf_counter()
+    frames = animation_frames(model, encoded, torch.as_tensor(codes, device=dev), camera)
+    seconds = time.perf_counter() - start
+    data = encode_video(list(frames), fps=fps)
+    storage.atomic_write_bytes(str(out), data)
+    return {"out": str(out), "frames": int(len(frames)), "expressions": described, "seconds": round(seconds, 3),
+            "frames_per_s": round(len(frames) / seconds, 2) if seconds > 0 else None, "bytes": len(data)}
+

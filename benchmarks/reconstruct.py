@@ -1,0 +1,212 @@
+"""Benchmark: batch avatar reconstruction on CPU (avatars per minute) and driving with vs without the cache.
+
+Usage::
+
+    python benchmarks/reconstruct.py                      # 4 subjects, capture + photos mode, Ray Data
+    python benchmarks/reconstruct.py --subjects 2 --executor local
+
+Prints one JSON object on stdout.
+
+Setup (not timed): a synthetic studio run (``--subjects`` people, 1 sequence, 3 frames, 8 cameras,
+128 px) extracted to 64 px crops with ground-truth-depth position maps and EfficientNet features
+projected to 32 channels (the ``tiny`` model's width), and a random-init ``tiny`` network saved
+with ``save_checkpoint``. The library holds two avatars per person: ``capture`` mode (4 farthest
+views of the preprocessed capture) and ``photos`` mode (4 raw studio frames with their landmark
+files: landmark backend ``file``, face-model fit, crops, ``face_model`` position maps and
+EfficientNet features). Random weights cost the same time as trained ones.
+
+* ``avatars_per_minute``: built avatars / wall time of :func:`stages.reconstruct.run_reconstruct`
+  with the ``tiny`` preset (everything per avatar: preparation, encode, .ply, preview, a
+  ``turntable_frames`` turntable and a built-in-expression animation, MP4 encoding); Ray is started
+  before the clock, Ray Data's actor start-up is inside it. Reported per mode as well.
+* ``driving``: one capture avatar driven by ``--drive-frames`` expressions at ``--drive-size`` px,
+  rendered at the frontal camera, in the same process: ``cached`` = decoder only from the encoder
+  cache (what ``avat3r animate`` does), ``full`` = encode + decode per frame. ``speedup`` =
+  cached frames/s ÷ full frames/s (medians of ``--repeats`` interleaved runs, after Ray is shut
+  down). Both include rendering; ``network_only`` repeats both without rendering.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("AVAT3R_RAY_DASHBOARD", "0")
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+
+def setup(root: Path, subjects: int) -> dict:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from avat3r_core.extract import ExtractConfig
+    from avat3r_core.library import LANDMARKS_SUFFIX, write_library
+    from avat3r_core.synthetic.studio import StudioConfig, face_model_paths
+    from avat3r_core.training import TrainConfig, build_model, save_checkpoint
+    from avat3r_core.video import read_frames
+    from stages.extract import run_extract
+    from stages.priors import PriorsConfig, run_priors
+    from stages.synth import run_synth
+
+    raw, gt, model_dir, frames, priors = (str(root / n) for n in ("raw", "gt", "model", "frames", "priors"))
+    run_synth(StudioConfig(subjects=subjects, sequences=1, frames=3, cameras=8, resolution=128, background_frames=1),
+              raw, gt, model_dir, executor="local")
+    run_extract(ExtractConfig(resolution=64), raw, frames, executor="local")
+    run_priors(PriorsConfig.preset("tiny", position_source="ground_truth", ground_truth_root=gt,
+                                   feature_source="efficientnet", feature_projection_dim=32, projection_fit_frames=16),
+               f"{frames}/frames.parquet", priors, executor="local", show_progress=False)
+    rows = []
+    for pid in (f"{i + 1:03d}" for i in range(subjects)):  # the studio's subject ids
+        seq = "EXP-1-head"
+        lm = np.load(f"{gt}/{pid}/sequences/{seq}/landmarks2d.npz")
+        serials = [str(s) for s in lm["serials"]]
+        folder = root / "people" / pid
+        folder.mkdir(parents=True)
+        for c in (0, 2, 5, 7):
+            image = list(read_frames(f"{raw}/{pid}/sequences/{seq}/images/cam_{serials[c]}.mp4"))[1]
+            Image.fromarray(image).save(folder / f"cam{c}.png")
+            np.savez(folder / f"cam{c}{LANDMARKS_SUFFIX}", landmarks=lm["landmarks"][1, c], visible=lm["visible"][1, c])
+        rows.append({"avatar_id": f"capture_{pid}", "mode": "capture", "source": f"{frames}/frames.parquet", "subject": pid})
+        rows.append({"avatar_id": f"photos_{pid}", "mode": "photos", "source": str(folder)})
+    library = write_library(rows, root / "library.csv")
+    torch.manual_seed(0)
+    cfg = TrainConfig.preset("tiny")  # tiny: 64 px, 32 feature channels
+    net = build_model(cfg)
+    save_checkpoint(root / "checkpoint", net, torch.optim.Adam(net.parameters()), 0, config=cfg)
+    model_path, emb_path = face_model_paths(model_dir)
+    return {"library": library, "checkpoint": str(root / "checkpoint"), "face_model": model_path, "embedding": emb_path,
+            "projection": f"{priors}/feature_projection.npz", "frames": f"{frames}/frames.parquet",
+            "priors": f"{priors}/priors.parquet"}
+
+
+def drive(data: dict, frames: int, size: int, repeats: int = 3) -> dict:
+    import numpy as np
+    import torch
+
+    from avat3r_core.avatar import animation_frames
+    from avat3r_core.library import (LibraryEntry, PrepareConfig, Preparer, drive_without_cache,
+                                     load_expression_track, view_orbit)
+    from avat3r_core.training import load_trained_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, train_cfg, _ = load_trained_model(data["checkpoint"])
+    mc = train_cfg.model_config()
+    prepared = Preparer(PrepareConfig(feature_projection=data["projection"]), mc.image_size, mc.feature_dim, mc.features_enabled).prepare(
+        LibraryEntry("d", "capture", data["frames"], subject="001", priors=data["priors"]))
+    codes, _ = load_expression_track("builtin", prepared.reference, frames_per_key=max(1, frames // 6 + 1))
+    codes = codes[:frames]
+    cam = view_orbit(prepared.center, prepared.radius, prepared.front, prepared.up, frames=1, size=size)
+    inputs = prepared.inputs()
+    out: dict = {"frames": int(len(codes)), "size": size, "repeats": repeats}
+    c = torch.as_tensor(codes)
+
+    def cached_render():
+        animation_frames(model, encoded, c, cam)
+
+    def full_render():
+        drive_without_cache(model, prepared, codes, cam)
+
+    def cached_net():
+        for i in range(0, len(c), 4):
+            model.decode(encoded.expand(len(c[i:i + 4])), c[i:i + 4])
+
+    def full_net():
+        for code in c:
+            model(inputs, code[None])
+
+    times: dict[str, list[float]] = {k: [] for k in ("cached", "full", "cached_net", "full_net")}
+    with torch.no_grad():
+        encoded = model.encode(inputs)
+        animation_frames(model, encoded, c[:2], cam)  # warm-up (numba kernels, allocator)
+        drive_without_cache(model, prepared, codes[:2], cam)
+        for _ in range(repeats):  # interleaved, median: the machine is shared
+            for key, fn in (("cached", cached_render), ("full", full_render), ("cached_net", cached_net),
+                            ("full_net", full_net)):
+                t0 = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out["cached_frames_per_s"] = round(len(codes) / med["cached"], 2)
+    out["full_frames_per_s"] = round(len(codes) / med["full"], 2)
+    out["speedup"] = round(med["full"] / med["cached"], 2)
+    out["network_only"] = {"cached_frames_per_s": round(len(codes) / med["cached_net"], 1),
+                           "full_frames_per_s": round(len(codes) / med["full_net"], 1),
+                           "speedup": round(med["full_net"] / med["cached_net"], 2)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--subjects", type=int, default=4)
+    parser.add_argument("--executor", default="ray", choices=("ray", "local"))
+    parser.add_argument("--drive-frames", type=int, default=24)
+    parser.add_argument("--drive-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    import pyarrow.parquet as pq
+
+    from stages.reconstruct import ReconstructConfig, run_reconstruct
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):  # stage progress bars: stdout carries only the JSON
+            data = setup(root, args.subjects)
+        setup_s = time.perf_counter() - t0
+        config = ReconstructConfig.preset("tiny", landmarks="file", face_model=data["face_model"],
+                                          landmark_embedding=data["embedding"], feature_projection=data["projection"])
+        if args.executor == "ray":
+            from stages.ray_runtime import ensure_ray
+
+            ensure_ray(dashboard=False)
+        summary = run_reconstruct(config, data["library"], data["checkpoint"], str(root / "avatars"),
+                                  executor=args.executor, show_progress=False)
+        index = [r for r in pq.read_table(root / "avatars" / "index.parquet").to_pylist() if r["status"] == "ok"]
+        per_mode = {}
+        for mode in ("capture", "photos"):
+            rows = [r for r in index if r["mode"] == mode]
+            if rows:
+                per_mode[mode] = {"avatars": len(rows),
+                                  "mean_prepare_s": round(sum(r["prepare_s"] for r in rows) / len(rows), 3),
+                                  "mean_build_s": round(sum(r["build_s"] for r in rows) / len(rows), 3)}
+        result = {
+            "benchmark": "reconstruct",
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                        "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
+            "setup_s": round(setup_s, 1),
+            "executor": args.executor,
+            "preset": "tiny",
+            "render": {"size": config.render_size, "turntable_frames": config.turntable_frames,
+                       "animation_frames": 6 * config.frames_per_key},
+            "avatars": summary.items_done, "failed": summary.items_failed, "seconds": summary.seconds,
+            "avatars_per_minute": round(60.0 * summary.items_done / summary.seconds, 2),
+            "per_mode": per_mode,
+            "sources": {"capture": "ground_truth positions + efficientnet_lite0_imagenet features (projected to 32)",
+                        "photos": "landmarks file + face_model positions + efficientnet_lite0_imagenet features"},
+        }
+        if args.executor == "ray":
+            import ray
+
+            ray.shutdown()  # idle Ray workers must not compete with the driving measurement
+        result["driving"] = drive(data, args.drive_frames, args.drive_size, args.repeats)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,427 @@
+"""The reconstruct stage: a library of people → avatars (Ray Data, model actors, resumable).
+
+Input: a library manifest (:func:`avat3r_core.library.read_library`: one row per avatar, modes
+``capture`` / ``photos`` / ``image`` / ``video``) and a training checkpoint. Output under
+``out_dir`` (``data/avatars/``)::
+
+    <id>/encoder_cache.pt        expression-independent activations (drive with `avat3r animate`)
+    <id>/gaussians_neutral.ply   standard 3DGS .ply at the neutral expression
+    <id>/preview.png             inputs (top) above the avatar from a few angles (bottom)
+    <id>/turntable.mp4           yaw sweep around the neutral avatar
+    <id>/animation.mp4           driven by the row's expression track (or the built-in set)
+    <id>/meta.json               inputs, prior sources (stand-ins named), framing, timings
+    index.parquet                one row per avatar: status, mode, sources, timings (+ failed rows)
+    index.errors.parquet         failures (id, stage, message naming file and reason, traceback)
+    index.stats.json             the run summary (avatars/s ...)
+
+Pipeline (``executor="ray"``), streaming with Ray Data::
+
+    from_items(library rows not yet committed)
+      → map_batches(_PrepareWorker)   CPU actors: detection, face-model fit, crops, priors
+      → map_batches(_AvatarWorker)    model actors (``num_gpus`` per actor when the cluster has GPUs):
+                                      encode, decode, render, write the avatar's files
+      → driver: commit ``_parts/<id>.parquet`` (after the media) or ``_errors/<id>.json``
+
+Both steps catch an item's exception and pass it on as an error row, so one bad person never
+stops the run; the driver applies the error budget (``StageResources.max_errors`` /
+``max_error_fraction``). Commit protocol, error records and manifests are the shared runner's
+(``stages/runner.py``), so ``avat3r stage errors data/avatars`` lists failures and a rerun skips
+committed avatars and retries failed ones. ``executor="local"`` runs the same two workers inline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+from avat3r_core import storage
+from avat3r_core.library import (ANIMATION_FILE, CACHE_FILE, META_FILE, PLY_FILE, PREVIEW_FILE, TURNTABLE_FILE,
+                                 LibraryEntry, PrepareConfig, PreparedAvatar, Preparer, build_avatar,
+                                 load_expression_track, pick_device,
+                                 read_library, write_capture_library)
+from avat3r_core.training import load_trained_model, resolve_checkpoint
+from stages.runner import (ERRORS, PARTS, ErrorBudgetExceeded, StageError, StageResources, StageSummary,
+                           committed_ids, merge_manifest)
+
+__all__ = ["ReconstructConfig", "run_reconstruct", "write_capture_library", "MANIFEST"]
+
+log = logging.getLogger("avat3r.reconstruct")
+
+MANIFEST = "index"
+STAGE = "reconstruct"
+VERSION = "1"
+
+
+@dataclass
+class ReconstructConfig(PrepareConfig):
+    """Preparation settings (:class:`~avat3r_core.library.PrepareConfig`) plus what is rendered.
+
+    ``tiny``: CPU tests (small renders, short fits); ``demo``: the demo flow; ``paper``: full-size
+    renders and the default fit.
+    """
+
+    PRESETS: ClassVar[dict] = {
+        "tiny": dict(turntable_frames=6, render_size=64, preview_views=3, frames_per_key=2, video_fit_frames=6,
+                     fit=dict(rigid_iters=20, adam_iters=150, lbfgs_iters=0), device="cpu"),
+        "demo": dict(turntable_frames=36, render_size=192, preview_views=4, frames_per_key=10),
+        "paper": dict(turntable_frames=96, render_size=512, preview_views=6, frames_per_key=16, fit_preset="default"),
+    }
+
+    turntable_frames: int = 48
+    render_size: int = 256  # turntable / preview / animation frame size (square)
+    preview_views: int = 4
+    fps: float = 24.0
+    yaw_deg: float = 45.0  # turntable sweep ± (the model sees only the front)
+    render_fov_deg: float = 20.0
+    expressions: str = "builtin"  # track for rows without one: builtin | tracking.parquet[#subj/seq] | codes.npy
+    frames_per_key: int = 12  # built-in track: frames between two key expressions
+    drive_head_pose: bool = False  # tracked tracks: also replay the tracked head motion
+    num_gpus: float = -1.0  # per model actor; -1 = 1 when the cluster has a GPU, else 0
+    model_actors: int = 1  # model actors (GPUs: one each)
+    decode_chunk: int = 4  # expressions decoded per batch while animating
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if min(self.turntable_frames, self.render_size, self.preview_views, self.frames_per_key, self.model_actors,
+               self.decode_chunk) < 1:
+            raise ValueError("ReconstructConfig: frame counts, sizes, model_actors and decode_chunk must be >= 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ====================================================================== the two workers
+def _error_fields(exc: BaseException) -> tuple[str, str]:
+    return f"{type(exc).__name__}: {exc}", traceback.format_exc()
+
+
+class _PrepareWorker:
+    """CPU step: library row → :class:`PreparedAvatar` bytes (or the error that stopped it)."""
+
+    def __init__(self, config: ReconstructConfig, image_size: int, feature_dim: int, features_enabled: bool,
+                 num_threads: int = 1):
+        import torch
+
+        if num_threads > 0:
+            torch.set_num_threads(num_threads)
+        self.preparer = Preparer(config, image_size, feature_dim, features_enabled)
+
+    def prepare(self, item_json: str) -> dict:
+        entry = LibraryEntry.from_item(json.loads(item_json))
+        try:
+            payload = self.preparer.prepare(entry).to_bytes()
+            return {"id": entry.avatar_id, "item": item_json, "payload": payload, "error": "", "traceback": ""}
+        except Exception as exc:  # one bad person must not stop the others
+            message, tb = _error_fields(exc)
+            log.warning("reconstruct: avatar %s (%s) failed in preparation: %s", entry.avatar_id, entry.where(), message)
+            return {"id": entry.avatar_id, "item": item_json, "payload": b"", "error": message, "traceback": tb}
+
+    def __call__(self, batch: dict) -> dict:
+        rows = [self.prepare(str(j)) for j in batch["item"]]
+        return _columns(rows, ("id", "item", "payload", "error", "traceback"))
+
+
+class _AvatarWorker:
+    """Model step: prepared inputs → encode, decode, render; writes ``<out>/<id>/``; returns the index row."""
+
+    def __init__(self, config: ReconstructConfig, checkpoint: str, out_dir: str, num_threads: int = 1):
+        import torch
+
+        if num_threads > 0:
+            torch.set_num_threads(num_threads)
+        self.config = config
+        self.checkpoint = checkpoint
+        self.out_dir = out_dir
+        self.device = pick_device(config.device)
+        self.model, self.train_config, info = load_trained_model(checkpoint, self.device)
+        self.checkpoint_sha256 = info["sha256"]
+
+    def build(self, prepared_row: dict) -> dict:
+        item_json = prepared_row["item"]
+        item = json.loads(item_json)
+        entry = LibraryEntry.from_item(item)
+        if prepared_row["error"]:
+            return {"id": entry.avatar_id, "item": item_json, "row": "", "error": prepared_row["error"],
+                    "traceback": prepared_row["traceback"]}
+        try:
+            return {"id": entry.avatar_id, "item": item_json, "row": json.dumps(self._build(entry, prepared_row["payload"])),
+                    "error": "", "traceback": ""}
+        except Exception as exc:
+            message, tb = _error_fields(exc)
+            log.warning("reconstruct: avatar %s (%s) failed while building: %s", entry.avatar_id, entry.where(), message)
+            return {"id": entry.avatar_id, "item": item_json, "row": "", "error": message, "traceback": tb}
+
+    def _build(self, entry: LibraryEntry, payload: bytes) -> dict:
+        cfg = self.config
+        start = time.perf_counter()
+        prepared = PreparedAvatar.from_bytes(payload)
+        track = entry.expressions or cfg.expressions
+        codes, described = load_expression_track(track, prepared.reference, cfg.frames_per_key, cfg.drive_head_pose)
+        made = build_avatar(self.model, prepared, codes, turntable_frames=cfg.turntable_frames, size=cfg.render_size,
+                            preview_views=cfg.preview_views, fps=cfg.fps, yaw_deg=cfg.yaw_deg,
+                            fov_deg=cfg.render_fov_deg, chunk=cfg.decode_chunk)
+        build_s = time.perf_counter() - start
+        meta = prepared.meta
+        model_cfg = self.train_config.model_config()
+        info = {
+            "id": entry.avatar_id, "mode": entry.mode, "source": entry.source, "library": entry.library,
+            "library_row": entry.row, "subject": entry.subject, "sequence": entry.sequence, "frame": entry.frame,
+            "checkpoint": self.checkpoint, "model": {"image_size": model_cfg.image_size, "feature_dim": model_cfg.feature_dim,
+                                                     "features_enabled": model_cfg.features_enabled, "dim": model_cfg.dim},
+            "views": meta.get("views", []), "position_source": meta.get("position_source", ""),
+            "feature_source": meta.get("feature_source", ""), "landmarks": meta.get("landmarks", ""),
+            "stand_ins": _stand_ins(meta), "preparation": {k: v for k, v in meta.items() if k not in ("views",)},
+            "framing": {"center": prepared.center.tolist(), "radius": prepared.radius, "front": prepared.front.tolist(),
+                        "up": prepared.up.tolist()},
+            "reference": {k: np.asarray(v).tolist() for k, v in prepared.reference.items()},
+            "expressions": described, "render": {"size": cfg.render_size, "fps": cfg.fps, "fov_deg": cfg.render_fov_deg,
+                                                 "yaw_deg": cfg.yaw_deg, "turntable_frames": cfg.turntable_frames},
+            "stats": made.stats, "files": sorted(list(made.files) + [META_FILE]),
+        }
+        written = 0
+        for name, data in made.files.items():  # media first; the driver commits the index row after
+            written += storage.atomic_write_bytes(storage.join(self.out_dir, entry.avatar_id, name), data)
+        meta_bytes = json.dumps(info, indent=1, default=_plain).encode()
+        written += storage.atomic_write_bytes(storage.join(self.out_dir, entry.avatar_id, META_FILE), meta_bytes)
+        prepare_s = float(meta.get("prepare_s", 0.0))
+        return {
+            "id": entry.avatar_id, "status": "ok", "mode": entry.mode, "source": entry.source,
+            "subject": entry.subject or "", "sequence": entry.sequence or "",
+            "frame": -1 if entry.frame is None else int(entry.frame),
+            "views": prepared.num_views, "position_source": info["position_source"],
+            "feature_source": info["feature_source"], "landmarks": info["landmarks"],
+            "stand_ins": ",".join(info["stand_ins"]), "expressions": described, "gaussians": made.stats["gaussians"],
+            "fit_residual_px": float(meta.get("fit_residual_px", float("nan"))),
+            "directory": entry.avatar_id, "cache": f"{entry.avatar_id}/{CACHE_FILE}", "ply": f"{entry.avatar_id}/{PLY_FILE}",
+            "preview": f"{entry.avatar_id}/{PREVIEW_FILE}", "turntable": f"{entry.avatar_id}/{TURNTABLE_FILE}",
+            "animation": f"{entry.avatar_id}/{ANIMATION_FILE}", "meta": f"{entry.avatar_id}/{META_FILE}",
+            "prepare_s": prepare_s, "encode_s": made.stats["encode_s"], "decode_s": made.stats["decode_s"],
+            "turntable_s": made.stats["turntable_s"], "animation_s": made.stats["animation_s"],
+            "build_s": round(build_s, 4), "total_s": round(prepare_s + build_s, 4), "bytes": written,
+            "checkpoint_sha256": self.checkpoint_sha256, "message": "",
+        }
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["id"])
+        rows = [self.build({k: batch[k][i] for k in ("item", "payload", "error", "traceback")}) for i in range(n)]
+        return _columns(rows, ("id", "item", "row", "error", "traceback"))
+
+
+def _stand_ins(meta: dict) -> list[str]:
+    """The named stand-ins this avatar used (never mistaken for the method)."""
+    out = []
+    for src in str(meta.get("position_source", "")).split(","):
+        if src and src != "dust3r":
+            out.append(f"position:{src}")
+    for src in str(meta.get("feature_source", "")).split(","):
+        if src and not src.startswith("sapiens") and src != "none":
+            out.append(f"features:{src}")
+    if meta.get("landmarks") == "file":
+        out.append("landmarks:file")
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    return str(value)
+
+
+def _columns(rows: list[dict], keys: tuple[str, ...]) -> dict:
+    out = {}
+    for k in keys:
+        values = [r[k] for r in rows]
+        out[k] = np.array(values, dtype=object)
+    return out
+
+
+# ====================================================================== commit
+def _commit(out_dir: str, result: dict) -> bool:
+    """Commit one avatar: its index fragment (media already written) or its error record."""
+    avatar_id = result["id"]
+    if not result["error"]:
+        row = json.loads(result["row"])
+        storage.write_parquet(pa.Table.from_pylist([row]), storage.join(out_dir, PARTS, f"{avatar_id}.parquet"))
+        storage.remove(storage.join(out_dir, ERRORS, f"{avatar_id}.json"))  # an earlier failure is healed
+        return True
+    record = {"id": avatar_id, "stage": STAGE, "message": result["error"], "traceback": result["traceback"],
+              "item": result["item"], "time": time.time()}
+    storage.atomic_write_bytes(storage.join(out_dir, ERRORS, f"{avatar_id}.json"), json.dumps(record).encode())
+    return False
+
+
+def _finish_index(out_dir: str) -> tuple[str, str, int]:
+    """Merge fragments (runner convention), then add one ``status='failed'`` row per error record."""
+    manifest, errors_manifest, n_ok = merge_manifest(out_dir, MANIFEST)
+    errors = storage.read_parquet(errors_manifest).to_pylist()
+    if errors:
+        failed = []
+        for e in errors:
+            item = json.loads(e["item"]) if e.get("item") else {}
+            failed.append({"id": e["id"], "status": "failed", "mode": item.get("mode", ""), "source": item.get("source", ""),
+                           "subject": item.get("subject") or "", "sequence": item.get("sequence") or "",
+                           "message": e["message"]})
+        table = storage.read_parquet(manifest)
+        parts = [t for t in (table, pa.Table.from_pylist(failed)) if t.num_rows]
+        merged = pa.concat_tables(parts, promote_options="default").sort_by("id") if len(parts) > 1 else parts[0]
+        storage.write_parquet(merged, manifest)
+    return manifest, errors_manifest, n_ok
+
+
+def _built_with_other_checkpoint(out_dir: str, sha256: str) -> set[str]:
+    """Committed avatars whose weights differ from ``sha256``: their fragments are removed so they
+    are rebuilt (a retrained model must not leave a library of avatars from the old one)."""
+    stale = set()
+    for avatar_id in committed_ids(out_dir):
+        fragment = storage.join(out_dir, PARTS, f"{avatar_id}.parquet")
+        table = storage.read_parquet(fragment)
+        built_with = table.column("checkpoint_sha256")[0].as_py() if "checkpoint_sha256" in table.column_names else None
+        if built_with != sha256:
+            storage.remove(fragment)
+            stale.add(avatar_id)
+    if stale:
+        log.info("reconstruct: %d avatars were built with another checkpoint; rebuilding them", len(stale))
+    return stale
+
+
+# ====================================================================== driver
+def run_reconstruct(config: ReconstructConfig, library_path: str, checkpoint: str, out_dir: str,
+                    resources: StageResources | None = None, executor: str = "ray",
+                    show_progress: bool = True) -> StageSummary:
+    """Build every avatar of ``library_path`` with the network in ``checkpoint`` into ``out_dir``.
+
+    Resumable: avatars with a committed index fragment are skipped; failed ones are retried.
+    Returns the runner's :class:`StageSummary` (``to_dict()`` for flows); raises
+    :class:`ErrorBudgetExceeded` (after committing everything finished) when too many avatars fail,
+    FormatError for a malformed library, FileNotFoundError for a missing checkpoint.
+    """
+    resources = resources or StageResources()
+    out_dir = str(out_dir)
+    entries = read_library(library_path)
+    ckpt = str(resolve_checkpoint(checkpoint).resolve())
+    _, train_config, ckpt_info = load_trained_model(ckpt)  # a bad checkpoint fails before any work
+    model_cfg = train_config.model_config()
+    storage.makedirs(out_dir)
+    done = committed_ids(out_dir) - _built_with_other_checkpoint(out_dir, ckpt_info["sha256"])
+    todo = [e.to_item() for e in entries if e.avatar_id not in done]
+    skipped = len(entries) - len(todo)
+    if skipped:
+        log.info("reconstruct: %d of %d avatars already built in %s, skipping them", skipped, len(entries), out_dir)
+    prep_args = dict(config=config, image_size=model_cfg.image_size, feature_dim=model_cfg.feature_dim,
+                     features_enabled=model_cfg.features_enabled)
+    probe = Preparer(**prep_args)  # fail fast on a bad configuration (projection file, feature width) before any actor
+    if any(e.mode != "capture" for e in entries):
+        probe.check_picture_features()
+    results: list[bool] = []
+    budget_hit: str | None = None
+
+    def over_budget() -> str | None:
+        failed = sum(not ok for ok in results)
+        if failed > resources.max_errors or failed > resources.max_error_fraction * len(entries):
+            return (f"stage {STAGE}: {failed} of {len(results)} attempted avatars failed, over the error budget "
+                    f"(max_errors={resources.max_errors}, max_error_fraction={resources.max_error_fraction}); stopped. "
+                    f"Finished avatars are committed in {out_dir}; failures are listed in "
+                    f"{storage.join(out_dir, MANIFEST + '.errors.parquet')}")
+        return None
+
+    start = time.perf_counter()
+    bytes_written = 0
+    num_gpus = 0.0
+    try:
+        if todo and executor == "local":
+            prep = _PrepareWorker(**prep_args, num_threads=0)
+            builder = _AvatarWorker(config, ckpt, out_dir, num_threads=0)
+            for item in todo:
+                result = builder.build(prep.prepare(json.dumps(item)))
+                results.append(_commit(out_dir, result))
+                bytes_written += json.loads(result["row"])["bytes"] if result["row"] else 0
+                budget_hit = over_budget()
+                if budget_hit:
+                    break
+        elif todo and executor == "ray":
+            bytes_written, budget_hit, num_gpus = _run_ray_data(config, ckpt, out_dir, todo, prep_args, resources,
+                                                                results, over_budget, show_progress)
+        elif todo:
+            raise StageError(f"unknown executor {executor!r} (use 'ray' or 'local')")
+    finally:
+        manifest, errors_manifest, n_ok = _finish_index(out_dir)
+    seconds = time.perf_counter() - start
+    done_now = sum(results)
+    n_failed = len(storage.list_files(storage.join(out_dir, ERRORS), ".json"))
+    summary = StageSummary(
+        stage=STAGE, version=VERSION, manifest=manifest, errors_manifest=errors_manifest, items_total=len(entries),
+        items_done=done_now, items_skipped=skipped, items_failed=n_failed, rows=n_ok, bytes_written=bytes_written,
+        seconds=round(seconds, 3), items_per_s=round(done_now / seconds, 4) if seconds > 0 else 0.0,
+        bytes_per_s=round(bytes_written / seconds, 1) if seconds > 0 else 0.0,
+        extra={"executor": executor, "checkpoint": ckpt, "library": str(library_path),
+               "avatars_per_minute": round(60.0 * done_now / seconds, 3) if seconds > 0 and done_now else 0.0,
+               "landmarks": config.landmarks, "position_source": config.resolved_position_source,
+               "feature_source": config.resolved_feature_source(model_cfg.features_enabled),
+               "model_image_size": model_cfg.image_size, "num_gpus_per_model_actor": num_gpus,
+               "config": _config_dict(config)},
+    )
+    storage.atomic_write_bytes(storage.join(out_dir, f"{MANIFEST}.stats.json"),
+                               json.dumps(summary.to_dict(), indent=2, default=_plain).encode())
+    if budget_hit:
+        raise ErrorBudgetExceeded(budget_hit)
+    log.info("reconstruct: %d built, %d skipped, %d failed -> %s", done_now, skipped, n_failed, manifest)
+    return summary
+
+
+def _config_dict(config: ReconstructConfig) -> dict:
+    d = asdict(config)
+    d["sapiens_input_size"] = list(d["sapiens_input_size"])
+    return d
+
+
+def _run_ray_data(config, ckpt, out_dir, todo, prep_args, resources, results, over_budget, show_progress):
+    """The Ray Data pipeline (see the module docstring); commits on the driver as results stream in."""
+    import ray
+
+    from stages.ray_runtime import ensure_ray
+
+    cluster = ensure_ray()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = bool(show_progress)
+    num_gpus = config.num_gpus if config.num_gpus >= 0 else (1.0 if cluster.get("GPU", 0) > 0 else 0.0)
+    cpus = float(cluster.get("CPU", 1))
+    cpu_per = max(float(resources.num_cpus), 1e-3)
+    model_actors = int(resources.concurrency or config.model_actors)
+    if num_gpus > 0:
+        model_actors = max(1, min(model_actors, int(cluster.get("GPU", 0) // num_gpus)))
+    model_actors = max(1, min(model_actors, len(todo)))
+    prep_actors = max(1, min(len(todo), int((cpus - model_actors * cpu_per) // cpu_per)))
+    threads = max(1, int(resources.num_cpus))
+    ds = ray.data.from_items([{"id": it["id"], "item": json.dumps(it)} for it in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(_PrepareWorker, fn_constructor_kwargs={**prep_args, "num_threads": threads}, batch_size=1,
+                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=prep_actors), num_cpus=resources.num_cpus)
+    ds = ds.map_batches(_AvatarWorker, fn_constructor_kwargs=dict(config=config, checkpoint=ckpt, out_dir=out_dir,
+                                                                  num_threads=threads),
+                        batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=model_actors), num_cpus=resources.num_cpus,
+                        num_gpus=num_gpus)
+    log.info("reconstruct: Ray Data with %d preparation actor(s), %d model actor(s) (%.2f GPU each)",
+             prep_actors, model_actors, num_gpus)
+    bytes_written = 0
+    budget_hit = None
+    iterator = ds.iter_rows()
+    try:
+        for row in iterator:
+            result = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in row.items()}
+            results.append(_commit(out_dir, result))
+            if result["row"]:
+                bytes_written += int(json.loads(result["row"])["bytes"])
+            budget_hit = over_budget()
+            if budget_hit:
+                break
+    finally:
+        del iterator  # stops the streaming executor when we leave early
+    return bytes_written, budget_hit, num_gpus

@@ -1,0 +1,297 @@
+"""Batch reconstruction: the library manifest, every input mode, error rows, resume, .ply, the cache.
+
+Data: one tiny studio run (2 subjects, 1 sequence, 3 frames, 4 cameras, 96 px) shared by the
+module. Subject 001 is extracted to 32 px crops with ground-truth-depth priors (capture mode);
+subject 002's raw frames become "photos", a single image and a "video" (frames of different
+cameras, i.e. a turning head) with the studio's ground-truth landmarks written beside them (the
+``file`` landmark backend: MediaPipe finds the studio faces, but the studio head has no MediaPipe
+landmark embedding to fit with). The network is a random-init ``tiny`` model at 32 px without
+features, saved with ``save_checkpoint``: only plumbing is checked here, not avatar quality.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from avat3r_core.errors import FormatError
+from avat3r_core.library import (LANDMARKS_SUFFIX, LibraryEntry, NoFaceError, Preparer, TooFewFramesError,
+                                 UnreadableInputError, farthest_viewpoints,
+                                 load_expression_track, pick_diverse_poses, read_library, write_capture_library,
+                                 write_library)
+from avat3r_core.training import load_trained_model
+from stages.reconstruct import ReconstructConfig, run_reconstruct
+
+S = 32
+SEQ = "EXP-1-head"
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    from PIL import Image
+
+    from avat3r_core.extract import ExtractConfig
+    from avat3r_core.synthetic.studio import StudioConfig, face_model_paths
+    from avat3r_core.training import TrainConfig, build_model, save_checkpoint
+    from avat3r_core.video import encode_video, read_frames
+    from stages.extract import run_extract
+    from stages.priors import PriorsConfig, run_priors
+    from stages.synth import run_synth
+
+    root = tmp_path_factory.mktemp("reconstruct")
+    raw, gt, model_dir, frames, priors = (str(root / n) for n in ("raw", "gt", "model", "frames", "priors"))
+    run_synth(StudioConfig(subjects=2, sequences=1, frames=3, cameras=4, resolution=96, background_frames=1),
+              raw, gt, model_dir, executor="local")
+    run_extract(ExtractConfig(resolution=S), raw, frames, executor="local")
+    run_priors(PriorsConfig.preset("tiny", position_source="ground_truth", ground_truth_root=gt, feature_source="none"),
+               f"{frames}/frames.parquet", priors, executor="local", show_progress=False)
+
+    # pictures of subject 002 with the studio's landmarks beside them
+    pics = root / "people"
+    lm = np.load(f"{gt}/002/sequences/{SEQ}/landmarks2d.npz")
+    serials = [str(s) for s in lm["serials"]]
+    shots = {s: list(read_frames(f"{raw}/002/sequences/{SEQ}/images/cam_{s}.mp4")) for s in serials}
+
+    def picture(path: Path, serial: str, t: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(shots[serial][t]).save(path)
+        c = serials.index(serial)
+        np.savez(path.with_name(path.stem + LANDMARKS_SUFFIX), landmarks=lm["landmarks"][t, c],
+                 visible=lm["visible"][t, c])
+
+    for c, s in enumerate(serials):
+        picture(pics / "photos" / f"view{c}.png", s, 1)
+    picture(pics / "single" / "face.png", serials[1], 2)
+    # a "video": the head seen from cameras sweeping around it (a turning head), 2 frames per camera
+    order = [(s, t) for s in serials for t in (0, 1)]
+    (pics / "video").mkdir()
+    (pics / "video" / "turn.mp4").write_bytes(encode_video([shots[s][t] for s, t in order], fps=8))
+    np.savez(pics / "video" / f"turn{LANDMARKS_SUFFIX}",
+             landmarks=np.stack([lm["landmarks"][t, serials.index(s)] for s, t in order]),
+             visible=np.stack([lm["visible"][t, serials.index(s)] for s, t in order]))
+    # the bad ones
+    (pics / "noface").mkdir()
+    Image.fromarray(np.full((96, 66, 3), 128, np.uint8)).save(pics / "noface" / "wall.png")
+    (pics / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    (pics / "still.mp4").write_bytes(encode_video([shots[serials[0]][0]], fps=8))
+
+    torch.manual_seed(0)
+    cfg = TrainConfig.preset("tiny", model={"image_size": S, "feature_dim": 0})
+    net = build_model(cfg)
+    ckpt = root / "checkpoint"
+    save_checkpoint(ckpt, net, torch.optim.Adam(net.parameters()), 0, config=cfg)
+
+    model_path, emb_path = face_model_paths(model_dir)
+    return dict(root=root, raw=raw, gt=gt, frames=f"{frames}/frames.parquet", priors=f"{priors}/priors.parquet",
+                pics=pics, checkpoint=str(ckpt), face_model=model_path, embedding=emb_path)
+
+
+def config(studio, **overrides) -> ReconstructConfig:
+    return ReconstructConfig.preset("tiny", landmarks="file", face_model=studio["face_model"],
+                                    landmark_embedding=studio["embedding"], fov_deg=24.0, **overrides)
+
+
+def library(studio, path: Path) -> Path:
+    p = studio["pics"]
+    rows = [
+        {"mode": "capture", "source": studio["frames"], "subject": "001", "priors": studio["priors"]},
+        {"avatar_id": "person-photos", "mode": "photos", "source": str(p / "photos")},
+        {"avatar_id": "person-image", "mode": "image", "source": str(p / "single" / "face.png"), "expressions": "builtin"},
+        {"avatar_id": "person-video", "mode": "video", "source": str(p / "video" / "turn.mp4")},
+        {"avatar_id": "bad-noface", "mode": "photos", "source": str(p / "noface")},
+        {"avatar_id": "bad-unreadable", "mode": "image", "source": str(p / "broken.png")},
+        {"avatar_id": "bad-one-frame", "mode": "video", "source": str(p / "still.mp4")},
+    ]
+    return Path(write_library(rows, path))
+
+
+# --------------------------------------------------------------------------- the manifest
+def test_library_reading_names_file_row_and_field(tmp_path, studio):
+    lib = library(studio, tmp_path / "lib.yaml")
+    entries = read_library(lib)
+    assert [e.avatar_id for e in entries][:2] == ["capture_001", "person-photos"]
+    assert entries[0].mode == "capture" and entries[0].subject == "001" and Path(entries[0].source).is_absolute()
+    # same rows through CSV and Parquet
+    for ext in ("csv", "parquet"):
+        again = read_library(write_library(entries, tmp_path / f"lib.{ext}"))
+        assert [(e.avatar_id, e.mode, e.source) for e in again] == [(e.avatar_id, e.mode, e.source) for e in entries]
+    # relative paths are relative to the library file
+    (tmp_path / "rel.csv").write_text("mode,source\nimage,pics/a.png\n")
+    assert read_library(tmp_path / "rel.csv")[0].source == str(tmp_path / "pics" / "a.png")
+
+    bad = {
+        "mode,source\nselfie,a.png\n": "row 1: mode",
+        "avatar_id,mode,source\nann.v2,image,a.png\n": "row 1: avatar_id",
+        "avatar_id,mode,source\nann,image,a.png\nann,image,b.png\n": "row 2: avatar_id",
+        "mode,source\ncapture,frames.parquet\n": "row 1: subject",
+        "mode,source,frame\ncapture,f.parquet,x\n": "row 1: frame",
+        "mode,source,colour\nimage,a.png,red\n": "row 1: colour",
+        "mode,source\nimage,\n": "row 1: source",
+    }
+    for text, field in bad.items():
+        (tmp_path / "bad.csv").write_text(text)
+        with pytest.raises(FormatError) as err:
+            read_library(tmp_path / "bad.csv")
+        assert err.value.field == field and "bad.csv" in str(err.value), (text, str(err.value))
+
+
+def test_capture_library_from_splits(tmp_path, studio):
+    (tmp_path / "splits.json").write_text(json.dumps({"train": ["002"], "val": [], "test": ["001"]}))
+    out = write_capture_library(studio["frames"], str(tmp_path), "test", str(tmp_path / "heldout.parquet"))
+    entries = read_library(out)
+    assert [(e.avatar_id, e.subject, e.sequence, e.expressions) for e in entries] == [("capture_001", "001", SEQ, "builtin")]
+    with pytest.raises(FormatError, match="no such split"):
+        write_capture_library(studio["frames"], str(tmp_path / "splits.json"), "holdout", str(tmp_path / "x.parquet"))
+
+
+def test_view_and_pose_choice_is_farthest_and_deterministic():
+    centers = np.array([[0, 0, 1.0], [0.1, 0, 1.0], [1, 0, 0.2], [-1, 0, 0.2], [0, 1, 0.3], [0.05, 0, 1.0]])
+    picks = farthest_viewpoints(centers, 3)
+    assert picks[0] in (0, 1, 5) and set(picks[1:]) <= {2, 3, 4} and picks == farthest_viewpoints(centers, 3)
+    # same camera at two timesteps: the tie goes to a timestep not picked yet
+    twice = np.concatenate([centers[:2], centers[:2]])
+    assert farthest_viewpoints(twice, 2, groups=np.array([0, 0, 1, 1]))[1] == 3
+    # head poses: cameras around the head at the origin
+    eyes = torch.tensor([[0.0, 0, 1], [0.02, 0, 1], [0.7, 0, 0.7], [-0.7, 0, 0.7], [0.0, 0.5, 0.85]])
+    from avat3r_core.cameras import Cameras
+
+    w2c = Cameras.look_at(eyes, torch.zeros(3), fov_deg=20, width=8, height=8).world_to_cam.double().numpy()
+    assert pick_diverse_poses(w2c, 4) in ([0, 2, 3, 4], [1, 2, 3, 4])
+
+
+# --------------------------------------------------------------------------- per mode, one item
+def test_each_mode_prepares_model_inputs(studio):
+    cfg = config(studio)
+    prep = Preparer(cfg, image_size=S)
+    p = studio["pics"]
+    cap = prep.prepare(LibraryEntry("c", "capture", studio["frames"], subject="001", priors=studio["priors"]))
+    assert cap.images.shape == (4, S, S, 3) and cap.position.shape == (4, S, S, 3)
+    assert len({v["camera"] for v in cap.meta["views"]}) == 4  # 4 cameras of the rig, farthest apart
+    assert cap.meta["position_source"] == "ground_truth" and cap.features is None
+    for mode, source, views in (("photos", p / "photos", 4), ("image", p / "single" / "face.png", 1),
+                                ("video", p / "video" / "turn.mp4", 4)):
+        out = prep.prepare(LibraryEntry(mode, mode, str(source)))
+        assert out.images.shape == (views, S, S, 3), mode
+        assert out.meta["position_source"] == "face_model" and out.meta["landmarks"] == "file"
+        assert out.meta["fit_residual_px"] < 3.0, (mode, out.meta)
+        # the face-model position map lands on the face: most confident pixels reproject onto their pixel
+        cams = out.cameras()
+        for v in range(views):
+            m = torch.from_numpy(out.confidence[v] > 0.5)
+            assert m.sum() > 0.1 * S * S, (mode, v)
+            uv, _ = cams[v].project(torch.from_numpy(out.position[v])[m][None])
+            assert float((uv[0] - cams[v].pixel_grid()[m]).norm(dim=-1).max()) < 0.05
+        back = type(out).from_bytes(out.to_bytes())
+        assert np.array_equal(back.images, out.images) and back.meta == json.loads(json.dumps(out.meta))
+    # video mode picks frames with different head poses: the clip turns from -54 to +74 degrees of yaw
+    # (camera sweep + the studio head's own turn); the two extremes are always among the picks
+    video = prep.prepare(LibraryEntry("v", "video", str(p / "video" / "turn.mp4")))
+    frames = [int(v["input"].rsplit("frame", 1)[1]) for v in video.meta["views"]]
+    assert len(set(frames)) == 4 and {0, 7} <= set(frames), frames
+    # the named errors
+    with pytest.raises(NoFaceError, match="wall.png"):
+        prep.prepare(LibraryEntry("n", "photos", str(p / "noface")))
+    with pytest.raises(UnreadableInputError, match="broken.png"):
+        prep.prepare(LibraryEntry("u", "image", str(p / "broken.png")))
+    with pytest.raises(TooFewFramesError, match="still.mp4"):
+        prep.prepare(LibraryEntry("o", "video", str(p / "still.mp4")))
+
+
+# --------------------------------------------------------------------------- the stage
+def test_stage_builds_every_mode_names_failures_and_resumes(tmp_path, studio, ray_session):
+    from plyfile import PlyData
+
+    from avat3r_core.video import read_frames
+    from stages.runner import StageResources
+
+    lib = library(studio, tmp_path / "lib.csv")
+    out = tmp_path / "avatars"
+    cfg = config(studio)
+    summary = run_reconstruct(cfg, str(lib), studio["checkpoint"], str(out), executor="ray", show_progress=False,
+                              resources=StageResources(max_errors=5))
+    assert (summary.items_total, summary.items_done, summary.items_failed) == (7, 4, 3)
+    index = {r["id"]: r for r in pq.read_table(out / "index.parquet").to_pylist()}
+    ok = {k: r for k, r in index.items() if r["status"] == "ok"}
+    assert set(ok) == {"capture_001", "person-photos", "person-image", "person-video"}
+    assert {r["mode"] for r in ok.values()} == {"capture", "photos", "image", "video"}
+    assert ok["person-image"]["views"] == 1 and ok["capture_001"]["views"] == 4
+    assert ok["capture_001"]["position_source"] == "ground_truth" and ok["person-photos"]["position_source"] == "face_model"
+    assert "landmarks:file" in ok["person-video"]["stand_ins"] and "position:face_model" in ok["person-video"]["stand_ins"]
+    assert all(r["encode_s"] > 0 and r["total_s"] > 0 for r in ok.values())
+    errors = {r["id"]: r["message"] for r in pq.read_table(out / "index.errors.parquet").to_pylist()}
+    assert "NoFaceError" in errors["bad-noface"] and "wall.png" in errors["bad-noface"]
+    assert "UnreadableInputError" in errors["bad-unreadable"] and "broken.png" in errors["bad-unreadable"]
+    assert "TooFewFramesError" in errors["bad-one-frame"] and "still.mp4" in errors["bad-one-frame"]
+    assert {index[k]["status"] for k in errors} == {"failed"}
+
+    cfg_t = cfg
+    for avatar_id in ok:
+        d = out / avatar_id
+        names = {"encoder_cache.pt", "gaussians_neutral.ply", "preview.png", "turntable.mp4", "animation.mp4", "meta.json"}
+        assert names <= {f.name for f in d.iterdir()}, avatar_id
+        assert len(list(read_frames(d / "turntable.mp4"))) == cfg_t.turntable_frames
+        frames = list(read_frames(d / "animation.mp4"))
+        assert len(frames) == 6 * cfg_t.frames_per_key and frames[0].shape == (cfg_t.render_size, cfg_t.render_size, 3)
+        meta = json.loads((d / "meta.json").read_text())
+        assert meta["expressions"] == "builtin" and meta["checkpoint"].endswith("checkpoint.pt")
+    # the .ply is a standard 3DGS file
+    ply = PlyData.read(str(out / "person-photos" / "gaussians_neutral.ply"))
+    props = set(ply["vertex"].data.dtype.names)
+    assert {"x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "scale_1", "scale_2",
+            "rot_0", "rot_1", "rot_2", "rot_3"} <= props
+    assert ply["vertex"].count == ok["person-photos"]["gaussians"] > 100
+
+    # rerun: finished avatars are skipped (nothing rewritten), the failed ones are tried again
+    stamp = (out / "person-photos" / "turntable.mp4").stat().st_mtime_ns
+    again = run_reconstruct(cfg, str(lib), studio["checkpoint"], str(out), executor="local", show_progress=False,
+                            resources=StageResources(max_errors=5))
+    assert (again.items_skipped, again.items_done, again.items_failed) == (4, 0, 3)
+    assert (out / "person-photos" / "turntable.mp4").stat().st_mtime_ns == stamp
+    assert len(pq.read_table(out / "index.parquet")) == 7
+
+    # the CLI: animate a built avatar with a tracked-style codes file; a bad library exits 3
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    codes, _ = load_expression_track("builtin", None, frames_per_key=1)
+    np.save(tmp_path / "codes.npy", codes[:5])
+    runner = CliRunner()
+    res = runner.invoke(app, ["animate", str(out / "person-image"), "--expressions", str(tmp_path / "codes.npy"),
+                              "--out", str(tmp_path / "drive.mp4")])
+    assert res.exit_code == 0, res.output
+    assert len(list(read_frames(tmp_path / "drive.mp4"))) == 5
+    (tmp_path / "broken.csv").write_text("mode,source\nselfie,a.png\n")
+    res = runner.invoke(app, ["reconstruct", "--inputs", str(tmp_path / "broken.csv"), "--checkpoint",
+                              studio["checkpoint"], "--out", str(tmp_path / "x"), "--executor", "local"])
+    assert res.exit_code == 3 and "row 1: mode" in " ".join(res.output.split())
+
+
+def test_driving_through_the_cache_matches_full_forward(tmp_path, studio):
+    """Decoder-only driving from the saved cache renders the same frames as encode + decode per frame."""
+    from avat3r_core.avatar import animation_frames, encoded_bytes, load_encoded
+    from avat3r_core.library import drive_without_cache, view_orbit
+
+    model, _, _ = load_trained_model(studio["checkpoint"])
+    prepared = Preparer(config(studio), image_size=S).prepare(
+        LibraryEntry("c", "capture", studio["frames"], subject="001", priors=studio["priors"]))
+    codes, _ = load_expression_track("builtin", prepared.reference, frames_per_key=1)
+    codes = codes[:4] * 3  # exaggerate: the random network (output layer std 1e-3) reacts only slightly
+    cam = view_orbit(prepared.center, prepared.radius, prepared.front, prepared.up, frames=1, size=48)
+    with torch.no_grad():
+        (tmp_path / "cache.pt").write_bytes(encoded_bytes(model.encode(prepared.inputs())))
+    cached = animation_frames(model, load_encoded(tmp_path / "cache.pt"), torch.as_tensor(codes), cam, chunk=1)
+    full = drive_without_cache(model, prepared, codes, cam)
+    assert cached.shape == full.shape == (4, 48, 48, 3)
+    assert np.array_equal(cached, full)
+    assert np.abs(full[0].astype(int) - full[3]).sum() > 0  # the expression changes the picture
+    with torch.no_grad():  # and the network's Gaussians, beyond 8-bit rounding
+        enc = model.encode(prepared.inputs())
+        a, b = (model.decode(enc, torch.as_tensor(codes[i:i + 1])) for i in (0, 2))
+    assert not torch.allclose(a.means, b.means) and not torch.allclose(a.colors, b.colors)
