@@ -37,7 +37,8 @@ app.add_typer(stage_app, name="stage")
 console = Console()
 
 RayAddress = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (e.g. auto, ray://head:10001). Default: start Ray locally.")
-Executor = typer.Option("ray", "--executor", help="ray (fan out on Ray) or local (inline, for debugging).")
+Executor = typer.Option("ray", "--executor", envvar="AVAT3R_EXECUTOR",
+                        help="ray (fan out on Ray) or local (inline, for debugging).")
 ParamsPath = typer.Option("params.yaml", "--params", help="The params file DVC tracks.")
 DataRoot = typer.Option("data", "--data-root", help="Root of the DVC-tracked data tree.")
 
@@ -51,6 +52,9 @@ def _run(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except FormatError as exc:
         console.print(f"[bold red]bad input:[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    except FileNotFoundError as exc:  # a missing input file/directory: name it, no traceback
+        console.print(f"[bold red]missing input:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_BAD_INPUT) from exc
     except ErrorBudgetExceeded as exc:
         console.print(f"[bold red]error budget exceeded:[/] {escape(str(exc))}")
@@ -270,6 +274,53 @@ def preprocess(params: str = ParamsPath, data_root: str = DataRoot, ray_address:
 
 
 @app.command()
+def train(params: str = ParamsPath, data_root: str = DataRoot, ray_address: Optional[str] = RayAddress,
+          executor: str = Executor):
+    """Run the train flow: Ray Train (DDP) on data/shards with params.yaml `train` (model sized from the data)."""
+    from pipelines.flows import train_flow
+
+    summary = _run(train_flow, params, data_root, ray_address, executor)
+    _print_summaries([summary])
+    metrics = summary["extra"]
+    console.print(f"validation PSNR {metrics['val_psnr']:.2f} dB / SSIM {metrics['val_ssim']:.4f} "
+                  f"(non-learned baseline {metrics['baseline_val_psnr']:.2f} dB / {metrics['baseline_val_ssim']:.4f})")
+    console.print(f"checkpoint: {metrics['checkpoint']}")
+
+
+@app.command()
+def schedule(
+    flow_name: str = typer.Argument(..., metavar="FLOW", help="train | preprocess | reconstruct | demo"),
+    cron: str = typer.Option(..., "--cron", help='Cron expression, e.g. "0 2 * * *" (nightly at 02:00).'),
+    params: str = ParamsPath, data_root: str = DataRoot, ray_address: Optional[str] = RayAddress,
+    timezone: str = typer.Option("UTC", "--timezone", help="Time zone of the cron expression."),
+    name: Optional[str] = typer.Option(None, "--name", help="Deployment name (default: FLOW-scheduled)."),
+    work_pool: Optional[str] = typer.Option(None, "--work-pool",
+                                            help="Register with the Prefect server (PREFECT_API_URL) for this work pool's "
+                                                 "workers instead of serving from this process."),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="Training runs allowed at once (one per GPU node)."),
+):
+    """Run a flow on a schedule. Without --work-pool this process serves the schedule (runs execute
+    here; Ctrl-C stops). Runs of one deployment never overlap, and every training run, scheduled or
+    not, holds a slot of the `avat3r-training` concurrency limit (--gpus slots)."""
+    from pipelines import schedules
+
+    try:
+        deployment = _run(schedules.make_deployment, flow_name, cron, params, data_root, ray_address, name,
+                          work_pool, timezone)
+    except ValueError as exc:
+        console.print(f"[bold red]bad schedule:[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_USAGE) from exc
+    schedules.ensure_training_limit(gpus)
+    if work_pool:
+        deployment_id = schedules.register(deployment)
+        console.print(f"registered deployment {deployment.name!r} ({deployment_id}) of flow {flow_name!r} on "
+                      f"'{cron}' for work pool {work_pool!r}; start a worker: prefect worker start --pool {work_pool}")
+        return
+    console.print(f"serving {flow_name!r} on '{cron}' ({timezone}); Ctrl-C stops")
+    schedules.serve(deployment)
+
+
+@app.command()
 def demo(params: str = ParamsPath, data_root: str = DataRoot, ray_address: Optional[str] = RayAddress,
          executor: str = Executor):
     """The main job: every stage on the embedded synthetic studio, end to end."""
@@ -277,9 +328,16 @@ def demo(params: str = ParamsPath, data_root: str = DataRoot, ray_address: Optio
 
     result = _run(demo_flow, params, data_root, ray_address, executor)
     _print_summaries(result["stages"])
+    evaluation = next((s["extra"] for s in result["stages"] if s["stage"] == "evaluate"), None)
     console.print("[bold green]demo finished[/]")
-    for key in ("raw", "ground_truth", "previews", "frames", "tracking", "priors", "shards"):
+    if evaluation:
+        ours, base = evaluation["ours"], evaluation["baseline"]
+        console.print(f"held-out subjects ({evaluation['views']} novel views at novel expressions): "
+                      f"ours {ours['psnr']:.2f} dB / SSIM {ours['ssim']:.3f}, "
+                      f"non-learned baseline {base['psnr']:.2f} dB / {base['ssim']:.3f}")
+    for key in ("report", "avatars", "checkpoint", "training", "previews", "raw", "frames", "tracking", "priors", "shards"):
         console.print(f"  {key:13s} {result[key]}")
+    console.print(f"  {'turntables':13s} {result['avatars']}/<id>/turntable.mp4 (animation.mp4, preview.png, *.ply beside it)")
 
 
 # --------------------------------------------------------------------------- inspection
@@ -288,7 +346,7 @@ def _print_summaries(summaries: list[dict]) -> None:
     for col in ("stage", "items", "done", "skipped", "failed", "rows", "items/s", "MB/s", "manifest"):
         table.add_column(col)
     for s in summaries:
-        table.add_row(s["stage"], str(s["items_total"]), str(s["items_done"]), str(s["items_skipped"]),
+        table.add_row(s["stage"] + (" (cached)" if s.get("cached") else ""), str(s["items_total"]), str(s["items_done"]), str(s["items_skipped"]),
                       f"[red]{s['items_failed']}[/]" if s["items_failed"] else "0", str(s["rows"]),
                       f"{s['items_per_s']:.2f}", f"{s['bytes_per_s'] / 1e6:.2f}", s["manifest"])
     console.print(table)
@@ -349,6 +407,107 @@ def stage_stats(paths: list[Path] = typer.Argument(..., help="Stage output direc
         console.print("[red]no *.stats.json found[/]")
         raise typer.Exit(EXIT_BAD_INPUT)
     _print_summaries(summaries)
+
+
+@app.command()
+def evaluate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint directory (checkpoint.pt, or a run with checkpoints/checkpoint_*)."),
+    shards: Path = typer.Option(Path("data/shards"), "--shards", help="Shards directory (index.parquet)."),
+    split: str = typer.Option("test", "--split", help="Held-out split to evaluate (test or val)."),
+    out: Path = typer.Option(..., "--out", help="Output directory: metrics.json, report.md, per_view.csv, grid.png."),
+    frames: Optional[Path] = typer.Option(None, "--frames", help="frames.parquet (target view → camera, crop); default data/frames/frames.parquet if present."),
+    ground_truth: Optional[Path] = typer.Option(None, "--ground-truth", help="Studio ground-truth root (landmarks for AKD); default data/ground_truth/synthetic if present."),
+    lpips_backbone: Optional[Path] = typer.Option(None, "--lpips-backbone", help="LPIPS backbone weights (torchvision alexnet state_dict)."),
+    lpips_lin: Optional[Path] = typer.Option(None, "--lpips-lin", help="LPIPS v0.1 linear-layer weights (alex.pth)."),
+    preset: str = typer.Option("demo", "--preset", help="EvalConfig preset: tiny (4 samples) or demo (whole split)."),
+    target_views: Optional[int] = typer.Option(None, "--target-views", min=1, help="Novel views per sample."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", min=0, help="At most this many samples (0 = all)."),
+):
+    """Evaluate a checkpoint beside the non-learned baseline on held-out subjects (PSNR, SSIM, LPIPS, AKD)."""
+    from avat3r_core.config import build
+    from avat3r_core.evaluation import EvalConfig
+    from stages.evaluate import run_evaluate
+
+    frames = frames or (Path("data/frames/frames.parquet") if Path("data/frames/frames.parquet").exists() else None)
+    ground_truth = ground_truth or (Path("data/ground_truth/synthetic") if Path("data/ground_truth/synthetic").exists() else None)
+    overrides = {k: v for k, v in (("target_views", target_views), ("max_samples", max_samples)) if v is not None}
+    try:
+        config = build(EvalConfig, overrides, preset=preset, source="command line")
+    except ValueError as exc:
+        console.print(f"[bold red]bad arguments:[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_USAGE) from exc
+    metrics = _run(run_evaluate, checkpoint, shards, out, split, frames_manifest=frames, ground_truth=ground_truth,
+                   lpips_backbone=lpips_backbone, lpips_lin=lpips_lin, config=config)
+    console.print(Path(metrics["outputs"]["report.md"]).read_text(), soft_wrap=True, markup=False)
+    for name, path in metrics["outputs"].items():
+        console.print(f"  {name:13s} {path}")
+
+
+# --------------------------------------------------------------------------- avatars
+@app.command()
+def reconstruct(
+    inputs: Path = typer.Option(..., "--inputs", help="Library manifest (.csv, .yaml or .parquet): one row per avatar (mode: capture, photos, image, video)."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Training checkpoint directory (or its checkpoint.pt)."),
+    out: Path = typer.Option(Path("data/avatars"), "--out", help="Output directory (<id>/ per avatar, index.parquet)."),
+    preset: str = typer.Option("demo", "--preset", help="tiny, demo or paper (render sizes, fit length)."),
+    landmarks: Optional[str] = typer.Option(None, "--landmarks", help="mediapipe or file (<picture stem>.landmarks.npz beside each picture; the synthetic studio needs file)."),
+    face_model: Optional[Path] = typer.Option(None, "--face-model", help="Face-model directory (head_model.pkl + head_landmark_embedding.pkl) for photos/image/video; default data/models/studio_head."),
+    feature_projection: Optional[Path] = typer.Option(None, "--feature-projection", help="The training data's feature_projection.npz (default: data/priors/feature_projection.npz when present)."),
+    dust3r_checkpoint: Optional[Path] = typer.Option(None, "--dust3r-checkpoint", help="DUSt3R checkpoint (else the face_model stand-in position maps)."),
+    ray_address: Optional[str] = RayAddress,
+    executor: str = Executor,
+):
+    """Build avatars in bulk: Gaussians (.ply), encoder cache, preview, turntable and animation per person."""
+    from avat3r_core.config import build
+    from stages.ray_runtime import ensure_ray
+    from stages.reconstruct import ReconstructConfig, run_reconstruct
+
+    values: dict = {}
+    if landmarks:
+        values["landmarks"] = landmarks
+    model_dir = face_model or Path("data/models/studio_head")
+    if (model_dir / "head_model.pkl").exists():
+        values["face_model"] = str((model_dir / "head_model.pkl").resolve())
+        values["landmark_embedding"] = str((model_dir / "head_landmark_embedding.pkl").resolve())
+    projection = feature_projection or Path("data/priors/feature_projection.npz")
+    if projection.exists():
+        values["feature_projection"] = str(projection.resolve())
+    if dust3r_checkpoint:
+        values["dust3r_checkpoint"] = str(dust3r_checkpoint)
+    config = _run(build, ReconstructConfig, values, preset=preset, source="command line")
+    if executor == "ray":
+        ensure_ray(ray_address)
+    try:
+        summary = _run(run_reconstruct, config, str(inputs), str(checkpoint), str(out.resolve()), executor=executor)
+    except FileNotFoundError as exc:
+        console.print(f"[bold red]not found:[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_USAGE) from exc
+    _print_summaries([summary.to_dict()])
+    console.print(f"avatars: {out}\nindex: {summary.manifest}")
+    if summary.items_failed:
+        console.print(f"[red]{summary.items_failed} avatar(s) failed[/]: avat3r stage errors {out}")
+
+
+@app.command()
+def animate(
+    avatar_dir: Path = typer.Argument(..., help="A built avatar directory (avatars/<id>/)."),
+    expressions: str = typer.Option("builtin", "--expressions", help="builtin, a tracking.parquet[#subject/sequence], or a .npy of (T, 135) codes."),
+    out: Path = typer.Option(..., "--out", help="Output video (.mp4)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Default: the checkpoint recorded in the avatar's meta.json."),
+    size: Optional[int] = typer.Option(None, "--size", min=16, help="Frame size (default: as built)."),
+    fps: Optional[float] = typer.Option(None, "--fps", min=1.0, help="Frame rate (default: as built)."),
+    head_pose: bool = typer.Option(False, "--head-pose", help="Also replay a tracked sequence's head motion."),
+):
+    """Drive a built avatar with an expression track from its encoder cache (decoder only per frame)."""
+    from avat3r_core.library import animate_avatar
+
+    try:
+        result = _run(animate_avatar, avatar_dir, expressions, out, checkpoint=checkpoint, size=size, fps=fps,
+                      drive_head_pose=head_pose)
+    except FileNotFoundError as exc:
+        console.print(f"[bold red]not found:[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_USAGE) from exc
+    console.print_json(json.dumps(result))
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ already in the stage's error manifest, and an exceeded error budget needs a pers
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -15,9 +16,11 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.concurrency.sync import concurrency
 
 from avat3r_core.config import load_params, section
 from pipelines.caching import outputs_present, stage_cache_key
+from pipelines.schedules import TRAINING_LIMIT
 
 log = logging.getLogger("avat3r.flows")
 
@@ -86,6 +89,22 @@ class DataLayout:
     @property
     def train_metrics(self) -> str:
         return str(Path(self.train, "metrics.json"))
+
+    @property
+    def evaluation(self) -> str:
+        return self.path("reports", "evaluation")
+
+    @property
+    def evaluation_metrics(self) -> str:
+        return str(Path(self.evaluation, "metrics.json"))
+
+    @property
+    def avatars(self) -> str:
+        return self.path("avatars")
+
+    @property
+    def avatars_index(self) -> str:
+        return str(Path(self.avatars, "index.parquet"))
 
     @property
     def train(self) -> str:
@@ -212,9 +231,64 @@ def run_train_stage(params_path: str, layout: DataLayout, ray_address: str | Non
             "extra": metrics}
 
 
+def run_evaluate_stage(params_path: str, layout: DataLayout, ray_address: str | None = None,
+                       executor: str = "ray") -> dict:
+    """The trained checkpoint beside the non-learned baseline on the held-out split (novel views at
+    novel expressions): PSNR/SSIM (+LPIPS with weights), AKD; report.md, grid.png, metrics.json."""
+    from avat3r_core.config import build
+    from avat3r_core.evaluation import EvalConfig
+    from stages.evaluate import run_evaluate
+
+    params = load_params(params_path)
+    values = dict(params.get("evaluate") or {})
+    split = values.pop("split", "test")
+    lpips = {k: values.pop(k, "") or None for k in ("lpips_backbone", "lpips_lin")}
+    config = build(EvalConfig, values, source=f"{params_path}:evaluate")
+    t0 = time.perf_counter()
+    metrics = run_evaluate(layout.checkpoint, layout.shards, layout.evaluation, split,
+                           frames_manifest=layout.frames_manifest, ground_truth=layout.ground_truth,
+                           config=config, **lpips)
+    views = int(metrics.get("views") or metrics.get("samples") or 0)
+    return {"stage": "evaluate", "items_total": views, "items_done": views, "items_skipped": 0, "items_failed": 0,
+            "rows": views, "items_per_s": views / max(time.perf_counter() - t0, 1e-9), "bytes_per_s": 0.0,
+            "seconds": round(time.perf_counter() - t0, 3), "manifest": layout.evaluation_metrics, "extra": metrics}
+
+
+def run_reconstruct_stage(params_path: str, layout: DataLayout, ray_address: str | None = None,
+                          executor: str = "ray") -> dict:
+    """Build an avatar library with the trained checkpoint. ``reconstruct.library`` names a library
+    manifest; empty: the held-out subjects of the preprocessed capture (``reconstruct.split``)."""
+    from avat3r_core.config import build
+    from avat3r_core.library import write_capture_library
+    from avat3r_core.synthetic.studio import face_model_paths
+    from stages.reconstruct import ReconstructConfig, run_reconstruct
+
+    params = load_params(params_path)
+    values = dict(params.get("reconstruct") or {})
+    library = values.pop("library", "") or None
+    split = values.pop("split", "test")
+    # the face model and feature projection the training data was made with, unless params name others
+    face_model, embedding = face_model_paths(layout.face_model)
+    projection = Path(layout.priors, "feature_projection.npz")
+    defaults = {"face_model": face_model, "landmark_embedding": embedding,
+                "feature_projection": str(projection) if projection.exists() else ""}
+    for key, value in defaults.items():
+        if not values.get(key) and (key == "feature_projection" or Path(value).exists()):
+            values[key] = value
+    config = build(ReconstructConfig, values, source=f"{params_path}:reconstruct")
+    if library is None:
+        library = write_capture_library(layout.frames_manifest, layout.shards, split,
+                                        str(Path(layout.avatars, f"library_{split}.parquet")))
+    _start_ray(executor, ray_address)
+    summary = run_reconstruct(config, library, layout.checkpoint, layout.avatars,
+                              resources=_resources(params, "reconstruct"), executor=executor)
+    return summary.to_dict()
+
+
 #: Stage name → the plain function that runs it from params (used by flows, CLI and dvc.yaml).
 STAGES = {"synth": run_synth_stage, "extract": run_extract_stage, "track": run_track_stage,
-          "priors": run_priors_stage, "pack": run_pack_stage, "train": run_train_stage}
+          "priors": run_priors_stage, "pack": run_pack_stage, "train": run_train_stage,
+          "evaluate": run_evaluate_stage, "reconstruct": run_reconstruct_stage}
 
 
 def _start_ray(executor: str, ray_address: str | None) -> None:
@@ -245,6 +319,9 @@ STAGE_IO = {
     "priors": StageIO("1", ("frames_manifest", "tracking_manifest", "ground_truth"), ("priors_manifest",)),
     "pack": StageIO("1", ("frames_manifest", "tracking_manifest", "priors_manifest"), ("shards_index",)),
     "train": StageIO("1", ("shards_index",), ("train_metrics", "checkpoint")),
+    "reconstruct": StageIO("1", ("checkpoint", "frames_manifest", "priors_manifest", "tracking_manifest"),
+                           ("avatars_index",)),
+    "evaluate": StageIO("1", ("checkpoint", "shards_index", "frames_manifest", "ground_truth"), ("evaluation_metrics",)),
 }
 
 
@@ -265,7 +342,10 @@ def _flow_task(name: str):
     @task(name=name, retries=2, retry_delay_seconds=5, retry_condition_fn=_is_infrastructure_failure,
           cache_key_fn=_cache_key(name), persist_result=True)
     def run_stage_task(params_path: str, layout: DataLayout, ray_address: str | None, executor: str) -> dict:
-        summary = run(params_path, layout, ray_address, executor)
+        # training holds a slot of the GPU limit (pipelines.schedules); without the limit defined, it runs freely
+        guard = concurrency(TRAINING_LIMIT, occupy=1, strict=False) if name == "train" else contextlib.nullcontext()
+        with guard:
+            summary = run(params_path, layout, ray_address, executor)
         get_run_logger().info("%s: %s", name, summary)
         return summary
 
@@ -289,6 +369,7 @@ def run_stage_cached(name: str, params_path: str, layout: DataLayout, ray_addres
 
 #: The preprocess flow's stages, in order, each as a Prefect task.
 PREPROCESS = ("synth", "extract", "track", "priors", "pack")
+RECONSTRUCT = ("reconstruct", "evaluate")
 STAGE_TASKS = {name: _flow_task(name) for name in STAGES}
 
 
@@ -363,14 +444,51 @@ def _publish_training(layout: DataLayout) -> None:
         create_table_artifact(key="train-loss-curve", table=curve, description="Training loss (every %d-th step)" % stride)
 
 
+def _publish_evaluation(layout: DataLayout) -> None:
+    """The evaluation report (model vs baseline vs published) as a Markdown artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    report = Path(layout.evaluation, "report.md")
+    if report.exists():
+        create_markdown_artifact(key="evaluation-report", markdown=report.read_text(),
+                                 description="Held-out subjects: ours vs the non-learned baseline (and published numbers)")
+
+
+def _publish_avatars(layout: DataLayout) -> None:
+    """The library index (status, mode, prior sources, timings, where the pictures are)."""
+    import pyarrow.parquet as pq
+
+    if not Path(layout.avatars_index).exists():
+        return
+    keep = ("id", "status", "mode", "position_source", "feature_source", "stand_ins", "total_s", "turntable", "message")
+    rows = [{k: r.get(k) for k in keep if k in r} for r in pq.read_table(layout.avatars_index).to_pylist()[:200]]
+    create_table_artifact(key="avatar-library", table=rows, description=f"Avatars in {layout.avatars}")
+
+
+@flow(name="reconstruct", log_prints=True)
+def reconstruct_flow(params_path: str = "params.yaml", data_root: str = "data", ray_address: str | None = None,
+                     executor: str = "ray") -> list[dict]:
+    """Bulk reconstruction with the trained checkpoint (an avatar library: .ply, preview,
+    turntable, animation per avatar), then the evaluation on held-out subjects beside the baseline."""
+    layout = DataLayout(data_root)
+    summaries = [run_stage_cached(name, params_path, layout, ray_address, executor) for name in RECONSTRUCT]
+    _publish_stage_table(summaries, "reconstruct-stages")
+    _publish_avatars(layout)
+    _publish_evaluation(layout)
+    return summaries
+
+
 @flow(name="demo", log_prints=True)
 def demo_flow(params_path: str = "params.yaml", data_root: str = "data", ray_address: str | None = None,
               executor: str = "ray") -> dict:
-    """Everything on the embedded synthetic studio: preprocess → train (→ reconstruct as it lands)."""
+    """Everything on the embedded synthetic studio: preprocess → train → reconstruct + evaluate."""
     summaries = preprocess_flow(params_path, data_root, ray_address, executor)
     summaries.append(train_flow(params_path, data_root, ray_address, executor))
+    summaries += reconstruct_flow(params_path, data_root, ray_address, executor)
+    _publish_stage_table(summaries, "demo-stages")
     layout = DataLayout(data_root)
     return {"stages": summaries, "raw": layout.raw, "ground_truth": layout.ground_truth,
             "previews": str(Path(layout.ground_truth) / "previews"), "frames": layout.frames,
             "tracking": layout.tracking, "priors": layout.priors, "shards": layout.shards,
-            "training": layout.train, "checkpoint": layout.checkpoint}
+            "training": layout.train, "checkpoint": layout.checkpoint,
+            "report": str(Path(layout.evaluation, "report.md")), "avatars": layout.avatars}

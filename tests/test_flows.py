@@ -20,6 +20,8 @@ def write_params(path, train_steps=4, **synth):
         "pack": {"preset": "tiny", "split_fractions": [0.5, 0.5, 0.0]},
         "train": {"preset": "tiny", "steps": train_steps, "validate_every": 2, "checkpoint_every": 2, "cpus_per_worker": 1,
                   "data": {"preset": "tiny"}},
+        "evaluate": {"preset": "tiny", "split": "val", "detector": "none"},
+        "reconstruct": {"preset": "tiny", "split": "val", "turntable_frames": 2},
         "runtime": {"resources": {"default": {"num_cpus": 1, "max_errors": 2}}},
     }
     path.write_text(yaml.safe_dump(params))
@@ -31,7 +33,7 @@ def test_demo_flow_runs_the_built_stages_and_is_resumable(prefect_harness, ray_s
 
     params = write_params(tmp_path / "params.yaml")
     result = demo_flow(params_path=params, data_root=str(tmp_path / "data"))
-    synth, extract, track, priors, pack, train = result["stages"]
+    synth, extract, track, priors, pack, train, reconstruct, evaluate = result["stages"]
     assert synth["stage"] == "synth" and synth["items_done"] == 2 and synth["items_failed"] == 0
     rows = pq.read_table(synth["manifest"]).to_pylist()
     assert {r["subject"] for r in rows} == {"001", "002"}
@@ -64,6 +66,17 @@ def test_demo_flow_runs_the_built_stages_and_is_resumable(prefect_harness, ray_s
     stored = safe_torch_load(tmp_path / "data/train/checkpoint/checkpoint.pt")["config"]["model"]
     assert stored["image_size"] == 64 and stored["feature_dim"] == 112  # tiny priors keep all channels
     assert list((tmp_path / "data/train/val").glob("*.png"))
+    # evaluation of the checkpoint beside the baseline on the held-out subject
+    assert evaluate["stage"] == "evaluate" and evaluate["items_done"] > 0
+    report = (tmp_path / "data/reports/evaluation/report.md").read_text()
+    assert "non-learned baseline" in report and "published" in report
+    assert result["report"] == str(tmp_path / "data/reports/evaluation/report.md")
+    # the held-out subject as an avatar: .ply, preview, turntable, animation, in the library index
+    assert reconstruct["stage"] == "reconstruct" and reconstruct["items_done"] == 1 and reconstruct["items_failed"] == 0
+    (avatar,) = pq.read_table(tmp_path / "data/avatars/index.parquet").to_pylist()
+    assert avatar["status"] == "ok" and avatar["mode"] == "capture"
+    for key in ("ply", "preview", "turntable", "animation"):
+        assert (tmp_path / "data/avatars" / avatar[key]).stat().st_size > 0
     stats = json.loads((tmp_path / "data/raw/synthetic/synth.stats.json").read_text())
     assert stats["bytes_written"] > 0 and stats["items_per_s"] > 0
     assert not any(s["cached"] for s in result["stages"])
@@ -75,7 +88,7 @@ def test_demo_flow_runs_the_built_stages_and_is_resumable(prefect_harness, ray_s
     # more training steps: only train reruns, resuming from its last checkpoint
     write_params(tmp_path / "params.yaml", train_steps=6)
     third = demo_flow(params_path=params, data_root=str(tmp_path / "data"))
-    assert [s["cached"] for s in third["stages"]] == [True, True, False, True, True, False]
+    assert [s["cached"] for s in third["stages"]] == [True, True, False, True, True, False, False, False]
     track3, train3 = third["stages"][2], third["stages"][5]
     assert track3["items_done"] == 0 and track3["items_skipped"] == 2
     assert train3["items_skipped"] == 4 and train3["items_done"] == 2
