@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from avat3r_core.cameras import Cameras
-from avat3r_core.color import apply_ccm
+from avat3r_core.color import cheung2004_terms, linear_to_srgb, srgb_to_linear
 
 
 @dataclass
@@ -42,13 +42,16 @@ class ExtractConfig:
     alpha_threshold: float = 0.06  # background differencing: mean abs RGB difference in [0, 1]
     image_format: str = "jpg"  # jpg | png
     jpeg_quality: int = 95
-    decoder: str = "pyav"  # pyav | opencv (benchmarks/extract.py measures both)
+    # yuv: PyAV, frames stay as decoded 4:2:0 planes and only the crop region is converted to RGB
+    # (the matte is the luma plane); pyav | opencv: whole frames converted to RGB by the decoder.
+    # benchmarks/extract.py measures all three.
+    decoder: str = "yuv"
 
     def __post_init__(self) -> None:
         if self.image_format not in ("jpg", "png"):
             raise ValueError(f"image_format must be jpg or png, got {self.image_format!r}")
-        if self.decoder not in ("pyav", "opencv"):
-            raise ValueError(f"decoder must be pyav or opencv, got {self.decoder!r}")
+        if self.decoder not in ("yuv", "pyav", "opencv"):
+            raise ValueError(f"decoder must be yuv, pyav or opencv, got {self.decoder!r}")
         if self.resolution < 16 or self.frame_step < 1 or self.frames_per_sequence < 0:
             raise ValueError("resolution ≥ 16, frame_step ≥ 1 and frames_per_sequence ≥ 0 are required")
 
@@ -153,6 +156,27 @@ def crop_boxes(cams: Cameras, center: np.ndarray, extent: float) -> np.ndarray:
     return np.stack([uv[:, 0] - side / 2, uv[:, 1] - side / 2, side, side], axis=1)
 
 
+def frame_boxes(camera: Cameras, centers: np.ndarray, extent: float) -> np.ndarray:
+    """(N, 4) crop boxes of one camera around N head centres (N, 3): :func:`crop_boxes` for a
+    whole video in one projection."""
+    uv, depth = camera.project(torch.as_tensor(np.asarray(centers), dtype=camera.dtype).reshape(-1, 3))
+    uv, depth = uv[0].double().numpy(), depth[0].double().numpy()
+    focal = float(0.5 * (camera.fx + camera.fy).double()[0])
+    side = 2.0 * extent * focal / np.maximum(depth, 1e-6)
+    return np.stack([uv[:, 0] - side / 2, uv[:, 1] - side / 2, side, side], axis=1)
+
+
+def crop_roi(height: int, width: int, box: np.ndarray, size: int) -> tuple[int, int, int, int]:
+    """The source region (x0, y0, x1, y1) that :func:`crop_image` reads for ``box``: the box plus a
+    margin for the filters, clipped to the image (empty when the box lies outside)."""
+    x0, y0, w, h = (float(v) for v in box)
+    margin = 4 + int(np.ceil(w / size))
+    rx0, ry0 = max(int(np.floor(x0)) - margin, 0), max(int(np.floor(y0)) - margin, 0)
+    rx1 = min(int(np.ceil(x0 + w)) + margin, width)
+    ry1 = min(int(np.ceil(y0 + h)) + margin, height)
+    return rx0, ry0, rx1, ry1
+
+
 def crop_image(image: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
     """Resample the square ``box`` (x0, y0, w, h; may leave the image) to ``size``² pixels.
 
@@ -160,17 +184,19 @@ def crop_image(image: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
     convention as :meth:`Cameras.crop_resize`, so the crop camera stays exact; outside the
     source image is black (alpha 0).
     """
+    rx0, ry0, rx1, ry1 = crop_roi(image.shape[0], image.shape[1], box, size)
+    if rx1 <= rx0 or ry1 <= ry0:
+        return np.zeros((size, size) + image.shape[2:], image.dtype)
+    return crop_region(image[ry0:ry1, rx0:rx1], (rx0, ry0), box, size)
+
+
+def crop_region(image: np.ndarray, origin: tuple[int, int], box: np.ndarray, size: int) -> np.ndarray:
+    """:func:`crop_image` on a region of the source whose top-left pixel is ``origin`` (x, y) in
+    the source; the region must hold :func:`crop_roi` (where it lies inside the source)."""
     x0, y0, w, h = (float(v) for v in box)
     # Work on the region of interest only (plus a margin for the filters), and halve it with exact
     # 2x2 averaging while the crop shrinks by more than 2x: cost follows the crop, not the frame.
-    margin = 4 + int(np.ceil(w / size))
-    rx0, ry0 = max(int(np.floor(x0)) - margin, 0), max(int(np.floor(y0)) - margin, 0)
-    rx1 = min(int(np.ceil(x0 + w)) + margin, image.shape[1])
-    ry1 = min(int(np.ceil(y0 + h)) + margin, image.shape[0])
-    if rx1 <= rx0 or ry1 <= ry0:
-        return np.zeros((size, size) + image.shape[2:], image.dtype)
-    image = image[ry0:ry1, rx0:rx1]
-    x0, y0 = x0 - rx0, y0 - ry0
+    x0, y0 = x0 - origin[0], y0 - origin[1]
     while w / size > 2.0 and min(image.shape[:2]) >= 4:
         even_h, even_w = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
         # INTER_AREA by exactly 2: output centre (i + .5) is input (2i + 1), the same +0.5 convention
@@ -188,10 +214,86 @@ def crop_image(image: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
                           borderValue=0)
 
 
+# --------------------------------------------------------------------------- 4:2:0 frames
+#: limited-range luma (16..235) → full-range gray, as FFmpeg converts yuv420p to gray (alpha
+#: videos are written as limited-range luma, see avat3r_core.video)
+LUMA_TO_GRAY = np.clip(np.rint((np.arange(256) - 16) * 255.0 / 219.0), 0, 255).astype(np.uint8)
+#: a matte pixel is foreground (gray/255 > 0.5) exactly when its luma is above this
+LUMA_HALF = float(np.flatnonzero(LUMA_TO_GRAY > 127.5)[0]) - 0.5
+
+
+class Yuv420Frame:
+    """One decoded frame as the decoder left it: 4:2:0 planes (views of the decoder's buffers,
+    valid while this object lives), converted to RGB or gray only where asked."""
+
+    def __init__(self, frame) -> None:
+        self._frame = frame  # keeps the decoder's buffers alive
+        self.width, self.height = frame.width, frame.height
+        y, u, v = frame.planes[:3]
+        self.y = np.frombuffer(y, np.uint8).reshape(y.height, y.line_size)[:, :y.width]
+        self.u = np.frombuffer(u, np.uint8).reshape(u.height, u.line_size)[:, :u.width]
+        self.v = np.frombuffer(v, np.uint8).reshape(v.height, v.line_size)[:, :v.width]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, 3)
+
+    def rgb(self, x0: int = 0, y0: int = 0, x1: int | None = None, y1: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+        """RGB (BT.601 limited range, as decoders read untagged streams) of the region grown to even
+        coordinates; returns it with its top-left (x, y) in the frame."""
+        x1 = self.width if x1 is None else x1
+        y1 = self.height if y1 is None else y1
+        x0, y0 = x0 // 2 * 2, y0 // 2 * 2
+        x1, y1 = min(-(-x1 // 2) * 2, self.width // 2 * 2), min(-(-y1 // 2) * 2, self.height // 2 * 2)
+        h, w = y1 - y0, x1 - x0
+        i420 = np.empty((h * 3 // 2, w), np.uint8)
+        i420[:h] = self.y[y0:y1, x0:x1]
+        chroma = i420[h:].reshape(-1)
+        q = (h // 2) * (w // 2)
+        chroma[:q].reshape(h // 2, w // 2)[...] = self.u[y0 // 2:y1 // 2, x0 // 2:x1 // 2]
+        chroma[q:].reshape(h // 2, w // 2)[...] = self.v[y0 // 2:y1 // 2, x0 // 2:x1 // 2]
+        return cv2.cvtColor(i420, cv2.COLOR_YUV2RGB_I420), (x0, y0)
+
+    def gray(self, x0: int = 0, y0: int = 0, x1: int | None = None, y1: int | None = None) -> np.ndarray:
+        """Full-range gray of a region (the matte of an alpha video)."""
+        return cv2.LUT(np.ascontiguousarray(self.y[y0:y1, x0:x1]), LUMA_TO_GRAY)
+
+
+def read_yuv420(uri, threads: int = 1) -> Iterator[Yuv420Frame]:
+    """Decode a video with PyAV into :class:`Yuv420Frame` (no colour conversion of whole frames)."""
+    import av
+
+    from avat3r_core.errors import FormatError
+    from avat3r_core.video import _open
+
+    with _open(uri) as container:
+        if not container.streams.video:
+            raise FormatError(uri, None, "no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        if threads:
+            stream.codec_context.thread_count = threads
+        index = 0
+        try:
+            for frame in container.decode(stream):
+                if frame.format.name not in ("yuv420p", "yuvj420p"):
+                    frame = frame.reformat(format="yuv420p")
+                yield Yuv420Frame(frame)
+                index += 1
+        except av.error.FFmpegError as exc:
+            raise FormatError(uri, f"frame {index}", f"decode failed ({exc})") from exc
+
+
+#: sRGB → linear of every uint8 value: the same numbers apply_ccm computes per pixel, looked up
+_SRGB_TO_LINEAR = srgb_to_linear(np.arange(256, dtype=np.float32) / 255.0)
+
+
 def correct_colors(image: np.ndarray, ccm: np.ndarray | None) -> np.ndarray:
+    """``apply_ccm`` on a uint8 sRGB image (its sRGB decode by table lookup: identical values)."""
     if ccm is None:
         return image
-    out = apply_ccm(image.astype(np.float32) / 255.0, ccm)
+    expanded = cheung2004_terms(_SRGB_TO_LINEAR[image], ccm.shape[-1])
+    out = linear_to_srgb(expanded @ np.asarray(ccm, dtype=np.float32).T)
     return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -235,10 +337,38 @@ class VideoJob:
     plate: np.ndarray | None = None  # background plate (RGB uint8) when no alpha video
 
 
-def extract_video(job: VideoJob, color: Iterator[np.ndarray], alpha: Iterator[np.ndarray] | None,
+def _crop_color(frame, box: np.ndarray, size: int) -> np.ndarray:
+    """Crop of a colour frame: an RGB array, or a :class:`Yuv420Frame` of which only the region
+    the crop reads is converted to RGB."""
+    if not isinstance(frame, Yuv420Frame):
+        return crop_image(frame, box, size)
+    rx0, ry0, rx1, ry1 = crop_roi(frame.height, frame.width, box, size)
+    if rx1 <= rx0 or ry1 <= ry0:
+        return np.zeros((size, size, 3), np.uint8)
+    region, origin = frame.rgb(rx0, ry0, rx1, ry1)
+    return crop_region(region, origin, box, size)
+
+
+def _crop_matte(matte, box: np.ndarray, size: int) -> np.ndarray:
+    if not isinstance(matte, Yuv420Frame):
+        return crop_image(matte, box, size)
+    rx0, ry0, rx1, ry1 = crop_roi(matte.height, matte.width, box, size)
+    if rx1 <= rx0 or ry1 <= ry0:
+        return np.zeros((size, size), np.uint8)
+    return crop_region(matte.gray(rx0, ry0, rx1, ry1), (rx0, ry0), box, size)
+
+
+def extract_video(job: VideoJob, color: Iterator, alpha: Iterator | None,
                   config: ExtractConfig) -> Iterator[CroppedFrame]:
-    """Sequentially decode one video (and its alpha video) and yield the cropped frames."""
+    """Sequentially decode one video (and its alpha video) and yield the cropped frames.
+
+    Frames are RGB arrays (alpha: gray arrays) or :class:`Yuv420Frame` (``read_yuv420``), of
+    which only the cropped region is converted.
+    """
     size = config.resolution
+    have = [f for f in job.frames if f in job.centers]
+    boxes = dict(zip(have, frame_boxes(job.camera, np.array([job.centers[f] for f in have]).reshape(-1, 3),
+                                       config.head_extent))) if have else {}
     # alpha and colour are decoded in lockstep (each sequentially), so no frame is held twice
     alpha_stream = pick_frames(alpha, job.frames) if alpha is not None else None
     for index, frame in pick_frames(color, job.frames):
@@ -250,12 +380,15 @@ def extract_video(job: VideoJob, color: Iterator[np.ndarray], alpha: Iterator[np
             if alpha_index != index:
                 raise ValueError(f"alpha video has no frame {index}")
         elif job.plate is not None:
-            matte = np.rint(background_matte(frame, job.plate, config.alpha_threshold) * 255).astype(np.uint8)
+            rgb = frame.rgb()[0] if isinstance(frame, Yuv420Frame) else frame
+            matte = np.rint(background_matte(rgb, job.plate, config.alpha_threshold) * 255).astype(np.uint8)
         else:
             raise ValueError("no alpha video and no background plate: cannot matte")
-        box = crop_boxes(job.camera, job.centers[index], config.head_extent)[0]
-        image = crop_image(frame, box, size)
+        if index not in boxes:
+            raise KeyError(index)
+        box = boxes[index]
+        image = _crop_color(frame, box, size)
         if config.color_correction:  # per pixel, so after the crop: the same result, far fewer pixels
             image = correct_colors(image, job.ccm)
-        matte_crop = crop_image(matte, box, size)
+        matte_crop = _crop_matte(matte, box, size)
         yield CroppedFrame(index, image, matte_crop, box)

@@ -5,8 +5,8 @@ Prints one JSON object:
   and alpha mattes separately); the loader's default decoder should be the faster;
 * ``raw_loop``: samples/s of a plain loop that reads every shard with ``tarfile`` and decodes, per
   sample, the members one training item decodes (V input views: image, alpha, position npz,
-  features npz; T target views: image, alpha; the first cameras, no sampling, no buffer, no
-  collate) — the reference;
+  features npz, widened to float32 with the loader's own helpers; T target views: image, alpha;
+  the first cameras, no sampling, no buffer, no collate) — the reference;
 * ``loader``: items/s of the Avat3r loader (``make_loader``: shard pipeline, subject buffer,
   k-farthest sampling, decode, collate to ``Avat3rBatch``) with 0 and 2 DataLoader workers over
   the same shards (training mode: resampled, one epoch of ``--passes`` × samples items, worker
@@ -37,7 +37,8 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from avat3r_core import storage  # noqa: E402
-from avat3r_core.dataset.loader import LoaderConfig, decode_alpha, decode_image, load_npz, make_loader  # noqa: E402
+from avat3r_core.dataset.loader import (LoaderConfig, decode_alpha, decode_image, load_npz, make_loader,  # noqa: E402
+                                        to_float32)
 from avat3r_core.dataset.pack import PackConfig, pack, shard_urls  # noqa: E402
 from avat3r_core.formats.manifests import PRIORS_SCHEMA  # noqa: E402
 from avat3r_core.ids import make_id  # noqa: E402
@@ -105,8 +106,8 @@ def raw_loop(urls: list[str], V: int, T: int, decoder: str) -> tuple[int, float]
                     decode_image(sample[f"cam_{s}.{ext}"], decoder)
                     decode_alpha(sample[f"cam_{s}.alpha.png"], decoder)
                     p = load_npz(sample[f"cam_{s}.position.npz"])
-                    p["position"].astype(np.float32), p["confidence"].astype(np.float32)
-                    load_npz(sample[f"cam_{s}.features.npz"])["features"].astype(np.float32)
+                    to_float32(p["position"]), to_float32(p["confidence"])  # the loader's own widening
+                    to_float32(load_npz(sample[f"cam_{s}.features.npz"])["features"])
                 for s in cams[:T]:
                     decode_image(sample[f"cam_{s}.{ext}"], decoder)
                     decode_alpha(sample[f"cam_{s}.alpha.png"], decoder)

@@ -154,12 +154,44 @@ def _execute_item(stage: Stage, item: dict, out_dir: str) -> ItemResult:
 
 class _LocalWorker:
     def __init__(self, factory: Callable[[], Stage], out_dir: str):
+        self.reset(factory, out_dir)
+
+    def reset(self, factory: Callable[[], Stage], out_dir: str) -> None:
+        """Host another stage (or the same one for another output) in this worker."""
         self.stage = factory()
         self.stage.setup()
         self.out_dir = out_dir
 
     def run(self, item: dict) -> ItemResult:
         return _execute_item(self.stage, item, self.out_dir)
+
+
+class StagePool:
+    """Ray actors kept across several :func:`run_stage` calls (``run_stage(..., pool=pool)``).
+
+    A stage of several passes (extract: head centres, then crops) would otherwise start and
+    kill a pool of worker processes per pass; with a pool the second pass reuses the first's
+    processes (already started, modules imported) and only re-runs ``setup()``. Use as a
+    context manager; the actors are killed on exit. Resources are those of the first run.
+    """
+
+    def __init__(self) -> None:
+        self.actors: list[Any] = []
+        self.actor_cls: Any = None
+
+    def __enter__(self) -> "StagePool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.actors:
+            import ray
+
+            for actor in self.actors:
+                ray.kill(actor)
+        self.actors = []
 
 
 # --------------------------------------------------------------------------- manifests
@@ -216,11 +248,14 @@ def run_stage(
     resources: StageResources | None = None,
     executor: str = "ray",
     show_progress: bool = True,
+    pool: StagePool | None = None,
 ) -> StageSummary:
     """Run ``factory()``'s stage over ``items`` (dicts with a unique, dot-free ``id``).
 
     Committed items are skipped; failed items are retried on a rerun. Returns a summary; raises
     :class:`ErrorBudgetExceeded` (after committing everything finished) when too many items fail.
+    ``pool``: a :class:`StagePool` whose Ray actors this run uses (and leaves running) instead of
+    starting and killing its own.
     """
     resources = resources or StageResources()
     out_dir = str(out_dir)
@@ -273,7 +308,8 @@ def run_stage(
                 if budget_hit:
                     break
         elif todo and executor == "ray":
-            budget_hit = _run_on_ray(factory, stage_name, todo, out_dir, resources, results, over_budget, progress, task)
+            budget_hit = _run_on_ray(factory, stage_name, todo, out_dir, resources, results, over_budget, progress, task,
+                                     pool)
         elif todo:
             raise StageError(f"unknown executor {executor!r} (use 'ray' or 'local')")
     finally:
@@ -312,16 +348,30 @@ def run_stage(
     return summary
 
 
-def _run_on_ray(factory, stage_name, todo, out_dir, resources, results, over_budget, progress, task) -> str | None:
+_STAGE_ACTOR: Any = None
+
+
+def _stage_actor_class() -> Any:
+    """The Ray actor class hosting stages (defined once, so a pool's actors can be reused)."""
+    global _STAGE_ACTOR
+    if _STAGE_ACTOR is None:
+        import ray
+
+        @ray.remote
+        class StageActor(_LocalWorker):
+            pass
+
+        _STAGE_ACTOR = StageActor
+    return _STAGE_ACTOR
+
+
+def _run_on_ray(factory, stage_name, todo, out_dir, resources, results, over_budget, progress, task,
+                pool: StagePool | None = None) -> str | None:
     import ray
 
     from stages.ray_runtime import ensure_ray
 
     ensure_ray()
-
-    @ray.remote
-    class StageActor(_LocalWorker):
-        pass
 
     if resources.concurrency:
         n_actors = resources.concurrency
@@ -331,8 +381,19 @@ def _run_on_ray(factory, stage_name, todo, out_dir, resources, results, over_bud
         if resources.num_gpus:
             n_actors = min(n_actors, max(1, int(ray.cluster_resources().get("GPU", 0) // resources.num_gpus)))
     n_actors = max(1, min(n_actors, len(todo)))
-    actor_cls = StageActor.options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus)
-    actors = [actor_cls.remote(factory, out_dir) for _ in range(n_actors)]
+    if pool is not None and pool.actor_cls is not None:
+        actor_cls = pool.actor_cls
+    else:
+        actor_cls = _stage_actor_class().options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus)
+        if pool is not None:
+            pool.actor_cls = actor_cls
+    if pool is not None:
+        reused = pool.actors[:n_actors]
+        ray.get([actor.reset.remote(factory, out_dir) for actor in reused])
+        actors = reused + [actor_cls.remote(factory, out_dir) for _ in range(n_actors - len(reused))]
+        pool.actors = actors + pool.actors[len(reused):]
+    else:
+        actors = [actor_cls.remote(factory, out_dir) for _ in range(n_actors)]
     queue = list(reversed(todo))
     in_flight: dict[Any, Any] = {}
     budget_hit = None
@@ -353,8 +414,10 @@ def _run_on_ray(factory, stage_name, todo, out_dir, resources, results, over_bud
                 result = ray.get(ref)
             except ray.exceptions.RayError as exc:  # the worker itself died (OOM, segfault...)
                 result = _record_worker_death(stage_name, item, out_dir, exc)
-                actor = actor_cls.remote(factory, out_dir)
+                dead, actor = actor, actor_cls.remote(factory, out_dir)
                 actors.append(actor)
+                if pool is not None:  # the pool keeps the replacement, not the dead actor
+                    pool.actors = [actor if a is dead else a for a in pool.actors]
             results.append(result)
             if progress:
                 progress.update(task, advance=1, status=f"errors={sum(not r.ok for r in results)}")
@@ -363,8 +426,9 @@ def _run_on_ray(factory, stage_name, todo, out_dir, resources, results, over_bud
             if queue and budget_hit is None:
                 submit(actor)
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        if pool is None:
+            for actor in actors:
+                ray.kill(actor)
     return budget_hit
 
 
