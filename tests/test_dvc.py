@@ -1,0 +1,82 @@
+"""The DVC pipeline on a clone of this repository with miniature params: `dvc repro` from scratch,
+a second `dvc repro` is a no-op, push to a local remote, lose the cache and the data, pull, and the
+pipeline is still up to date; `dvc exp run -S train.steps=...` reruns training and what follows."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not (REPO / ".git").exists(), reason="needs the project's git repository")
+
+MINI_PARAMS = {
+    "synth": {"preset": "tiny", "seed": 5, "preview": False, "subjects": 3},
+    "extract": {"preset": "tiny"},
+    "track": {"preset": "tiny", "backend": "ground_truth", "noise_px": 0.25},
+    "priors": {"preset": "tiny"},
+    "pack": {"preset": "tiny", "split_fractions": [0.34, 0.33, 0.33]},
+    "train": {"preset": "tiny", "steps": 2, "validate_every": 0, "checkpoint_every": 2, "cpus_per_worker": 1,
+              "data": {"preset": "tiny"}},
+    "evaluate": {"preset": "tiny", "split": "test", "detector": "none"},
+    "reconstruct": {"preset": "tiny", "split": "test", "turntable_frames": 2},
+    "runtime": {"resources": {"default": {"num_cpus": 1, "max_errors": 2}}},
+}
+
+
+def sh(*args, cwd, env):
+    done = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def dvc_repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dvc")
+    repo = root / "repo"
+    env = {**os.environ, "AVAT3R_EXECUTOR": "local", "PYTHONPATH": str(REPO),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    sh("git", "clone", "-q", str(REPO), str(repo), cwd=root, env=env)
+    # the working tree's pipeline definition (what this commit is about to land), miniature params
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    (repo / "params.yaml").write_text(yaml.safe_dump(MINI_PARAMS))
+    sh("git", "add", "-A", cwd=repo, env=env)
+    sh("git", "commit", "-qm", "mini params", "--allow-empty", cwd=repo, env=env)
+    return repo, env, root
+
+
+def test_repro_push_pull_and_experiments(dvc_repo):
+    repo, env, root = dvc_repo
+    out = sh("dvc", "repro", cwd=repo, env=env)
+    for stage in ("synth", "extract", "track", "priors", "pack", "train", "reconstruct", "evaluate"):
+        assert f"Running stage '{stage}'" in out, out
+    metrics = json.loads((repo / "data/train/metrics.json").read_text())
+    assert metrics["steps"] == 2
+    assert "up to date" in sh("dvc", "repro", cwd=repo, env=env)
+
+    remote = root / "remote"
+    sh("dvc", "remote", "add", "-d", "local", str(remote), cwd=repo, env=env)
+    sh("git", "add", "-A", cwd=repo, env=env)
+    sh("git", "commit", "-qm", "pipeline outputs", cwd=repo, env=env)
+    sh("dvc", "push", cwd=repo, env=env)
+    shutil.rmtree(repo / ".dvc" / "cache")
+    for out_dir in ("raw", "frames", "tracking", "priors", "shards", "train", "avatars", "models", "reports"):
+        shutil.rmtree(repo / "data" / out_dir, ignore_errors=True)
+    sh("dvc", "pull", cwd=repo, env=env)
+    assert (repo / "data/train/checkpoint/checkpoint.pt").exists()
+    assert (repo / "data/shards/index.parquet").exists()
+    status = sh("dvc", "status", cwd=repo, env=env)
+    assert "up to date" in status, status
+    assert "up to date" in sh("dvc", "repro", cwd=repo, env=env)
+
+    exp = sh("dvc", "exp", "run", "-S", "train.steps=3", cwd=repo, env=env)
+    assert "Running stage 'train'" in exp and "Running stage 'extract'" not in exp, exp
+    assert json.loads((repo / "data/train/metrics.json").read_text())["steps"] == 3
