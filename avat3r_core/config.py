@@ -84,3 +84,16 @@ def section(params: dict[str, Any], name: str, cls: type[T], source: str = "para
 
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
+
+
+def pick_device(device: str):
+    """The torch device a config's ``device`` string names: ``auto`` (CUDA when this process sees a
+    GPU, else CPU), ``cpu`` or ``cuda`` (an error when no GPU is visible: a silent CPU fallback
+    would hide a misconfigured worker)."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA device is available to this worker")
+    return torch.device(device)

@@ -62,7 +62,7 @@ import torch
 from torch import Tensor
 
 from avat3r_core import storage
-from avat3r_core.config import Presets, from_dict
+from avat3r_core.config import Presets
 from avat3r_core.errors import FormatError
 from avat3r_core.formats.batch import Avat3rBatch
 from avat3r_core.ids import make_id

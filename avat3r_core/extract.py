@@ -261,27 +261,12 @@ class Yuv420Frame:
 
 def read_yuv420(uri, threads: int = 1) -> Iterator[Yuv420Frame]:
     """Decode a video with PyAV into :class:`Yuv420Frame` (no colour conversion of whole frames)."""
-    import av
+    from avat3r_core.video import decoded_frames
 
-    from avat3r_core.errors import FormatError
-    from avat3r_core.video import _open
-
-    with _open(uri) as container:
-        if not container.streams.video:
-            raise FormatError(uri, None, "no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        if threads:
-            stream.codec_context.thread_count = threads
-        index = 0
-        try:
-            for frame in container.decode(stream):
-                if frame.format.name not in ("yuv420p", "yuvj420p"):
-                    frame = frame.reformat(format="yuv420p")
-                yield Yuv420Frame(frame)
-                index += 1
-        except av.error.FFmpegError as exc:
-            raise FormatError(uri, f"frame {index}", f"decode failed ({exc})") from exc
+    for frame in decoded_frames(uri, threads):
+        if frame.format.name not in ("yuv420p", "yuvj420p"):
+            frame = frame.reformat(format="yuv420p")
+        yield Yuv420Frame(frame)
 
 
 #: sRGB → linear of every uint8 value: the same numbers apply_ccm computes per pixel, looked up

@@ -66,7 +66,7 @@ import torch
 
 from avat3r_core import storage
 from avat3r_core.cameras import Cameras
-from avat3r_core.config import Presets, from_dict
+from avat3r_core.config import Presets, pick_device
 from avat3r_core.errors import Avat3rError, FormatError
 from avat3r_core.ids import id_part
 
@@ -450,14 +450,6 @@ class PrepareConfig(Presets):
         from avat3r_core.tracking.fit import FitConfig
 
         return FitConfig.preset(self.fit_preset, **dict(self.fit))
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but no CUDA device is available to this worker")
-    return torch.device(device)
 
 
 # ====================================================================== prepared inputs

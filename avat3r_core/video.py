@@ -128,15 +128,9 @@ def probe_video(uri: str | Path, decode: bool = True) -> VideoInfo:
         return VideoInfo(count, stream.codec_context.width, stream.codec_context.height, rate)
 
 
-def read_frames(uri: str | Path, gray: bool = False, backend: str = "pyav", threads: int = 0) -> Iterator[np.ndarray]:
-    """Yield decoded frames as RGB (H,W,3) or gray (H,W) uint8. ``backend``: pyav or opencv.
-
-    ``threads``: decoder threads (0 = FFmpeg's choice, all cores). Stages run one worker per core
-    and pass 1, so workers do not fight over cores.
-    """
-    if backend == "opencv":
-        yield from _read_frames_opencv(uri, gray, threads)
-        return
+def decoded_frames(uri: str | Path, threads: int = 0):
+    """PyAV ``VideoFrame`` objects of a video's first stream, in order; a decode error becomes a
+    FormatError naming the file and the frame index."""
     import av
 
     with _open(uri) as container:
@@ -149,10 +143,23 @@ def read_frames(uri: str | Path, gray: bool = False, backend: str = "pyav", thre
         index = 0
         try:
             for frame in container.decode(stream):
-                yield frame.to_ndarray(format="gray" if gray else "rgb24")
+                yield frame
                 index += 1
         except av.error.FFmpegError as exc:
             raise FormatError(uri, f"frame {index}", f"decode failed ({exc})") from exc
+
+
+def read_frames(uri: str | Path, gray: bool = False, backend: str = "pyav", threads: int = 0) -> Iterator[np.ndarray]:
+    """Yield decoded frames as RGB (H,W,3) or gray (H,W) uint8. ``backend``: pyav or opencv.
+
+    ``threads``: decoder threads (0 = FFmpeg's choice, all cores). Stages run one worker per core
+    and pass 1, so workers do not fight over cores.
+    """
+    if backend == "opencv":
+        yield from _read_frames_opencv(uri, gray, threads)
+        return
+    for frame in decoded_frames(uri, threads):
+        yield frame.to_ndarray(format="gray" if gray else "rgb24")
 
 
 def _read_frames_opencv(uri: str | Path, gray: bool, threads: int = 0) -> Iterator[np.ndarray]:

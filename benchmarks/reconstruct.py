@@ -92,7 +92,6 @@ def setup(root: Path, subjects: int) -> dict:
 
 
 def drive(data: dict, frames: int, size: int, repeats: int = 3) -> dict:
-    import numpy as np
     import torch
 
     from avat3r_core.avatar import animation_frames

@@ -266,7 +266,7 @@ def model_info_command(
 @app.command()
 def preprocess(params: str = ParamsPath, data_root: str = DataRoot, ray_address: Optional[str] = RayAddress,
                executor: str = Executor):
-    """Run the preprocess flow (studio → extract → track → priors → pack, as far as built)."""
+    """Run the preprocess flow: studio → extract → track → priors → pack."""
     from pipelines.flows import preprocess_flow
 
     summaries = _run(preprocess_flow, params, data_root, ray_address, executor)
@@ -299,9 +299,11 @@ def schedule(
                                                  "workers instead of serving from this process."),
     gpus: int = typer.Option(1, "--gpus", min=1, help="Training runs allowed at once (one per GPU node)."),
 ):
-    """Run a flow on a schedule. Without --work-pool this process serves the schedule (runs execute
-    here; Ctrl-C stops). Runs of one deployment never overlap, and every training run, scheduled or
-    not, holds a slot of the `avat3r-training` concurrency limit (--gpus slots)."""
+    """Run a flow on a cron schedule: serve it from here, or register it for a work pool.
+
+    Without --work-pool this process serves the schedule (runs execute here; Ctrl-C stops). Runs of
+    one deployment never overlap, and every training run, scheduled or not, holds a slot of the
+    `avat3r-training` concurrency limit (--gpus slots)."""
     from pipelines import schedules
 
     try:
@@ -323,7 +325,7 @@ def schedule(
 @app.command()
 def demo(params: str = ParamsPath, data_root: str = DataRoot, ray_address: Optional[str] = RayAddress,
          executor: str = Executor):
-    """The main job: every stage on the embedded synthetic studio, end to end."""
+    """The main job: studio → preprocess → train → reconstruct + evaluate, on the embedded synthetic studio."""
     from pipelines.flows import demo_flow
 
     result = _run(demo_flow, params, data_root, ray_address, executor)
@@ -460,28 +462,20 @@ def reconstruct(
     """Build avatars in bulk: Gaussians (.ply), encoder cache, preview, turntable and animation per person."""
     from avat3r_core.config import build
     from stages.ray_runtime import ensure_ray
-    from stages.reconstruct import ReconstructConfig, run_reconstruct
+    from stages.reconstruct import ReconstructConfig, run_reconstruct, with_data_defaults
 
     values: dict = {}
     if landmarks:
         values["landmarks"] = landmarks
-    model_dir = face_model or Path("data/models/studio_head")
-    if (model_dir / "head_model.pkl").exists():
-        values["face_model"] = str((model_dir / "head_model.pkl").resolve())
-        values["landmark_embedding"] = str((model_dir / "head_landmark_embedding.pkl").resolve())
-    projection = feature_projection or Path("data/priors/feature_projection.npz")
-    if projection.exists():
-        values["feature_projection"] = str(projection.resolve())
+    if feature_projection:
+        values["feature_projection"] = str(feature_projection.resolve())
+    values = with_data_defaults(values, face_model or Path("data/models/studio_head"), Path("data/priors"))
     if dust3r_checkpoint:
         values["dust3r_checkpoint"] = str(dust3r_checkpoint)
     config = _run(build, ReconstructConfig, values, preset=preset, source="command line")
     if executor == "ray":
         ensure_ray(ray_address)
-    try:
-        summary = _run(run_reconstruct, config, str(inputs), str(checkpoint), str(out.resolve()), executor=executor)
-    except FileNotFoundError as exc:
-        console.print(f"[bold red]not found:[/] {escape(str(exc))}")
-        raise typer.Exit(EXIT_USAGE) from exc
+    summary = _run(run_reconstruct, config, str(inputs), str(checkpoint), str(out.resolve()), executor=executor)
     _print_summaries([summary.to_dict()])
     console.print(f"avatars: {out}\nindex: {summary.manifest}")
     if summary.items_failed:

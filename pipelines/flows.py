@@ -260,21 +260,13 @@ def run_reconstruct_stage(params_path: str, layout: DataLayout, ray_address: str
     manifest; empty: the held-out subjects of the preprocessed capture (``reconstruct.split``)."""
     from avat3r_core.config import build
     from avat3r_core.library import write_capture_library
-    from avat3r_core.synthetic.studio import face_model_paths
-    from stages.reconstruct import ReconstructConfig, run_reconstruct
+    from stages.reconstruct import ReconstructConfig, run_reconstruct, with_data_defaults
 
     params = load_params(params_path)
     values = dict(params.get("reconstruct") or {})
     library = values.pop("library", "") or None
     split = values.pop("split", "test")
-    # the face model and feature projection the training data was made with, unless params name others
-    face_model, embedding = face_model_paths(layout.face_model)
-    projection = Path(layout.priors, "feature_projection.npz")
-    defaults = {"face_model": face_model, "landmark_embedding": embedding,
-                "feature_projection": str(projection) if projection.exists() else ""}
-    for key, value in defaults.items():
-        if not values.get(key) and (key == "feature_projection" or Path(value).exists()):
-            values[key] = value
+    values = with_data_defaults(values, layout.face_model, layout.priors)
     config = build(ReconstructConfig, values, source=f"{params_path}:reconstruct")
     if library is None:
         library = write_capture_library(layout.frames_manifest, layout.shards, split,

@@ -36,7 +36,7 @@ import pyarrow as pa
 import torch
 
 from avat3r_core import storage
-from avat3r_core.config import Presets
+from avat3r_core.config import Presets, pick_device
 from avat3r_core.errors import FormatError, NonFiniteError
 from avat3r_core.formats.manifests import PRIORS_SCHEMA, cameras_from_rows
 from avat3r_core.ids import id_part, make_id
@@ -139,14 +139,6 @@ def _read_rgb(uri: str) -> np.ndarray:
     return np.ascontiguousarray(img[..., ::-1])
 
 
-def _pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise StageError("PriorsConfig.device is 'cuda' but no CUDA device is available to this worker")
-    return torch.device(device)
-
-
 def map_paths(row: dict) -> tuple[str, str]:
     """Relative paths (position npz, features npz) of a frames row under the priors directory."""
     base = f"maps/{id_part(row['subject'])}/{id_part(row['sequence'])}/{int(row['frame']):06d}/cam_{id_part(row['camera'])}"
@@ -208,7 +200,7 @@ class PriorsStage(Stage):
 
         cv2.setNumThreads(1)
         cfg = self.config
-        self.device = _pick_device(cfg.device)
+        self.device = pick_device(cfg.device)
         self.dust3r = None
         self.layer = None
         self.tracking: dict[tuple[str, str, int], dict] = {}
@@ -353,7 +345,7 @@ def fit_feature_projection(config: PriorsConfig, frames_dir: str, rows: list[dic
             raise StageError(f"{path} was fitted for source={meta['source']} k={meta['k']}, the config asks for "
                              f"{config.feature_source} k={k}; delete it (and the priors) to refit")
         return meta
-    extractor = FeatureExtractor(config, _pick_device(config.device))
+    extractor = FeatureExtractor(config, pick_device(config.device))
     fit_rows = sorted(rows, key=lambda r: r["id"])[: config.projection_fit_frames]
     images = np.stack([_read_rgb(storage.join(frames_dir, r["image"])) for r in fit_rows])
     feats = extractor(images)

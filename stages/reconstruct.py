@@ -36,19 +36,41 @@ import logging
 import time
 import traceback
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 
 from avat3r_core import storage
-from avat3r_core.library import (ANIMATION_FILE, CACHE_FILE, META_FILE, PLY_FILE, PREVIEW_FILE, TURNTABLE_FILE,
-                                 LibraryEntry, PrepareConfig, PreparedAvatar, Preparer, build_avatar,
-                                 load_expression_track, pick_device,
-                                 read_library, write_capture_library)
+from avat3r_core.config import pick_device
+from avat3r_core.library import (
+    ANIMATION_FILE,
+    CACHE_FILE,
+    META_FILE,
+    PLY_FILE,
+    PREVIEW_FILE,
+    TURNTABLE_FILE,
+    LibraryEntry,
+    PrepareConfig,
+    PreparedAvatar,
+    Preparer,
+    build_avatar,
+    load_expression_track,
+    read_library,
+    write_capture_library,
+)
 from avat3r_core.training import load_trained_model, resolve_checkpoint
-from stages.runner import (ERRORS, PARTS, ErrorBudgetExceeded, StageError, StageResources, StageSummary,
-                           committed_ids, merge_manifest)
+from stages.runner import (
+    ERRORS,
+    PARTS,
+    ErrorBudgetExceeded,
+    StageError,
+    StageResources,
+    StageSummary,
+    committed_ids,
+    merge_manifest,
+)
 
 __all__ = ["ReconstructConfig", "run_reconstruct", "write_capture_library", "MANIFEST"]
 
@@ -95,6 +117,20 @@ class ReconstructConfig(PrepareConfig):
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def with_data_defaults(values: dict, face_model_dir: str | Path, priors_dir: str | Path) -> dict:
+    """``values`` plus what a preprocessed data tree implies, where not given: the face model (and
+    its landmark embedding) the tracking used, and the priors' ``feature_projection.npz`` (pictures
+    must get the same feature channels the model was trained on)."""
+    out = dict(values)
+    model, embedding = Path(face_model_dir) / "head_model.pkl", Path(face_model_dir) / "head_landmark_embedding.pkl"
+    if not out.get("face_model") and model.exists():
+        out["face_model"], out["landmark_embedding"] = str(model.resolve()), str(embedding.resolve())
+    projection = Path(priors_dir) / "feature_projection.npz"
+    if not out.get("feature_projection") and projection.exists():
+        out["feature_projection"] = str(projection.resolve())
+    return out
 
 
 # ====================================================================== the two workers
