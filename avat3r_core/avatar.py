@@ -3,16 +3,16 @@
 * :func:`save_encoded` / :func:`load_encoded` — the expression-independent activations of the
   model (``Avat3r.encode``), so driving an avatar with new expressions reruns only the decoder.
   Stored with ``torch.save`` of plain tensors and read back with ``weights_only=True``.
-* :func:`orbit_cameras` — a turntable sweep around the head (yaw ping-pong in front of the face:
-  the model sees only the front, a full 360° would mostly show the unseen back).
-* :func:`render_frames`, :func:`turntable_video`, :func:`animation_frames` — RGB frames through
-  :func:`avat3r_core.render.render` (gsplat on CUDA, the numba rasterizer on CPU) and H.264 MP4s.
+* :func:`view_orbit` — a turntable sweep around the head (yaw ping-pong in front of the face).
+* :func:`render_frames`, :func:`animation_frames` — RGB frames through
+  :func:`avat3r_core.render.render` (gsplat on CUDA, the numba rasterizer on CPU).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,6 @@ from avat3r_core.cameras import Cameras
 from avat3r_core.gaussians import Gaussians
 from avat3r_core.model.avat3r import EncodedAvatar
 from avat3r_core.model.head import PixelSkips
-from avat3r_core.video import encode_video
 from avat3r_core.weights import safe_torch_load
 
 
@@ -46,16 +45,28 @@ def load_encoded(path: str | Path, device: str | torch.device = "cpu") -> Encode
 
 
 # --------------------------------------------------------------------------- cameras
-def orbit_cameras(center: Tensor | np.ndarray, radius: float, frames: int = 48, yaw_deg: float = 60.0,
-                  pitch_deg: float = 5.0, fov_deg: float = 20.0, size: int = 256) -> Cameras:
-    """``frames`` cameras sweeping yaw ±``yaw_deg`` and back around ``center`` (y up, face +z)."""
-    t = np.linspace(0.0, 2.0 * np.pi, frames, endpoint=False)
-    yaw = np.deg2rad(yaw_deg) * np.sin(t)
+def view_orbit(center, radius: float, front, up, frames: int = 24, yaw_deg: float = 45.0, pitch_deg: float = 5.0,
+               fov_deg: float = 20.0, size: int = 256, device: torch.device | str = "cpu",
+               yaw_values: Sequence[float] | None = None) -> Cameras:
+    """A yaw ping-pong around ``center`` in the input cameras' frame (``front``: towards them).
+
+    It follows whatever world frame the inputs live in (a calibrated rig's or the head frame of a
+    fit); the model sees only the front, so a full 360° would mostly show the unseen back.
+    ``frames=1``: the frontal view. ``yaw_values`` (degrees) replaces the sweep by explicit views.
+    """
+    center, front, up = (np.asarray(v, np.float64).reshape(3) for v in (center, front, up))
+    side = np.cross(up, front)
+    if yaw_values is not None:
+        yaw = np.deg2rad(np.asarray(yaw_values, np.float64).reshape(-1))
+    else:
+        t = np.linspace(0.0, 2.0 * np.pi, frames, endpoint=False)
+        yaw = np.deg2rad(yaw_deg) * np.sin(t)
     pitch = np.deg2rad(pitch_deg)
-    offsets = np.stack([np.sin(yaw) * np.cos(pitch), np.full_like(yaw, np.sin(pitch)), np.cos(yaw) * np.cos(pitch)], 1)
-    center = np.asarray(center, dtype=np.float64).reshape(3)
-    return Cameras.look_at(torch.tensor(center + radius * offsets), torch.tensor(center), fov_deg=fov_deg,
-                           width=size, height=size, dtype=torch.float32)
+    dirs = (np.cos(yaw)[:, None] * front + np.sin(yaw)[:, None] * side) * np.cos(pitch) + np.sin(pitch) * up
+    eyes = center + radius * dirs
+    return Cameras.look_at(torch.tensor(eyes), torch.tensor(center), up=torch.tensor(up), fov_deg=fov_deg, width=size,
+                           height=size, dtype=torch.float32, device=device)
+
 
 
 # --------------------------------------------------------------------------- pictures
@@ -69,17 +80,10 @@ def render_frames(gaussians: Gaussians, cameras: Cameras, background: tuple[floa
     out = []
     for start in range(0, len(cameras), chunk):
         cams = cameras[start:start + chunk]
-        bg = torch.tensor(background, dtype=cams.dtype).expand(len(cams), 3)
+        bg = torch.tensor(background, dtype=cams.dtype, device=cams.device).expand(len(cams), 3)
         rgb = render(gaussians, cams, background=bg).rgb
         out.append((rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
     return np.concatenate(out, axis=0)
-
-
-def turntable_video(gaussians: Gaussians, center, radius: float, frames: int = 48, size: int = 256,
-                    fps: float = 24.0) -> bytes:
-    """An MP4 sweeping around the avatar."""
-    images = render_frames(gaussians, orbit_cameras(center, radius, frames=frames, size=size))
-    return encode_video(list(images), fps=fps)
 
 
 @torch.no_grad()

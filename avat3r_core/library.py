@@ -65,6 +65,14 @@ import numpy as np
 import torch
 
 from avat3r_core import storage
+from avat3r_core.avatar import (
+    animation_frames,
+    encoded_bytes,
+    grid,
+    load_encoded,
+    render_frames,
+    view_orbit,
+)
 from avat3r_core.cameras import Cameras
 from avat3r_core.config import Presets, pick_device
 from avat3r_core.errors import Avat3rError, FormatError
@@ -77,7 +85,7 @@ __all__ = [
     "write_capture_library", "AvatarInputError", "NoFaceError", "UnreadableInputError", "TooFewFramesError",
     "FitFailedError", "PrepareConfig", "PreparedAvatar", "Preparer", "farthest_viewpoints", "pick_diverse_poses",
     "builtin_expressions", "load_expression_track", "neutral_code",
-    "build_avatar", "AvatarFiles", "animate_avatar", "drive_without_cache", "view_orbit",
+    "build_avatar", "AvatarFiles", "animate_avatar", "drive_without_cache",
     "CACHE_FILE", "PLY_FILE", "PREVIEW_FILE", "TURNTABLE_FILE", "ANIMATION_FILE", "META_FILE",
 ]
 
@@ -660,7 +668,11 @@ class Preparer:
     # ------------------------------------------------------------------ lazily loaded models
     def face_layer(self):
         if self._layer is None:
-            from avat3r_core.flame import FlameLayer, load_flame_model, load_landmark_embedding
+            from avat3r_core.flame import (
+                FlameLayer,
+                load_flame_model,
+                load_landmark_embedding,
+            )
 
             cfg = self.config
             if not cfg.face_model or not cfg.landmark_embedding:
@@ -713,7 +725,10 @@ class Preparer:
 
         if self._features is None:
             if self.feature_source == "efficientnet":
-                from avat3r_core.priors.backbone import BACKBONE_SOURCE, load_efficientnet_lite0
+                from avat3r_core.priors.backbone import (
+                    BACKBONE_SOURCE,
+                    load_efficientnet_lite0,
+                )
 
                 self._features = load_efficientnet_lite0(device=self.device)
                 self._feature_name = BACKBONE_SOURCE
@@ -1034,29 +1049,6 @@ def load_expression_track(spec: str | None, reference: dict | None = None, frame
 
 # ====================================================================== model + checkpoints
 # ====================================================================== building an avatar
-def view_orbit(center, radius: float, front, up, frames: int = 24, yaw_deg: float = 45.0, pitch_deg: float = 5.0,
-               fov_deg: float = 20.0, size: int = 256, device: torch.device | str = "cpu",
-               yaw_values: Sequence[float] | None = None) -> Cameras:
-    """A yaw ping-pong around ``center`` in the input cameras' frame (``front``: towards them).
-
-    Unlike :func:`avat3r_core.avatar.orbit_cameras` (y up, face +z) this follows whatever world
-    frame the inputs live in (a calibrated rig's or the head frame of a fit). ``frames=1``: the
-    frontal view. ``yaw_values`` (degrees) replaces the sweep by explicit views.
-    """
-    center, front, up = (np.asarray(v, np.float64).reshape(3) for v in (center, front, up))
-    side = np.cross(up, front)
-    if yaw_values is not None:
-        yaw = np.deg2rad(np.asarray(yaw_values, np.float64).reshape(-1))
-    else:
-        t = np.linspace(0.0, 2.0 * np.pi, frames, endpoint=False)
-        yaw = np.deg2rad(yaw_deg) * np.sin(t)
-    pitch = np.deg2rad(pitch_deg)
-    dirs = (np.cos(yaw)[:, None] * front + np.sin(yaw)[:, None] * side) * np.cos(pitch) + np.sin(pitch) * up
-    eyes = center + radius * dirs
-    return Cameras.look_at(torch.tensor(eyes), torch.tensor(center), up=torch.tensor(up), fov_deg=fov_deg, width=size,
-                           height=size, dtype=torch.float32, device=device)
-
-
 @dataclass
 class AvatarFiles:
     """What :func:`build_avatar` made (file name → bytes) and its numbers."""
@@ -1076,7 +1068,6 @@ def build_avatar(model, prepared: PreparedAvatar, codes: np.ndarray, turntable_f
     """
     from PIL import Image
 
-    from avat3r_core.avatar import animation_frames, encoded_bytes, grid, render_frames
     from avat3r_core.video import encode_video
 
     device = next(model.parameters()).device
@@ -1127,7 +1118,6 @@ def build_avatar(model, prepared: PreparedAvatar, codes: np.ndarray, turntable_f
 def drive_without_cache(model, prepared: PreparedAvatar, codes: np.ndarray, camera: Cameras,
                         background: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> np.ndarray:
     """The reference for the cache: a full encode + decode per expression (N, H, W, 3) uint8."""
-    from avat3r_core.avatar import render_frames
 
     device = next(model.parameters()).device
     inputs = prepared.inputs(device)
@@ -1146,7 +1136,6 @@ def animate_avatar(avatar_dir: str | Path, expressions: str | None, out: str | P
     Only the decoder runs per frame. ``checkpoint`` defaults to the one the avatar was built with
     (recorded in ``meta.json``); the cache is read with the weights-only loader.
     """
-    from avat3r_core.avatar import animation_frames, load_encoded
     from avat3r_core.video import encode_video
 
     avatar_dir = Path(avatar_dir)

@@ -96,7 +96,8 @@ def drive(data: dict, frames: int, size: int, repeats: int = 3) -> dict:
 
     from avat3r_core.avatar import animation_frames
     from avat3r_core.library import (LibraryEntry, PrepareConfig, Preparer, drive_without_cache,
-                                     load_expression_track, view_orbit)
+                                     load_expression_track)
+    from avat3r_core.avatar import view_orbit
     from avat3r_core.training import load_trained_model
 
     torch.set_num_threads(os.cpu_count() or 1)

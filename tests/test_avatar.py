@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from avat3r_core.avatar import animation_frames, encoded_bytes, load_encoded, orbit_cameras, render_frames, turntable_video
+from avat3r_core.avatar import animation_frames, encoded_bytes, load_encoded, render_frames, view_orbit
 from avat3r_core.cameras import Cameras
 from avat3r_core.config import build
 from avat3r_core.gaussians import Gaussians
 from avat3r_core.model import Avat3r, Avat3rConfig
 from avat3r_core.model.avat3r import Avat3rInputs
-from avat3r_core.video import read_frames
+from avat3r_core.video import encode_video, read_frames
 
 
 def blob(n=400, seed=0) -> Gaussians:
@@ -21,8 +21,11 @@ def blob(n=400, seed=0) -> Gaussians:
         scales=torch.full((n, 3), 0.01), opacities=torch.full((n,), 0.9), colors=torch.rand(n, 3, generator=g))
 
 
+FRONT, UP = (0.0, 0.0, 1.0), (0.0, 1.0, 0.0)  # the studio's frame: face towards +z, y up
+
+
 def test_orbit_cameras_look_at_the_head():
-    cams = orbit_cameras(torch.tensor([0.0, 0.02, 0.0]), radius=1.0, frames=12, size=64)
+    cams = view_orbit([0.0, 0.02, 0.0], 1.0, FRONT, UP, frames=12, size=64, yaw_deg=60.0)
     uv, depth = cams.project(torch.tensor([[0.0, 0.02, 0.0]]))
     assert torch.allclose(uv[:, 0], torch.full((12, 2), 32.0), atol=1e-3) and (depth > 0).all()
     distance = (cams.centers - torch.tensor([0.0, 0.02, 0.0])).norm(dim=-1)
@@ -33,11 +36,11 @@ def test_orbit_cameras_look_at_the_head():
 
 def test_turntable_renders_the_avatar_and_encodes(tmp_path):
     gaussians = blob()
-    frames = render_frames(gaussians, orbit_cameras(torch.zeros(3), 1.0, frames=4, size=48))
+    frames = render_frames(gaussians, view_orbit(np.zeros(3), 1.0, FRONT, UP, frames=4, size=48))
     assert frames.shape == (4, 48, 48, 3) and frames.dtype == np.uint8
     assert (frames[:, 20:28, 20:28] < 250).any() and (frames[:, 0, 0] == 255).all()  # object in the middle, white around
-    (tmp_path / "turntable.mp4").write_bytes(turntable_video(gaussians, torch.zeros(3), 1.0, frames=6, size=48))
-    assert len(list(read_frames(tmp_path / "turntable.mp4"))) == 6
+    (tmp_path / "turntable.mp4").write_bytes(encode_video(list(frames), fps=24.0))
+    assert len(list(read_frames(tmp_path / "turntable.mp4"))) == 4
 
 
 def tiny_model_inputs():

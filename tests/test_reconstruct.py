@@ -276,7 +276,8 @@ def test_stage_builds_every_mode_names_failures_and_resumes(tmp_path, studio, ra
 def test_driving_through_the_cache_matches_full_forward(tmp_path, studio):
     """Decoder-only driving from the saved cache renders the same frames as encode + decode per frame."""
     from avat3r_core.avatar import animation_frames, encoded_bytes, load_encoded
-    from avat3r_core.library import drive_without_cache, view_orbit
+    from avat3r_core.avatar import view_orbit
+    from avat3r_core.library import drive_without_cache
 
     model, _, _ = load_trained_model(studio["checkpoint"])
     prepared = Preparer(config(studio), image_size=S).prepare(
