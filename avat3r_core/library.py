@@ -1047,7 +1047,6 @@ def load_expression_track(spec: str | None, reference: dict | None = None, frame
     return _encode(params, reference), spec
 
 
-# ====================================================================== model + checkpoints
 # ====================================================================== building an avatar
 @dataclass
 class AvatarFiles:
