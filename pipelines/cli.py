@@ -312,6 +312,13 @@ def schedule(
     except ValueError as exc:
         console.print(f"[bold red]bad schedule:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_USAGE) from exc
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        console.print("[bold red]no Prefect server:[/] schedules need one (a temporary server creates no scheduled "
+                      "runs and is gone when this command ends). Start one with `prefect server start` and "
+                      "`export PREFECT_API_URL=http://127.0.0.1:4200/api`, or point PREFECT_API_URL at yours.")
+        raise typer.Exit(EXIT_USAGE)
     schedules.ensure_training_limit(gpus)
     if work_pool:
         deployment_id = schedules.register(deployment)

@@ -63,3 +63,11 @@ def test_cli_schedule_rejects_a_bad_cron(params_file):
 
     done = run_cli("schedule", "train", "--cron", "every night", "--params", str(params_file))
     assert done.returncode == 2 and "bad schedule" in done.stdout
+
+
+def test_cli_schedule_needs_a_prefect_server(params_file, monkeypatch):
+    from tests.test_flows import run_cli
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    done = run_cli("schedule", "train", "--cron", "0 2 * * *", "--params", str(params_file))
+    assert done.returncode == 2 and "no Prefect server" in done.stdout and "prefect server start" in done.stdout
