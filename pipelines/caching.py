@@ -3,7 +3,8 @@
 A stage task's cache key is the hash of: the stage name and version (bump ``Stage.version`` when
 a stage's output changes meaning), its ``params.yaml`` section, the data root, and a fingerprint
 of each input it reads (a file: its bytes; a directory: the listing of relative path, size and
-modification time of every file in it — cheap on shard and video trees, and changed by any write).
+modification time of every file in it — cheap on shard and video trees, and changed by any write),
+including files its config names (a library manifest, weight files).
 
 Prefect only consults the key; it does not know whether the stage's outputs are still on disk. The
 flow therefore refreshes the cache (runs the stage, which itself skips committed items) whenever an
@@ -39,14 +40,30 @@ def fingerprint(path: str | Path) -> str:
     return "missing"
 
 
+def files_named_in(config) -> list[str]:
+    """Existing files a config names (a library manifest, weight files): their content is an input
+    too, so editing the library or swapping a checkpoint file under the same name reruns the stage."""
+    if isinstance(config, dict):
+        return [p for v in config.values() for p in files_named_in(v)]
+    if isinstance(config, (list, tuple)):
+        return [p for v in config for p in files_named_in(v)]
+    if isinstance(config, str) and config and len(config) < 4096:
+        try:
+            return [config] if Path(config).is_file() else []
+        except OSError:
+            return []
+    return []
+
+
 def stage_cache_key(stage: str, version: str, config: dict, data_root: str, inputs: Iterable[str]) -> str:
     """The cache key of one stage run (see the module docstring for what goes in)."""
+    paths = list(inputs) + files_named_in(config)
     payload = {
         "stage": stage,
         "version": version,
         "config": config,
         "data_root": str(Path(data_root).resolve()),
-        "inputs": {str(p): fingerprint(p) for p in inputs},
+        "inputs": {str(p): fingerprint(p) for p in paths},
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
     return f"avat3r-{stage}-{digest[:32]}"

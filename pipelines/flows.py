@@ -311,8 +311,8 @@ STAGE_IO = {
     "priors": StageIO("1", ("frames_manifest", "tracking_manifest", "ground_truth"), ("priors_manifest",)),
     "pack": StageIO("1", ("frames_manifest", "tracking_manifest", "priors_manifest"), ("shards_index",)),
     "train": StageIO("1", ("shards_index",), ("train_metrics", "checkpoint")),
-    "reconstruct": StageIO("1", ("checkpoint", "frames_manifest", "priors_manifest", "tracking_manifest"),
-                           ("avatars_index",)),
+    "reconstruct": StageIO("1", ("checkpoint", "shards_index", "frames_manifest", "priors_manifest",
+                                 "tracking_manifest"), ("avatars_index",)),
     "evaluate": StageIO("1", ("checkpoint", "shards_index", "frames_manifest", "ground_truth"), ("evaluation_metrics",)),
 }
 

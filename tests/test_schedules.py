@@ -71,3 +71,4 @@ def test_cli_schedule_needs_a_prefect_server(params_file, monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     done = run_cli("schedule", "train", "--cron", "0 2 * * *", "--params", str(params_file))
     assert done.returncode == 2 and "no Prefect server" in done.stdout and "prefect server start" in done.stdout
+
