@@ -8,6 +8,7 @@ reader looks at.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import uuid
 from pathlib import Path
@@ -49,6 +50,16 @@ def atomic_write_bytes(uri: str | Path, data: bytes) -> int:
         handle.write(data)
     fs.mv(tmp, path)
     return len(data)
+
+
+def sha256(uri: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks (shards, checkpoints, cache inputs)."""
+    fs, path = url_to_fs(uri)
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_bytes(uri: str | Path) -> bytes:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from avat3r_core import storage
 from avat3r_core.cameras import Cameras
 from avat3r_core.config import Presets, build, from_dict
 from avat3r_core.errors import FormatError
@@ -383,20 +384,9 @@ def load_trained_model(checkpoint: str | Path, device: str | torch.device = "cpu
     model = build_model(config)
     check_state_dict(model.state_dict(), state["model"], path, "the Avat3r network", field_prefix="model.")
     model.load_state_dict(state["model"], strict=True)
-    info = {"checkpoint": str(path), "step": int(state.get("step", 0)), "sha256": checkpoint_digest(path),
+    info = {"checkpoint": str(path), "step": int(state.get("step", 0)), "sha256": storage.sha256(path),
             "model_preset": config.model_preset, "image_size": int(config.model_config().image_size)}
     return model.to(device).eval(), config, info
-
-
-def checkpoint_digest(path: str | Path) -> str:
-    """sha256 of a checkpoint file (identifies the weights an avatar was built with)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with Path(resolve_checkpoint(path)).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- baseline and evaluation

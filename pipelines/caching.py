@@ -19,16 +19,15 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from avat3r_core import storage
+
 
 def fingerprint(path: str | Path) -> str:
     """sha256 of a file's bytes, or of a directory's listing (relative path, size, mtime in ns)."""
     path = Path(path)
-    h = hashlib.sha256()
     if path.is_file():
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        return storage.sha256(path)
+    h = hashlib.sha256()
     if path.is_dir():
         for root, dirs, files in os.walk(path):
             dirs.sort()

@@ -342,15 +342,6 @@ def shard_groups(sizes: list[int], config: PackConfig) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def _sha256(path: str) -> str:
-    fs, p = storage.url_to_fs(path)
-    h = hashlib.sha256()
-    with fs.open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _size(path: str) -> int:
     fs, p = storage.url_to_fs(path)
     return int(fs.size(p))
@@ -409,7 +400,7 @@ def write_split(samples: list[SampleSpec], split: str, shards_dir: str, config: 
     for row in rows:
         path = storage.join(shards_dir, row["path"])
         row["bytes"] = _size(path)
-        row["sha256"] = _sha256(path)
+        row["sha256"] = storage.sha256(path)
     return rows
 
 
@@ -468,7 +459,7 @@ def verify_shard(path: str, row: dict | None = None) -> list[str]:
         if row is not None:
             if _size(path) != row["bytes"]:
                 problems.append(f"size {_size(path)} != index {row['bytes']}")
-            if _sha256(path) != row["sha256"]:
+            if storage.sha256(path) != row["sha256"]:
                 problems.append("sha256 differs from the index")
         fs, p = storage.url_to_fs(path)
         keys: list[str] = []
