@@ -246,18 +246,14 @@ def model_info_command(
     cfg = info["config"]
     console.print(f"[bold]Avat3r {preset}[/]: {cfg['num_views']} views × {cfg['image_size']}², patch {cfg['patch_size']}, "
                   f"width {cfg['dim']} ({info['heads']} heads), {info['tokens']} tokens, features {cfg['feature_dim']}")
-    table = Table(title="parameters")
-    table.add_column("part")
-    table.add_column("parameters", justify="right")
-    for part, count in info["parameters"].items():
-        table.add_row(part, f"{count:,}")
-    console.print(table)
-    flops = Table(title="GFLOPs per sample (multiply-add = 2)")
-    flops.add_column("part")
-    flops.add_column("GFLOPs", justify="right")
-    for part, value in info["gflops"].items():
-        flops.add_row(part, f"{value:,.3f}")
-    console.print(flops)
+    for title, column, values, fmt in (("parameters", "parameters", info["parameters"], "{:,}"),
+                                       ("GFLOPs per sample (multiply-add = 2)", "GFLOPs", info["gflops"], "{:,.3f}")):
+        table = Table(title=title)
+        table.add_column("part")
+        table.add_column(column, justify="right")
+        for part, value in values.items():
+            table.add_row(part, fmt.format(value))
+        console.print(table)
     console.print(f"at most {info['max_gaussians']:,} Gaussians; expression-independent blocks cached for driving: "
                   f"{info['encoder_blocks_cached']}")
 
@@ -502,12 +498,8 @@ def animate(
     """Drive a built avatar with an expression track from its encoder cache (decoder only per frame)."""
     from avat3r_core.library import animate_avatar
 
-    try:
-        result = _run(animate_avatar, avatar_dir, expressions, out, checkpoint=checkpoint, size=size, fps=fps,
-                      drive_head_pose=head_pose)
-    except FileNotFoundError as exc:
-        console.print(f"[bold red]not found:[/] {escape(str(exc))}")
-        raise typer.Exit(EXIT_USAGE) from exc
+    result = _run(animate_avatar, avatar_dir, expressions, out, checkpoint=checkpoint, size=size, fps=fps,
+                  drive_head_pose=head_pose)
     console.print_json(json.dumps(result))
 
 
