@@ -74,7 +74,7 @@ log = logging.getLogger("avat3r.evaluation")
 __all__ = [
     "AKD_NOTE", "EvalConfig", "EvalReport", "GroundTruth68", "LPIPS_NOT_COMPUTED", "MEDIAPIPE_TO_IBUG68",
     "MediaPipe68", "PSNR_CAP", "PUBLISHED", "TargetViewIndex", "eval_loader_config", "evaluate_report",
-    "load_eval_model", "make_detector68", "mediapipe_to_ibug68",
+    "make_detector68", "mediapipe_to_ibug68",
 ]
 
 #: Per-view PSNR is capped here before averaging (``+inf`` for identical images), as in training.evaluate.
@@ -150,17 +150,8 @@ def eval_loader_config(config: EvalConfig):
     """The loader settings of an evaluation: the split read once, in order, one sample per batch."""
     from avat3r_core.dataset.loader import LoaderConfig
 
-    return LoaderConfig(input_views=config.input_views, target_views=config.target_views, batch_size=1,
-                        resampled=False, shuffle_buffer=0, random_timestep_inputs=True)
-
-
-# --------------------------------------------------------------------------- checkpoints
-def load_eval_model(checkpoint: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, info): :func:`avat3r_core.training.load_trained_model`."""
-    from avat3r_core.training import load_trained_model
-
-    model, _, info = load_trained_model(checkpoint, device)
-    return model, info
+    return LoaderConfig(input_views=config.input_views, target_views=config.target_views,
+                        random_timestep_inputs=True).read_once()
 
 
 # --------------------------------------------------------------------------- target views → frames rows

@@ -74,6 +74,7 @@ from avat3r_core.avatar import (
     view_orbit,
 )
 from avat3r_core.cameras import Cameras
+from avat3r_core.dataset.loader import farthest_views
 from avat3r_core.config import Presets, pick_device
 from avat3r_core.errors import Avat3rError, FormatError
 from avat3r_core.ids import id_part
@@ -83,7 +84,7 @@ log = logging.getLogger("avat3r.reconstruct")
 __all__ = [
     "MODES", "LIBRARY_COLUMNS", "LANDMARKS_SUFFIX", "LibraryEntry", "read_library", "write_library",
     "write_capture_library", "AvatarInputError", "NoFaceError", "UnreadableInputError", "TooFewFramesError",
-    "FitFailedError", "PrepareConfig", "PreparedAvatar", "Preparer", "farthest_viewpoints", "pick_diverse_poses",
+    "FitFailedError", "PrepareConfig", "PreparedAvatar", "Preparer", "pick_diverse_poses",
     "builtin_expressions", "load_expression_track", "neutral_code",
     "build_avatar", "AvatarFiles", "animate_avatar", "drive_without_cache",
     "CACHE_FILE", "PLY_FILE", "PREVIEW_FILE", "TURNTABLE_FILE", "ANIMATION_FILE", "META_FILE",
@@ -351,31 +352,6 @@ def write_capture_library(frames_manifest: str, splits: str, split: str = "test"
 
 
 # ====================================================================== view / frame choice
-def farthest_viewpoints(centers: np.ndarray, k: int, groups: np.ndarray | None = None) -> list[int]:
-    """Deterministic k-farthest viewpoint choice over camera centres (N, 3).
-
-    The first pick is the camera nearest the mean centre (the most central view, i.e. the frontal
-    one of a frontal rig), then repeatedly the candidate farthest from all picks; ties (the same
-    camera at several timesteps) go to a ``groups`` label (timestep) not picked yet, then to the
-    lowest index. Deterministic, unlike the training sampler, so a rebuilt avatar is the same.
-    """
-    centers = np.asarray(centers, np.float64)
-    n = len(centers)
-    if n == 0:
-        return []
-    picks = [int(np.argmin(np.linalg.norm(centers - centers.mean(0), axis=1)))]
-    dist = np.linalg.norm(centers - centers[picks[0]], axis=1)
-    while len(picks) < min(k, n):
-        dist[picks] = -1.0
-        ties = np.flatnonzero(dist >= dist.max() - 1e-6)
-        if groups is not None:
-            fresh = ties[~np.isin(groups[ties], groups[picks])]
-            ties = fresh if len(fresh) else ties
-        picks.append(int(ties[0]))
-        dist = np.minimum(dist, np.linalg.norm(centers - centers[picks[-1]], axis=1))
-    return picks
-
-
 def pick_diverse_poses(world_to_cam: np.ndarray, k: int) -> list[int]:
     """Indices of ``k`` images whose head poses differ most (head-frame cameras of an uncalibrated fit).
 
@@ -385,7 +361,7 @@ def pick_diverse_poses(world_to_cam: np.ndarray, k: int) -> list[int]:
     w2c = np.asarray(world_to_cam, np.float64)
     centers = -np.einsum("nji,nj->ni", w2c[:, :3, :3], w2c[:, :3, 3])
     dirs = centers / np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-12)
-    return sorted(farthest_viewpoints(dirs, k))
+    return sorted(farthest_views(dirs, k))
 
 
 # ====================================================================== configuration
@@ -804,7 +780,7 @@ class Preparer:
             raise AvatarInputError(priors_manifest, f"no priors for any frame of subject {entry.subject!r}")
         w2c = np.array([r["world_to_cam"] for r in rows], np.float64).reshape(-1, 4, 4)
         centers = -np.einsum("nji,nj->ni", w2c[:, :3, :3], w2c[:, :3, 3])
-        picks = farthest_viewpoints(centers, self.config.num_views, np.array([int(r["frame"]) for r in rows]))
+        picks = farthest_views(centers, self.config.num_views, groups=np.array([int(r["frame"]) for r in rows]))
         chosen = [rows[i] for i in picks]
         priors_dir = str(Path(priors_manifest).parent)
         S = self.image_size

@@ -9,6 +9,7 @@ already in the stage's error manifest, and an exceeded error budget needs a pers
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import time
 from dataclasses import dataclass
@@ -217,18 +218,20 @@ def run_train_stage(params_path: str, layout: DataLayout, ray_address: str | Non
     """Ray Train (DDP) on the packed shards; the model is sized from the data. Returns the run's
     metrics (``metrics.json``: validation PSNR/SSIM beside the non-learned baseline) and the final
     checkpoint path."""
-    from stages.train import train_on_shards, train_stage_configs
+    from stages.runner import StageSummary
+    from stages.train import VERSION, train_on_shards, train_stage_configs
 
     params = load_params(params_path)
     config, data = train_stage_configs(params.get("train") or {}, source=f"{params_path}:train")
     t0 = time.perf_counter()
     metrics = train_on_shards(config, data, layout.shards, layout.train, executor=executor, ray_address=ray_address)
-    # the common stage summary shape (items = optimiser steps, rows = samples, failed = skipped batches)
-    return {"stage": "train", "items_total": config.steps, "items_done": metrics["steps"] - metrics["resumed_from_step"],
-            "items_skipped": metrics["resumed_from_step"], "items_failed": metrics["skipped_batches"],
-            "rows": metrics["samples"], "items_per_s": metrics["samples_per_s"], "bytes_per_s": 0.0,
-            "seconds": round(time.perf_counter() - t0, 3), "manifest": layout.train_metrics,
-            "extra": metrics}
+    # the common stage summary (items = optimiser steps, rows = samples, failed = skipped batches)
+    return StageSummary(
+        stage="train", version=VERSION, manifest=layout.train_metrics, errors_manifest="", items_total=config.steps,
+        items_done=metrics["steps"] - metrics["resumed_from_step"], items_skipped=metrics["resumed_from_step"],
+        items_failed=metrics["skipped_batches"], rows=metrics["samples"], bytes_written=0,
+        seconds=round(time.perf_counter() - t0, 3), items_per_s=metrics["samples_per_s"], bytes_per_s=0.0,
+        extra=metrics).to_dict()
 
 
 def run_evaluate_stage(params_path: str, layout: DataLayout, ray_address: str | None = None,
@@ -237,7 +240,8 @@ def run_evaluate_stage(params_path: str, layout: DataLayout, ray_address: str | 
     novel expressions): PSNR/SSIM (+LPIPS with weights), AKD; report.md, grid.png, metrics.json."""
     from avat3r_core.config import build
     from avat3r_core.evaluation import EvalConfig
-    from stages.evaluate import run_evaluate
+    from stages.evaluate import VERSION, run_evaluate
+    from stages.runner import StageSummary
 
     params = load_params(params_path)
     values = dict(params.get("evaluate") or {})
@@ -249,9 +253,11 @@ def run_evaluate_stage(params_path: str, layout: DataLayout, ray_address: str | 
                            frames_manifest=layout.frames_manifest, ground_truth=layout.ground_truth,
                            config=config, **lpips)
     views = int(metrics.get("views") or metrics.get("samples") or 0)
-    return {"stage": "evaluate", "items_total": views, "items_done": views, "items_skipped": 0, "items_failed": 0,
-            "rows": views, "items_per_s": views / max(time.perf_counter() - t0, 1e-9), "bytes_per_s": 0.0,
-            "seconds": round(time.perf_counter() - t0, 3), "manifest": layout.evaluation_metrics, "extra": metrics}
+    seconds = time.perf_counter() - t0
+    return StageSummary(
+        stage="evaluate", version=VERSION, manifest=layout.evaluation_metrics, errors_manifest="", items_total=views,
+        items_done=views, items_skipped=0, items_failed=0, rows=views, bytes_written=0, seconds=round(seconds, 3),
+        items_per_s=views / max(seconds, 1e-9), bytes_per_s=0.0, extra=metrics).to_dict()
 
 
 def run_reconstruct_stage(params_path: str, layout: DataLayout, ray_address: str | None = None,
@@ -292,10 +298,10 @@ def _start_ray(executor: str, ray_address: str | None) -> None:
 
 @dataclass(frozen=True)
 class StageIO:
-    """What a stage reads and writes under the data layout, and its version: the task cache key
-    (:mod:`pipelines.caching`) hashes the inputs, and a missing output forces a rerun."""
+    """What a stage reads and writes under the data layout: the task cache key
+    (:mod:`pipelines.caching`) hashes the inputs, and a missing output forces a rerun. The stage's
+    version is its module's ``VERSION`` (``stages/<name>.py``), the one the stage records itself."""
 
-    version: str
     inputs: tuple[str, ...]  # DataLayout attribute names
     outputs: tuple[str, ...]
 
@@ -303,17 +309,16 @@ class StageIO:
         return [getattr(layout, n) for n in names]
 
 
-#: Bump a version when the stage's output changes meaning (the stage classes carry the same number).
 STAGE_IO = {
-    "synth": StageIO("1", (), ("raw_manifest",)),
-    "extract": StageIO("1", ("raw",), ("frames_manifest",)),
-    "track": StageIO("1", ("frames_manifest", "face_model", "ground_truth"), ("tracking_manifest",)),
-    "priors": StageIO("1", ("frames_manifest", "tracking_manifest", "ground_truth"), ("priors_manifest",)),
-    "pack": StageIO("1", ("frames_manifest", "tracking_manifest", "priors_manifest"), ("shards_index",)),
-    "train": StageIO("1", ("shards_index",), ("train_metrics", "checkpoint")),
-    "reconstruct": StageIO("1", ("checkpoint", "shards_index", "frames_manifest", "priors_manifest",
-                                 "tracking_manifest"), ("avatars_index",)),
-    "evaluate": StageIO("1", ("checkpoint", "shards_index", "frames_manifest", "ground_truth"), ("evaluation_metrics",)),
+    "synth": StageIO((), ("raw_manifest",)),
+    "extract": StageIO(("raw",), ("frames_manifest",)),
+    "track": StageIO(("frames_manifest", "face_model", "ground_truth"), ("tracking_manifest",)),
+    "priors": StageIO(("frames_manifest", "tracking_manifest", "ground_truth"), ("priors_manifest",)),
+    "pack": StageIO(("frames_manifest", "tracking_manifest", "priors_manifest"), ("shards_index",)),
+    "train": StageIO(("shards_index",), ("train_metrics", "checkpoint")),
+    "reconstruct": StageIO(("checkpoint", "shards_index", "frames_manifest", "priors_manifest", "tracking_manifest"),
+                           ("avatars_index",)),
+    "evaluate": StageIO(("checkpoint", "shards_index", "frames_manifest", "ground_truth"), ("evaluation_metrics",)),
 }
 
 
@@ -322,7 +327,8 @@ def _cache_key(name: str):
         layout: DataLayout = parameters["layout"]
         config = load_params(parameters["params_path"]).get(name) or {}
         io = STAGE_IO[name]
-        return stage_cache_key(name, io.version, config, layout.root, io.paths(layout, io.inputs))
+        version = importlib.import_module(f"stages.{name}").VERSION
+        return stage_cache_key(name, version, config, layout.root, io.paths(layout, io.inputs))
 
     return key
 

@@ -12,7 +12,7 @@ renders every target view with the model and with the baseline, and writes into 
 * ``grid.png`` — inputs | target | ours | baseline for a few samples.
 
 A plain process: the work is one model over a few hundred views, not worth a Ray pool. The
-checkpoint is read only through the weights-only loader (:func:`avat3r_core.evaluation.load_eval_model`);
+checkpoint is read only through the weights-only loader (:func:`avat3r_core.training.load_trained_model`);
 a missing or ill-formed checkpoint directory raises :class:`~avat3r_core.errors.FormatError`
 naming it (the CLI maps it to exit code 3).
 
@@ -36,11 +36,14 @@ from avat3r_core.evaluation import (
     TargetViewIndex,
     eval_loader_config,
     evaluate_report,
-    load_eval_model,
     make_detector68,
 )
+from avat3r_core.training import load_trained_model
 
 log = logging.getLogger("avat3r.stages.evaluate")
+
+#: Bumped when the stage's output changes meaning; part of the flow task's cache key (pipelines/caching.py).
+VERSION = "1"
 
 OUTPUTS = ("metrics.json", "report.md", "per_view.csv", "grid.png")
 
@@ -76,7 +79,7 @@ def run_evaluate(checkpoint: str | Path, shards_dir: str | Path, out_dir: str | 
     """
     config = config or EvalConfig.preset("demo")
     t0 = time.perf_counter()
-    model, info = load_eval_model(checkpoint, device)  # first: a bad checkpoint fails before any work
+    model, _, info = load_trained_model(checkpoint, device)  # first: a bad checkpoint fails before any work
     shards_dir = str(shards_dir)
     if not Path(shards_dir).is_dir() and "://" not in shards_dir:
         raise FormatError(shards_dir, None, "shards directory not found")

@@ -130,6 +130,10 @@ def _one_thread_per_worker() -> None:
     torch.set_num_threads(1)
 
 
+#: Bumped when the stage's output changes meaning; part of the flow task's cache key (pipelines/caching.py).
+VERSION = "1"
+
+
 class _ExtractStageBase(Stage):
     """Shared by both passes: the config, one thread per worker, and reader problems as errors."""
 
@@ -149,7 +153,7 @@ class HeadCenterStage(_ExtractStageBase):
     """Per (subject, sequence): a triangulated, smoothed 3D head centre for every selected frame."""
 
     name = "head_centers"
-    version = "1"
+    version = VERSION
 
     def process(self, item: dict, ctx: StageContext) -> list[dict]:
         self.raise_problem(item)
@@ -185,7 +189,7 @@ class ExtractStage(_ExtractStageBase):
     """Per video: crop the selected frames around the head, write image + alpha + manifest rows."""
 
     name = "extract"
-    version = "1"
+    version = VERSION
 
     def process(self, item: dict, ctx: StageContext) -> list[dict]:
         self.raise_problem(item)

@@ -26,9 +26,13 @@ from avat3r_core.dataset.pack import (INDEX_NAME, SPLITS, PackConfig, build_samp
 from stages.runner import Stage, StageContext, StageResources, StageSummary, run_stage
 
 
+#: Bumped when the stage's output changes meaning; part of the flow task's cache key (pipelines/caching.py).
+VERSION = "1"
+
+
 class PackStage(Stage):
     name = "pack"
-    version = "1"
+    version = VERSION
 
     def __init__(self, config: PackConfig, frames_manifest: str, tracking_manifest: str, priors_manifest: str | None):
         self.config = config

@@ -183,9 +183,13 @@ class FeatureExtractor:
 # ====================================================================== stage
 
 
+#: Bumped when the stage's output changes meaning; part of the flow task's cache key (pipelines/caching.py).
+VERSION = "1"
+
+
 class PriorsStage(Stage):
     name = "priors"
-    version = "1"
+    version = VERSION
 
     def __init__(self, config: PriorsConfig, frames_dir: str, tracking_manifest: str | None = None,
                  face_model_paths: tuple[str, str] | None = None, projection_path: str | None = None):

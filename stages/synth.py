@@ -19,9 +19,13 @@ from avat3r_core.video import encode_video
 from stages.runner import Stage, StageContext, StageResources, StageSummary, run_stage
 
 
+#: Bumped when the stage's output changes meaning; part of the flow task's cache key (pipelines/caching.py).
+VERSION = "1"
+
+
 class SynthStage(Stage):
     name = "synth"
-    version = "1"
+    version = VERSION
 
     def __init__(self, config: StudioConfig, raw_root: str, gt_root: str, face_model_dir: str):
         self.config, self.raw_root, self.gt_root, self.face_model_dir = config, raw_root, gt_root, face_model_dir

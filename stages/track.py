@@ -99,9 +99,13 @@ def _read_image(uri: str, gray: bool = False) -> np.ndarray:
         return np.asarray(im.convert("L" if gray else "RGB"))
 
 
+#: Bumped when the stage's output changes meaning; part of the flow task's cache key (pipelines/caching.py).
+VERSION = "1"
+
+
 class TrackStage(Stage):
     name = "track"
-    version = "1"
+    version = VERSION
 
     def __init__(self, config: TrackConfig, frames_manifest: str, face_model_paths: tuple[str, str]):
         self.config, self.frames_manifest = config, str(frames_manifest)

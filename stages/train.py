@@ -43,6 +43,9 @@ from avat3r_core.training import (
 
 log = logging.getLogger("avat3r.stages.train")
 
+#: Bumped when the stage's output changes meaning; part of the flow task's cache key (pipelines/caching.py).
+VERSION = "1"
+
 
 def set_cpu_threads(n: int) -> None:
     """Limit torch's intra-op threads and numba's (the CPU renderer) to ``n``. Both share the
@@ -96,7 +99,7 @@ class ShardSource:
 
     def loader_config(self) -> LoaderConfig:
         if self.validation:
-            return replace(self.data.loader, batch_size=1, resampled=False, shuffle_buffer=0)
+            return self.data.loader.read_once()
         return replace(self.data.loader, batch_size=self.batch_size)
 
     def __call__(self, rank: int = 0, world_size: int = 1, epoch: int = 0):
@@ -117,7 +120,7 @@ class ShardSource:
 def model_overrides_from_shards(shards_dir: str | Path, split: str = "train") -> dict:
     """The model inputs the packed data implies: crop resolution (``image_size``) and the stored
     feature channels (``feature_dim``; no features in the shards → ``use_features=False``)."""
-    config = LoaderConfig.preset("demo", target_views=1, batch_size=1, resampled=False, shuffle_buffer=0)
+    config = LoaderConfig(target_views=1).read_once()
     batch = next(iter(make_loader(str(shards_dir), config, split=split)), None)
     if batch is None:
         raise ValueError(f"{shards_dir}: split {split!r} yields no sample; cannot size the model")

@@ -13,6 +13,7 @@ import torch
 
 from avat3r_core.dataset.loader import make_loader
 from avat3r_core.errors import FormatError
+from avat3r_core.training import load_trained_model
 from avat3r_core.evaluation import (
     LPIPS_NOT_COMPUTED,
     MEDIAPIPE_TO_IBUG68,
@@ -22,7 +23,6 @@ from avat3r_core.evaluation import (
     TargetViewIndex,
     eval_loader_config,
     evaluate_report,
-    load_eval_model,
     mediapipe_to_ibug68,
 )
 from tests.test_pack_loader import FEATURE_DIM, make_priors_and_tracking
@@ -118,7 +118,7 @@ def test_baseline_equals_training_evaluate(data):
 
 
 def test_table_has_our_rows_and_the_published_rows(data):
-    model, _ = load_eval_model(data["ckpt"])
+    model, _, _ = load_trained_model(data["ckpt"])
     report = evaluate_report(data["batches"], model, context={"split": "test"})
     md = report.to_markdown()
     table = [l for l in md.splitlines() if l.startswith("| ")]

@@ -19,9 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from avat3r_core.dataset.loader import farthest_views
 from avat3r_core.errors import FormatError
 from avat3r_core.library import (LANDMARKS_SUFFIX, LibraryEntry, NoFaceError, Preparer, TooFewFramesError,
-                                 UnreadableInputError, farthest_viewpoints,
+                                 UnreadableInputError,
                                  load_expression_track, pick_diverse_poses, read_library, write_capture_library,
                                  write_library)
 from avat3r_core.training import load_trained_model
@@ -152,11 +153,11 @@ def test_capture_library_from_splits(tmp_path, studio):
 
 def test_view_and_pose_choice_is_farthest_and_deterministic():
     centers = np.array([[0, 0, 1.0], [0.1, 0, 1.0], [1, 0, 0.2], [-1, 0, 0.2], [0, 1, 0.3], [0.05, 0, 1.0]])
-    picks = farthest_viewpoints(centers, 3)
-    assert picks[0] in (0, 1, 5) and set(picks[1:]) <= {2, 3, 4} and picks == farthest_viewpoints(centers, 3)
+    picks = farthest_views(centers, 3)
+    assert picks[0] in (0, 1, 5) and set(picks[1:]) <= {2, 3, 4} and picks == farthest_views(centers, 3)
     # same camera at two timesteps: the tie goes to a timestep not picked yet
     twice = np.concatenate([centers[:2], centers[:2]])
-    assert farthest_viewpoints(twice, 2, groups=np.array([0, 0, 1, 1]))[1] == 3
+    assert farthest_views(twice, 2, groups=np.array([0, 0, 1, 1]))[1] == 3
     # head poses: cameras around the head at the origin
     eyes = torch.tensor([[0.0, 0, 1], [0.02, 0, 1], [0.7, 0, 0.7], [-0.7, 0, 0.7], [0.0, 0.5, 0.85]])
     from avat3r_core.cameras import Cameras

@@ -53,7 +53,7 @@ import multiprocessing
 import random
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
@@ -91,6 +91,11 @@ class LoaderConfig(Presets):
     shuffle_buffer: int = 8  # items shuffled before batching (0: off)
     resampled: bool = True  # draw shards with replacement, fixed epoch length (training)
     decoder: str = "opencv"  # opencv | pillow
+
+    def read_once(self) -> "LoaderConfig":
+        """These settings for reading a split once, in order, one sample per batch (validation,
+        evaluation, inspecting the data): no resampling, no shuffling."""
+        return replace(self, batch_size=1, resampled=False, shuffle_buffer=0)
 
     def __post_init__(self) -> None:
         if self.decoder not in ("opencv", "pillow"):
@@ -190,19 +195,25 @@ def parse_sample(sample: dict[str, Any]) -> Timestep:
 
 
 # --------------------------------------------------------------------------- view selection
-def farthest_views(centers: np.ndarray, k: int, rng: random.Random, groups: np.ndarray | None = None,
+def farthest_views(centers: np.ndarray, k: int, rng: random.Random | None = None, groups: np.ndarray | None = None,
                    tol: float = 1e-6) -> list[int]:
     """k-farthest viewpoint sampling: indices of ``k`` of the candidate ``centers`` (N, 3).
 
-    A random first pick, then repeatedly the candidate farthest (Euclidean, camera centres) from
-    every pick so far; near-ties are broken at random, preferring candidates whose ``groups``
-    label (the timestep) has not been picked yet. Candidates are picked at most once, so
-    ``k > N`` returns all N (in pick order).
+    A first pick, then repeatedly the candidate farthest (Euclidean, camera centres) from every
+    pick so far; among near-ties, candidates whose ``groups`` label (the timestep) has not been
+    picked yet come first. With ``rng`` (training) the first pick and the tie-break are random;
+    without it the choice is deterministic — the camera nearest the mean centre first (the frontal
+    one of a frontal rig), ties to the lowest index — so a rebuilt avatar gets the same views.
+    Candidates are picked at most once, so ``k > N`` returns all N (in pick order).
     """
+    centers = np.asarray(centers, np.float64)
     n = len(centers)
     if n == 0:
         return []
-    picks = [rng.randrange(n)]
+    if rng is not None:
+        picks = [rng.randrange(n)]
+    else:
+        picks = [int(np.argmin(np.linalg.norm(centers - centers.mean(0), axis=1)))]
     dist = np.linalg.norm(centers - centers[picks[0]], axis=1)
     dist[picks[0]] = -1.0
     while len(picks) < min(k, n):
@@ -211,7 +222,7 @@ def farthest_views(centers: np.ndarray, k: int, rng: random.Random, groups: np.n
         if groups is not None:
             fresh = ties[~np.isin(groups[ties], groups[picks])]
             ties = fresh if len(fresh) else ties
-        nxt = int(ties[rng.randrange(len(ties))])
+        nxt = int(ties[rng.randrange(len(ties))]) if rng is not None else int(ties[0])
         picks.append(nxt)
         dist = np.minimum(dist, np.linalg.norm(centers - centers[nxt], axis=1))
         dist[picks] = -1.0
