@@ -68,6 +68,8 @@ from stages.runner import (
     StageError,
     StageResources,
     StageSummary,
+    commit_error,
+    commit_fragment,
     committed_ids,
     merge_manifest,
 )
@@ -283,15 +285,10 @@ def _columns(rows: list[dict], keys: tuple[str, ...]) -> dict:
 # ====================================================================== commit
 def _commit(out_dir: str, result: dict) -> bool:
     """Commit one avatar: its index fragment (media already written) or its error record."""
-    avatar_id = result["id"]
     if not result["error"]:
-        row = json.loads(result["row"])
-        storage.write_parquet(pa.Table.from_pylist([row]), storage.join(out_dir, PARTS, f"{avatar_id}.parquet"))
-        storage.remove(storage.join(out_dir, ERRORS, f"{avatar_id}.json"))  # an earlier failure is healed
+        commit_fragment(out_dir, result["id"], [json.loads(result["row"])])
         return True
-    record = {"id": avatar_id, "stage": STAGE, "message": result["error"], "traceback": result["traceback"],
-              "item": result["item"], "time": time.time()}
-    storage.atomic_write_bytes(storage.join(out_dir, ERRORS, f"{avatar_id}.json"), json.dumps(record).encode())
+    commit_error(out_dir, STAGE, result["id"], result["error"], result["traceback"], result["item"])
     return False
 
 

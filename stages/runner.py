@@ -122,6 +122,20 @@ class StageSummary:
 
 
 # --------------------------------------------------------------------------- item execution
+def commit_fragment(out_dir: str, item_id: str, rows: list[dict]) -> None:
+    """Commit an item: its manifest fragment (after its media), healing an earlier failure record."""
+    table = pa.Table.from_pylist(rows) if rows else pa.table({"item_id": pa.array([], pa.string())})
+    storage.write_parquet(table, storage.join(out_dir, PARTS, f"{item_id}.parquet"))
+    storage.remove(storage.join(out_dir, ERRORS, f"{item_id}.json"))  # an earlier failure is healed
+
+
+def commit_error(out_dir: str, stage: str, item_id: str, message: str, traceback_text: str, item_json: str) -> None:
+    """Record a failed item in the error manifest's fragments (id, stage, message, traceback, item)."""
+    record = {"id": item_id, "stage": stage, "message": message, "traceback": traceback_text, "item": item_json,
+              "time": time.time()}
+    storage.atomic_write_bytes(storage.join(out_dir, ERRORS, f"{item_id}.json"), json.dumps(record).encode())
+
+
 def _execute_item(stage: Stage, item: dict, out_dir: str) -> ItemResult:
     """Run one item and commit its fragment (or error record). Used by both executors."""
     item_id = item["id"]
@@ -131,23 +145,11 @@ def _execute_item(stage: Stage, item: dict, out_dir: str) -> ItemResult:
         rows = stage.process(item, ctx)
         for row in rows:
             row.setdefault("item_id", item_id)
-        table = pa.Table.from_pylist(rows) if rows else pa.table({"item_id": pa.array([], pa.string())})
-        storage.write_parquet(table, storage.join(out_dir, PARTS, f"{item_id}.parquet"))
-        storage.remove(storage.join(out_dir, ERRORS, f"{item_id}.json"))  # an earlier failure is healed
+        commit_fragment(out_dir, item_id, rows)
         return ItemResult(item_id, True, len(rows), ctx.bytes_written, time.perf_counter() - start)
     except Exception as exc:  # a bad item must not stop the others
         message = f"{type(exc).__name__}: {exc}"
-        record = {
-            "id": item_id,
-            "stage": stage.name,
-            "message": message,
-            "traceback": traceback.format_exc(),
-            "item": json.dumps(item, default=str),
-            "time": time.time(),
-        }
-        storage.atomic_write_bytes(
-            storage.join(out_dir, ERRORS, f"{item_id}.json"), json.dumps(record).encode()
-        )
+        commit_error(out_dir, stage.name, item_id, message, traceback.format_exc(), json.dumps(item, default=str))
         log.warning("stage %s: item %s failed: %s", stage.name, item_id, message)
         return ItemResult(item_id, False, 0, ctx.bytes_written, time.perf_counter() - start, message)
 
@@ -435,7 +437,5 @@ def _run_on_ray(factory, stage_name, todo, out_dir, resources, results, over_bud
 def _record_worker_death(stage_name: str, item: dict, out_dir: str, exc: Exception) -> ItemResult:
     first_line = str(exc).splitlines()[0] if str(exc) else ""
     message = f"worker died while processing this item: {type(exc).__name__}: {first_line}"
-    record = {"id": item["id"], "stage": stage_name, "message": message, "traceback": str(exc),
-              "item": json.dumps(item, default=str), "time": time.time()}
-    storage.atomic_write_bytes(storage.join(out_dir, ERRORS, f"{item['id']}.json"), json.dumps(record).encode())
+    commit_error(out_dir, stage_name, item["id"], message, str(exc), json.dumps(item, default=str))
     return ItemResult(item["id"], False, message=message)
