@@ -66,7 +66,6 @@ from avat3r_core.config import Presets
 from avat3r_core.errors import FormatError
 from avat3r_core.formats.batch import Avat3rBatch
 from avat3r_core.ids import make_id
-from avat3r_core.losses import composite
 from avat3r_core.metrics import CSIM_UNAVAILABLE, lpips_metric, psnr, ssim
 
 log = logging.getLogger("avat3r.evaluation")
@@ -462,17 +461,6 @@ class EvalReport:
         return buf.getvalue()
 
 
-def _grid_tiles(batch: Avat3rBatch, targets: Tensor, preds: dict[str, Tensor], background: Tensor, views: int) -> list[Tensor]:
-    V, T = batch.images.shape[1], batch.target_images.shape[1]
-    inputs = composite(batch.images.flatten(0, 1), batch.alphas.flatten(0, 1), background)
-    rows = []
-    for b in range(batch.batch_size):
-        for t in range(min(T, views)):
-            tiles = [inputs[b * V + v] for v in range(V)] + [targets[b * T + t]] + [p[b * T + t] for p in preds.values()]
-            rows.append(torch.cat([x.float().clamp(0, 1).cpu() for x in tiles], dim=2))
-    return rows
-
-
 def _labelled_grid(rows: list[Tensor], labels: list[str], tile: int) -> np.ndarray:
     from PIL import Image, ImageDraw
 
@@ -503,7 +491,7 @@ def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapp
     without it AKD is unavailable and ``detector_status`` says why. ``lpips_model``: a loaded LPIPS
     (None → not computed, ``lpips_status``).
     """
-    from avat3r_core.training import predict_images, targets_on_background
+    from avat3r_core.training import grid_rows, predict_images, targets_on_background
 
     if methods is None:
         methods = {"ours": model, "baseline": None} if model is not None else {"baseline": None}
@@ -530,7 +518,7 @@ def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapp
                         lpips_status=lpips_status, akd_status="" if detector is not None else detector_status,
                         akd_gt_status=gt_status, detector_name=getattr(detector, "name", "") if detector is not None else "",
                         context=dict(context or {}))
-    grid_rows: list[Tensor] = []
+    sheet_rows: list[Tensor] = []
     unmatched = 0
     for batch in batches:
         if max_samples and report.samples >= max_samples:
@@ -592,17 +580,17 @@ def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapp
                         "face_found": bool(found[i]), "target_face_found": bool(tgt_found[i]) if tgt_found is not None else False,
                         "akd_floor": float(floor[i]), "akd_floor_inner": float(floor_inner[i]),
                     })
-        if len(grid_rows) < grid_samples * grid_views:
-            grid_rows += _grid_tiles(batch, targets, preds, bg, grid_views)
+        if len(sheet_rows) < grid_samples * grid_views:
+            sheet_rows += grid_rows(batch, preds, bg, batch.batch_size, grid_views, targets)
         report.samples += B
     target_found = sum(1 for r in report.rows if r["target_face_found"]) if report.methods else 0
     if detector is not None and report.rows and target_found == 0:
         n = len({(r["key"], r["view"]) for r in report.rows})
         report.akd_status = f"the detector ({report.detector_name}) found no face on any of the {n} ground-truth target views"
-    if grid_rows:
-        V = grid_rows[0].shape[-1] // report.resolution[1] - 1 - len(predictors)
+    if sheet_rows:
+        V = sheet_rows[0].shape[-1] // report.resolution[1] - 1 - len(predictors)
         names = [f"input {v + 1}" for v in range(V)] + ["target"] + list(predictors)
-        report.grid = _labelled_grid(grid_rows[:grid_samples * grid_views], names, report.resolution[1])
+        report.grid = _labelled_grid(sheet_rows[:grid_samples * grid_views], names, report.resolution[1])
     if views is not None and unmatched:
         log.warning("%d target view(s) had no matching frames-manifest row (no ground-truth landmarks for them)", unmatched)
         report.context["views_without_frames_row"] = unmatched

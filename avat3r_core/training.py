@@ -444,21 +444,28 @@ def evaluate(batches, model=None, background=(1.0, 1.0, 1.0)) -> dict:
     return {"psnr": float(p.clamp(max=100.0).mean()), "ssim": float(torch.cat(ssims).mean()), "images": int(p.numel())}
 
 
-def image_grid(batch: Avat3rBatch, predictions: dict[str, Tensor], background=(1.0, 1.0, 1.0),
-               max_samples: int = 4) -> np.ndarray:
-    """uint8 (rows·H, cols·W, 3) grid; one row per (sample, target view): the sample's input views |
-    target | each prediction (e.g. model, baseline)."""
-    bg = torch.tensor(background, dtype=torch.float32, device=batch.images.device)
+def grid_rows(batch: Avat3rBatch, predictions: dict[str, Tensor], background: Tensor, max_samples: int = 4,
+              max_views: int | None = None, targets: Tensor | None = None) -> list[Tensor]:
+    """One (3, H, (V + 1 + P)·W) row per (sample, target view): the sample's input views on the
+    background | target | each prediction (e.g. model, baseline). ``targets``: the targets already
+    composited on ``background``, when the caller has them."""
     V, T = batch.images.shape[1], batch.target_images.shape[1]
-    inputs = composite(batch.images.flatten(0, 1), batch.alphas.flatten(0, 1), bg).reshape(-1, V, *batch.images.shape[2:])
-    targets = targets_on_background(batch, bg)
+    inputs = composite(batch.images.flatten(0, 1), batch.alphas.flatten(0, 1), background).reshape(-1, V, *batch.images.shape[2:])
+    targets = targets_on_background(batch, background) if targets is None else targets
     rows = []
     for b in range(min(batch.batch_size, max_samples)):
-        for t in range(T):
+        for t in range(T if max_views is None else min(T, max_views)):
             tiles = [inputs[b, v] for v in range(V)] + [targets[b * T + t]]
             tiles += [p[b * T + t] for p in predictions.values()]
             rows.append(torch.cat([x.float().clamp(0, 1).cpu() for x in tiles], dim=2))
-    grid = torch.cat(rows, dim=1).permute(1, 2, 0)
+    return rows
+
+
+def image_grid(batch: Avat3rBatch, predictions: dict[str, Tensor], background=(1.0, 1.0, 1.0),
+               max_samples: int = 4) -> np.ndarray:
+    """uint8 (rows·H, cols·W, 3) grid of :func:`grid_rows`."""
+    bg = torch.tensor(background, dtype=torch.float32, device=batch.images.device)
+    grid = torch.cat(grid_rows(batch, predictions, bg, max_samples), dim=1).permute(1, 2, 0)
     return (grid.numpy() * 255 + 0.5).astype(np.uint8)
 
 
