@@ -74,8 +74,8 @@ from avat3r_core.avatar import (
     view_orbit,
 )
 from avat3r_core.cameras import Cameras
-from avat3r_core.dataset.loader import farthest_views
 from avat3r_core.config import Presets, pick_device
+from avat3r_core.dataset.loader import farthest_views
 from avat3r_core.errors import Avat3rError, FormatError
 from avat3r_core.ids import id_part
 
@@ -615,8 +615,7 @@ class Preparer:
         self._embedding = None
         self._detector = None
         self._dust3r = None
-        self._features = None
-        self._feature_name = None
+        self._features = None  # sources.FeatureExtractor, loaded on first use
         self._projection: tuple[torch.Tensor, torch.Tensor] | None = None
         if self.feature_source in ("efficientnet", "sapiens") and config.feature_projection:
             path = config.feature_projection
@@ -700,35 +699,21 @@ class Preparer:
         from avat3r_core.priors import sources
 
         if self._features is None:
-            if self.feature_source == "efficientnet":
-                from avat3r_core.priors.backbone import (
-                    BACKBONE_SOURCE,
-                    load_efficientnet_lite0,
-                )
-
-                self._features = load_efficientnet_lite0(device=self.device)
-                self._feature_name = BACKBONE_SOURCE
-            else:
-                from avat3r_core.priors.sapiens import load_sapiens
-
-                self._features = load_sapiens(self.config.sapiens_model, device=self.device)
-                self._feature_name = f"sapiens_{self._features.size}" if self._features.size else "sapiens"
-        if self.feature_source == "efficientnet":
-            raw = sources.efficientnet_features(self._features, crops)
-        else:
-            raw = sources.sapiens_features(self._features, crops, size=self.config.sapiens_input_size)
+            self._features = sources.FeatureExtractor(self.feature_source, self.device, self.config.sapiens_model,
+                                                      self.config.sapiens_input_size)
+        raw = self._features(crops)
         feats = sources.features_to_store(raw.cpu(), self._projection).astype(np.float32)
         if feats.shape[1] != self.feature_dim:
-            raise FormatError(self.config.feature_projection or self._feature_name, "feature_dim",
-                              f"{self._feature_name} features have {feats.shape[1]} channels after projection, the "
+            raise FormatError(self.config.feature_projection or self._features.source, "feature_dim",
+                              f"{self._features.source} features have {feats.shape[1]} channels after projection, the "
                               f"model takes {self.feature_dim} (give the training data's feature_projection.npz)")
         return feats
 
     def feature_source_name(self) -> str:
         if self.feature_source == "none":
             return "none"
-        if self._feature_name:
-            return self._feature_name
+        if self._features is not None:
+            return self._features.source
         return "efficientnet_lite0_imagenet" if self.feature_source == "efficientnet" else "sapiens"
 
     # ------------------------------------------------------------------ entry point

@@ -149,35 +149,12 @@ def depth_path(gt_root: str, row: dict) -> str:
     return storage.join(gt_root, row["subject"], "sequences", row["sequence"], "depth", f"cam_{row['camera']}.npz")
 
 
-class FeatureExtractor:
-    """The configured feature model, loaded once; ``__call__(images) -> (N, C, h, w)`` float32."""
-
-    def __init__(self, config: PriorsConfig, device: torch.device):
-        self.config = config
-        self.kind = config.feature_source
-        self.model = None
-        if self.kind == "efficientnet":
-            from avat3r_core.priors.backbone import BACKBONE_SOURCE, load_efficientnet_lite0
-
-            self.model = load_efficientnet_lite0(device=device)
-            self.source = BACKBONE_SOURCE
-        elif self.kind == "sapiens":
-            from avat3r_core.priors.sapiens import load_sapiens
-
-            self.model = load_sapiens(config.sapiens_model, device=device)
-            self.source = f"sapiens_{self.model.size}" if self.model.size else "sapiens"
-        elif self.kind == "none":
-            self.source = "none"
-        else:
-            raise ValueError(f"unresolved feature source {self.kind!r} (call PriorsConfig.resolve)")
-
-    def __call__(self, images: np.ndarray) -> torch.Tensor | None:
-        if self.kind == "efficientnet":
-            return sources.efficientnet_features(self.model, images, batch_size=self.config.batch_size)
-        if self.kind == "sapiens":
-            return sources.sapiens_features(self.model, images, size=self.config.sapiens_input_size,
-                                            batch_size=self.config.batch_size)
-        return None
+def feature_extractor(config: PriorsConfig, device: torch.device) -> sources.FeatureExtractor:
+    """The configured (resolved: no ``auto``) feature source."""
+    if config.feature_source not in ("efficientnet", "sapiens", "none"):
+        raise ValueError(f"unresolved feature source {config.feature_source!r} (call PriorsConfig.resolve)")
+    return sources.FeatureExtractor(config.feature_source, device, config.sapiens_model, config.sapiens_input_size,
+                                    config.batch_size)
 
 
 # ====================================================================== stage
@@ -220,7 +197,7 @@ class PriorsStage(Stage):
             self.layer = FlameLayer(load_flame_model(self.face_model_paths[0]), dtype=torch.float64).eval()
             for r in storage.read_parquet(self.tracking_manifest).to_pylist():
                 self.tracking[(str(r["subject"]), str(r["sequence"]), int(r["frame"]))] = r
-        self.features = FeatureExtractor(cfg, self.device)
+        self.features = feature_extractor(cfg, self.device)
         self.projection = None
         if self.projection_path:
             with np.load(io.BytesIO(storage.read_bytes(self.projection_path))) as z:
@@ -349,7 +326,7 @@ def fit_feature_projection(config: PriorsConfig, frames_dir: str, rows: list[dic
             raise StageError(f"{path} was fitted for source={meta['source']} k={meta['k']}, the config asks for "
                              f"{config.feature_source} k={k}; delete it (and the priors) to refit")
         return meta
-    extractor = FeatureExtractor(config, pick_device(config.device))
+    extractor = feature_extractor(config, pick_device(config.device))
     fit_rows = sorted(rows, key=lambda r: r["id"])[: config.projection_fit_frames]
     images = np.stack([_read_rgb(storage.join(frames_dir, r["image"])) for r in fit_rows])
     feats = extractor(images)

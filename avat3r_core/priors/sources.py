@@ -315,6 +315,38 @@ def sapiens_features(model: Any, images: np.ndarray, size: tuple[int, int] = (10
     return extract_features(model, np.ascontiguousarray(images), size=size, batch_size=batch_size)
 
 
+class FeatureExtractor:
+    """A feature source loaded once: ``kind`` efficientnet (the ImageNet stand-in), sapiens (an
+    official TorchScript file) or none. ``source`` names it for manifests and avatar records;
+    ``__call__(images (N, H, W, 3) uint8) -> (N, C, h, w)`` float32, or None for ``none``."""
+
+    def __init__(self, kind: str, device: Any = "cpu", sapiens_model: str = "",
+                 sapiens_input_size: tuple[int, int] = (1024, 768), batch_size: int = 8):
+        self.kind, self.sapiens_input_size, self.batch_size = kind, tuple(sapiens_input_size), batch_size
+        self.model = None
+        if kind == "efficientnet":
+            from avat3r_core.priors.backbone import BACKBONE_SOURCE, load_efficientnet_lite0
+
+            self.model = load_efficientnet_lite0(device=device)
+            self.source = BACKBONE_SOURCE
+        elif kind == "sapiens":
+            from avat3r_core.priors.sapiens import load_sapiens
+
+            self.model = load_sapiens(sapiens_model, device=device)
+            self.source = f"sapiens_{self.model.size}" if self.model.size else "sapiens"
+        elif kind == "none":
+            self.source = "none"
+        else:
+            raise ValueError(f"unknown feature source {kind!r} (efficientnet, sapiens or none)")
+
+    def __call__(self, images: np.ndarray) -> Tensor | None:
+        if self.kind == "efficientnet":
+            return efficientnet_features(self.model, images, batch_size=self.batch_size)
+        if self.kind == "sapiens":
+            return sapiens_features(self.model, images, size=self.sapiens_input_size, batch_size=self.batch_size)
+        return None
+
+
 def features_to_store(features: Tensor, projection: tuple[Tensor, Tensor] | None = None) -> np.ndarray:
     """(N, C, h, w) float features → float16 numpy, PCA-projected to k channels when given
     ``(matrix (C, k), mean (C,))``. Refuses NaN/Inf and values beyond the float16 range."""
