@@ -44,6 +44,7 @@ from avat3r_core.errors import FormatError, check_finite
 
 __all__ = [
     "Cameras",
+    "to_head_frame",
     "NERSEMBLE_FULL_SIZE",
     "read_nersemble_calibration",
     "write_nersemble_calibration",
@@ -615,6 +616,13 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 # ====================================================================== NeRSemble
+
+
+def to_head_frame(points: np.ndarray, head_to_world: np.ndarray) -> np.ndarray:
+    """World points (..., 3) in a rigid frame given by its (4, 4) frame-to-world transform (e.g. a
+    tracked head frame): ``R^T (p - t)``, in float32 (position maps' working precision)."""
+    R, t = head_to_world[:3, :3].astype(np.float32), head_to_world[:3, 3].astype(np.float32)
+    return (np.asarray(points, np.float32) - t) @ R
 
 
 def read_nersemble_calibration(

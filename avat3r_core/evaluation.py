@@ -145,18 +145,20 @@ class EvalConfig(Presets):
             raise ValueError(f"EvalConfig.detector must be mediapipe or none, got {self.detector!r}")
 
 
-def eval_loader_config(config: EvalConfig):
-    """The loader settings of an evaluation: the split read once, in order, one sample per batch."""
+def eval_loader_config(config: EvalConfig, frame: str = "head"):
+    """The loader settings of an evaluation: the split read once, in order, one sample per batch,
+    in the coordinate ``frame`` the model was trained in."""
     from avat3r_core.dataset.loader import LoaderConfig
 
     return LoaderConfig(input_views=config.input_views, target_views=config.target_views,
-                        random_timestep_inputs=True).read_once()
+                        random_timestep_inputs=True, frame=frame).read_once()
 
 
 # --------------------------------------------------------------------------- target views → frames rows
 class TargetViewIndex:
     """Finds each target view's ``frames.parquet`` row (camera serial, crop box) by sample key and
-    extrinsics, checking that the crop intrinsics agree."""
+    world extrinsics (head-frame batches are mapped back through ``target_head_to_world``),
+    checking that the crop intrinsics agree."""
 
     def __init__(self, frames_manifest: str | Path, atol_pose: float = 1e-4, rtol_k: float = 1e-4):
         self.path = str(frames_manifest)
@@ -176,7 +178,11 @@ class TargetViewIndex:
         """One row (or None: not found) per target view, sample-major (B·T)."""
         T = batch.target_images.shape[1]
         cams = batch.target_cameras
-        w2c = cams.world_to_cam.detach().double().cpu().numpy().reshape(-1, 16)
+        w2c = cams.world_to_cam.detach().double().cpu().numpy()
+        if batch.target_head_to_world is not None:  # head-frame cameras → the capture's world cameras
+            world = np.linalg.inv(batch.target_head_to_world.detach().double().cpu().numpy())
+            w2c = w2c @ np.repeat(world, T, axis=0)
+        w2c = w2c.reshape(-1, 16)
         K = cams.K.detach().double().cpu().numpy().reshape(-1, 9)
         out: list[dict | None] = []
         for b, key in enumerate(batch.keys):

@@ -44,6 +44,7 @@ from torch import Tensor
 from avat3r_core.errors import FormatError
 
 __all__ = [
+    "HEAD_JOINT",
     "JOINT_NAMES",
     "FlameModel",
     "FlameOutput",
@@ -512,6 +513,10 @@ def batch_rodrigues(rotvec: Tensor, eps: float = 1e-12) -> Tensor:
     return eye + a[..., None] * Kx + b[..., None] * (Kx @ Kx)
 
 
+#: FLAME's joint 1 ("neck"): the head's vertices are skinned to it (see :meth:`FlameLayer.head_to_world`).
+HEAD_JOINT = 1
+
+
 class FlameOutput(NamedTuple):
     vertices: Tensor  # (B, V, 3)
     landmarks: Tensor | None  # (B, L, 3)
@@ -573,14 +578,15 @@ class FlameLayer(torch.nn.Module):
             value = torch.cat([value, value.new_zeros(B, dim - value.shape[1])], 1)
         return value
 
-    def forward(self, shape=None, expr=None, rotation=None, neck=None, jaw=None, eyes=None,
-                translation=None, scale=None, offsets=None) -> FlameOutput:
-        given = [x for x in (shape, expr, rotation, neck, jaw, eyes, translation, offsets) if x is not None]
-        B = 1
-        for x in given:
-            x = torch.as_tensor(x)
-            B = x.shape[0] if x.ndim >= 2 else 1
-            break
+    def _batch(self, *values) -> int:
+        for x in values:
+            if x is not None:
+                x = torch.as_tensor(x)
+                return x.shape[0] if x.ndim >= 2 else 1
+        return 1
+
+    def _skinning(self, shape, expr, rotation, neck, jaw, eyes, B: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(v_shaped, rot (B, 5, 3, 3), world transforms G (B, 5, 4, 4), rest joints J (B, 5, 3))."""
         shape = self._param(shape, B, self.n_shape, "shape")
         expr = self._param(expr, B, self.n_expr, "expr")
         pose = torch.cat([self._param(rotation, B, 3, "rotation"), self._param(neck, B, 3, "neck"),
@@ -588,12 +594,7 @@ class FlameLayer(torch.nn.Module):
         betas = torch.cat([shape, expr], 1)
         v_shaped = self.v_template + torch.einsum("bl,vcl->bvc", betas, self.shapedirs)
         joints = torch.einsum("jv,bvc->bjc", self.J_regressor, v_shaped)
-        if offsets is not None:
-            v_shaped = v_shaped + torch.as_tensor(offsets, dtype=v_shaped.dtype, device=v_shaped.device)
         rot = batch_rodrigues(pose)  # (B, 5, 3, 3)
-        eye = torch.eye(3, dtype=rot.dtype, device=rot.device)
-        pose_feature = (rot[:, 1:] - eye).reshape(B, -1)  # (B, 36)
-        v_posed = v_shaped + (pose_feature @ self.posedirs).reshape(B, -1, 3)
         # global rigid transforms along the kinematic tree
         rel = joints.clone()
         rel[:, 1:] = joints[:, 1:] - joints[:, self.parents[1:]]
@@ -602,7 +603,17 @@ class FlameLayer(torch.nn.Module):
         chain = [local[:, 0]]
         for j in range(1, 5):
             chain.append(chain[self.parents[j]] @ local[:, j])
-        transforms = torch.stack(chain, 1)
+        return v_shaped, rot, torch.stack(chain, 1), joints
+
+    def forward(self, shape=None, expr=None, rotation=None, neck=None, jaw=None, eyes=None,
+                translation=None, scale=None, offsets=None) -> FlameOutput:
+        B = self._batch(shape, expr, rotation, neck, jaw, eyes, translation, offsets)
+        v_shaped, rot, transforms, joints = self._skinning(shape, expr, rotation, neck, jaw, eyes, B)
+        if offsets is not None:
+            v_shaped = v_shaped + torch.as_tensor(offsets, dtype=v_shaped.dtype, device=v_shaped.device)
+        eye = torch.eye(3, dtype=rot.dtype, device=rot.device)
+        pose_feature = (rot[:, 1:] - eye).reshape(B, -1)  # (B, 36)
+        v_posed = v_shaped + (pose_feature @ self.posedirs).reshape(B, -1, 3)
         posed_joints = transforms[:, :, :3, 3]
         # remove the rest-pose joint location: A_j = G_j * T(-J_j)
         offset = (transforms[:, :, :3, :3] @ joints[..., None])[..., 0]
@@ -620,6 +631,30 @@ class FlameLayer(torch.nn.Module):
             posed_joints = posed_joints + tr
         landmarks = self.landmarks_from_vertices(verts) if self.lmk_faces is not None else None
         return FlameOutput(verts, landmarks, posed_joints)
+
+    def head_to_world(self, shape=None, expr=None, rotation=None, neck=None, translation=None,
+                      scale=None) -> Tensor:
+        """The rigid head frame of each pose: (B, 4, 4) head-to-world transforms.
+
+        The head (skull, face, ears: most of FLAME's vertices) is skinned to joint 1 ("neck" in
+        FLAME's naming; the global rotation and the neck rotation both turn it), so a point fixed
+        to the skull at ``p`` in the unposed model sits at ``s·(A₁ p) + t`` in the world, with
+        ``A₁ = G₁·T(−J₁)`` the joint's skinning transform. The frame returned is that map without
+        the scale, so it stays rigid (cameras keep their metric intrinsics): its rotation is
+        ``R₀R₁`` and its origin is where the unposed model's origin lands. Points of the head
+        frame are then the unposed head times the (per-subject) scale, the same at every
+        timestep up to expression, jaw and eye motion.
+        """
+        B = self._batch(shape, expr, rotation, neck, translation)
+        _, _, transforms, joints = self._skinning(shape, expr, rotation, neck, None, None, B)
+        G = transforms[:, HEAD_JOINT]
+        out = G.clone()
+        out[:, :3, 3] = G[:, :3, 3] - (G[:, :3, :3] @ joints[:, HEAD_JOINT, :, None])[..., 0]
+        if scale is not None:
+            out[:, :3, 3] = out[:, :3, 3] * torch.as_tensor(scale, dtype=out.dtype, device=out.device).reshape(-1, 1)
+        if translation is not None:
+            out[:, :3, 3] = out[:, :3, 3] + self._param(translation, B, 3, "translation")
+        return out
 
     def landmarks_from_vertices(self, vertices: Tensor) -> Tensor:
         """(B, V, 3) -> (B, L, 3) barycentric points of the embedding."""

@@ -73,7 +73,7 @@ from avat3r_core.avatar import (
     render_frames,
     view_orbit,
 )
-from avat3r_core.cameras import Cameras
+from avat3r_core.cameras import Cameras, to_head_frame
 from avat3r_core.config import Presets, pick_device
 from avat3r_core.dataset.loader import farthest_views
 from avat3r_core.errors import Avat3rError, FormatError
@@ -599,11 +599,18 @@ def read_landmarks_beside(picture: str, frames: int | None = None) -> tuple[np.n
 class Preparer:
     """Turns library rows into :class:`PreparedAvatar`; heavy models are loaded once, lazily.
 
-    ``image_size`` and ``feature_dim`` come from the checkpoint's model config (the crops must be
-    what the network was trained on); ``features_enabled`` says whether it takes features at all.
+    ``image_size``, ``feature_dim`` and ``frame`` come from the checkpoint's model config (the
+    crops and coordinates must be what the network was trained on); ``features_enabled`` says
+    whether it takes features at all. ``frame="head"``: every view's camera and position map is
+    expressed in the tracked head frame of its own timestep (capture mode: the tracking
+    manifest's ``head_to_world``; pictures: the fitted face model's).
     """
 
-    def __init__(self, config: PrepareConfig, image_size: int, feature_dim: int = 0, features_enabled: bool = False):
+    def __init__(self, config: PrepareConfig, image_size: int, feature_dim: int = 0, features_enabled: bool = False,
+                 frame: str = "world"):
+        if frame not in ("head", "world"):
+            raise ValueError(f"frame must be head or world, got {frame!r}")
+        self.frame = frame
         self.config = config
         self.image_size = int(image_size)
         self.feature_dim = int(feature_dim)
@@ -763,21 +770,27 @@ class Preparer:
         rows = sorted((r for r in rows if r["id"] in priors), key=lambda r: r["id"])
         if not rows:
             raise AvatarInputError(priors_manifest, f"no priors for any frame of subject {entry.subject!r}")
+        tracked = self._tracking_rows(tracking_manifest, entry.subject)
+        heads = self._capture_head_frames(rows, tracked, tracking_manifest)
         w2c = np.array([r["world_to_cam"] for r in rows], np.float64).reshape(-1, 4, 4)
+        if heads is not None:
+            w2c = w2c @ heads
         centers = -np.einsum("nji,nj->ni", w2c[:, :3, :3], w2c[:, :3, 3])
         picks = farthest_views(centers, self.config.num_views, groups=np.array([int(r["frame"]) for r in rows]))
         chosen = [rows[i] for i in picks]
         priors_dir = str(Path(priors_manifest).parent)
         S = self.image_size
         images, cams, pos, conf, feats, views = [], [], [], [], [], []
-        for r in chosen:
+        for i, r in zip(picks, chosen):
             img_path = storage.join(frames_dir, r["image"])
             image = read_image(img_path)
             p = priors[r["id"]]
             pos_path = storage.join(priors_dir, p["position"])
             with np.load(io.BytesIO(storage.read_bytes(pos_path)), allow_pickle=False) as z:
                 position, confidence = z["position"].astype(np.float32), z["confidence"].astype(np.float32)
-            cam = Cameras(torch.tensor(np.reshape(r["world_to_cam"], (1, 4, 4))), torch.tensor(np.reshape(r["K"], (1, 3, 3))),
+            if heads is not None:
+                position = to_head_frame(position, heads[i])
+            cam = Cameras(torch.tensor(w2c[i:i + 1]), torch.tensor(np.reshape(r["K"], (1, 3, 3))),
                           int(r["width"]), int(r["height"]))
             if image.shape[:2] != (S, S) or position.shape[:2] != (S, S):
                 # the network's crop size differs from the capture's: resize (cameras scale exactly)
@@ -801,13 +814,10 @@ class Preparer:
                 feats.append(f)
             views.append({"id": r["id"], "frame": int(r["frame"]), "camera": str(r["camera"]), "image": img_path})
         reference = {"rotation": np.zeros(3), "translation": np.zeros(3)}
-        if storage.exists(tracking_manifest):
-            key = (entry.subject, str(chosen[0]["sequence"]), int(chosen[0]["frame"]))
-            for t in storage.read_parquet(tracking_manifest).to_pylist():
-                if (str(t["subject"]), str(t["sequence"]), int(t["frame"])) == key:
-                    reference = {"rotation": np.asarray(t["rotation"], np.float64),
-                                 "translation": np.asarray(t["translation"], np.float64)}
-                    break
+        first = tracked.get((str(chosen[0]["sequence"]), int(chosen[0]["frame"])))
+        if first is not None:
+            reference = {"rotation": np.asarray(first["rotation"], np.float64),
+                         "translation": np.asarray(first["translation"], np.float64)}
         cameras = Cameras.cat(cams)
         position, confidence = np.stack(pos), np.stack(conf)
         world_to_cam = cameras.world_to_cam.double().numpy()
@@ -816,10 +826,34 @@ class Preparer:
         fsources = sorted({str(priors[r["id"]]["feature_source"]) for r in chosen})
         meta = {"mode": "capture", "views": views, "position_source": ",".join(sources),
                 "feature_source": ",".join(fsources) if self.features_enabled else "none",
-                "landmarks": "", "frames_manifest": frames_manifest, "priors_manifest": priors_manifest,
+                "landmarks": "", "frames_manifest": frames_manifest, "priors_manifest": priors_manifest, "frame": self.frame,
                 "tracking_manifest": tracking_manifest if storage.exists(tracking_manifest) else ""}
         return PreparedAvatar(entry.avatar_id, np.stack(images), world_to_cam, cameras.K.double().numpy(), position,
                               confidence, np.stack(feats) if feats else None, reference, center, radius, front, up, meta)
+
+    @staticmethod
+    def _tracking_rows(tracking_manifest: str, subject: str) -> dict[tuple[str, int], dict]:
+        """The subject's tracked frames by (sequence, frame); empty without a tracking manifest."""
+        if not storage.exists(tracking_manifest):
+            return {}
+        table = storage.read_parquet(tracking_manifest)
+        return {(str(t["sequence"]), int(t["frame"])): t for t in table.to_pylist() if str(t["subject"]) == subject}
+
+    def _capture_head_frames(self, rows: list[dict], tracked: dict, tracking_manifest: str) -> np.ndarray | None:
+        """(N, 4, 4) head-to-world of each frames row's timestep (head-frame models), else None."""
+        if self.frame != "head":
+            return None
+        if not tracked:
+            raise AvatarInputError(tracking_manifest, "the model works in the tracked head frame, but there is no "
+                                   "tracking for this subject (run the track stage, or give the entry's tracking)")
+        heads = []
+        for r in rows:
+            t = tracked.get((str(r["sequence"]), int(r["frame"])))
+            if t is None or t.get("head_to_world") is None:
+                raise AvatarInputError(tracking_manifest, f"no head_to_world for {r['subject']}/{r['sequence']} frame "
+                                       f"{r['frame']} (tracking from before head frames: re-run the track stage)")
+            heads.append(np.asarray(t["head_to_world"], np.float64).reshape(4, 4))
+        return np.stack(heads)
 
     # ------------------------------------------------------------------ photos / image / video
     def prepare_pictures(self, entry: LibraryEntry, images: list[np.ndarray], pictures: list[str],
@@ -879,6 +913,13 @@ class Preparer:
             verts.append(sources.flame_vertices(layer, params).numpy())
         cameras = Cameras.cat(cams)
         crops_arr = np.stack(crops)
+        heads = None
+        if self.frame == "head":  # the fitted head's own frame (neck rotation included), as in training
+            T = len(local)
+            with torch.no_grad():
+                heads = layer.head_to_world(
+                    shape=np.repeat(fit.params["shape"][:1], T, 0), expr=fit.params["expression"][local],
+                    neck=fit.params["neck"][local]).numpy()
         if self.position_source == "dust3r":
             if self._dust3r is None:
                 from avat3r_core.priors.dust3r import load_dust3r
@@ -895,6 +936,10 @@ class Preparer:
             position_source = "face_model"
         position = np.stack([m[0].numpy() for m in maps]).astype(np.float32)
         confidence = np.stack([m[1].numpy() for m in maps]).astype(np.float32)
+        if heads is not None:
+            position = np.stack([to_head_frame(p, h) for p, h in zip(position, heads)])
+            cameras = Cameras(cameras.world_to_cam @ torch.as_tensor(heads, dtype=cameras.world_to_cam.dtype),
+                              cameras.K, cameras.width, cameras.height)
         feats = self._features_of(crops_arr) if self.features_enabled else None
         world_to_cam = cameras.world_to_cam.double().numpy()
         center, radius, front, up = _framing(position, confidence, world_to_cam, source)
@@ -902,7 +947,7 @@ class Preparer:
         meta = {"mode": entry.mode, "views": views, "position_source": position_source,
                 "feature_source": self.feature_source_name() if self.features_enabled else "none",
                 "landmarks": cfg.landmarks, "fit_residual_px": float(np.mean(fit.residuals)), "fitted": int(len(keep)),
-                "dropped": dropped, "fov_deg": cfg.fov_deg,
+                "dropped": dropped, "fov_deg": cfg.fov_deg, "frame": self.frame,
                 "note": "uncalibrated: cameras from a face-model fit with an assumed field of view; head at the origin"}
         reference = {"rotation": np.zeros(3), "translation": np.zeros(3)}
         return PreparedAvatar(entry.avatar_id, crops_arr, world_to_cam, cameras.K.double().numpy(), position,

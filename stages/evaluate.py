@@ -43,7 +43,7 @@ from avat3r_core.training import load_trained_model
 log = logging.getLogger("avat3r.stages.evaluate")
 
 #: Bumped when the stage's output changes meaning; part of the flow task's cache key (pipelines/caching.py).
-VERSION = "1"
+VERSION = "2"  # 2: views in the tracked head frame
 
 OUTPUTS = ("metrics.json", "report.md", "per_view.csv", "grid.png")
 
@@ -98,11 +98,12 @@ def run_evaluate(checkpoint: str | Path, shards_dir: str | Path, out_dir: str | 
 
     from avat3r_core.dataset.loader import make_loader
 
-    loader = make_loader(shards_dir, eval_loader_config(config), 0, 1, 0, None, config.seed, split)
+    loader = make_loader(shards_dir, eval_loader_config(config, model.config.frame), 0, 1, 0, None, config.seed, split)
     step = info["step"]
     context = {"split": split, "shards": shards_dir, "checkpoint": info["checkpoint"], "step": step,
                "model_preset": info["model_preset"], "model_image_size": info["image_size"],
-               "target_views_per_sample": config.target_views, "input_views": config.input_views, "seed": config.seed}
+               "target_views_per_sample": config.target_views, "input_views": config.input_views, "seed": config.seed,
+               "frame": model.config.frame}
     try:
         report = evaluate_report(
             loader, model, labels={"ours": f"ours ({info['model_preset']}, step {step}; this data)",

@@ -80,7 +80,7 @@ log = logging.getLogger("avat3r.reconstruct")
 
 MANIFEST = "index"
 STAGE = "reconstruct"
-VERSION = "1"
+VERSION = "2"  # 2: views in the tracked head frame
 
 
 @dataclass
@@ -144,12 +144,12 @@ class _PrepareWorker:
     """CPU step: library row → :class:`PreparedAvatar` bytes (or the error that stopped it)."""
 
     def __init__(self, config: ReconstructConfig, image_size: int, feature_dim: int, features_enabled: bool,
-                 num_threads: int = 1):
+                 frame: str = "world", num_threads: int = 1):
         import torch
 
         if num_threads > 0:
             torch.set_num_threads(num_threads)
-        self.preparer = Preparer(config, image_size, feature_dim, features_enabled)
+        self.preparer = Preparer(config, image_size, feature_dim, features_enabled, frame)
 
     def prepare(self, item_json: str) -> dict:
         entry = LibraryEntry.from_item(json.loads(item_json))
@@ -350,7 +350,7 @@ def run_reconstruct(config: ReconstructConfig, library_path: str, checkpoint: st
     if skipped:
         log.info("reconstruct: %d of %d avatars already built in %s, skipping them", skipped, len(entries), out_dir)
     prep_args = dict(config=config, image_size=model_cfg.image_size, feature_dim=model_cfg.feature_dim,
-                     features_enabled=model_cfg.features_enabled)
+                     features_enabled=model_cfg.features_enabled, frame=model_cfg.frame)
     probe = Preparer(**prep_args)  # fail fast on a bad configuration (projection file, feature width) before any actor
     if any(e.mode != "capture" for e in entries):
         probe.check_picture_features()

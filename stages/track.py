@@ -100,7 +100,7 @@ def _read_image(uri: str, gray: bool = False) -> np.ndarray:
 
 
 #: Bumped when the stage's output changes meaning; part of the flow task's cache key (pipelines/caching.py).
-VERSION = "1"
+VERSION = "2"  # 2: head_to_world per frame
 
 
 class TrackStage(Stage):
@@ -191,6 +191,7 @@ class TrackStage(Stage):
                                    f"{json.dumps(per_cam)}")
         codes = expression_code.encode(result.params)
         p = result.params
+        head = self.head_frames(p, T)
         out = []
         for t, frame in enumerate(frames):
             out.append({
@@ -199,11 +200,19 @@ class TrackStage(Stage):
                 "jaw": p["jaw"][t].tolist(), "neck": p["neck"][t].tolist(), "eyes": p["eyes"][t].tolist(),
                 "rotation": p["rotation"][t].tolist(), "translation": p["translation"][t].tolist(),
                 "scale": float(p["scale"].reshape(-1)[0]), "expression_code": codes[t].tolist(),
+                "head_to_world": head[t].reshape(-1).tolist(),
                 "residual_px": float(result.frame_residuals[t]),
                 "camera_residuals_px": [float(v) for v in result.residuals[t]], "cameras": list(serials),
                 "backend": self.detector.name, "converged": bool(result.converged),
             })
         return out
+
+    def head_frames(self, p: dict[str, np.ndarray], T: int) -> np.ndarray:
+        """(T, 4, 4) rigid head-to-world transform of each fitted frame (:meth:`FlameLayer.head_to_world`)."""
+        with torch.no_grad():
+            return self.layer.head_to_world(
+                shape=np.repeat(p["shape"], T, 0), expr=p["expression"], rotation=p["rotation"], neck=p["neck"],
+                translation=p["translation"], scale=np.repeat(p["scale"].reshape(1, 1), T, 0)).numpy()
 
     def _write_overlay(self, ctx, pid, seq, frames, serials, present, cams, points, weights, result: FitResult) -> None:
         from avat3r_core.tracking.overlay import overlay_grid, png_bytes

@@ -44,7 +44,7 @@ from avat3r_core.training import (
 log = logging.getLogger("avat3r.stages.train")
 
 #: Bumped when the stage's output changes meaning; part of the flow task's cache key (pipelines/caching.py).
-VERSION = "1"
+VERSION = "2"  # 2: views in the tracked head frame
 
 
 def set_cpu_threads(n: int) -> None:
@@ -120,7 +120,7 @@ class ShardSource:
 def model_overrides_from_shards(shards_dir: str | Path, split: str = "train") -> dict:
     """The model inputs the packed data implies: crop resolution (``image_size``) and the stored
     feature channels (``feature_dim``; no features in the shards → ``use_features=False``)."""
-    config = LoaderConfig(target_views=1).read_once()
+    config = LoaderConfig(target_views=1, frame="world").read_once()  # sizes only: any frame
     batch = next(iter(make_loader(str(shards_dir), config, split=split)), None)
     if batch is None:
         raise ValueError(f"{shards_dir}: split {split!r} yields no sample; cannot size the model")
@@ -254,7 +254,7 @@ def train_on_shards(config: TrainConfig, data: TrainDataConfig, shards_dir: str 
     shards_dir = Path(shards_dir).resolve()
     if not (shards_dir / "index.parquet").exists():
         raise FileNotFoundError(f"no shards index at {shards_dir / 'index.parquet'} (run the pack stage first)")
-    inferred = model_overrides_from_shards(shards_dir)
+    inferred = {**model_overrides_from_shards(shards_dir), "frame": data.loader.frame}
     config = replace(config, model={**inferred, **config.model})
     log.info("model sized from %s: %s", shards_dir, inferred)
     source = ShardSource(shards_dir, data, config.batch_size, "train", seed=config.seed)

@@ -135,6 +135,30 @@ def test_global_rigid(tiny):
     np.testing.assert_allclose(out.joints[0].numpy(), (d["J"] - J0) @ R.T + J0 + tr, atol=1e-12)
 
 
+def test_head_to_world_carries_skull_points(tiny):
+    """Vertices skinned only to the head joint sit at head_to_world · (scale · unposed vertex)."""
+    path, d = tiny
+    layer = _layer(path)
+    layer.posedirs.zero_()  # pose correctives are non-rigid by design
+    rng = np.random.default_rng(3)
+    B = 3
+    shape = torch.tensor(rng.normal(0, 1, (B, 300)))
+    expr = torch.tensor(rng.normal(0, 1, (B, 100)))
+    rotation, neck = torch.tensor(rng.normal(0, 0.4, (B, 3))), torch.tensor(rng.normal(0, 0.2, (B, 3)))
+    translation, scale = torch.tensor(rng.normal(0, 0.1, (B, 3))), torch.tensor([0.9, 1.0, 1.2])
+    posed = layer(shape=shape, expr=expr, rotation=rotation, neck=neck, translation=translation, scale=scale).vertices
+    rest = layer(shape=shape, expr=expr).vertices
+    H = layer.head_to_world(shape=shape, expr=expr, rotation=rotation, neck=neck, translation=translation, scale=scale)
+    R = H[:, :3, :3]
+    np.testing.assert_allclose((R @ R.transpose(1, 2)).numpy(), np.broadcast_to(np.eye(3), (B, 3, 3)), atol=1e-12)
+    skull = d["weights"][:, 1] == 1.0
+    mapped = torch.einsum("bij,bvj->bvi", R, scale[:, None, None] * rest) + H[:, None, :3, 3]
+    np.testing.assert_allclose(mapped[:, skull].numpy(), posed[:, skull].numpy(), atol=1e-12)
+    assert not np.allclose(mapped[:, ~skull].numpy(), posed[:, ~skull].numpy(), atol=1e-6)  # jaw, eyes, lower neck
+    # no pose: the head frame is the world
+    np.testing.assert_allclose(layer.head_to_world(shape=shape).numpy(), np.broadcast_to(np.eye(4), (B, 4, 4)), atol=1e-12)
+
+
 def test_landmarks_barycentric_and_grad(tiny, tmp_path):
     path, d = tiny
     idx = np.array([0, 5, 29])

@@ -10,6 +10,7 @@ import tarfile
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from avat3r_core import storage
 from avat3r_core.dataset.loader import Avat3rDataset, LoaderConfig, farthest_views, make_loader
@@ -19,6 +20,15 @@ from avat3r_core.formats.manifests import PRIORS_SCHEMA
 from avat3r_core.ids import make_id
 
 FEATURE_DIM = 8
+
+
+def _rigid(rng) -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+
+    H = np.eye(4)
+    H[:3, :3] = Rotation.from_rotvec(rng.normal(0, 0.3, 3)).as_matrix()
+    H[:3, 3] = rng.normal(0, 0.05, 3)
+    return H
 
 
 def make_priors_and_tracking(frames_dir, tracking_dir, priors_dir, seed=0):
@@ -32,7 +42,8 @@ def make_priors_and_tracking(frames_dir, tracking_dir, priors_dir, seed=0):
             "id": make_id(*k), "subject": k[0], "sequence": k[1], "frame": k[2],
             "shape": rng.normal(size=10).tolist(), "expression": rng.normal(size=100).tolist(),
             "rotation": [0.0] * 3, "translation": [0.0] * 3, "jaw": [0.0] * 3, "neck": [0.0] * 3, "eyes": [0.0] * 6,
-            "expression_code": rng.normal(size=135).tolist(), "residual_px": 0.5, "backend": "test"})
+            "expression_code": rng.normal(size=135).tolist(), "residual_px": 0.5, "backend": "test",
+            "head_to_world": _rigid(rng).reshape(-1).tolist()})
         H, W = r["height"], r["width"]
         buf = io.BytesIO()
         np.savez_compressed(buf, position=rng.normal(size=(H, W, 3)).astype(np.float16),
@@ -172,6 +183,51 @@ def test_inputs_come_from_other_timesteps(data):
     ablation = LoaderConfig(resampled=False, shuffle_buffer=0, random_timestep_inputs=False)
     items = list(Avat3rDataset(shards, ablation, seed=1).items())
     assert len(items) == 4 and all((it["input_frames"] == it["target_frame"]).all() for it in items)
+
+
+def test_head_frame_moves_cameras_and_points_together(data):
+    """Head-frame items are the world-frame items seen from the head: every input point projects
+    to the same camera coordinates, cameras are world_to_cam @ head_to_world, and the batch's
+    target_head_to_world maps target cameras back to the world ones."""
+    from avat3r_core.dataset.loader import ItemPlan, collate, decode_item, parse_sample
+
+    ds = Avat3rDataset(shard_urls(data["shards"], "train"), LoaderConfig(resampled=False, shuffle_buffer=0,
+                                                                           frame="world"))
+    raws = [ts.raw for ts in ds.samples()][:2]
+    worlds = [parse_sample(r, "world") for r in raws]
+    heads = [parse_sample(r, "head") for r in raws]
+    H = [h.head_to_world for h in heads]
+    assert worlds[0].head_to_world is None and not np.allclose(H[0], np.eye(4))
+    items = {}
+    for name, (tgt, src) in (("world", worlds), ("head", heads)):
+        items[name] = decode_item(ItemPlan(tgt, [0, 1], [(src, 0), (src, 2)]), "opencv")
+    w, h = items["world"], items["head"]
+    np.testing.assert_allclose(h["world_to_cam"], w["world_to_cam"] @ H[1], atol=1e-9)
+    np.testing.assert_allclose(h["target_world_to_cam"], w["target_world_to_cam"] @ H[0], atol=1e-9)
+    np.testing.assert_allclose(h["target_head_to_world"], H[0])
+    np.testing.assert_array_equal(w["target_head_to_world"], np.eye(4))
+    for v in range(2):  # every input point, in its camera's coordinates: the same from both frames
+        in_cam = [it["world_to_cam"][v, :3, :3] @ it["position_maps"][v].reshape(-1, 3).astype(np.float64).T
+                  + it["world_to_cam"][v, :3, 3:] for it in (w, h)]
+        np.testing.assert_allclose(in_cam[1], in_cam[0], atol=1e-5)
+    batch = collate([h])
+    back = batch.target_cameras.world_to_cam.double() @ torch.linalg.inv(batch.target_head_to_world.double())[0]
+    np.testing.assert_allclose(back.numpy(), w["target_world_to_cam"], atol=1e-5)
+
+
+def test_head_frame_needs_head_poses(data, tmp_path):
+    """Shards packed from tracking without head poses stop a head-frame reader with the fix named."""
+    from avat3r_core.dataset.loader import MissingHeadFrame
+    from stages.pack import run_pack
+
+    frames, tracking, priors = data["manifests"]
+    old = tmp_path / "tracking.parquet"
+    storage.write_parquet(storage.read_parquet(tracking).drop(["head_to_world"]), str(old))
+    run_pack(data["config"], frames, str(old), priors, str(tmp_path / "shards"), executor="local")
+    with pytest.raises(MissingHeadFrame, match="re-run track and pack"):
+        list(make_loader(str(tmp_path / "shards"), LoaderConfig(resampled=False, shuffle_buffer=0, target_views=2)))
+    assert len(list(make_loader(str(tmp_path / "shards"), LoaderConfig(resampled=False, shuffle_buffer=0,
+                                                                       target_views=2, frame="world")))) > 0
 
 
 def test_farthest_views_spreads():

@@ -21,7 +21,7 @@ import torch
 
 from avat3r_core.dataset.loader import farthest_views
 from avat3r_core.errors import FormatError
-from avat3r_core.library import (LANDMARKS_SUFFIX, LibraryEntry, NoFaceError, Preparer, TooFewFramesError,
+from avat3r_core.library import (LANDMARKS_SUFFIX, AvatarInputError, LibraryEntry, NoFaceError, Preparer, TooFewFramesError,
                                  UnreadableInputError,
                                  load_expression_track, pick_diverse_poses, read_library, write_capture_library,
                                  write_library)
@@ -52,6 +52,10 @@ def studio(tmp_path_factory):
     run_extract(ExtractConfig(resolution=S), raw, frames, executor="local")
     run_priors(PriorsConfig.preset("tiny", position_source="ground_truth", ground_truth_root=gt, feature_source="none"),
                f"{frames}/frames.parquet", priors, executor="local", show_progress=False)
+    from stages.track import TrackConfig, run_track
+
+    run_track(TrackConfig.preset("tiny", ground_truth_root=gt), f"{frames}/frames.parquet", str(root / "tracking"),
+              face_model_paths(model_dir), executor="local")
 
     # pictures of subject 002 with the studio's landmarks beside them
     pics = root / "people"
@@ -90,6 +94,7 @@ def studio(tmp_path_factory):
 
     model_path, emb_path = face_model_paths(model_dir)
     return dict(root=root, raw=raw, gt=gt, frames=f"{frames}/frames.parquet", priors=f"{priors}/priors.parquet",
+                tracking=str(root / "tracking" / "tracking.parquet"),
                 pics=pics, checkpoint=str(ckpt), face_model=model_path, embedding=emb_path)
 
 
@@ -146,7 +151,9 @@ def test_capture_library_from_splits(tmp_path, studio):
     (tmp_path / "splits.json").write_text(json.dumps({"train": ["002"], "val": [], "test": ["001"]}))
     out = write_capture_library(studio["frames"], str(tmp_path), "test", str(tmp_path / "heldout.parquet"))
     entries = read_library(out)
-    assert [(e.avatar_id, e.subject, e.sequence, e.expressions) for e in entries] == [("capture_001", "001", SEQ, "builtin")]
+    # the person's own tracked sequence drives the animation (tracking sits beside the frames)
+    assert [(e.avatar_id, e.subject, e.sequence, e.expressions) for e in entries] == [
+        ("capture_001", "001", SEQ, f"{studio['tracking']}#001/{SEQ}")]
     with pytest.raises(FormatError, match="no such split"):
         write_capture_library(studio["frames"], str(tmp_path / "splits.json"), "holdout", str(tmp_path / "x.parquet"))
 
@@ -202,6 +209,45 @@ def test_each_mode_prepares_model_inputs(studio):
         prep.prepare(LibraryEntry("u", "image", str(p / "broken.png")))
     with pytest.raises(TooFewFramesError, match="still.mp4"):
         prep.prepare(LibraryEntry("o", "video", str(p / "still.mp4")))
+
+
+def test_head_frame_inputs(studio, tmp_path):
+    """A head-frame model gets every view in the tracked head frame of its own timestep: cameras
+    are world_to_cam @ head_to_world (from tracking.parquet), the position maps move with them
+    (each confident point still lands on its own pixel), and without tracking it is a named error."""
+    import pyarrow.parquet as pq
+
+    cfg = config(studio)
+    entry = LibraryEntry("c", "capture", studio["frames"], subject="001", priors=studio["priors"],
+                         tracking=studio["tracking"])
+    world = Preparer(cfg, image_size=S).prepare(entry)
+    head = Preparer(cfg, image_size=S, frame="head").prepare(entry)
+    assert head.meta["frame"] == "head" and world.meta["frame"] == "world"
+    tracked = {(r["sequence"], r["frame"]): np.reshape(r["head_to_world"], (4, 4))
+               for r in pq.read_table(studio["tracking"]).to_pylist() if r["subject"] == "001"}
+    frames = pq.read_table(studio["frames"]).to_pylist()
+    w2c = {r["id"]: np.reshape(r["world_to_cam"], (4, 4)) for r in frames}
+    moved = 0
+    for v, view in enumerate(head.meta["views"]):
+        H = tracked[(SEQ, view["frame"])]
+        moved += not np.allclose(H, np.eye(4), atol=1e-3)
+        np.testing.assert_allclose(head.world_to_cam[v], w2c[view["id"]] @ H, atol=1e-6)
+        cam = head.cameras()[v]
+        m = torch.from_numpy(head.confidence[v] > 0.5)
+        uv, _ = cam.project(torch.from_numpy(head.position[v]).double()[m][None])
+        assert float((uv[0] - cam.pixel_grid()[m].double()).norm(dim=-1).max()) < 0.05
+    assert moved  # the studio head moves: the frames really differ from the world
+    with pytest.raises(AvatarInputError, match="no tracking"):
+        Preparer(cfg, image_size=S, frame="head").prepare(
+            LibraryEntry("c", "capture", studio["frames"], subject="001", priors=studio["priors"],
+                         tracking=str(tmp_path / "none.parquet")))
+    # pictures: the fitted head's frame, the same reprojection holds
+    photos = Preparer(cfg, image_size=S, frame="head").prepare(LibraryEntry("p", "photos", str(studio["pics"] / "photos")))
+    cams = photos.cameras()
+    for v in range(photos.num_views):
+        m = torch.from_numpy(photos.confidence[v] > 0.5)
+        uv, _ = cams[v].project(torch.from_numpy(photos.position[v])[m][None])
+        assert float((uv[0] - cams[v].pixel_grid()[m]).norm(dim=-1).max()) < 0.05
 
 
 # --------------------------------------------------------------------------- the stage

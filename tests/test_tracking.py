@@ -275,8 +275,19 @@ def _metrics(table: pa.Table, studio_run, layer) -> dict:
     active = np.abs(gt["expression"]).max(0) > 0
     ea, eg = fit["expression"][:, active], gt_f["expression"][:, active]
     pearson = float(np.corrcoef(ea.ravel(), eg.ravel())[0, 1])
+    # the head frame (what training works in) against the ground truth's
+    H_fit = np.array([r["head_to_world"] for r in rows]).reshape(-1, 4, 4)
+    T = len(frames)
+    H_gt = layer.head_to_world(shape=torch.tensor(gt_f["shape"]).reshape(1, -1).expand(T, -1),
+                               expr=torch.tensor(gt_f["expression"]), rotation=torch.tensor(gt_f["rotation"]),
+                               neck=torch.tensor(gt_f["neck"]), translation=torch.tensor(gt_f["translation"])).numpy()
+    rel = np.einsum("tji,tjk->tik", H_gt[:, :3, :3], H_fit[:, :3, :3])
+    head_deg = np.degrees(np.arccos(np.clip((np.trace(rel, axis1=1, axis2=2) - 1) / 2, -1, 1)))
+    head_move = float(np.linalg.norm(H_gt[:, :3, 3] - H_gt[:1, :3, 3], axis=1).max())
     return dict(landmark_px=lmk_err, residual_px=float(np.mean([r["residual_px"] for r in rows])),
-                vertex_err_frac=vertex_err, head_size_m=size, expr_pearson=pearson, frames=len(frames))
+                vertex_err_frac=vertex_err, head_size_m=size, expr_pearson=pearson, frames=len(frames),
+                head_rot_deg=float(head_deg.max()), head_moves_m=head_move,
+                head_origin_err_frac=float(np.linalg.norm(H_fit[:, :3, 3] - H_gt[:, :3, 3], axis=1).max()) / size)
 
 
 def test_track_stage_measured(studio_run, head, tmp_path):
@@ -303,6 +314,7 @@ def test_track_stage_measured(studio_run, head, tmp_path):
     assert m["landmark_px"] < 1.0
     assert m["vertex_err_frac"] < 0.01
     assert m["expr_pearson"] > 0.9
+    assert m["head_rot_deg"] < 1.0 and m["head_origin_err_frac"] < 0.01  # the head frame is the true one
     # a rerun resumes: nothing to do
     again = run_track(config, str(studio_run["manifest"]), str(out), studio_run["model"], executor="local")
     assert again.items_skipped == 1 and again.items_done == 0

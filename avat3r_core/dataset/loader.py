@@ -40,6 +40,17 @@ The Avat3r sampler
     ``random_timestep_inputs=False`` (the published ablation): inputs are views of the target
     timestep itself, picked the same way; no buffer, nothing waits.
 
+Coordinate frame
+    ``frame="head"`` (default): every view is expressed in the tracked head frame of its own
+    timestep (``head_to_world`` in the sample's ``tracking.json``, from
+    :meth:`avat3r_core.flame.FlameLayer.head_to_world`): cameras become ``world_to_cam @
+    head_to_world`` and position maps ``head_to_world⁻¹ · p``. The head then stands still across
+    timesteps, so inputs taken at other timesteps (where the head was turned differently) line up
+    with the target, and what is left between them is expression, which the network models.
+    Viewpoint sampling measures camera centres in that frame too. ``frame="world"`` keeps the
+    capture's world frame (the head moves between timesteps). Shards packed without head frames
+    fail loudly in head mode (:class:`MissingHeadFrame`) rather than train on the wrong frame.
+
 Decoding uses OpenCV by default (``benchmarks/loader.py`` measures OpenCV against Pillow).
 """
 
@@ -62,11 +73,19 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from avat3r_core import storage
 from avat3r_core.config import Presets
-from avat3r_core.cameras import Cameras
+from avat3r_core.cameras import Cameras, to_head_frame
 from avat3r_core.dataset.pack import EXPRESSION_DIM, sample_fields, shard_urls
 from avat3r_core.formats.batch import Avat3rBatch
 
 log = logging.getLogger("avat3r.dataset")
+
+#: coordinate frames a loader can express views in (see the module docstring)
+FRAMES = ("head", "world")
+
+
+class MissingHeadFrame(ValueError):
+    """A sample without ``head_to_world`` read in the head frame: never skipped, the run stops."""
+
 
 #: names of the shared counters (see :attr:`Avat3rLoader.counters`)
 COUNTERS = ("corrupt", "no_partner", "samples", "items")
@@ -91,6 +110,7 @@ class LoaderConfig(Presets):
     shuffle_buffer: int = 8  # items shuffled before batching (0: off)
     resampled: bool = True  # draw shards with replacement, fixed epoch length (training)
     decoder: str = "opencv"  # opencv | pillow
+    frame: str = "head"  # head: each view in its timestep's tracked head frame | world (module docstring)
 
     def read_once(self) -> "LoaderConfig":
         """These settings for reading a split once, in order, one sample per batch (validation,
@@ -98,6 +118,8 @@ class LoaderConfig(Presets):
         return replace(self, batch_size=1, resampled=False, shuffle_buffer=0)
 
     def __post_init__(self) -> None:
+        if self.frame not in FRAMES:
+            raise ValueError(f"frame must be one of {FRAMES}, got {self.frame!r}")
         if self.decoder not in ("opencv", "pillow"):
             raise ValueError(f"decoder must be opencv or pillow, got {self.decoder!r}")
         if min(self.input_views, self.target_views, self.batch_size) < 1:
@@ -153,23 +175,39 @@ class Timestep:
     frame: int
     serials: list[str]
     image_ext: str
-    world_to_cam: np.ndarray  # (C, 4, 4)
+    world_to_cam: np.ndarray  # (C, 4, 4) cameras of the sample's frame (the head frame when head_to_world is set)
     K: np.ndarray  # (C, 3, 3)
     width: int
     height: int
-    centers: np.ndarray  # (C, 3) camera centres
+    centers: np.ndarray  # (C, 3) camera centres, same frame
     has_position: list[bool]
     has_features: list[bool]
     expression: np.ndarray  # (135,)
     raw: dict[str, bytes]
+    head_to_world: np.ndarray | None = None  # (4, 4) when in the head frame; None: world frame
 
     @property
     def seq_key(self) -> tuple[str, str]:
         return (self.subject, self.sequence)
 
 
-def parse_sample(sample: dict[str, Any]) -> Timestep:
-    """A grouped WebDataset sample → :class:`Timestep`; raises on an incomplete sample."""
+def head_to_world_of(sample: dict[str, Any]) -> np.ndarray:
+    """The (4, 4) rigid head-to-world transform in a sample's ``tracking.json``."""
+    values = json.loads(sample["tracking.json"]).get("head_to_world")
+    if values is None:
+        raise MissingHeadFrame(f"sample {sample.get('__key__')!r} has no head_to_world in tracking.json: its shards "
+                               "were packed from tracking without head frames; re-run track and pack "
+                               "(or read them with loader frame: world)")
+    H = np.asarray(values, np.float64).reshape(4, 4)
+    if not (np.isfinite(H).all() and np.allclose(H[:3, :3] @ H[:3, :3].T, np.eye(3), atol=1e-4)
+            and np.allclose(H[3], [0, 0, 0, 1])):
+        raise ValueError(f"sample {sample.get('__key__')!r}: head_to_world is not a rigid transform")
+    return H
+
+
+def parse_sample(sample: dict[str, Any], frame: str = "world") -> Timestep:
+    """A grouped WebDataset sample → :class:`Timestep` with its cameras in ``frame``; raises on an
+    incomplete sample."""
     if "meta.json" not in sample:
         raise ValueError(f"sample {sample.get('__key__')!r} has no meta.json (incomplete)")
     meta = json.loads(sample["meta.json"])
@@ -181,6 +219,9 @@ def parse_sample(sample: dict[str, Any]) -> Timestep:
     if len(sizes) != 1:
         raise ValueError(f"sample {sample['__key__']!r}: cameras have different sizes")
     w2c = np.array([c["world_to_cam"] for c in cams], dtype=np.float64).reshape(-1, 4, 4)
+    head = head_to_world_of(sample) if frame == "head" else None
+    if head is not None:
+        w2c = w2c @ head  # head → camera
     K = np.array([c["K"] for c in cams], dtype=np.float64).reshape(-1, 3, 3)
     centers = -np.einsum("cji,cj->ci", w2c[:, :3, :3], w2c[:, :3, 3])
     expression = np.load(io.BytesIO(sample["expression.npy"]), allow_pickle=False).astype(np.float32).reshape(-1)
@@ -191,7 +232,7 @@ def parse_sample(sample: dict[str, Any]) -> Timestep:
                     serials=list(meta["cameras"]), image_ext=meta["image_ext"], world_to_cam=w2c, K=K,
                     width=int(width), height=int(height), centers=centers,
                     has_position=list(meta["has_position"]), has_features=list(meta["has_features"]),
-                    expression=expression, raw=sample)
+                    expression=expression, raw=sample, head_to_world=head)
 
 
 # --------------------------------------------------------------------------- view selection
@@ -370,7 +411,7 @@ def decode_item(plan: ItemPlan, decoder: str) -> dict[str, Any]:
         p = load_npz(ts.raw[f"cam_{s}.position.npz"])
         if p["position"].shape != (H, W, 3) or p["confidence"].shape != (H, W):
             raise ValueError(f"{ts.key} cam {s}: position map {p['position'].shape[:2]} != image {(H, W)}")
-        pos.append(p["position"])
+        pos.append(p["position"] if ts.head_to_world is None else to_head_frame(p["position"], ts.head_to_world))
         conf.append(p["confidence"])
         if have_feats:
             feats.append(load_npz(ts.raw[f"cam_{s}.features.npz"])["features"])
@@ -391,13 +432,14 @@ def decode_item(plan: ItemPlan, decoder: str) -> dict[str, Any]:
         "alphas": alphas,  # (V, H, W) uint8
         "world_to_cam": np.stack(w2c),
         "K": np.stack(K),
-        "position_maps": pos,  # V × (H, W, 3), as stored (float16)
+        "position_maps": pos,  # V × (H, W, 3): as stored (float16) in the world frame, float32 in the head frame
         "confidence": conf,  # V × (H, W)
         "features": feats if have_feats else None,  # V × (C, h, w) or None
         "target_images": timgs,  # (T, 3, H, W) uint8 RGB
         "target_alphas": talphas,  # (T, H, W) uint8
         "target_world_to_cam": t.world_to_cam[plan.target_views],
         "target_K": t.K[plan.target_views],
+        "target_head_to_world": t.head_to_world if t.head_to_world is not None else np.eye(4),
         "expression": t.expression,
         "input_frames": np.array(frames, dtype=np.int64),
         "target_frame": t.frame,
@@ -423,6 +465,7 @@ def _batch_layout(items: list[dict[str, Any]]) -> tuple[list[tuple[str, tuple[in
         ("position_maps", (B, V, 3, H, W), f32), ("confidence", (B, V, H, W), f32),
         ("target_images", (B, T, 3, H, W), f32), ("target_alphas", (B, T, 1, H, W), f32),
         ("target_world_to_cam", (B * T, 4, 4), f32), ("target_K", (B * T, 3, 3), f32),
+        ("target_head_to_world", (B, 4, 4), f32),
         ("expression", (B,) + first["expression"].shape, f32),
         ("input_frames", (B, V), np.int64), ("target_frames", (B,), np.int64),
     ]
@@ -449,6 +492,7 @@ def _fill(arrays: dict[str, np.ndarray], items: list[dict[str, Any]], T: int) ->
         arrays["K"][b * V:(b + 1) * V] = it["K"]
         arrays["target_world_to_cam"][b * T:(b + 1) * T] = it["target_world_to_cam"][:T]
         arrays["target_K"][b * T:(b + 1) * T] = it["target_K"][:T]
+        arrays["target_head_to_world"][b] = it["target_head_to_world"]
         arrays["expression"][b] = it["expression"]
         arrays["input_frames"][b] = it["input_frames"]
         arrays["target_frames"][b] = it["target_frame"]
@@ -482,7 +526,7 @@ def _to_batch(arrays: dict[str, np.ndarray], keys: list[str], width: int, height
         features=t(arrays["features"]) if "features" in arrays else None,
         target_images=t(arrays["target_images"]), target_alphas=t(arrays["target_alphas"]),
         target_cameras=Cameras(t(arrays["target_world_to_cam"]), t(arrays["target_K"]), width, height),
-        expression=t(arrays["expression"]), keys=keys,
+        expression=t(arrays["expression"]), keys=keys, target_head_to_world=t(arrays["target_head_to_world"]),
         input_frames=t(arrays["input_frames"]), target_frames=t(arrays["target_frames"]),
     )
 
@@ -617,7 +661,9 @@ class Avat3rDataset(IterableDataset):
         files = tar_file_expander(self._sources(self.worker_shards(worker, num_workers)), handler=self._handler)
         for sample in group_by_keys(files, handler=self._handler):
             try:
-                ts = parse_sample(sample)
+                ts = parse_sample(sample, self.config.frame)
+            except MissingHeadFrame:
+                raise
             except Exception as exn:  # noqa: BLE001
                 self._handler(exn)
                 continue

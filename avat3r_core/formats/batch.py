@@ -21,7 +21,7 @@ class Avat3rBatch:
     images: Tensor  # (B, V, 3, H, W) float in [0, 1]
     alphas: Tensor  # (B, V, 1, H, W)
     cameras: Cameras  # B·V cameras, sample-major
-    position_maps: Tensor  # (B, V, 3, H, W) world-space points
+    position_maps: Tensor  # (B, V, 3, H, W) points in the cameras' frame (world, or each view's head frame)
     confidence: Tensor  # (B, V, H, W) in [0, 1]
     features: Tensor | None  # (B, V, C, h, w) or None (no feature source)
     # supervision (T target views at one timestep)
@@ -33,6 +33,9 @@ class Avat3rBatch:
     keys: list[str]  # sample keys (<pid>_<seq>_<frame:06d> of the target)
     input_frames: Tensor  # (B, V) timestep of each input view
     target_frames: Tensor  # (B,) target timestep
+    #: (B, 4, 4) the target timestep's head frame → world (identity when the batch is in the
+    #: world frame); ``target_cameras.world_to_cam @ inverse`` gives the capture's world cameras
+    target_head_to_world: Tensor | None = None
 
     @property
     def batch_size(self) -> int:

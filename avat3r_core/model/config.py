@@ -73,6 +73,11 @@ class Avat3rConfig:
     position_skip: bool = True  #: mean = position map + offset (else ray × predicted depth)
     color_skip: bool = True  #: colour = input RGB + residual (else 0.5 + residual)
     random_timestep_inputs: bool = True  #: data-sampler switch; bookkeeping only here
+    #: the frame of the cameras and position maps it was trained on (the loader's ``frame``:
+    #: "head" = each view in its timestep's tracked head frame, "world" = the capture's frame);
+    #: reconstruction and evaluation feed it the same. Set by training on shards; "world" for
+    #: anything else (in-memory sources, checkpoints from before the setting existed).
+    frame: str = "world"
 
     PRESETS: ClassVar[dict] = {
         "paper": dict(
@@ -102,6 +107,8 @@ class Avat3rConfig:
                 raise FormatError(_SOURCE, name, f"expected a non-negative integer, got {value!r}")
         if self.refine_layers and self.refine_dim <= 0:
             raise FormatError(_SOURCE, "refine_dim", f"must be positive, got {self.refine_dim}")
+        if self.frame not in ("head", "world"):
+            raise FormatError(_SOURCE, "frame", f"must be head or world, got {self.frame!r}")
         if self.image_size % self.patch_size:
             raise FormatError(_SOURCE, "image_size",
                               f"{self.image_size} is not a multiple of patch_size {self.patch_size}")

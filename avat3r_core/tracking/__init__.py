@@ -24,6 +24,9 @@ TRACKING_SCHEMA = pa.schema([
     ("translation", pa.list_(pa.float64())),  # (3,) metres, world frame of the cameras
     ("scale", pa.float64()),
     ("expression_code", pa.list_(pa.float64())),  # (135,) see avat3r_core.tracking.expression_code
+    # (16,) row-major rigid head-to-world 4x4 of the frame (FlameLayer.head_to_world): the head
+    # frame that training and reconstruction express cameras and position maps in
+    ("head_to_world", pa.list_(pa.float64())),
     ("residual_px", pa.float64()),  # mean landmark reprojection error of the frame (crop pixels)
     ("camera_residuals_px", pa.list_(pa.float64())),  # per camera, order of ``cameras`` (NaN: none visible)
     ("cameras", pa.list_(pa.string())),
