@@ -100,3 +100,18 @@ def remove(uri: str | Path) -> None:
     fs, path = url_to_fs(uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def local_files_named_in(value) -> list[str]:
+    """Existing local files that a config or work item names (strings anywhere inside dicts and
+    lists that are paths of files): their content is an input too."""
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in local_files_named_in(v)]
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in local_files_named_in(v)]
+    if isinstance(value, str) and value and len(value) < 4096 and "://" not in value:
+        try:
+            return [value] if Path(value).is_file() else []
+        except OSError:
+            return []
+    return []

@@ -39,24 +39,10 @@ def fingerprint(path: str | Path) -> str:
     return "missing"
 
 
-def files_named_in(config) -> list[str]:
-    """Existing files a config names (a library manifest, weight files): their content is an input
-    too, so editing the library or swapping a checkpoint file under the same name reruns the stage."""
-    if isinstance(config, dict):
-        return [p for v in config.values() for p in files_named_in(v)]
-    if isinstance(config, (list, tuple)):
-        return [p for v in config for p in files_named_in(v)]
-    if isinstance(config, str) and config and len(config) < 4096:
-        try:
-            return [config] if Path(config).is_file() else []
-        except OSError:
-            return []
-    return []
-
-
 def stage_cache_key(stage: str, version: str, config: dict, data_root: str, inputs: Iterable[str]) -> str:
     """The cache key of one stage run (see the module docstring for what goes in)."""
-    paths = list(inputs) + files_named_in(config)
+    # a library manifest or a weight file named in the config: editing it under the same name reruns the stage
+    paths = list(inputs) + storage.local_files_named_in(config)
     payload = {
         "stage": stage,
         "version": version,

@@ -16,6 +16,8 @@ keys, subjects, count, bytes, sha256; the runner's merged manifest), ``index.err
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 
 import pyarrow as pa
@@ -45,6 +47,14 @@ class PackStage(Stage):
         return rows
 
 
+def _digest(samples: list) -> str:
+    h = hashlib.sha256()
+    for spec in samples:
+        h.update(json.dumps(dataclasses.asdict(spec), sort_keys=True,
+                            default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)).encode())
+    return h.hexdigest()
+
+
 def run_pack(config: PackConfig, frames_manifest: str, tracking_manifest: str, priors_manifest: str | None,
              out_dir: str, resources: StageResources | None = None, executor: str = "ray") -> StageSummary:
     """Pack every split into ``out_dir`` (resumable per split); returns the runner's summary with
@@ -58,7 +68,10 @@ def run_pack(config: PackConfig, frames_manifest: str, tracking_manifest: str, p
     storage.atomic_write_bytes(storage.join(out_dir, "splits.json"), json.dumps(splits, indent=1).encode())
     storage.write_parquet(pa.Table.from_pylist(excluded, schema=pa.schema([("id", pa.string()), ("reason", pa.string())])),
                           storage.join(out_dir, "excluded.parquet"))
-    items = [{"id": split, "split": split, "subjects": splits[split]} for split in SPLITS]
+    # each split's item carries a digest of its samples (paths, cameras, tracking, sources): new
+    # tracking or priors repack it (the runner's item key); an unchanged split stays as packed
+    items = [{"id": split, "split": split, "subjects": splits[split],
+              "samples_digest": _digest([s for s in samples if s.subject in set(splits[split])])} for split in SPLITS]
     summary = run_stage(lambda: PackStage(config, frames_manifest, tracking_manifest, priors_manifest), items, out_dir,
                         INDEX_NAME, resources=resources or StageResources(num_cpus=1, max_errors=0), executor=executor)
     # the runner's merged manifest carries item_id; rewrite it in the index schema (split order)

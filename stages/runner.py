@@ -7,7 +7,12 @@ A stage is a class with ``setup()`` (once per worker: load models) and ``process
   inline with ``executor="local"`` for debugging;
 * commit protocol: the stage writes its media through ``ctx`` first; the runner then commits the
   item's manifest fragment ``_parts/<id>.parquet`` atomically (temp + rename). A rerun skips every
-  committed id, so a killed run resumes without redoing or duplicating work;
+  committed item, so a killed run resumes without redoing or duplicating work;
+* item keys: each fragment records the key of the work that made it (:func:`item_key`: the
+  stage's name, version and settings, and the item itself with the size and modification time of
+  every local file it names). A committed item whose key no longer matches (a new stage version,
+  other settings, changed input) is redone, not skipped; so a stage's items should carry what
+  they depend on (e.g. a digest of the manifest rows they read);
 * a failing item is written to ``_errors/<id>.json`` (id, stage, message, traceback) and the run
   goes on until the error budget is exceeded; then it drains in-flight items (their work is kept),
   writes the manifests and raises :class:`ErrorBudgetExceeded`;
@@ -21,11 +26,13 @@ import json
 import logging
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+import hashlib
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from avat3r_core import storage
 
@@ -33,6 +40,10 @@ log = logging.getLogger("avat3r.stages")
 
 PARTS = "_parts"
 ERRORS = "_errors"
+#: schema metadata of a committed fragment: the item key it was made under
+ITEM_KEY = b"avat3r.item_key"
+#: where the driver hands an item's key to the worker that commits it
+_KEY_FIELD = "__item_key__"
 
 
 class StageError(RuntimeError):
@@ -81,6 +92,12 @@ class Stage:
     name: str = "stage"
     version: str = "1"
 
+    def settings(self) -> dict[str, Any]:
+        """What the stage was built with (its config, input paths), for :func:`item_key`. Called on
+        a fresh instance, before ``setup``."""
+        return {k: asdict(v) if is_dataclass(v) and not isinstance(v, type) else v
+                for k, v in vars(self).items() if not k.startswith("_")}
+
     def setup(self) -> None:  # noqa: B027 - optional hook
         """Load models / open resources once per worker."""
 
@@ -122,9 +139,24 @@ class StageSummary:
 
 
 # --------------------------------------------------------------------------- item execution
-def commit_fragment(out_dir: str, item_id: str, rows: list[dict]) -> None:
-    """Commit an item: its manifest fragment (after its media), healing an earlier failure record."""
+def item_key(stage: Stage, item: dict[str, Any]) -> str:
+    """The key of one item's work: stage name, version and settings, the item, and the size and
+    modification time of every local file the item names (content hashes would read every video)."""
+    files = {}
+    for path in storage.local_files_named_in(item):
+        st = Path(path).stat()
+        files[path] = (st.st_size, st.st_mtime_ns)
+    payload = {"stage": stage.name, "version": stage.version, "settings": stage.settings(), "item": item,
+               "files": files}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def commit_fragment(out_dir: str, item_id: str, rows: list[dict], key: str | None = None) -> None:
+    """Commit an item: its manifest fragment (after its media; ``key``: its :func:`item_key`),
+    healing an earlier failure record."""
     table = pa.Table.from_pylist(rows) if rows else pa.table({"item_id": pa.array([], pa.string())})
+    if key is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), ITEM_KEY: key.encode()})
     storage.write_parquet(table, storage.join(out_dir, PARTS, f"{item_id}.parquet"))
     storage.remove(storage.join(out_dir, ERRORS, f"{item_id}.json"))  # an earlier failure is healed
 
@@ -139,13 +171,15 @@ def commit_error(out_dir: str, stage: str, item_id: str, message: str, traceback
 def _execute_item(stage: Stage, item: dict, out_dir: str) -> ItemResult:
     """Run one item and commit its fragment (or error record). Used by both executors."""
     item_id = item["id"]
+    key = item.get(_KEY_FIELD)
+    item = {k: v for k, v in item.items() if k != _KEY_FIELD}
     ctx = StageContext(out_dir=out_dir, stage=stage.name)
     start = time.perf_counter()
     try:
         rows = stage.process(item, ctx)
         for row in rows:
             row.setdefault("item_id", item_id)
-        commit_fragment(out_dir, item_id, rows)
+        commit_fragment(out_dir, item_id, rows, key)
         return ItemResult(item_id, True, len(rows), ctx.bytes_written, time.perf_counter() - start)
     except Exception as exc:  # a bad item must not stop the others
         message = f"{type(exc).__name__}: {exc}"
@@ -199,6 +233,17 @@ class StagePool:
 # --------------------------------------------------------------------------- manifests
 def committed_ids(out_dir: str) -> set[str]:
     return {Path(p).name[: -len(".parquet")] for p in storage.list_files(storage.join(out_dir, PARTS), ".parquet")}
+
+
+def committed_keys(out_dir: str) -> dict[str, str | None]:
+    """Committed item id → the item key its fragment was made under (None: no key recorded)."""
+    out = {}
+    for path in storage.list_files(storage.join(out_dir, PARTS), ".parquet"):
+        fs, local = storage.url_to_fs(path)
+        metadata = pq.read_schema(local, filesystem=fs).metadata or {}
+        key = metadata.get(ITEM_KEY)
+        out[Path(path).name[: -len(".parquet")]] = key.decode() if key else None
+    return out
 
 
 def merge_manifest(out_dir: str, manifest_name: str) -> tuple[str, str, int]:
@@ -273,11 +318,16 @@ def run_stage(
     probe = factory()  # cheap: stages load heavy things in setup(), not __init__
     stage_name, stage_version = probe.name, probe.version
     storage.makedirs(out_dir)
-    done = committed_ids(out_dir)
-    todo = [it for it in items if it["id"] not in done]
+    keys = {it["id"]: item_key(probe, it) for it in items}
+    committed = committed_keys(out_dir)
+    todo = [{**it, _KEY_FIELD: keys[it["id"]]} for it in items if committed.get(it["id"], "") != keys[it["id"]]]
     skipped = len(items) - len(todo)
+    stale = sum(1 for it in todo if it["id"] in committed)
     if skipped:
         log.info("stage %s: %d of %d items already committed in %s, skipping them", stage_name, skipped, len(items), out_dir)
+    if stale:
+        log.info("stage %s: %d committed items were made with another stage version, settings or input: "
+                 "redoing them", stage_name, stale)
 
     start = time.perf_counter()
     results: list[ItemResult] = []

@@ -23,10 +23,11 @@ still written, to look at), ``tracking.stats.json``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -86,10 +87,15 @@ class TrackConfig(Presets):
 
 
 def track_items(frames_manifest: str) -> list[dict]:
-    """One item per (subject, sequence) of a frames manifest, id ``<pid>_<seq>``."""
-    table = storage.read_parquet(frames_manifest).select(["subject", "sequence"])
-    pairs = sorted(set(zip(table.column("subject").to_pylist(), table.column("sequence").to_pylist())))
-    return [{"id": make_id(s, q), "subject": s, "sequence": q} for s, q in pairs]
+    """One item per (subject, sequence) of a frames manifest, id ``<pid>_<seq>``, with a digest of
+    its frames rows: re-extracted frames of a sequence retrack it (the runner's item key), frames
+    added for other people leave it alone."""
+    digests: dict[tuple[str, str], Any] = {}
+    for row in storage.read_parquet(frames_manifest).to_pylist():
+        h = digests.setdefault((row["subject"], row["sequence"]), hashlib.sha256())
+        h.update(json.dumps(row, sort_keys=True, default=str).encode())
+    return [{"id": make_id(s, q), "subject": s, "sequence": q, "frames_digest": h.hexdigest()}
+            for (s, q), h in sorted(digests.items())]
 
 
 def _read_image(uri: str, gray: bool = False) -> np.ndarray:

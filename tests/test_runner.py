@@ -27,6 +27,9 @@ class ToyStage(Stage):
         self.log_path = log_path
         self.delay = delay
 
+    def settings(self):  # the log and the pacing do not change what an item produces
+        return {}
+
     def process(self, item, ctx):
         with open(self.log_path, "a") as handle:
             handle.write(item["id"] + "\n")
@@ -50,6 +53,29 @@ def log_counts(path: Path) -> dict[str, int]:
     for line in path.read_text().split():
         counts[line] = counts.get(line, 0) + 1
     return counts
+
+
+def test_committed_items_made_otherwise_are_redone(tmp_path):
+    """A committed item is skipped only if it was made the same way: a new stage version redoes
+    all, a changed input file redoes just the items naming it, and an unchanged rerun does nothing."""
+    out, log = tmp_path / "out", tmp_path / "log"
+    inputs = []
+    for i in range(3):
+        (tmp_path / f"in{i}.txt").write_text(str(i))
+        inputs.append({"id": f"item-{i:03d}", "value": i, "source": str(tmp_path / f"in{i}.txt")})
+    run = lambda factory: run_stage(factory, inputs, out, "toy", executor="local", show_progress=False)  # noqa: E731
+    assert run(toy_factory(log)).items_done == 3
+    assert run(toy_factory(log)).items_skipped == 3
+    (tmp_path / "in1.txt").write_text("changed, and longer")
+    again = run(toy_factory(log))
+    assert (again.items_done, again.items_skipped) == (1, 2)
+    assert log_counts(log) == {"item-000": 1, "item-001": 2, "item-002": 1}
+
+    class ToyStage2(ToyStage):
+        version = "2"
+
+    assert run(lambda: ToyStage2(str(log))).items_done == 3
+    assert pq.read_table(out / "toy.parquet").num_rows == 3  # redone items replace their fragments
 
 
 def test_local_executor_writes_manifest_and_stats(tmp_path):

@@ -7,7 +7,7 @@ One sample = one (subject, sequence, frame) with every camera of that timestep. 
   ``cam_<serial>.alpha.png``, ``cam_<serial>.camera.json`` (crop camera: ``world_to_cam`` 16 and
   ``K`` 9 row-major floats, ``width``, ``height``), ``cam_<serial>.position.npz`` (``position``
   (H, W, 3) + ``confidence`` (H, W), float16) and ``cam_<serial>.features.npz`` when present;
-* ``expression.npy`` (135 float32), ``tracking.json`` (FLAME parameters of the frame),
+* ``expression.npy`` (135 float32), ``tracking.json`` (FLAME parameters of the frame and its ``head_to_world``, the frame the loader works in),
   ``meta.json`` (subject, sequence, frame, camera serials, image extension, prior sources,
   feature_dim).
 
