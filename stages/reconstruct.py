@@ -106,7 +106,9 @@ class ReconstructConfig(PrepareConfig):
     render_fov_deg: float = 20.0
     expressions: str = "builtin"  # track for rows without one: builtin | tracking.parquet[#subj/seq] | codes.npy
     frames_per_key: int = 12  # built-in track: frames between two key expressions
-    drive_head_pose: bool = False  # tracked tracks: also replay the tracked head motion
+    # tracked tracks: also put the tracked head pose into the codes. Only world-frame models can
+    # show it; a head-frame model (the default) sees rigid motion in its cameras, not its codes
+    drive_head_pose: bool = False
     num_gpus: float = -1.0  # per model actor; -1 = 1 when the cluster has a GPU, else 0
     model_actors: int = 1  # model actors (GPUs: one each)
     decode_chunk: int = 4  # expressions decoded per batch while animating
