@@ -38,7 +38,12 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, source: str = "config")
         elif isinstance(value, list) and hint is not None and typing.get_origin(hint) is tuple:
             value = tuple(value)
         kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except FormatError:
+        raise
+    except (TypeError, ValueError) as exc:  # a value the dataclass rejects: name where it came from
+        raise FormatError(source, None, f"invalid {cls.__name__}: {exc}") from exc
 
 
 def build(cls: type[T], values: dict[str, Any] | None = None, preset: str | None = None, source: str = "config") -> T:

@@ -523,17 +523,14 @@ def _framing(position: np.ndarray, confidence: np.ndarray, world_to_cam: np.ndar
 
 # ====================================================================== reading pictures
 def read_image(path: str) -> np.ndarray:
-    """RGB uint8 (H, W, 3); a missing or undecodable file raises :class:`UnreadableInputError`."""
-    import cv2
-
+    """RGB uint8 (H, W, 3); a missing or undecodable file raises :class:`UnreadableInputError`
+    (an avatar's error row, not a stage failure)."""
     try:
-        data = storage.read_bytes(path)
+        return storage.read_image(path)
     except FileNotFoundError:
         raise UnreadableInputError(path, "file not found") from None
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-    if image is None:
-        raise UnreadableInputError(path, "cannot decode the image (corrupt, empty or not an image)")
-    return np.ascontiguousarray(image[..., ::-1])
+    except FormatError as exc:
+        raise UnreadableInputError(path, exc.message) from None
 
 
 def read_video_frames(path: str, max_frames: int) -> list[np.ndarray]:

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -115,3 +116,17 @@ def local_files_named_in(value) -> list[str]:
         except OSError:
             return []
     return []
+
+
+def read_image(uri: str | Path, gray: bool = False) -> np.ndarray:
+    """An image file as uint8 RGB (H, W, 3), or (H, W) with ``gray``. A missing file raises
+    FileNotFoundError, one that does not decode a FormatError; both name the file."""
+    import cv2
+
+    from avat3r_core.errors import FormatError
+
+    data = read_bytes(uri)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR) if data else None
+    if image is None:
+        raise FormatError(uri, None, "cannot decode the image (corrupt, empty or not an image)")
+    return image if gray else np.ascontiguousarray(image[..., ::-1])

@@ -128,17 +128,6 @@ def _npz_bytes(**arrays: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _read_rgb(uri: str) -> np.ndarray:
-    import cv2
-
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"crop image not found: {uri}")
-    img = cv2.imdecode(np.frombuffer(storage.read_bytes(uri), np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise FormatError(uri, None, "cannot decode image")
-    return np.ascontiguousarray(img[..., ::-1])
-
-
 def map_paths(row: dict) -> tuple[str, str]:
     """Relative paths (position npz, features npz) of a frames row under the priors directory."""
     base = f"maps/{id_part(row['subject'])}/{id_part(row['sequence'])}/{int(row['frame']):06d}/cam_{id_part(row['camera'])}"
@@ -245,7 +234,7 @@ class PriorsStage(Stage):
         need_images = cfg.position_source == "dust3r" or cfg.feature_source != "none"
         images = None
         if need_images:
-            images = [_read_rgb(storage.join(self.frames_dir, r["image"])) for r in rows]
+            images = [storage.read_image(storage.join(self.frames_dir, r["image"])) for r in rows]
             for r, img in zip(rows, images):
                 if img.shape[:2] != (r["height"], r["width"]):
                     raise FormatError(storage.join(self.frames_dir, r["image"]), None,
@@ -328,7 +317,7 @@ def fit_feature_projection(config: PriorsConfig, frames_dir: str, rows: list[dic
         return meta
     extractor = feature_extractor(config, pick_device(config.device))
     fit_rows = sorted(rows, key=lambda r: r["id"])[: config.projection_fit_frames]
-    images = np.stack([_read_rgb(storage.join(frames_dir, r["image"])) for r in fit_rows])
+    images = np.stack([storage.read_image(storage.join(frames_dir, r["image"])) for r in fit_rows])
     feats = extractor(images)
     if k > feats.shape[1]:
         raise StageError(f"feature_projection_dim={k} exceeds the {feats.shape[1]} channels of {extractor.source}")

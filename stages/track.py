@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -98,13 +97,6 @@ def track_items(frames_manifest: str) -> list[dict]:
             for (s, q), h in sorted(digests.items())]
 
 
-def _read_image(uri: str, gray: bool = False) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(storage.read_bytes(uri))) as im:
-        return np.asarray(im.convert("L" if gray else "RGB"))
-
-
 #: Bumped when the stage's output changes meaning; part of the flow task's cache key (pipelines/caching.py).
 VERSION = "2"  # 2: head_to_world per frame
 
@@ -148,7 +140,7 @@ class TrackStage(Stage):
         if not rel:
             return None
         try:
-            return _read_image(storage.join(self.manifest_dir, rel), gray)
+            return storage.read_image(storage.join(self.manifest_dir, rel), gray)
         except (FileNotFoundError, OSError):
             return None
 
