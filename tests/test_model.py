@@ -71,6 +71,13 @@ def test_presets_and_validation():
         build(Avat3rConfig, {"dim": 100}, preset="tiny")
     with pytest.raises(FormatError, match="unknown key"):
         build(Avat3rConfig, {"dimension": 100}, preset="tiny")
+    with pytest.raises(FormatError, match="frame"):
+        build(Avat3rConfig, {"frame": "camera"})
+    # a value another config's own check rejects (plain ValueError) is named with its source too
+    from stages.track import TrackConfig
+
+    with pytest.raises(FormatError, match=r"params.yaml:track: invalid TrackConfig: .*backend"):
+        build(TrackConfig, {"backend": "nope", "ground_truth_root": "x"}, source="params.yaml:track")
 
 
 # ------------------------------------------------------------------------------------ shapes
