@@ -25,7 +25,7 @@ def linear_to_srgb(x: np.ndarray) -> np.ndarray:
     x = np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0)
     # in place, and the linear segment only where it applies: the same float32 operations as
     # np.where over both branches, at about half the cost (extraction runs this on every crop)
-    out = np.power(x, 1 / 2.4)
+    out = np.power(x, 1 / 2.4, out=np.empty_like(x))  # an array even for 0-d input
     out *= 1.055
     out -= 0.055
     np.multiply(x, 12.92, out=out, where=x <= 0.0031308)
