@@ -116,8 +116,9 @@ def mask_center(alpha: np.ndarray, threshold: float = 0.5) -> np.ndarray | None:
     below = width[widest:]
     neck = widest + int(np.argmin(below)) if below.size > 1 and below.min() < 0.85 * width[widest] else len(width)
     head = fg[top:top + max(neck, 1)]
-    r, c = np.nonzero(head)
-    return step * np.array([(c.min() + c.max() + 1) / 2.0, top + (r.min() + r.max() + 1) / 2.0])
+    # the bounding box from occupied rows and columns (np.nonzero lists every pixel: ~4x slower)
+    r, c = np.flatnonzero(head.any(axis=1)), np.flatnonzero(head.any(axis=0))
+    return step * np.array([(c[0] + c[-1] + 1) / 2.0, top + (r[0] + r[-1] + 1) / 2.0])
 
 
 def triangulate(cams: Cameras, points: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
@@ -277,9 +278,12 @@ def correct_colors(image: np.ndarray, ccm: np.ndarray | None) -> np.ndarray:
     """``apply_ccm`` on a uint8 sRGB image (its sRGB decode by table lookup: identical values)."""
     if ccm is None:
         return image
-    expanded = cheung2004_terms(_SRGB_TO_LINEAR[image], ccm.shape[-1])
+    expanded = cheung2004_terms(cv2.LUT(image, _SRGB_TO_LINEAR), ccm.shape[-1])
     out = linear_to_srgb(expanded @ np.asarray(ccm, dtype=np.float32).T)
-    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+    out *= 255.0  # in place: the same values as np.clip(np.rint(out * 255), 0, 255)
+    np.rint(out, out=out)
+    np.clip(out, 0, 255, out=out)
+    return out.astype(np.uint8)
 
 
 def encode_image(image: np.ndarray, fmt: str, quality: int = 95) -> bytes:

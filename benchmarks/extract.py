@@ -20,6 +20,12 @@ without paying for rendering at that size (real NeRSemble frames are 2200x3208).
 Start-up (Ray actors, imports) is paid once per run, so short runs understate the steady rate
 that a real dataset (thousands of frames per camera) sees: ``--frames`` sets the run length.
 
+Ray starts its worker processes at nice 15 (its ``worker_niceness``), while the references run
+in this process at nice 0: on a machine with other work (a shared box, a training run) the stage
+workers would then get a small share of the CPU the references get, and the ratios would
+measure the scheduler, not the stage. The benchmark starts Ray with ``RAY_worker_niceness=0``
+so both sides compete on equal terms; on an idle machine this changes nothing.
+
 Usage: python benchmarks/extract.py [--subjects 2 --cameras 8 --frames 48 --source-height 1024]
        [--keep DIR: build the capture there once and reuse it]
 """
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -125,6 +132,7 @@ def main() -> None:
                 upscale_capture(work / "raw", args.source_height)
         videos = sorted((work / "raw").glob("*/sequences/EXP-*/images/cam_*.mp4"))
         n_frames = sum(1 for v in videos for _ in read_yuv420(v))
+        os.environ["RAY_worker_niceness"] = "0"  # stage workers at the references' priority (see above)
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
         decode = {backend: decode_only(videos, backend) for backend in ("pyav", "opencv")}
         floor = codec_floor(videos)

@@ -138,3 +138,23 @@ def test_spread_views_picks_wide_baselines():
     line = np.array([[x, 0.0, 0.0] for x in range(9)])
     assert spread_views(line, 3) == [0, 4, 8]
     assert spread_views(line, 20) == list(range(9))
+
+
+def test_colour_correction_matches_the_reference_formula():
+    """correct_colors (table lookups, terms built on demand, in-place sRGB encode) gives exactly
+    the bytes of the plain formula, written out here independently."""
+    from avat3r_core.extract import correct_colors
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (256, 512, 3), dtype=np.uint8)
+    image[0, :256] = np.arange(256)[:, None]  # every level, so both branches of both transfer curves
+    x = image.astype(np.float32) / np.float32(255.0)
+    lin = np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4).astype(np.float32)
+    r, g, b = lin[..., 0], lin[..., 1], lin[..., 2]
+    terms = {3: [r, g, b], 10: [r, g, b, r * g, r * b, g * b, r * r, g * g, b * b, np.ones_like(r)]}
+    for n, columns in terms.items():
+        ccm = np.eye(3, n) + rng.normal(0, 0.05, (3, n))
+        y = np.clip(np.stack(columns, -1) @ ccm.astype(np.float32).T, 0.0, 1.0)
+        srgb = np.where(y <= 0.0031308, y * 12.92, 1.055 * np.power(y, 1 / 2.4) - 0.055).astype(np.float32)
+        expected = np.clip(np.rint(srgb * 255.0), 0, 255).astype(np.uint8)
+        assert np.array_equal(correct_colors(image, ccm), expected), n
