@@ -88,14 +88,22 @@ def render_frames(gaussians: Gaussians, cameras: Cameras, background: tuple[floa
 
 @torch.no_grad()
 def animation_frames(model, encoded: EncodedAvatar, codes: Tensor, camera: Cameras, chunk: int = 4,
-                     background: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> np.ndarray:
-    """Drive a cached avatar with expression codes (T, D): only the decoder runs per frame."""
+                     background: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                     motion: np.ndarray | None = None) -> np.ndarray:
+    """Drive a cached avatar with expression codes (T, D): only the decoder runs per frame.
+    ``motion`` (T, 4, 4): per frame, the camera is ``camera.world_to_cam @ motion[t]`` (a head
+    motion replayed by a head-frame avatar); frames beyond it keep its last pose."""
     frames = []
     for start in range(0, len(codes), chunk):
         batch = codes[start:start + chunk]
         output = model.decode(encoded.expand(len(batch)), batch)
         for b in range(len(batch)):
-            frames.append(render_frames(output.gaussians(b), camera, background)[0])
+            cam = camera
+            if motion is not None:
+                m = torch.as_tensor(motion[min(start + b, len(motion) - 1)], dtype=camera.world_to_cam.dtype,
+                                    device=camera.world_to_cam.device)
+                cam = Cameras(camera.world_to_cam @ m, camera.K, camera.width, camera.height)
+            frames.append(render_frames(output.gaussians(b), cam, background)[0])
     return np.stack(frames)
 
 

@@ -85,7 +85,7 @@ __all__ = [
     "MODES", "LIBRARY_COLUMNS", "LANDMARKS_SUFFIX", "LibraryEntry", "read_library", "write_library",
     "write_capture_library", "AvatarInputError", "NoFaceError", "UnreadableInputError", "TooFewFramesError",
     "FitFailedError", "PrepareConfig", "PreparedAvatar", "Preparer", "pick_diverse_poses",
-    "builtin_expressions", "load_expression_track", "neutral_code",
+    "builtin_expressions", "load_expression_track", "load_head_motion", "head_motion_for", "neutral_code",
     "build_avatar", "AvatarFiles", "animate_avatar", "drive_without_cache",
     "CACHE_FILE", "PLY_FILE", "PREVIEW_FILE", "TURNTABLE_FILE", "ANIMATION_FILE", "META_FILE",
 ]
@@ -1005,6 +1005,40 @@ def neutral_code(reference: dict | None = None) -> np.ndarray:
     return _encode({"expression": np.zeros((1, 100))}, reference)[0]
 
 
+def _tracked_rows(spec: str) -> list[dict]:
+    """The frames of one tracked sequence, ``<tracking.parquet>[#subject/sequence]``, in frame order."""
+    path, _, selector = spec.partition("#")
+    if not storage.exists(path):
+        raise FormatError(path, None, "expression track not found")
+    rows = storage.read_parquet(path).to_pylist()
+    if selector:
+        subject, _, sequence = selector.partition("/")
+        rows = [r for r in rows if str(r["subject"]) == subject and (not sequence or str(r["sequence"]) == sequence)]
+    groups = {(str(r["subject"]), str(r["sequence"])) for r in rows}
+    if not rows:
+        raise FormatError(path, selector or None, "no tracked frames for this selector")
+    if len(groups) > 1:
+        raise FormatError(path, None, f"holds {len(groups)} sequences; pick one with '{path}#<subject>/<sequence>'")
+    return sorted(rows, key=lambda r: int(r["frame"]))
+
+
+def load_head_motion(spec: str | None) -> np.ndarray | None:
+    """A tracked sequence's rigid head motion relative to its first frame, (T, 4, 4)
+    ``H₀⁻¹ Hₜ`` (the frames of :func:`load_expression_track`); None for built-in or ``.npy`` codes.
+
+    A head-frame avatar replays it with its camera: a camera fixed in the world is
+    ``camera @ H₀⁻¹ Hₜ`` in the head frame at time t.
+    """
+    if not spec or spec == "builtin" or spec.partition("#")[0].endswith(".npy"):
+        return None
+    rows = _tracked_rows(spec)
+    if any(r.get("head_to_world") is None for r in rows):
+        raise FormatError(spec.partition("#")[0], "head_to_world", "tracking without head frames (re-run the track "
+                          "stage) cannot drive the head pose")
+    H = np.array([r["head_to_world"] for r in rows], np.float64).reshape(-1, 4, 4)
+    return np.linalg.inv(H[0]) @ H
+
+
 def load_expression_track(spec: str | None, reference: dict | None = None, frames_per_key: int = 8,
                           drive_head_pose: bool = False) -> tuple[np.ndarray, str]:
     """Expression codes (T, 135) float32 and a description of where they came from.
@@ -1031,16 +1065,7 @@ def load_expression_track(spec: str | None, reference: dict | None = None, frame
         if not np.isfinite(codes).all():
             raise FormatError(path, None, "codes hold NaN/Inf")
         return codes.astype(np.float32), spec
-    rows = storage.read_parquet(path).to_pylist()
-    if selector:
-        subject, _, sequence = selector.partition("/")
-        rows = [r for r in rows if str(r["subject"]) == subject and (not sequence or str(r["sequence"]) == sequence)]
-    groups = {(str(r["subject"]), str(r["sequence"])) for r in rows}
-    if not rows:
-        raise FormatError(path, selector or None, "no tracked frames for this selector")
-    if len(groups) > 1:
-        raise FormatError(path, None, f"holds {len(groups)} sequences; pick one with '{path}#<subject>/<sequence>'")
-    rows.sort(key=lambda r: int(r["frame"]))
+    rows = _tracked_rows(spec)
     try:
         params = {k: np.array([r[k] for r in rows], np.float64) for k in ("expression", "jaw", "neck", "eyes")}
         if drive_head_pose:
@@ -1062,11 +1087,13 @@ class AvatarFiles:
 @torch.no_grad()
 def build_avatar(model, prepared: PreparedAvatar, codes: np.ndarray, turntable_frames: int = 24, size: int = 256,
                  preview_views: int = 4, fps: float = 24.0, yaw_deg: float = 45.0, fov_deg: float = 20.0,
-                 background: tuple[float, float, float] = (1.0, 1.0, 1.0), chunk: int = 4) -> AvatarFiles:
+                 background: tuple[float, float, float] = (1.0, 1.0, 1.0), chunk: int = 4,
+                 motion: np.ndarray | None = None) -> AvatarFiles:
     """Encode once, then the neutral Gaussians (``.ply``, preview, turntable) and the animation.
 
     The animation is driven through the encoder cache (decoder only per frame), exactly as
-    ``avat3r animate`` later drives it from the saved cache.
+    ``avat3r animate`` later drives it from the saved cache; ``motion`` (T, 4, 4): the head motion
+    its camera replays (:func:`load_head_motion`).
     """
     from PIL import Image
 
@@ -1108,12 +1135,18 @@ def build_avatar(model, prepared: PreparedAvatar, codes: np.ndarray, turntable_f
     t0 = time.perf_counter()
     front_cam = view_orbit(frames=1, **orbit)
     anim = animation_frames(model, encoded, torch.as_tensor(codes, device=device), front_cam, chunk=chunk,
-                            background=background)
+                            background=background, motion=motion)
     files[ANIMATION_FILE] = encode_video(list(anim), fps=fps)
     timings["animation_s"] = time.perf_counter() - t0
     stats = {"gaussians": len(gaussians), "views": prepared.num_views, "animation_frames": int(len(codes)),
              "turntable_frames": int(turntable_frames), **{k: round(v, 4) for k, v in timings.items()}}
     return AvatarFiles(files, stats)
+
+
+def head_motion_for(frame: str, spec: str | None, drive_head_pose: bool) -> np.ndarray | None:
+    """What an animation's camera replays: a head-frame model shows the tracked head motion
+    through its camera (a world-frame model through the codes' head pose, so None here)."""
+    return load_head_motion(spec) if drive_head_pose and frame == "head" else None
 
 
 @torch.no_grad()
@@ -1156,12 +1189,13 @@ def animate_avatar(avatar_dir: str | Path, expressions: str | None, out: str | P
     encoded = load_encoded(avatar_dir / CACHE_FILE, dev)
     reference = {k: np.asarray(v) for k, v in meta.get("reference", {}).items()}
     codes, described = load_expression_track(expressions, reference, drive_head_pose=drive_head_pose)
+    motion = head_motion_for(model.config.frame, expressions, drive_head_pose)
     size = int(size or meta.get("render", {}).get("size", 256))
     fps = float(fps or meta.get("render", {}).get("fps", 24.0))
     camera = view_orbit(framing["center"], framing["radius"], framing["front"], framing["up"], frames=1, size=size,
                         fov_deg=meta.get("render", {}).get("fov_deg", 20.0), device=dev)
     start = time.perf_counter()
-    frames = animation_frames(model, encoded, torch.as_tensor(codes, device=dev), camera)
+    frames = animation_frames(model, encoded, torch.as_tensor(codes, device=dev), camera, motion=motion)
     seconds = time.perf_counter() - start
     data = encode_video(list(frames), fps=fps)
     storage.atomic_write_bytes(str(out), data)

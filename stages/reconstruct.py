@@ -56,6 +56,7 @@ from avat3r_core.library import (
     PreparedAvatar,
     Preparer,
     build_avatar,
+    head_motion_for,
     load_expression_track,
     read_library,
     write_capture_library,
@@ -63,14 +64,14 @@ from avat3r_core.library import (
 from avat3r_core.training import load_trained_model, resolve_checkpoint
 from stages.runner import (
     ERRORS,
-    PARTS,
     ErrorBudgetExceeded,
     StageError,
     StageResources,
     StageSummary,
     commit_error,
     commit_fragment,
-    committed_ids,
+    committed_keys,
+    item_key,
     merge_manifest,
 )
 
@@ -106,8 +107,8 @@ class ReconstructConfig(PrepareConfig):
     render_fov_deg: float = 20.0
     expressions: str = "builtin"  # track for rows without one: builtin | tracking.parquet[#subj/seq] | codes.npy
     frames_per_key: int = 12  # built-in track: frames between two key expressions
-    # tracked tracks: also put the tracked head pose into the codes. Only world-frame models can
-    # show it; a head-frame model (the default) sees rigid motion in its cameras, not its codes
+    # tracked tracks: also replay the tracked head motion (a head-frame model through its animation
+    # camera, library.head_motion_for; a world-frame model through the codes' head pose)
     drive_head_pose: bool = False
     num_gpus: float = -1.0  # per model actor; -1 = 1 when the cluster has a GPU, else 0
     model_actors: int = 1  # model actors (GPUs: one each)
@@ -206,7 +207,8 @@ class _AvatarWorker:
         codes, described = load_expression_track(track, prepared.reference, cfg.frames_per_key, cfg.drive_head_pose)
         made = build_avatar(self.model, prepared, codes, turntable_frames=cfg.turntable_frames, size=cfg.render_size,
                             preview_views=cfg.preview_views, fps=cfg.fps, yaw_deg=cfg.yaw_deg,
-                            fov_deg=cfg.render_fov_deg, chunk=cfg.decode_chunk)
+                            fov_deg=cfg.render_fov_deg, chunk=cfg.decode_chunk,
+                            motion=head_motion_for(self.model.config.frame, track, cfg.drive_head_pose))
         build_s = time.perf_counter() - start
         meta = prepared.meta
         model_cfg = self.train_config.model_config()
@@ -285,10 +287,11 @@ def _columns(rows: list[dict], keys: tuple[str, ...]) -> dict:
 
 
 # ====================================================================== commit
-def _commit(out_dir: str, result: dict) -> bool:
-    """Commit one avatar: its index fragment (media already written) or its error record."""
+def _commit(out_dir: str, result: dict, keys: dict[str, str]) -> bool:
+    """Commit one avatar: its index fragment (media already written, ``keys``: its item key) or
+    its error record."""
     if not result["error"]:
-        commit_fragment(out_dir, result["id"], [json.loads(result["row"])])
+        commit_fragment(out_dir, result["id"], [json.loads(result["row"])], keys[result["id"]])
         return True
     commit_error(out_dir, STAGE, result["id"], result["error"], result["traceback"], result["item"])
     return False
@@ -312,22 +315,6 @@ def _finish_index(out_dir: str) -> tuple[str, str, int]:
     return manifest, errors_manifest, n_ok
 
 
-def _built_with_other_checkpoint(out_dir: str, sha256: str) -> set[str]:
-    """Committed avatars whose weights differ from ``sha256``: their fragments are removed so they
-    are rebuilt (a retrained model must not leave a library of avatars from the old one)."""
-    stale = set()
-    for avatar_id in committed_ids(out_dir):
-        fragment = storage.join(out_dir, PARTS, f"{avatar_id}.parquet")
-        table = storage.read_parquet(fragment)
-        built_with = table.column("checkpoint_sha256")[0].as_py() if "checkpoint_sha256" in table.column_names else None
-        if built_with != sha256:
-            storage.remove(fragment)
-            stale.add(avatar_id)
-    if stale:
-        log.info("reconstruct: %d avatars were built with another checkpoint; rebuilding them", len(stale))
-    return stale
-
-
 # ====================================================================== driver
 def run_reconstruct(config: ReconstructConfig, library_path: str, checkpoint: str, out_dir: str,
                     resources: StageResources | None = None, executor: str = "ray",
@@ -346,11 +333,20 @@ def run_reconstruct(config: ReconstructConfig, library_path: str, checkpoint: st
     _, train_config, ckpt_info = load_trained_model(ckpt)  # a bad checkpoint fails before any work
     model_cfg = train_config.model_config()
     storage.makedirs(out_dir)
-    done = committed_ids(out_dir) - _built_with_other_checkpoint(out_dir, ckpt_info["sha256"])
-    todo = [e.to_item() for e in entries if e.avatar_id not in done]
+    # an avatar is rebuilt when its library row, the settings or the weights changed (a retrained
+    # model must not leave a library of avatars from the old one): the runner's item keys
+    settings = {"config": _config_dict(config), "checkpoint_sha256": ckpt_info["sha256"]}
+    items = [e.to_item() for e in entries]
+    keys = {it["id"]: item_key(STAGE, VERSION, settings, it) for it in items}
+    committed = committed_keys(out_dir)
+    todo = [it for it in items if committed.get(it["id"], "") != keys[it["id"]]]
     skipped = len(entries) - len(todo)
+    stale = sum(1 for it in todo if it["id"] in committed)
     if skipped:
         log.info("reconstruct: %d of %d avatars already built in %s, skipping them", skipped, len(entries), out_dir)
+    if stale:
+        log.info("reconstruct: %d avatars were built with another checkpoint, settings or library row; "
+                 "rebuilding them", stale)
     prep_args = dict(config=config, image_size=model_cfg.image_size, feature_dim=model_cfg.feature_dim,
                      features_enabled=model_cfg.features_enabled, frame=model_cfg.frame)
     probe = Preparer(**prep_args)  # fail fast on a bad configuration (projection file, feature width) before any actor
@@ -377,14 +373,14 @@ def run_reconstruct(config: ReconstructConfig, library_path: str, checkpoint: st
             builder = _AvatarWorker(config, ckpt, out_dir, num_threads=0)
             for item in todo:
                 result = builder.build(prep.prepare(json.dumps(item)))
-                results.append(_commit(out_dir, result))
+                results.append(_commit(out_dir, result, keys))
                 bytes_written += json.loads(result["row"])["bytes"] if result["row"] else 0
                 budget_hit = over_budget()
                 if budget_hit:
                     break
         elif todo and executor == "ray":
-            bytes_written, budget_hit, num_gpus = _run_ray_data(config, ckpt, out_dir, todo, prep_args, resources,
-                                                                results, over_budget, show_progress)
+            bytes_written, budget_hit, num_gpus = _run_ray_data(config, ckpt, out_dir, todo, keys, prep_args,
+                                                                resources, results, over_budget, show_progress)
         elif todo:
             raise StageError(f"unknown executor {executor!r} (use 'ray' or 'local')")
     finally:
@@ -418,7 +414,7 @@ def _config_dict(config: ReconstructConfig) -> dict:
     return d
 
 
-def _run_ray_data(config, ckpt, out_dir, todo, prep_args, resources, results, over_budget, show_progress):
+def _run_ray_data(config, ckpt, out_dir, todo, keys, prep_args, resources, results, over_budget, show_progress):
     """The Ray Data pipeline (see the module docstring); commits on the driver as results stream in."""
     import ray
 
@@ -451,7 +447,7 @@ def _run_ray_data(config, ckpt, out_dir, todo, prep_args, resources, results, ov
     try:
         for row in iterator:
             result = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in row.items()}
-            results.append(_commit(out_dir, result))
+            results.append(_commit(out_dir, result, keys))
             if result["row"]:
                 bytes_written += int(json.loads(result["row"])["bytes"])
             budget_hit = over_budget()

@@ -139,15 +139,14 @@ class StageSummary:
 
 
 # --------------------------------------------------------------------------- item execution
-def item_key(stage: Stage, item: dict[str, Any]) -> str:
+def item_key(stage: str, version: str, settings: dict[str, Any], item: dict[str, Any]) -> str:
     """The key of one item's work: stage name, version and settings, the item, and the size and
     modification time of every local file the item names (content hashes would read every video)."""
     files = {}
     for path in storage.local_files_named_in(item):
         st = Path(path).stat()
         files[path] = (st.st_size, st.st_mtime_ns)
-    payload = {"stage": stage.name, "version": stage.version, "settings": stage.settings(), "item": item,
-               "files": files}
+    payload = {"stage": stage, "version": version, "settings": settings, "item": item, "files": files}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -318,7 +317,8 @@ def run_stage(
     probe = factory()  # cheap: stages load heavy things in setup(), not __init__
     stage_name, stage_version = probe.name, probe.version
     storage.makedirs(out_dir)
-    keys = {it["id"]: item_key(probe, it) for it in items}
+    settings = probe.settings()
+    keys = {it["id"]: item_key(stage_name, stage_version, settings, it) for it in items}
     committed = committed_keys(out_dir)
     todo = [{**it, _KEY_FIELD: keys[it["id"]]} for it in items if committed.get(it["id"], "") != keys[it["id"]]]
     skipped = len(items) - len(todo)

@@ -301,6 +301,11 @@ def test_stage_builds_every_mode_names_failures_and_resumes(tmp_path, studio, ra
     assert (again.items_skipped, again.items_done, again.items_failed) == (4, 0, 3)
     assert (out / "person-photos" / "turntable.mp4").stat().st_mtime_ns == stamp
     assert len(pq.read_table(out / "index.parquet")) == 7
+    # other settings: every built avatar is rebuilt (the runner's item keys), not kept stale
+    fewer = run_reconstruct(config(studio, turntable_frames=cfg_t.turntable_frames - 2), str(lib), studio["checkpoint"],
+                            str(out), executor="local", show_progress=False, resources=StageResources(max_errors=5))
+    assert (fewer.items_skipped, fewer.items_done) == (0, 4)
+    assert len(list(read_frames(out / "person-photos" / "turntable.mp4"))) == cfg_t.turntable_frames - 2
 
     # the CLI: animate a built avatar with a tracked-style codes file; a bad library exits 3
     from typer.testing import CliRunner
@@ -318,6 +323,37 @@ def test_stage_builds_every_mode_names_failures_and_resumes(tmp_path, studio, ra
     res = runner.invoke(app, ["reconstruct", "--inputs", str(tmp_path / "broken.csv"), "--checkpoint",
                               studio["checkpoint"], "--out", str(tmp_path / "x"), "--executor", "local"])
     assert res.exit_code == 3 and "row 1: mode" in " ".join(res.output.split())
+
+
+def test_head_motion_replayed_by_the_camera(studio):
+    """A tracked track's head motion relative to its first frame, replayed by moving the camera:
+    identity motion renders exactly the fixed-camera frames, the tracked motion other frames."""
+    from avat3r_core.avatar import animation_frames, view_orbit
+    from avat3r_core.library import head_motion_for, load_head_motion
+
+    spec = f"{studio['tracking']}#001/{SEQ}"
+    motion = load_head_motion(spec)
+    H = np.array([r["head_to_world"] for r in sorted(pq.read_table(studio["tracking"]).to_pylist(),
+                                                      key=lambda r: r["frame"]) if r["subject"] == "001"]).reshape(-1, 4, 4)
+    assert motion.shape == (len(H), 4, 4)
+    np.testing.assert_allclose(motion[0], np.eye(4), atol=1e-12)
+    np.testing.assert_allclose(H[0] @ motion, H, atol=1e-12)  # H₀ · (H₀⁻¹ Hₜ) = Hₜ
+    assert load_head_motion("builtin") is None
+    assert head_motion_for("world", spec, True) is None and head_motion_for("head", spec, False) is None
+    np.testing.assert_array_equal(head_motion_for("head", spec, True), motion)
+
+    model, _, _ = load_trained_model(studio["checkpoint"])
+    prepared = Preparer(config(studio), image_size=S).prepare(
+        LibraryEntry("c", "capture", studio["frames"], subject="001", priors=studio["priors"]))
+    codes, _ = load_expression_track(spec, prepared.reference)
+    cam = view_orbit(prepared.center, prepared.radius, prepared.front, prepared.up, frames=1, size=48)
+    with torch.no_grad():
+        encoded = model.encode(prepared.inputs())
+        fixed = animation_frames(model, encoded, torch.as_tensor(codes), cam)
+        still = animation_frames(model, encoded, torch.as_tensor(codes), cam, motion=np.tile(np.eye(4), (len(motion), 1, 1)))
+        moving = animation_frames(model, encoded, torch.as_tensor(codes), cam, motion=motion)
+    assert np.array_equal(fixed, still) and np.array_equal(fixed[0], moving[0])
+    assert np.abs(fixed[-1].astype(int) - moving[-1]).mean() > 0.5  # the head turned by the last frame
 
 
 def test_driving_through_the_cache_matches_full_forward(tmp_path, studio):
