@@ -201,6 +201,15 @@ class TargetViewIndex:
         return out
 
 
+def _world_centers(cameras, head_to_world: Tensor | None, B: int, N: int) -> Tensor:
+    """(B, N, 3) camera centres in the capture's world frame (float64, CPU)."""
+    centers = cameras.centers.detach().double().cpu().reshape(B, N, 3)
+    if head_to_world is None:
+        return centers
+    H = head_to_world.detach().double().cpu().reshape(B, N, 4, 4)
+    return torch.einsum("bnij,bnj->bni", H[..., :3, :3], centers) + H[..., :3, 3]
+
+
 # --------------------------------------------------------------------------- landmarks
 def mediapipe_to_ibug68(points: np.ndarray) -> np.ndarray:
     """(..., 478, 2) MediaPipe points → (..., 68, 2) iBUG points (:data:`MEDIAPIPE_TO_IBUG68`)."""
@@ -546,9 +555,11 @@ def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapp
         if gt_pts is not None:
             ok = tgt_found[:, None] & gt_vis
             floor, floor_inner = _akd(tgt_pts, gt_pts, ok), _akd(tgt_pts[:, INNER], gt_pts[:, INNER], ok[:, INNER])
-        # which target cameras are also input cameras (at another timestep) of their sample
-        in_centers = batch.cameras.centers.detach().double().cpu().reshape(B, V, 3)
-        tg_centers = batch.target_cameras.centers.detach().double().cpu().reshape(B, T, 3)
+        # which target cameras are also input cameras (at another timestep) of their sample: the
+        # same camera of the rig, so compared in the world (head-frame batches map back first)
+        in_centers = _world_centers(batch.cameras, batch.input_head_to_world, B, V)
+        tg_centers = _world_centers(batch.target_cameras, None if batch.target_head_to_world is None
+                                    else batch.target_head_to_world[:, None].expand(B, T, 4, 4), B, T)
         seen = (torch.cdist(tg_centers, in_centers).min(dim=2).values < 1e-4 * (1 + tg_centers.norm(dim=-1))).reshape(-1)
 
         preds: dict[str, Tensor] = {}

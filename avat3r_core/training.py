@@ -491,7 +491,8 @@ def collate(samples: list[Avat3rBatch]) -> Avat3rBatch:
         target_images=cat("target_images"), target_alphas=cat("target_alphas"),
         target_cameras=Cameras.cat([s.target_cameras for s in samples]), expression=cat("expression"),
         keys=[k for s in samples for k in s.keys], input_frames=cat("input_frames"), target_frames=cat("target_frames"),
-        target_head_to_world=None if any(s.target_head_to_world is None for s in samples) else cat("target_head_to_world"))
+        target_head_to_world=None if any(s.target_head_to_world is None for s in samples) else cat("target_head_to_world"),
+        input_head_to_world=None if any(s.input_head_to_world is None for s in samples) else cat("input_head_to_world"))
 
 
 def synthetic_sample(index: int, size: int = 32, num_inputs: int = 2, num_targets: int = 2, seed: int = 0,

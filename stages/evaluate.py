@@ -43,7 +43,7 @@ from avat3r_core.training import load_trained_model
 log = logging.getLogger("avat3r.stages.evaluate")
 
 #: Bumped when the stage's output changes meaning; part of the flow task's cache key (pipelines/caching.py).
-VERSION = "2"  # 2: views in the tracked head frame
+VERSION = "3"  # 2: views in the tracked head frame; 3: rig cameras matched across timesteps in the world
 
 OUTPUTS = ("metrics.json", "report.md", "per_view.csv", "grid.png")
 

@@ -213,6 +213,13 @@ def test_head_frame_moves_cameras_and_points_together(data):
     batch = collate([h])
     back = batch.target_cameras.world_to_cam.double() @ torch.linalg.inv(batch.target_head_to_world.double())[0]
     np.testing.assert_allclose(back.numpy(), w["target_world_to_cam"], atol=1e-5)
+    np.testing.assert_allclose(batch.input_head_to_world[0].double().numpy(), np.stack([H[1], H[1]]), atol=1e-6)
+    # evaluation compares rig cameras across timesteps in the world: head-frame centres map back exactly
+    from avat3r_core.evaluation import _world_centers
+
+    world_batch = collate([w])
+    np.testing.assert_allclose(_world_centers(batch.cameras, batch.input_head_to_world, 1, 2).numpy(),
+                               world_batch.cameras.centers.double().reshape(1, 2, 3).numpy(), atol=1e-5)
 
 
 def test_head_frame_needs_head_poses(data, tmp_path):

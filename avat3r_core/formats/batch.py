@@ -36,6 +36,8 @@ class Avat3rBatch:
     #: (B, 4, 4) the target timestep's head frame → world (identity when the batch is in the
     #: world frame); ``target_cameras.world_to_cam @ inverse`` gives the capture's world cameras
     target_head_to_world: Tensor | None = None
+    #: (B, V, 4, 4) the same for each input view's own timestep
+    input_head_to_world: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
