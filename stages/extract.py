@@ -33,7 +33,8 @@ import numpy as np
 from avat3r_core import storage
 from avat3r_core.errors import FormatError
 from avat3r_core.extract import (LUMA_HALF, ExtractConfig, VideoJob, background_matte, encode_image, extract_video,
-                                 mask_center, pick_frames, read_yuv420, select_frames, spread_views, triangulate)
+                                 frame_boxes, mask_center, pick_frames, read_yuv420, select_frames, spread_views,
+                                 triangulate)
 from avat3r_core.ids import make_id
 from avat3r_core.video import read_frames
 from stages.runner import Stage, StageContext, StagePool, StageResources, StageSummary, run_stage
@@ -303,7 +304,6 @@ def plan_crops(item: dict, centers: dict[int, list[float]], config: ExtractConfi
     batched call."""
     import torch
 
-    from avat3r_core.extract import frame_boxes
     from avat3r_core.formats.manifests import cameras_to_columns
 
     camera = _camera_from_dict(item["camera"])
