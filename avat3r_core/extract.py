@@ -13,8 +13,6 @@ cropped image.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fractions import Fraction
-from math import sqrt
 from typing import TYPE_CHECKING, ClassVar, Iterator
 
 import cv2
@@ -125,20 +123,13 @@ def mask_center(alpha: np.ndarray, threshold: float = 0.5) -> np.ndarray | None:
     return step * np.array([(c[0] + c[-1] + 1) / 2.0, top + (r[0] + r[-1] + 1) / 2.0])
 
 
-def _fused_norm(d: np.ndarray) -> float:
-    """|d| of a 3-vector as ``torch.linalg.vector_norm`` computes it on CPU (fused multiply-adds,
-    each rounded once; exact here through Fraction): head centres keep the values they had when
-    the rays came from :meth:`Cameras.rays`, and so does every crop camera derived from them."""
-    x, y, z = (Fraction(float(v)) for v in d)
-    return sqrt(float(z * z + Fraction(float(y * y + Fraction(float(x * x))))))
-
-
 def triangulate(origins: np.ndarray, world_to_cam: np.ndarray, K: np.ndarray, points: np.ndarray,
                 valid: np.ndarray) -> np.ndarray | None:
     """Least-squares 3D point closest to the rays through ``points`` (C, 2) of the valid cameras.
 
-    Cameras as arrays: centres ``origins`` (C, 3), ``world_to_cam`` (C, 4, 4) and ``K`` (C, 3, 3);
-    the rays are :meth:`Cameras.rays` in numpy, operation for operation."""
+    Cameras as arrays: centres ``origins`` (C, 3), ``world_to_cam`` (C, 4, 4) and ``K`` (C, 3, 3).
+    The rays are those of :meth:`Cameras.rays`, in numpy because the extract workers run without
+    torch (its import would cost each worker ~0.9 s of start-up)."""
     if valid.sum() < 2:
         return None
     origins, points = np.asarray(origins, np.float64)[valid], np.asarray(points, np.float64)[valid]
@@ -146,10 +137,10 @@ def triangulate(origins: np.ndarray, world_to_cam: np.ndarray, K: np.ndarray, po
     y = (points[:, 1] - K[:, 1, 2]) / K[:, 1, 1]
     x = (points[:, 0] - K[:, 0, 2] - K[:, 0, 1] * y) / K[:, 0, 0]
     dirs = x[:, None] * R[:, 0] + y[:, None] * R[:, 1] + R[:, 2]  # R^T (x, y, 1)
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     A = np.zeros((3, 3))
     b = np.zeros(3)
     for o, d in zip(origins, dirs):
-        d = d / _fused_norm(d)
         P = np.eye(3) - np.outer(d, d)
         A += P
         b += P @ o

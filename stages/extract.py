@@ -148,7 +148,7 @@ def _one_thread_per_worker() -> None:
 
 
 #: Bumped when the stage's output changes meaning; part of the flow task's cache key (pipelines/caching.py).
-VERSION = "1"
+VERSION = "2"  # 2: triangulation in numpy (torch-free workers); head centres may differ in the last bit
 
 
 class _ExtractStageBase(Stage):
