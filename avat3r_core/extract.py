@@ -12,15 +12,17 @@ cropped image.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Iterator
 
 import cv2
 import numpy as np
-import torch
 
-from avat3r_core.cameras import Cameras
 from avat3r_core.color import cheung2004_terms, linear_to_srgb, srgb_to_linear
+
+if TYPE_CHECKING:  # torch (via Cameras) is imported only where cameras are projected: the extract
+    # workers never do, and a worker process without torch starts ~0.9 s sooner
+    from avat3r_core.cameras import Cameras
 
 
 @dataclass
@@ -121,13 +123,21 @@ def mask_center(alpha: np.ndarray, threshold: float = 0.5) -> np.ndarray | None:
     return step * np.array([(c[0] + c[-1] + 1) / 2.0, top + (r[0] + r[-1] + 1) / 2.0])
 
 
-def triangulate(cams: Cameras, points: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
-    """Least-squares 3D point closest to the rays through ``points`` (C, 2) of the valid cameras."""
+def triangulate(origins: np.ndarray, world_to_cam: np.ndarray, K: np.ndarray, points: np.ndarray,
+                valid: np.ndarray) -> np.ndarray | None:
+    """Least-squares 3D point closest to the rays through ``points`` (C, 2) of the valid cameras.
+
+    Cameras as arrays: centres ``origins`` (C, 3), ``world_to_cam`` (C, 4, 4) and ``K`` (C, 3, 3).
+    The rays are those of :meth:`Cameras.rays`, in numpy because the extract workers run without
+    torch (its import would cost each worker ~0.9 s of start-up)."""
     if valid.sum() < 2:
         return None
-    origins, dirs = cams.rays(torch.as_tensor(points, dtype=cams.dtype)[:, None, :])
-    origins = origins[:, 0][torch.as_tensor(valid)].double().numpy()
-    dirs = dirs[:, 0][torch.as_tensor(valid)].double().numpy()
+    origins, points = np.asarray(origins, np.float64)[valid], np.asarray(points, np.float64)[valid]
+    R, K = np.asarray(world_to_cam, np.float64)[valid, :3, :3], np.asarray(K, np.float64)[valid]
+    y = (points[:, 1] - K[:, 1, 2]) / K[:, 1, 1]
+    x = (points[:, 0] - K[:, 0, 2] - K[:, 0, 1] * y) / K[:, 0, 0]
+    dirs = x[:, None] * R[:, 0] + y[:, None] * R[:, 1] + R[:, 2]  # R^T (x, y, 1)
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     A = np.zeros((3, 3))
     b = np.zeros(3)
     for o, d in zip(origins, dirs):
@@ -150,6 +160,8 @@ def spread_views(centers: np.ndarray, k: int) -> list[int]:
 
 def crop_boxes(cams: Cameras, center: np.ndarray, extent: float) -> np.ndarray:
     """(C, 4) square boxes x0, y0, w, h covering ±``extent`` metres around ``center`` in each view."""
+    import torch
+
     uv, depth = cams.project(torch.as_tensor(center, dtype=cams.dtype)[None])
     uv, depth = uv[:, 0].double().numpy(), depth[:, 0].double().numpy()
     focal = 0.5 * (cams.fx + cams.fy).double().numpy()
@@ -160,6 +172,8 @@ def crop_boxes(cams: Cameras, center: np.ndarray, extent: float) -> np.ndarray:
 def frame_boxes(camera: Cameras, centers: np.ndarray, extent: float) -> np.ndarray:
     """(N, 4) crop boxes of one camera around N head centres (N, 3): :func:`crop_boxes` for a
     whole video in one projection."""
+    import torch
+
     uv, depth = camera.project(torch.as_tensor(np.asarray(centers), dtype=camera.dtype).reshape(-1, 3))
     uv, depth = uv[0].double().numpy(), depth[0].double().numpy()
     focal = float(0.5 * (camera.fx + camera.fy).double()[0])
@@ -302,7 +316,6 @@ class CroppedFrame:
     frame: int
     image: np.ndarray  # (S, S, 3) uint8
     alpha: np.ndarray  # (S, S) uint8
-    box: np.ndarray  # (4,) x0, y0, w, h in source pixels
 
 
 def pick_frames(stream: Iterator[np.ndarray], wanted: list[int]) -> Iterator[tuple[int, np.ndarray]]:
@@ -320,8 +333,9 @@ class VideoJob:
     """Everything extraction needs about one camera's video (built by the stage's planner)."""
 
     frames: list[int]
-    camera: Cameras  # one camera at the source resolution
-    centers: dict[int, np.ndarray] = field(default_factory=dict)  # frame → 3D head centre
+    width: int  # source resolution
+    height: int
+    boxes: dict[int, np.ndarray]  # frame → crop box (x0, y0, w, h), from :func:`frame_boxes`
     ccm: np.ndarray | None = None
     plate: np.ndarray | None = None  # background plate (RGB uint8) when no alpha video
 
@@ -355,15 +369,11 @@ def extract_video(job: VideoJob, color: Iterator, alpha: Iterator | None,
     which only the cropped region is converted.
     """
     size = config.resolution
-    have = [f for f in job.frames if f in job.centers]
-    boxes = dict(zip(have, frame_boxes(job.camera, np.array([job.centers[f] for f in have]).reshape(-1, 3),
-                                       config.head_extent))) if have else {}
     # alpha and colour are decoded in lockstep (each sequentially), so no frame is held twice
     alpha_stream = pick_frames(alpha, job.frames) if alpha is not None else None
     for index, frame in pick_frames(color, job.frames):
-        if (frame.shape[1], frame.shape[0]) != (job.camera.width, job.camera.height):
-            raise ValueError(f"frame {index} is {frame.shape[1]}x{frame.shape[0]}, expected "
-                             f"{job.camera.width}x{job.camera.height}")
+        if (frame.shape[1], frame.shape[0]) != (job.width, job.height):
+            raise ValueError(f"frame {index} is {frame.shape[1]}x{frame.shape[0]}, expected {job.width}x{job.height}")
         if alpha_stream is not None:
             alpha_index, matte = next(alpha_stream, (None, None))
             if alpha_index != index:
@@ -373,11 +383,11 @@ def extract_video(job: VideoJob, color: Iterator, alpha: Iterator | None,
             matte = np.rint(background_matte(rgb, job.plate, config.alpha_threshold) * 255).astype(np.uint8)
         else:
             raise ValueError("no alpha video and no background plate: cannot matte")
-        if index not in boxes:
+        if index not in job.boxes:
             raise KeyError(index)
-        box = boxes[index]
+        box = job.boxes[index]
         image = _crop_color(frame, box, size)
         if config.color_correction:  # per pixel, so after the crop: the same result, far fewer pixels
             image = correct_colors(image, job.ccm)
         matte_crop = _crop_matte(matte, box, size)
-        yield CroppedFrame(index, image, matte_crop, box)
+        yield CroppedFrame(index, image, matte_crop)

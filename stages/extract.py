@@ -11,7 +11,12 @@ the second pass reuses the first's worker processes):
 
 With the default ``yuv`` decoder frames stay as decoded 4:2:0 planes: the head-centre pass reads
 the alpha videos' luma plane as it is, and the crop pass converts only each crop's region to RGB
-(and its matte's region to gray); crop cameras are computed for a whole video at once.
+(and its matte's region to gray).
+
+The workers never import torch (it would add ~0.9 s to every worker's start): the driver, which
+has the camera models, puts what they would compute from cameras into the items — each
+camera's centre for the triangulation, and for the crop pass each frame's crop box and crop
+camera (one batched call per video).
 
 Problems the capture reader found (unreadable video, camera without calibration, wrong
 resolution, ...) become items that fail with that message, so they land in the error manifest by
@@ -20,27 +25,37 @@ name while the rest of the dataset completes.
 
 from __future__ import annotations
 
+import sys
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from avat3r_core import storage
-from avat3r_core.cameras import Cameras
 from avat3r_core.errors import FormatError
 from avat3r_core.extract import (LUMA_HALF, ExtractConfig, VideoJob, background_matte, encode_image, extract_video,
-                                 mask_center, pick_frames, read_yuv420, select_frames, spread_views, triangulate)
-from avat3r_core.formats.capture import BACKGROUND, CaptureIndex, CaptureSubject, scan_capture
-from avat3r_core.formats.manifests import cameras_to_columns
+                                 frame_boxes, mask_center, pick_frames, read_yuv420, select_frames, spread_views,
+                                 triangulate)
 from avat3r_core.ids import make_id
 from avat3r_core.video import read_frames
 from stages.runner import Stage, StageContext, StagePool, StageResources, StageSummary, run_stage
 
+if TYPE_CHECKING:  # the capture reader and the camera models import torch: driver side only
+    from avat3r_core.cameras import Cameras
+    from avat3r_core.formats.capture import CaptureIndex, CaptureSubject
+
 
 def _camera_dict(cams: Cameras, i: int) -> dict:
+    from avat3r_core.formats.manifests import cameras_to_columns
+
     cols = cameras_to_columns(cams[i])
     return {"world_to_cam": cols["world_to_cam"][0], "K": cols["K"][0], "width": cams.width, "height": cams.height}
 
 
 def _camera_from_dict(d: dict) -> Cameras:
+    import torch
+
+    from avat3r_core.cameras import Cameras
+
     return Cameras(torch.tensor(d["world_to_cam"], dtype=torch.float64).reshape(1, 4, 4),
                    torch.tensor(d["K"], dtype=torch.float64).reshape(1, 3, 3), d["width"], d["height"])
 
@@ -123,15 +138,17 @@ class _LocalWriter:
 
 # --------------------------------------------------------------------------- pass 1
 def _one_thread_per_worker() -> None:
-    """Stages run one worker per core; OpenCV's and torch's own thread pools would oversubscribe."""
+    """Stages run one worker per core; OpenCV's and torch's own thread pools would oversubscribe.
+    The extract stages never import torch; a stage of the same pool that did gets one thread too."""
     import cv2
 
     cv2.setNumThreads(1)
-    torch.set_num_threads(1)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 
 #: Bumped when the stage's output changes meaning; part of the flow task's cache key (pipelines/caching.py).
-VERSION = "1"
+VERSION = "2"  # 2: triangulation in numpy (torch-free workers); head centres may differ in the last bit
 
 
 class _ExtractStageBase(Stage):
@@ -157,17 +174,19 @@ class HeadCenterStage(_ExtractStageBase):
 
     def process(self, item: dict, ctx: StageContext) -> list[dict]:
         self.raise_problem(item)
-        frames = item["frames"]
-        cams = Cameras.cat([_camera_from_dict(v["camera"]) for v in item["videos"]])
-        centers_2d = np.full((len(frames), len(cams), 2), np.nan)
-        for c, video in enumerate(item["videos"]):
+        frames, videos = item["frames"], item["videos"]
+        origins = np.array([v["origin"] for v in videos])
+        world_to_cam = np.array([v["camera"]["world_to_cam"] for v in videos]).reshape(-1, 4, 4)
+        K = np.array([v["camera"]["K"] for v in videos]).reshape(-1, 3, 3)
+        centers_2d = np.full((len(frames), len(videos), 2), np.nan)
+        for c, video in enumerate(videos):
             for t, (_, center) in enumerate(_mask_centers(video, frames, self.config.decoder, self.config.alpha_threshold)):
                 if center is not None:
                     centers_2d[t, c] = center
         centers = np.full((len(frames), 3), np.nan)
         for t in range(len(frames)):
             valid = ~np.isnan(centers_2d[t, :, 0])
-            point = triangulate(cams, np.nan_to_num(centers_2d[t]), valid)
+            point = triangulate(origins, world_to_cam, K, np.nan_to_num(centers_2d[t]), valid)
             if point is not None:
                 centers[t] = point
         if np.isnan(centers).all():
@@ -194,9 +213,10 @@ class ExtractStage(_ExtractStageBase):
     def process(self, item: dict, ctx: StageContext) -> list[dict]:
         self.raise_problem(item)
         cfg = self.config
-        camera = _camera_from_dict(item["camera"])
-        job = VideoJob(frames=item["frames"], camera=camera,
-                       centers={int(f): np.array(c) for f, c in item["centers"].items()},
+        source = item["camera"]
+        crops_planned = item["crops"]
+        job = VideoJob(frames=item["frames"], width=source["width"], height=source["height"],
+                       boxes={int(f): np.array(c["box"]) for f, c in crops_planned.items()},
                        ccm=np.array(item["ccm"]) if item.get("ccm") is not None else None)
         yuv = cfg.decoder == "yuv"
         alpha = None
@@ -208,29 +228,23 @@ class ExtractStage(_ExtractStageBase):
         color = read_yuv420(item["video"], threads=1) if yuv else read_frames(item["video"], backend=cfg.decoder, threads=1)
         base = f"{item['subject']}/{make_id(item['sequence'])}/cam_{item['camera_serial']}"
         writer = _LocalWriter(ctx)
-        crops = []
+        alpha_source = "alpha_video" if item.get("alpha_video") else "background_difference"
+        corrected = bool(cfg.color_correction and job.ccm is not None)
+        rows = []
         for cropped in extract_video(job, color, alpha, cfg):
             image_rel = writer.write(f"images/{base}/{cropped.frame:06d}.{cfg.image_format}",
                                      encode_image(cropped.image, cfg.image_format, cfg.jpeg_quality))
             alpha_rel = writer.write(f"alpha/{base}/{cropped.frame:06d}.png", encode_image(cropped.alpha, "png"))
-            crops.append((cropped.frame, cropped.box, image_rel, alpha_rel))
-        rows = []
-        if crops:  # every crop camera of the video in one batched call
-            boxes = torch.tensor(np.array([c[1] for c in crops]), dtype=torch.float64)
-            columns = cameras_to_columns(camera[[0] * len(crops)].crop_resize(boxes, cfg.resolution))
-            alpha_source = "alpha_video" if item.get("alpha_video") else "background_difference"
-            corrected = bool(cfg.color_correction and job.ccm is not None)
-            for i, (frame, box, image_rel, alpha_rel) in enumerate(crops):
-                rows.append({
-                    "id": make_id(item["subject"], item["sequence"], frame, item["camera_serial"]),
-                    "subject": item["subject"], "sequence": item["sequence"], "frame": frame,
-                    "camera": item["camera_serial"], "image": image_rel, "alpha": alpha_rel,
-                    "width": cfg.resolution, "height": cfg.resolution,
-                    "world_to_cam": columns["world_to_cam"][i], "K": columns["K"][i],
-                    "crop_box": [float(v) for v in box],
-                    "source_width": camera.width, "source_height": camera.height,
-                    "alpha_source": alpha_source, "color_corrected": corrected,
-                })
+            crop = crops_planned[str(cropped.frame)]
+            rows.append({
+                "id": make_id(item["subject"], item["sequence"], cropped.frame, item["camera_serial"]),
+                "subject": item["subject"], "sequence": item["sequence"], "frame": cropped.frame,
+                "camera": item["camera_serial"], "image": image_rel, "alpha": alpha_rel,
+                "width": cfg.resolution, "height": cfg.resolution,
+                "world_to_cam": crop["world_to_cam"], "K": crop["K"], "crop_box": crop["box"],
+                "source_width": source["width"], "source_height": source["height"],
+                "alpha_source": alpha_source, "color_corrected": corrected,
+            })
         missing = sorted(set(job.frames) - {r["frame"] for r in rows})
         if missing:
             raise FormatError(item["video"], f"frame {missing[0]}",
@@ -240,7 +254,10 @@ class ExtractStage(_ExtractStageBase):
 
 # --------------------------------------------------------------------------- planning
 def plan(index: CaptureIndex, config: ExtractConfig) -> tuple[list[dict], list[dict]]:
-    """Items for both passes from a capture index; problems become failing items."""
+    """Items for both passes from a capture index; problems become failing items. The crop pass's
+    items get their crops from :func:`plan_crops` once the head centres are known."""
+    from avat3r_core.formats.capture import BACKGROUND
+
     center_items, video_items = [], []
     problems = {(p.subject, p.sequence, p.camera): p for p in index.problems if p.severity == "error"}
     for pid, subject in index.subjects.items():
@@ -268,8 +285,9 @@ def plan(index: CaptureIndex, config: ExtractConfig) -> tuple[list[dict], list[d
             # the head centre needs a few well-spread views, not all: fewer mattes to decode twice
             views = spread_views(subject.cameras[[subject.serials.index(v["camera_serial"]) for v in videos]]
                                  .centers.numpy(), config.center_views) if videos else []
-            center_items.append({"id": seq_id, "subject": pid, "sequence": seq_name, "frames": frames,
-                                 "videos": [videos[i] for i in views]})
+            # each view's ray origin: its camera centre from the same float64 values the rays use
+            center_items.append({"id": seq_id, "subject": pid, "sequence": seq_name, "frames": frames, "videos": [
+                {**videos[i], "origin": _camera_from_dict(videos[i]["camera"]).centers[0].tolist()} for i in views]})
             for video in videos:
                 video_items.append({"id": make_id(pid, seq_name, video["camera_serial"]), "subject": pid,
                                     "sequence": seq_name, "frames": frames, **video})
@@ -280,9 +298,31 @@ def plan(index: CaptureIndex, config: ExtractConfig) -> tuple[list[dict], list[d
     return center_items, video_items
 
 
+def plan_crops(item: dict, centers: dict[int, list[float]], config: ExtractConfig) -> dict:
+    """A crop pass item with, per selected frame that has a head centre, its crop box and crop
+    camera (``world_to_cam``, ``K`` as manifest columns): every crop camera of the video in one
+    batched call."""
+    import torch
+
+    from avat3r_core.formats.manifests import cameras_to_columns
+
+    camera = _camera_from_dict(item["camera"])
+    have = [f for f in item["frames"] if f in centers]
+    crops = {}
+    if have:
+        boxes = frame_boxes(camera, np.array([centers[f] for f in have]), config.head_extent)
+        crop_cams = camera[[0] * len(have)].crop_resize(torch.tensor(boxes, dtype=torch.float64), config.resolution)
+        columns = cameras_to_columns(crop_cams)
+        crops = {str(f): {"box": [float(v) for v in box], "world_to_cam": columns["world_to_cam"][i],
+                          "K": columns["K"][i]} for i, (f, box) in enumerate(zip(have, boxes))}
+    return {**item, "crops": crops}
+
+
 def run_extract(config: ExtractConfig, capture_root: str, out_dir: str, layout: str = "auto",
                 resources: StageResources | None = None, executor: str = "ray") -> tuple[StageSummary, StageSummary]:
     """Extract frames of a capture into ``out_dir`` (``head_centers/`` + ``frames.parquet``)."""
+    from avat3r_core.formats.capture import scan_capture
+
     index = scan_capture(capture_root, layout=layout, decode=False)
     center_items, video_items = plan(index, config)
     centers_dir = storage.join(out_dir, "head_centers")
@@ -303,7 +343,7 @@ def run_extract(config: ExtractConfig, capture_root: str, out_dir: str, layout: 
                 ready.append({"id": item["id"], "path": item["video"],
                               "problem": "no head centre for this sequence (see head_centers.errors.parquet)"})
             else:
-                ready.append({**item, "centers": {str(k): v for k, v in found.items()}})
+                ready.append(plan_crops(item, found, config))
         frames = run_stage(lambda: ExtractStage(config), ready, out_dir, "frames", resources=resources,
                            executor=executor, pool=pool)
     return centers, frames

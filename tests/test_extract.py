@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -14,7 +17,7 @@ from avat3r_core.extract import ExtractConfig, background_matte, crop_image, sel
 from avat3r_core.formats.manifests import FRAMES_SCHEMA, cameras_from_rows
 from avat3r_core.synthetic.studio import StudioConfig
 from avat3r_core.video import encode_video, read_frames
-from stages.extract import run_extract
+from stages.extract import ExtractStage, HeadCenterStage, run_extract
 from stages.synth import run_synth
 
 STUDIO = dict(subjects=2, sequences=1, frames=4, cameras=4, resolution=128, seed=11)
@@ -130,6 +133,40 @@ def test_bad_inputs_are_named_and_the_rest_completes(capture, tmp_path):
     # a rerun keeps everything written and retries only the failures
     again = extract(raw, tmp_path / "frames")[1]
     assert again.items_skipped == result.items_done and again.items_done == 0
+
+
+def test_extract_workers_never_import_torch(tmp_path):
+    """A worker unpickles its stage factory (as the runner ships it) and sets the stage up; torch
+    imported there would add ~0.9 s to every worker's start."""
+    import cloudpickle
+
+    config = ExtractConfig()
+    factories = tmp_path / "factories.pkl"
+    factories.write_bytes(cloudpickle.dumps([lambda: HeadCenterStage(config), lambda: ExtractStage(config)]))
+    code = ("import pickle, sys\n"
+            "for make in pickle.loads(open(sys.argv[1], 'rb').read()):\n"
+            "    make().setup()\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])")
+    done = subprocess.run([sys.executable, "-c", code, str(factories)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_triangulate_recovers_a_point_seen_by_the_cameras(capture):
+    """The workers' numpy triangulation against the camera model's own projection."""
+    from avat3r_core.extract import triangulate
+    from avat3r_core.formats.capture import scan_capture
+
+    subject = next(iter(scan_capture(str(capture / "raw"), decode=False).subjects.values()))
+    cams = subject.cameras.to(dtype=torch.float64)
+    point = torch.tensor([0.01, -0.02, 0.03], dtype=torch.float64)
+    uv = cams.project(point[None])[0][:, 0].numpy()
+    uv[-1] += 100.0  # a wrong centre in a camera marked invalid must not count
+    valid = np.arange(len(cams)) < len(cams) - 1
+    origins, w2c, K = cams.centers.numpy(), cams.world_to_cam.numpy(), cams.K.numpy()
+    np.testing.assert_allclose(triangulate(origins, w2c, K, uv, valid), point.numpy(), atol=1e-9)
+    assert triangulate(origins, w2c, K, uv, np.arange(len(cams)) == 0) is None  # one view is not enough
 
 
 def test_spread_views_picks_wide_baselines():
