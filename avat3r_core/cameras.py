@@ -615,14 +615,14 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
-# ====================================================================== NeRSemble
-
-
 def to_head_frame(points: np.ndarray, head_to_world: np.ndarray) -> np.ndarray:
     """World points (..., 3) in a rigid frame given by its (4, 4) frame-to-world transform (e.g. a
     tracked head frame): ``R^T (p - t)``, in float32 (position maps' working precision)."""
     R, t = head_to_world[:3, :3].astype(np.float32), head_to_world[:3, 3].astype(np.float32)
     return (np.asarray(points, np.float32) - t) @ R
+
+
+# ====================================================================== NeRSemble
 
 
 def read_nersemble_calibration(

@@ -123,17 +123,18 @@ def mask_center(alpha: np.ndarray, threshold: float = 0.5) -> np.ndarray | None:
     return step * np.array([(c[0] + c[-1] + 1) / 2.0, top + (r[0] + r[-1] + 1) / 2.0])
 
 
-def triangulate(origins: np.ndarray, world_to_cam: np.ndarray, K: np.ndarray, points: np.ndarray,
-                valid: np.ndarray) -> np.ndarray | None:
+def triangulate(world_to_cam: np.ndarray, K: np.ndarray, points: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
     """Least-squares 3D point closest to the rays through ``points`` (C, 2) of the valid cameras.
 
-    Cameras as arrays: centres ``origins`` (C, 3), ``world_to_cam`` (C, 4, 4) and ``K`` (C, 3, 3).
-    The rays are those of :meth:`Cameras.rays`, in numpy because the extract workers run without
-    torch (its import would cost each worker ~0.9 s of start-up)."""
+    Cameras as arrays: ``world_to_cam`` (C, 4, 4) and ``K`` (C, 3, 3). The rays are those of
+    :meth:`Cameras.rays`, in numpy because the extract workers run without torch (its import
+    would cost each worker ~0.9 s of start-up)."""
     if valid.sum() < 2:
         return None
-    origins, points = np.asarray(origins, np.float64)[valid], np.asarray(points, np.float64)[valid]
-    R, K = np.asarray(world_to_cam, np.float64)[valid, :3, :3], np.asarray(K, np.float64)[valid]
+    points = np.asarray(points, np.float64)[valid]
+    w2c, K = np.asarray(world_to_cam, np.float64)[valid], np.asarray(K, np.float64)[valid]
+    R = w2c[:, :3, :3]
+    origins = -np.einsum("cji,cj->ci", R, w2c[:, :3, 3])  # camera centres: -R^T t
     y = (points[:, 1] - K[:, 1, 2]) / K[:, 1, 1]
     x = (points[:, 0] - K[:, 0, 2] - K[:, 0, 1] * y) / K[:, 0, 0]
     dirs = x[:, None] * R[:, 0] + y[:, None] * R[:, 1] + R[:, 2]  # R^T (x, y, 1)
@@ -158,20 +159,9 @@ def spread_views(centers: np.ndarray, k: int) -> list[int]:
     return sorted(chosen)
 
 
-def crop_boxes(cams: Cameras, center: np.ndarray, extent: float) -> np.ndarray:
-    """(C, 4) square boxes x0, y0, w, h covering ±``extent`` metres around ``center`` in each view."""
-    import torch
-
-    uv, depth = cams.project(torch.as_tensor(center, dtype=cams.dtype)[None])
-    uv, depth = uv[:, 0].double().numpy(), depth[:, 0].double().numpy()
-    focal = 0.5 * (cams.fx + cams.fy).double().numpy()
-    side = 2.0 * extent * focal / np.maximum(depth, 1e-6)
-    return np.stack([uv[:, 0] - side / 2, uv[:, 1] - side / 2, side, side], axis=1)
-
-
 def frame_boxes(camera: Cameras, centers: np.ndarray, extent: float) -> np.ndarray:
-    """(N, 4) crop boxes of one camera around N head centres (N, 3): :func:`crop_boxes` for a
-    whole video in one projection."""
+    """(N, 4) square crop boxes x0, y0, w, h of one camera, each covering ±``extent`` metres
+    around one of N head centres (N, 3): a whole video's frames in one projection."""
     import torch
 
     uv, depth = camera.project(torch.as_tensor(np.asarray(centers), dtype=camera.dtype).reshape(-1, 3))
@@ -340,25 +330,18 @@ class VideoJob:
     plate: np.ndarray | None = None  # background plate (RGB uint8) when no alpha video
 
 
-def _crop_color(frame, box: np.ndarray, size: int) -> np.ndarray:
-    """Crop of a colour frame: an RGB array, or a :class:`Yuv420Frame` of which only the region
-    the crop reads is converted to RGB."""
+def _crop_frame(frame, box: np.ndarray, size: int, matte: bool = False) -> np.ndarray:
+    """Crop of a frame: an array (RGB or gray), or a :class:`Yuv420Frame` of which only the region
+    the crop reads is converted (to RGB, or with ``matte`` to the gray of its luma)."""
     if not isinstance(frame, Yuv420Frame):
         return crop_image(frame, box, size)
     rx0, ry0, rx1, ry1 = crop_roi(frame.height, frame.width, box, size)
     if rx1 <= rx0 or ry1 <= ry0:
-        return np.zeros((size, size, 3), np.uint8)
+        return np.zeros((size, size) if matte else (size, size, 3), np.uint8)
+    if matte:
+        return crop_region(frame.gray(rx0, ry0, rx1, ry1), (rx0, ry0), box, size)
     region, origin = frame.rgb(rx0, ry0, rx1, ry1)
     return crop_region(region, origin, box, size)
-
-
-def _crop_matte(matte, box: np.ndarray, size: int) -> np.ndarray:
-    if not isinstance(matte, Yuv420Frame):
-        return crop_image(matte, box, size)
-    rx0, ry0, rx1, ry1 = crop_roi(matte.height, matte.width, box, size)
-    if rx1 <= rx0 or ry1 <= ry0:
-        return np.zeros((size, size), np.uint8)
-    return crop_region(matte.gray(rx0, ry0, rx1, ry1), (rx0, ry0), box, size)
 
 
 def extract_video(job: VideoJob, color: Iterator, alpha: Iterator | None,
@@ -383,11 +366,9 @@ def extract_video(job: VideoJob, color: Iterator, alpha: Iterator | None,
             matte = np.rint(background_matte(rgb, job.plate, config.alpha_threshold) * 255).astype(np.uint8)
         else:
             raise ValueError("no alpha video and no background plate: cannot matte")
-        if index not in job.boxes:
-            raise KeyError(index)
         box = job.boxes[index]
-        image = _crop_color(frame, box, size)
+        image = _crop_frame(frame, box, size)
         if config.color_correction:  # per pixel, so after the crop: the same result, far fewer pixels
             image = correct_colors(image, job.ccm)
-        matte_crop = _crop_matte(matte, box, size)
+        matte_crop = _crop_frame(matte, box, size, matte=True)
         yield CroppedFrame(index, image, matte_crop)

@@ -29,7 +29,7 @@ Per mode, :class:`Preparer` turns one library row into the model's inputs (:clas
 * ``photos`` / ``image`` / ``video`` — uncalibrated pictures: landmarks (MediaPipe, or landmark
   files beside the pictures: backend ``file``) → :func:`~avat3r_core.tracking.fit.fit_uncalibrated`
   (face-model shape, per-image expression, one camera per image, head at the origin) → square
-  head crops with exact crop cameras (the same ``crop_boxes``/``crop_image`` as extraction) →
+  head crops with exact crop cameras (the same ``frame_boxes``/``crop_image`` as extraction) →
   priors: DUSt3R position maps when a checkpoint is given, else the ``face_model`` stand-in (the
   fitted mesh rendered into each crop); features from EfficientNet (stand-in), Sapiens or none,
   projected with the training data's ``feature_projection.npz``. Video mode fits a subsample of the
@@ -856,7 +856,7 @@ class Preparer:
     def prepare_pictures(self, entry: LibraryEntry, images: list[np.ndarray], pictures: list[str],
                          video: bool = False) -> PreparedAvatar:
         """Landmarks → uncalibrated face-model fit → head crops → priors, for N pictures (or frames)."""
-        from avat3r_core.extract import crop_boxes, crop_image
+        from avat3r_core.extract import crop_image, frame_boxes
         from avat3r_core.priors import sources
         from avat3r_core.tracking.fit import fit_uncalibrated
 
@@ -902,7 +902,7 @@ class Preparer:
             i = int(keep[j])
             cam = Cameras(torch.as_tensor(fit.world_to_cam[j:j + 1]), torch.as_tensor(fit.K[j:j + 1]),
                           int(sizes[j, 0]), int(sizes[j, 1]))
-            box = crop_boxes(cam, center3, cfg.head_extent)[0]
+            box = frame_boxes(cam, center3[None], cfg.head_extent)[0]
             crops.append(crop_image(images[i], box, S))
             cams.append(cam.crop_resize(box[None], S))
             params = {k: fit.params[k][j] for k in ("expression", "jaw", "neck", "eyes")}

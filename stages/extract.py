@@ -175,7 +175,6 @@ class HeadCenterStage(_ExtractStageBase):
     def process(self, item: dict, ctx: StageContext) -> list[dict]:
         self.raise_problem(item)
         frames, videos = item["frames"], item["videos"]
-        origins = np.array([v["origin"] for v in videos])
         world_to_cam = np.array([v["camera"]["world_to_cam"] for v in videos]).reshape(-1, 4, 4)
         K = np.array([v["camera"]["K"] for v in videos]).reshape(-1, 3, 3)
         centers_2d = np.full((len(frames), len(videos), 2), np.nan)
@@ -186,7 +185,7 @@ class HeadCenterStage(_ExtractStageBase):
         centers = np.full((len(frames), 3), np.nan)
         for t in range(len(frames)):
             valid = ~np.isnan(centers_2d[t, :, 0])
-            point = triangulate(origins, world_to_cam, K, np.nan_to_num(centers_2d[t]), valid)
+            point = triangulate(world_to_cam, K, np.nan_to_num(centers_2d[t]), valid)
             if point is not None:
                 centers[t] = point
         if np.isnan(centers).all():
@@ -285,9 +284,8 @@ def plan(index: CaptureIndex, config: ExtractConfig) -> tuple[list[dict], list[d
             # the head centre needs a few well-spread views, not all: fewer mattes to decode twice
             views = spread_views(subject.cameras[[subject.serials.index(v["camera_serial"]) for v in videos]]
                                  .centers.numpy(), config.center_views) if videos else []
-            # each view's ray origin: its camera centre from the same float64 values the rays use
-            center_items.append({"id": seq_id, "subject": pid, "sequence": seq_name, "frames": frames, "videos": [
-                {**videos[i], "origin": _camera_from_dict(videos[i]["camera"]).centers[0].tolist()} for i in views]})
+            center_items.append({"id": seq_id, "subject": pid, "sequence": seq_name, "frames": frames,
+                                 "videos": [videos[i] for i in views]})
             for video in videos:
                 video_items.append({"id": make_id(pid, seq_name, video["camera_serial"]), "subject": pid,
                                     "sequence": seq_name, "frames": frames, **video})

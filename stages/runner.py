@@ -23,10 +23,10 @@ A stage is a class with ``setup()`` (once per worker: load models) and ``process
 from __future__ import annotations
 
 import json
+import hashlib
 import logging
 import time
 import traceback
-import hashlib
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable

@@ -33,7 +33,7 @@ import torch
 
 from avat3r_core import storage
 from avat3r_core.config import Presets
-from avat3r_core.errors import Avat3rError
+from avat3r_core.errors import Avat3rError, FormatError
 from avat3r_core.formats.manifests import cameras_from_rows
 from avat3r_core.ids import make_id
 from avat3r_core.tracking import expression_code
@@ -141,7 +141,7 @@ class TrackStage(Stage):
             return None
         try:
             return storage.read_image(storage.join(self.manifest_dir, rel), gray)
-        except (FileNotFoundError, OSError):
+        except (FileNotFoundError, OSError, FormatError):  # missing or undecodable: no observation
             return None
 
     def process(self, item: dict, ctx: StageContext) -> list[dict]:
