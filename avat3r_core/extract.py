@@ -195,18 +195,39 @@ def crop_image(image: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
     return crop_region(image[ry0:ry1, rx0:rx1], (rx0, ry0), box, size)
 
 
-def crop_region(image: np.ndarray, origin: tuple[int, int], box: np.ndarray, size: int) -> np.ndarray:
-    """:func:`crop_image` on a region of the source whose top-left pixel is ``origin`` (x, y) in
-    the source; the region must hold :func:`crop_roi` (where it lies inside the source)."""
+def halvings(width: float, size: int) -> int:
+    """How many exact 2x reductions a crop of a ``width``-pixel box to ``size`` starts with: while
+    the box is more than twice the output (the warp then shrinks by at most 2x)."""
+    times = 0
+    while width / size > 2.0:
+        width, times = width / 2, times + 1
+    return times
+
+
+def halve(image: np.ndarray, times: int) -> tuple[np.ndarray, int]:
+    """Up to ``times`` exact 2x2 averagings (stopping before the image gets under 4 px); returns
+    the image and how many were made. Output pixel i covers input pixels 2i and 2i + 1, so
+    continuous coordinates simply halve (centres at +0.5 on both sides)."""
+    done = 0
+    while done < times and min(image.shape[:2]) >= 4:
+        even_h, even_w = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
+        image = cv2.resize(image[:even_h, :even_w], (even_w // 2, even_h // 2), interpolation=cv2.INTER_AREA)
+        done += 1
+    return image, done
+
+
+def crop_region(image: np.ndarray, origin: tuple[float, float], box: np.ndarray, size: int,
+                scale: int = 1) -> np.ndarray:
+    """:func:`crop_image` on a region of the source whose top-left corner is ``origin`` (x, y) in
+    the source; the region must hold :func:`crop_roi` (where it lies inside the source).
+    ``scale``: the region was already reduced by this factor (its pixel i covers source pixels
+    ``origin + scale * i`` up to ``origin + scale * (i + 1)``)."""
     x0, y0, w, h = (float(v) for v in box)
+    x0, y0, w, h = (x0 - origin[0]) / scale, (y0 - origin[1]) / scale, w / scale, h / scale
     # Work on the region of interest only (plus a margin for the filters), and halve it with exact
     # 2x2 averaging while the crop shrinks by more than 2x: cost follows the crop, not the frame.
-    x0, y0 = x0 - origin[0], y0 - origin[1]
-    while w / size > 2.0 and min(image.shape[:2]) >= 4:
-        even_h, even_w = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
-        # INTER_AREA by exactly 2: output centre (i + .5) is input (2i + 1), the same +0.5 convention
-        image = cv2.resize(image[:even_h, :even_w], (even_w // 2, even_h // 2), interpolation=cv2.INTER_AREA)
-        x0, y0, w, h = x0 / 2, y0 / 2, w / 2, h / 2
+    image, done = halve(image, halvings(w, size))
+    x0, y0, w, h = x0 / 2 ** done, y0 / 2 ** done, w / 2 ** done, h / 2 ** done
     sx, sy = size / w, size / h
     # u_out = (u_src - x0) * sx  (continuous coordinates, centres at +0.5 on both sides)
     M = np.array([[sx, 0.0, -x0 * sx], [0.0, sy, -y0 * sy]])
@@ -243,25 +264,52 @@ class Yuv420Frame:
     def shape(self) -> tuple[int, int, int]:
         return (self.height, self.width, 3)
 
-    def rgb(self, x0: int = 0, y0: int = 0, x1: int | None = None, y1: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    def rgb(self, x0: int = 0, y0: int = 0, x1: int | None = None, y1: int | None = None,
+            reduce: int = 0) -> tuple[np.ndarray, tuple[int, int], int]:
         """RGB (BT.601 limited range, as decoders read untagged streams) of the region grown to even
-        coordinates; returns it with its top-left (x, y) in the frame."""
+        coordinates; returns it with its top-left (x, y) in the frame and its reduction factor.
+
+        ``reduce``: up to this many exact 2x2 averagings (:func:`halve`) first. They are made on
+        the planes, luma ``reduce`` times and the half-size chroma once less, and only the
+        reduced region is converted: far fewer pixels than converting then reducing, and the
+        same result up to rounding (conversion is affine; the chroma resolution matches)."""
         x1 = self.width if x1 is None else x1
         y1 = self.height if y1 is None else y1
         x0, y0 = x0 // 2 * 2, y0 // 2 * 2
         x1, y1 = min(-(-x1 // 2) * 2, self.width // 2 * 2), min(-(-y1 // 2) * 2, self.height // 2 * 2)
-        h, w = y1 - y0, x1 - x0
-        i420 = np.empty((h * 3 // 2, w), np.uint8)
-        i420[:h] = self.y[y0:y1, x0:x1]
-        chroma = i420[h:].reshape(-1)
-        q = (h // 2) * (w // 2)
-        chroma[:q].reshape(h // 2, w // 2)[...] = self.u[y0 // 2:y1 // 2, x0 // 2:x1 // 2]
-        chroma[q:].reshape(h // 2, w // 2)[...] = self.v[y0 // 2:y1 // 2, x0 // 2:x1 // 2]
-        return cv2.cvtColor(i420, cv2.COLOR_YUV2RGB_I420), (x0, y0)
+        luma, done = halve(self.y[y0:y1, x0:x1], reduce)
+        u, v = self.u[y0 // 2:y1 // 2, x0 // 2:x1 // 2], self.v[y0 // 2:y1 // 2, x0 // 2:x1 // 2]
+        if done == 0:
+            h, w = y1 - y0, x1 - x0
+            i420 = np.empty((h * 3 // 2, w), np.uint8)
+            i420[:h] = luma
+            chroma = i420[h:].reshape(-1)
+            q = (h // 2) * (w // 2)
+            chroma[:q].reshape(h // 2, w // 2)[...] = u
+            chroma[q:].reshape(h // 2, w // 2)[...] = v
+            return cv2.cvtColor(i420, cv2.COLOR_YUV2RGB_I420), (x0, y0), 1
+        u, _ = halve(u, done - 1)  # the same shape as the luma now: both halve (floor) per step
+        v, _ = halve(v, done - 1)
+        return cv2.transform(cv2.merge([luma, u, v]), _BT601_LIMITED_TO_RGB), (x0, y0), 2 ** done
 
-    def gray(self, x0: int = 0, y0: int = 0, x1: int | None = None, y1: int | None = None) -> np.ndarray:
-        """Full-range gray of a region (the matte of an alpha video)."""
-        return cv2.LUT(np.ascontiguousarray(self.y[y0:y1, x0:x1]), LUMA_TO_GRAY)
+    def gray(self, x0: int = 0, y0: int = 0, x1: int | None = None, y1: int | None = None,
+             reduce: int = 0) -> tuple[np.ndarray, tuple[int, int], int]:
+        """Full-range gray of a region (the matte of an alpha video), with its top-left (x, y) and
+        its reduction factor: ``reduce`` as in :meth:`rgb`, made on the luma before the lookup."""
+        x1 = self.width if x1 is None else x1
+        y1 = self.height if y1 is None else y1
+        luma, done = halve(self.y[y0:y1, x0:x1], reduce)
+        return cv2.LUT(np.ascontiguousarray(luma), LUMA_TO_GRAY), (x0, y0), 2 ** done
+
+
+#: BT.601 limited-range YUV → RGB as an affine map of (Y, U, V, 1) for ``cv2.transform`` (the
+#: coefficients OpenCV's and FFmpeg's converters use, there in fixed point)
+_BT601_LIMITED_TO_RGB = np.array([
+    [255 / 219, 0.0, 1.402 * 255 / 224],
+    [255 / 219, -1.772 * 0.114 / 0.587 * 255 / 224, -1.402 * 0.299 / 0.587 * 255 / 224],
+    [255 / 219, 1.772 * 255 / 224, 0.0],
+])
+_BT601_LIMITED_TO_RGB = np.hstack([_BT601_LIMITED_TO_RGB, -_BT601_LIMITED_TO_RGB @ [[16.0], [128.0], [128.0]]])
 
 
 def read_yuv420(uri, threads: int = 1) -> Iterator[Yuv420Frame]:
@@ -338,10 +386,9 @@ def _crop_frame(frame, box: np.ndarray, size: int, matte: bool = False) -> np.nd
     rx0, ry0, rx1, ry1 = crop_roi(frame.height, frame.width, box, size)
     if rx1 <= rx0 or ry1 <= ry0:
         return np.zeros((size, size) if matte else (size, size, 3), np.uint8)
-    if matte:
-        return crop_region(frame.gray(rx0, ry0, rx1, ry1), (rx0, ry0), box, size)
-    region, origin = frame.rgb(rx0, ry0, rx1, ry1)
-    return crop_region(region, origin, box, size)
+    convert = frame.gray if matte else frame.rgb
+    region, origin, scale = convert(rx0, ry0, rx1, ry1, reduce=halvings(float(box[2]), size))
+    return crop_region(region, origin, box, size, scale)
 
 
 def extract_video(job: VideoJob, color: Iterator, alpha: Iterator | None,

@@ -10,8 +10,8 @@ the second pass reuses the first's worker processes):
    around the projected head centre, write image + alpha, and one manifest row per frame.
 
 With the default ``yuv`` decoder frames stay as decoded 4:2:0 planes: the head-centre pass reads
-the alpha videos' luma plane as it is, and the crop pass converts only each crop's region to RGB
-(and its matte's region to gray).
+the alpha videos' luma plane as it is, and the crop pass reduces only each crop's region, on the
+planes, before converting it to RGB (and its matte's to gray).
 
 The workers never import torch (it would add ~0.9 s to every worker's start): the driver, which
 has the camera models, puts what they would compute from cameras into the items — each
@@ -148,7 +148,7 @@ def _one_thread_per_worker() -> None:
 
 
 #: Bumped when the stage's output changes meaning; part of the flow task's cache key (pipelines/caching.py).
-VERSION = "2"  # 2: triangulation in numpy (torch-free workers); head centres may differ in the last bit
+VERSION = "3"  # 3: crops reduced on the 4:2:0 planes before conversion (pixels may differ by rounding)
 
 
 class _ExtractStageBase(Stage):
@@ -159,6 +159,7 @@ class _ExtractStageBase(Stage):
 
     def setup(self) -> None:
         _one_thread_per_worker()
+        import av  # noqa: F401 - the decoder's import at start-up (overlapping the driver's scan), not in the first item
 
     @staticmethod
     def raise_problem(item: dict) -> None:
@@ -321,11 +322,17 @@ def run_extract(config: ExtractConfig, capture_root: str, out_dir: str, layout: 
     """Extract frames of a capture into ``out_dir`` (``head_centers/`` + ``frames.parquet``)."""
     from avat3r_core.formats.capture import scan_capture
 
-    index = scan_capture(capture_root, layout=layout, decode=False)
-    center_items, video_items = plan(index, config)
     centers_dir = storage.join(out_dir, "head_centers")
-    with StagePool() as pool:  # both passes run in the same worker processes (started once)
-        centers = run_stage(lambda: HeadCenterStage(config), center_items, centers_dir, "head_centers",
+
+    def head_center_stage() -> HeadCenterStage:
+        return HeadCenterStage(config)
+
+    with StagePool() as pool:  # both passes run in the same worker processes (started once) ...
+        if executor == "ray":  # ... and start while the driver scans the capture
+            pool.start(head_center_stage, centers_dir, resources)
+        index = scan_capture(capture_root, layout=layout, decode=False)
+        center_items, video_items = plan(index, config)
+        centers = run_stage(head_center_stage, center_items, centers_dir, "head_centers",
                             resources=resources, executor=executor, pool=pool)
         by_sequence: dict[tuple[str, str], dict[int, list[float]]] = {}
         for row in storage.read_parquet(centers.manifest).to_pylist():

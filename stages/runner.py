@@ -213,6 +213,25 @@ class StagePool:
     def __init__(self) -> None:
         self.actors: list[Any] = []
         self.actor_cls: Any = None
+        self.hosting: dict[int, tuple[Callable[[], Stage], str]] = {}  # id(actor) → (factory, out_dir) it hosts
+
+    def start(self, factory: Callable[[], Stage], out_dir: str | Path, resources: StageResources | None = None) -> None:
+        """Start the actors now, hosting ``factory``'s stage, and return at once: Ray starts the
+        worker processes (imports, ``setup()``) while the caller goes on, e.g. scanning the input
+        for the items of the first :func:`run_stage`, which then finds them ready. As many actors
+        as that run would start at most (its item count aside)."""
+        import ray
+
+        from stages.ray_runtime import ensure_ray
+
+        ensure_ray()
+        resources = resources or StageResources()
+        if self.actor_cls is None:
+            self.actor_cls = _stage_actor_class().options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus)
+        missing = _pool_size(resources, ray.cluster_resources()) - len(self.actors)
+        for _ in range(max(missing, 0)):
+            self.actors.append(self.actor_cls.remote(factory, str(out_dir)))
+            self.hosting[id(self.actors[-1])] = (factory, str(out_dir))
 
     def __enter__(self) -> "StagePool":
         return self
@@ -226,7 +245,7 @@ class StagePool:
 
             for actor in self.actors:
                 ray.kill(actor)
-        self.actors = []
+        self.actors, self.hosting = [], {}
 
 
 # --------------------------------------------------------------------------- manifests
@@ -417,6 +436,17 @@ def _stage_actor_class() -> Any:
     return _STAGE_ACTOR
 
 
+def _pool_size(resources: StageResources, cluster: dict[str, float]) -> int:
+    """Actors for a stage: ``resources.concurrency``, else as many as the cluster's CPUs (and
+    GPUs, for a GPU stage) hold."""
+    if resources.concurrency:
+        return resources.concurrency
+    n_actors = max(1, int(cluster.get("CPU", 1) // max(resources.num_cpus, 1e-3)))
+    if resources.num_gpus:
+        n_actors = min(n_actors, max(1, int(cluster.get("GPU", 0) // resources.num_gpus)))
+    return n_actors
+
+
 def _run_on_ray(factory, stage_name, todo, out_dir, resources, results, over_budget, progress, task,
                 pool: StagePool | None = None) -> str | None:
     import ray
@@ -425,14 +455,7 @@ def _run_on_ray(factory, stage_name, todo, out_dir, resources, results, over_bud
 
     ensure_ray()
 
-    if resources.concurrency:
-        n_actors = resources.concurrency
-    else:
-        cpus = ray.cluster_resources().get("CPU", 1)
-        n_actors = max(1, int(cpus // max(resources.num_cpus, 1e-3)))
-        if resources.num_gpus:
-            n_actors = min(n_actors, max(1, int(ray.cluster_resources().get("GPU", 0) // resources.num_gpus)))
-    n_actors = max(1, min(n_actors, len(todo)))
+    n_actors = max(1, min(_pool_size(resources, ray.cluster_resources()), len(todo)))
     if pool is not None and pool.actor_cls is not None:
         actor_cls = pool.actor_cls
     else:
@@ -441,9 +464,12 @@ def _run_on_ray(factory, stage_name, todo, out_dir, resources, results, over_bud
             pool.actor_cls = actor_cls
     if pool is not None:
         reused = pool.actors[:n_actors]
-        ray.get([actor.reset.remote(factory, out_dir) for actor in reused])
+        # an actor started for this very stage and output (StagePool.start) is used as it is
+        ray.get([actor.reset.remote(factory, out_dir) for actor in reused
+                 if pool.hosting.get(id(actor)) != (factory, out_dir)])
         actors = reused + [actor_cls.remote(factory, out_dir) for _ in range(n_actors - len(reused))]
         pool.actors = actors + pool.actors[len(reused):]
+        pool.hosting.update({id(actor): (factory, out_dir) for actor in actors})
     else:
         actors = [actor_cls.remote(factory, out_dir) for _ in range(n_actors)]
     queue = list(reversed(todo))
@@ -470,6 +496,7 @@ def _run_on_ray(factory, stage_name, todo, out_dir, resources, results, over_bud
                 actors.append(actor)
                 if pool is not None:  # the pool keeps the replacement, not the dead actor
                     pool.actors = [actor if a is dead else a for a in pool.actors]
+                    pool.hosting[id(actor)] = (factory, out_dir)
             results.append(result)
             if progress:
                 progress.update(task, advance=1, status=f"errors={sum(not r.ok for r in results)}")

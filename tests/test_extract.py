@@ -135,6 +135,27 @@ def test_bad_inputs_are_named_and_the_rest_completes(capture, tmp_path):
     assert again.items_skipped == result.items_done and again.items_done == 0
 
 
+def test_yuv_crops_match_crops_of_whole_converted_frames(capture):
+    """The default decoder reduces the 4:2:0 planes before converting only the crop region; that
+    must be the crop of the whole frame converted to RGB (or to gray, for mattes), up to rounding,
+    for crops that start with 0, 1 and 2 halvings. (The boxes' source regions start on even pixels,
+    where 4:2:0 regions start, so both sides halve on the same grid.)"""
+    from avat3r_core.extract import _crop_frame, halvings, read_yuv420
+
+    video = next((capture / "raw/001/sequences/EXP-1-head/images").glob("cam_*.mp4"))
+    colour = next(read_yuv420(video))
+    matte = next(read_yuv420(video.parent.parent / "alpha" / video.name))
+    whole_rgb, whole_gray = colour.rgb()[0], matte.gray()[0]
+    assert whole_rgb.shape == (colour.height, colour.width, 3)
+    for box, size in (((20.3, 10.7, 90.2, 90.2), 64), ((15.5, 21.0, 100.0, 100.0), 40), ((-9.0, 31.0, 101.0, 101.0), 16)):
+        box = np.array(box)
+        assert halvings(box[2], size) == {64: 0, 40: 1, 16: 2}[size]
+        diff = np.abs(_crop_frame(colour, box, size).astype(int) - crop_image(whole_rgb, box, size))
+        assert diff.mean() < 0.5 and diff.max() <= 3, (size, diff.mean(), diff.max())
+        diff = np.abs(_crop_frame(matte, box, size, matte=True).astype(int) - crop_image(whole_gray, box, size))
+        assert diff.mean() < 0.1 and diff.max() <= 1, (size, diff.mean(), diff.max())
+
+
 def test_extract_workers_never_import_torch(tmp_path):
     """A worker unpickles its stage factory (as the runner ships it) and sets the stage up; torch
     imported there would add ~0.9 s to every worker's start."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from stages.runner import ErrorBudgetExceeded, Stage, StageResources, committed_ids, run_stage
+from stages.runner import ErrorBudgetExceeded, Stage, StagePool, StageResources, committed_ids, run_stage
 
 
 class ToyStage(Stage):
@@ -160,3 +160,44 @@ def test_killed_run_resumes_and_processes_every_item_once(ray_session, tmp_path)
     counts = log_counts(log)
     assert all(counts[i] == 1 for i in before), "committed items must not be processed again"
     assert sorted(p.name for p in (out / "media").glob("*.txt")) == [f"{i}.txt" for i in ids]
+
+
+class TaggedStage(Stage):
+    """Logs ``setup <tag> <pid>`` per set-up and ``<tag> <pid>`` per item: which process did what."""
+
+    name = "tagged"
+
+    def __init__(self, log_path: str, tag: str):
+        self.log_path, self.tag = log_path, tag
+
+    def _log(self, line: str) -> None:
+        with open(self.log_path, "a") as handle:
+            handle.write(line + "\n")
+
+    def setup(self):
+        self._log(f"setup {self.tag} {os.getpid()}")
+
+    def process(self, item, ctx):
+        time.sleep(0.05)  # long enough that both actors get items
+        self._log(f"{self.tag} {os.getpid()}")
+        return [{"id": item["id"], "tag": self.tag}]
+
+
+def test_a_pool_started_ahead_hosts_its_stage_and_later_runs_reuse_its_processes(ray_session, tmp_path):
+    log = tmp_path / "log"
+    first = lambda: TaggedStage(str(log), "first")  # noqa: E731 - the same factory object for both calls
+    resources = StageResources(concurrency=2)
+    with StagePool() as pool:
+        pool.start(first, str(tmp_path / "first"), resources)
+        a = run_stage(first, items(6), tmp_path / "first", "tagged", resources=resources, show_progress=False, pool=pool)
+        b = run_stage(lambda: TaggedStage(str(log), "second"), items(6), tmp_path / "second", "tagged",
+                      resources=resources, show_progress=False, pool=pool)
+        assert len(pool.actors) == 2
+    assert pool.actors == [] and a.items_done == b.items_done == 6
+    assert {r["tag"] for r in pq.read_table(b.manifest).to_pylist()} == {"second"}
+    lines = log.read_text().split("\n")
+    setups = [line.split()[1:] for line in lines if line.startswith("setup")]
+    # set up once per actor when started (not again by the first run), then once per actor for the second
+    assert sorted(tag for tag, _ in setups) == ["first", "first", "second", "second"]
+    pids = {tag: {line.split()[1] for line in lines if line.startswith(tag)} for tag in ("first", "second")}
+    assert len(pids["first"]) == 2 and pids["second"] == pids["first"]  # the same two worker processes
