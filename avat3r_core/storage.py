@@ -103,6 +103,15 @@ def remove(uri: str | Path) -> None:
         fs.rm(path, recursive=True)
 
 
+def local_path(uri: str | Path) -> str | None:
+    """The operating-system path of ``uri`` when it is on the local filesystem, else None (for
+    readers that let a library open local files themselves, reading only what they need)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = url_to_fs(uri)
+    return path if isinstance(fs, LocalFileSystem) else None
+
+
 def local_files_named_in(value) -> list[str]:
     """Existing local files that a config or work item names (strings anywhere inside dicts and
     lists that are paths of files): their content is an input too."""

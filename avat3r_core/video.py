@@ -92,16 +92,20 @@ def write_video(uri: str | Path, frames: Iterable[np.ndarray], fps: float = 24.0
 
 
 def _open(uri: str | Path):
+    """A PyAV container. A local file is opened by path, so FFmpeg reads only what it needs (a
+    probe reads the headers, not a capture's gigabytes); a remote one is read whole first."""
     import av
 
+    fs, path = storage.url_to_fs(uri)
     try:
-        data = storage.read_bytes(uri)
+        size = fs.size(path)
     except FileNotFoundError as exc:
         raise FormatError(uri, None, "video file not found") from exc
-    if not data:
+    if not size:
         raise FormatError(uri, None, "empty file (0 bytes)")
+    local = storage.local_path(uri)
     try:
-        return av.open(io.BytesIO(data))
+        return av.open(local) if local is not None else av.open(io.BytesIO(storage.read_bytes(uri)))
     except av.error.FFmpegError as exc:
         raise FormatError(uri, None, f"unreadable video ({exc})") from exc
 

@@ -115,11 +115,8 @@ class _LocalWriter:
     def __init__(self, ctx: StageContext):
         import os
 
-        from fsspec.implementations.local import LocalFileSystem
-
         self.ctx, self._os = ctx, os
-        fs, root = storage.url_to_fs(ctx.out_dir)
-        self.root = root if isinstance(fs, LocalFileSystem) else None
+        self.root = storage.local_path(ctx.out_dir)
         self._made: set[str] = set()
 
     def write(self, rel: str, data: bytes) -> str:

@@ -290,6 +290,7 @@ def read_errors(out_dir: str, manifest_name: str) -> pa.Table:
 
 # --------------------------------------------------------------------------- runner
 def _progress(total: int, description: str):
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     progress = Progress(
@@ -300,6 +301,7 @@ def _progress(total: int, description: str):
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         transient=False,
+        console=Console(stderr=True),  # like logs: stdout stays for what a command prints (JSON, tables)
     )
     task = progress.add_task(description, total=total, status="")
     return progress, task
