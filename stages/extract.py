@@ -1,7 +1,8 @@
 """The extract stage: capture videos → cropped, matted, colour-corrected frames + ``frames.parquet``.
 
-Two passes through the shared runner, both resumable, in one pool of Ray actors (started once;
-the second pass reuses the first's worker processes):
+Two passes through the shared runner, both resumable. Their set-up loads nothing, so they run as
+Ray tasks on Ray's pooled worker processes (``Stage.cheap_setup``): the second pass, and later
+runs and stages, find those processes started and their modules imported.
 
 1. ``head_centers`` — one item per (subject, sequence): decode the foreground of the selected
    frames in every camera (the alpha video when there is one, else background differencing),
@@ -37,7 +38,7 @@ from avat3r_core.extract import (LUMA_HALF, ExtractConfig, VideoJob, background_
                                  triangulate)
 from avat3r_core.ids import make_id
 from avat3r_core.video import read_frames
-from stages.runner import Stage, StageContext, StagePool, StageResources, StageSummary, run_stage
+from stages.runner import Stage, StageContext, StageResources, StageSummary, run_stage
 
 if TYPE_CHECKING:  # the capture reader and the camera models import torch: driver side only
     from avat3r_core.cameras import Cameras
@@ -136,7 +137,8 @@ class _LocalWriter:
 # --------------------------------------------------------------------------- pass 1
 def _one_thread_per_worker() -> None:
     """Stages run one worker per core; OpenCV's and torch's own thread pools would oversubscribe.
-    The extract stages never import torch; a stage of the same pool that did gets one thread too."""
+    The extract stages never import torch; a pooled worker process where another stage's task
+    did gets one thread too."""
     import cv2
 
     cv2.setNumThreads(1)
@@ -151,12 +153,13 @@ VERSION = "3"  # 3: crops reduced on the 4:2:0 planes before conversion (pixels 
 class _ExtractStageBase(Stage):
     """Shared by both passes: the config, one thread per worker, and reader problems as errors."""
 
+    cheap_setup = True
+
     def __init__(self, config: ExtractConfig):
         self.config = config
 
     def setup(self) -> None:
         _one_thread_per_worker()
-        import av  # noqa: F401 - the decoder's import at start-up (overlapping the driver's scan), not in the first item
 
     @staticmethod
     def raise_problem(item: dict) -> None:
@@ -319,33 +322,26 @@ def run_extract(config: ExtractConfig, capture_root: str, out_dir: str, layout: 
     """Extract frames of a capture into ``out_dir`` (``head_centers/`` + ``frames.parquet``)."""
     from avat3r_core.formats.capture import scan_capture
 
+    index = scan_capture(capture_root, layout=layout, decode=False)
+    center_items, video_items = plan(index, config)
     centers_dir = storage.join(out_dir, "head_centers")
-
-    def head_center_stage() -> HeadCenterStage:
-        return HeadCenterStage(config)
-
-    with StagePool() as pool:  # both passes run in the same worker processes (started once) ...
-        if executor == "ray":  # ... and start while the driver scans the capture
-            pool.start(head_center_stage, centers_dir, resources)
-        index = scan_capture(capture_root, layout=layout, decode=False)
-        center_items, video_items = plan(index, config)
-        centers = run_stage(head_center_stage, center_items, centers_dir, "head_centers",
-                            resources=resources, executor=executor, pool=pool)
-        by_sequence: dict[tuple[str, str], dict[int, list[float]]] = {}
-        for row in storage.read_parquet(centers.manifest).to_pylist():
-            if "center" in row:
-                by_sequence.setdefault((row["subject"], row["sequence"]), {})[row["frame"]] = row["center"]
-        ready = []
-        for item in video_items:
-            if item.get("problem"):
-                ready.append(item)
-                continue
-            found = by_sequence.get((item["subject"], item["sequence"]))
-            if found is None:
-                ready.append({"id": item["id"], "path": item["video"],
-                              "problem": "no head centre for this sequence (see head_centers.errors.parquet)"})
-            else:
-                ready.append(plan_crops(item, found, config))
-        frames = run_stage(lambda: ExtractStage(config), ready, out_dir, "frames", resources=resources,
-                           executor=executor, pool=pool)
+    centers = run_stage(lambda: HeadCenterStage(config), center_items, centers_dir, "head_centers",
+                        resources=resources, executor=executor)
+    by_sequence: dict[tuple[str, str], dict[int, list[float]]] = {}
+    for row in storage.read_parquet(centers.manifest).to_pylist():
+        if "center" in row:
+            by_sequence.setdefault((row["subject"], row["sequence"]), {})[row["frame"]] = row["center"]
+    ready = []
+    for item in video_items:
+        if item.get("problem"):
+            ready.append(item)
+            continue
+        found = by_sequence.get((item["subject"], item["sequence"]))
+        if found is None:
+            ready.append({"id": item["id"], "path": item["video"],
+                          "problem": "no head centre for this sequence (see head_centers.errors.parquet)"})
+        else:
+            ready.append(plan_crops(item, found, config))
+    frames = run_stage(lambda: ExtractStage(config), ready, out_dir, "frames", resources=resources,
+                       executor=executor)
     return centers, frames

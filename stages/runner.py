@@ -1,10 +1,11 @@
 """The shared stage runner: Ray fan-out over items, resumable, with an error manifest and stats.
 
-A stage is a class with ``setup()`` (once per worker: load models) and ``process(item, ctx)``
+A stage is a class with ``setup()`` (once per actor: load models) and ``process(item, ctx)``
 (one item → rows). The runner adds what every stage needs and nothing stage-specific:
 
-* fan-out over a pool of Ray actors (resources per stage from :class:`StageResources`), or
-  inline with ``executor="local"`` for debugging;
+* fan-out over a pool of Ray actors (resources per stage from :class:`StageResources`), or,
+  for a stage whose set-up loads nothing (:attr:`Stage.cheap_setup`), over Ray tasks on Ray's
+  pooled, warm worker processes; or inline with ``executor="local"`` for debugging;
 * commit protocol: the stage writes its media through ``ctx`` first; the runner then commits the
   item's manifest fragment ``_parts/<id>.parquet`` atomically (temp + rename). A rerun skips every
   committed item, so a killed run resumes without redoing or duplicating work;
@@ -91,6 +92,11 @@ class Stage:
 
     name: str = "stage"
     version: str = "1"
+    #: ``setup()`` loads nothing (no models): each item may set the stage up afresh. The runner
+    #: then runs items as Ray tasks on Ray's own pooled worker processes, which stay warm (started,
+    #: modules imported) across passes, runs and stages, instead of starting actors for the run
+    #: (~0.5 s each) and killing them after.
+    cheap_setup: bool = False
 
     def settings(self) -> dict[str, Any]:
         """What the stage was built with (its config, input paths), for :func:`item_key`. Called on
@@ -201,53 +207,6 @@ class _LocalWorker:
         return _execute_item(self.stage, item, self.out_dir)
 
 
-class StagePool:
-    """Ray actors kept across several :func:`run_stage` calls (``run_stage(..., pool=pool)``).
-
-    A stage of several passes (extract: head centres, then crops) would otherwise start and
-    kill a pool of worker processes per pass; with a pool the second pass reuses the first's
-    processes (already started, modules imported) and only re-runs ``setup()``. Use as a
-    context manager; the actors are killed on exit. Resources are those of the first run.
-    """
-
-    def __init__(self) -> None:
-        self.actors: list[Any] = []
-        self.actor_cls: Any = None
-        self.hosting: dict[int, tuple[Callable[[], Stage], str]] = {}  # id(actor) → (factory, out_dir) it hosts
-
-    def start(self, factory: Callable[[], Stage], out_dir: str | Path, resources: StageResources | None = None) -> None:
-        """Start the actors now, hosting ``factory``'s stage, and return at once: Ray starts the
-        worker processes (imports, ``setup()``) while the caller goes on, e.g. scanning the input
-        for the items of the first :func:`run_stage`, which then finds them ready. As many actors
-        as that run would start at most (its item count aside)."""
-        import ray
-
-        from stages.ray_runtime import ensure_ray
-
-        ensure_ray()
-        resources = resources or StageResources()
-        if self.actor_cls is None:
-            self.actor_cls = _stage_actor_class().options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus)
-        missing = _pool_size(resources, ray.cluster_resources()) - len(self.actors)
-        for _ in range(max(missing, 0)):
-            self.actors.append(self.actor_cls.remote(factory, str(out_dir)))
-            self.hosting[id(self.actors[-1])] = (factory, str(out_dir))
-
-    def __enter__(self) -> "StagePool":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self.actors:
-            import ray
-
-            for actor in self.actors:
-                ray.kill(actor)
-        self.actors, self.hosting = [], {}
-
-
 # --------------------------------------------------------------------------- manifests
 def committed_ids(out_dir: str) -> set[str]:
     return {Path(p).name[: -len(".parquet")] for p in storage.list_files(storage.join(out_dir, PARTS), ".parquet")}
@@ -315,14 +274,11 @@ def run_stage(
     resources: StageResources | None = None,
     executor: str = "ray",
     show_progress: bool = True,
-    pool: StagePool | None = None,
 ) -> StageSummary:
     """Run ``factory()``'s stage over ``items`` (dicts with a unique, dot-free ``id``).
 
     Committed items are skipped; failed items are retried on a rerun. Returns a summary; raises
     :class:`ErrorBudgetExceeded` (after committing everything finished) when too many items fail.
-    ``pool``: a :class:`StagePool` whose Ray actors this run uses (and leaves running) instead of
-    starting and killing its own.
     """
     resources = resources or StageResources()
     out_dir = str(out_dir)
@@ -382,7 +338,7 @@ def run_stage(
                     break
         elif todo and executor == "ray":
             budget_hit = _run_on_ray(factory, stage_name, todo, out_dir, resources, results, over_budget, progress, task,
-                                     pool)
+                                     as_tasks=probe.cheap_setup)
         elif todo:
             raise StageError(f"unknown executor {executor!r} (use 'ray' or 'local')")
     finally:
@@ -422,10 +378,11 @@ def run_stage(
 
 
 _STAGE_ACTOR: Any = None
+_ITEM_TASK: Any = None
 
 
 def _stage_actor_class() -> Any:
-    """The Ray actor class hosting stages (defined once, so a pool's actors can be reused)."""
+    """The Ray actor class hosting a stage with a set-up worth keeping (defined once)."""
     global _STAGE_ACTOR
     if _STAGE_ACTOR is None:
         import ray
@@ -438,77 +395,106 @@ def _stage_actor_class() -> Any:
     return _STAGE_ACTOR
 
 
+def _run_item(factory: Callable[[], Stage], stage_name: str, out_dir: str, item: dict) -> ItemResult:
+    """One item of a :attr:`Stage.cheap_setup` stage, on whichever worker process Ray picks. A
+    set-up that fails fails this item, by name (an actor's would fail its creation)."""
+    try:
+        stage = factory()
+        stage.setup()
+    except Exception as exc:
+        message = f"stage set-up failed on the worker: {type(exc).__name__}: {exc}"
+        commit_error(out_dir, stage_name, item["id"], message, traceback.format_exc(),
+                     json.dumps({k: v for k, v in item.items() if k != _KEY_FIELD}, default=str))
+        return ItemResult(item["id"], False, message=message)
+    return _execute_item(stage, item, out_dir)
+
+
+def _item_task() -> Any:
+    """:func:`_run_item` as a Ray task (defined once). ``max_retries=0``: an item whose worker
+    dies is recorded as failed, as with actors, not silently run again."""
+    global _ITEM_TASK
+    if _ITEM_TASK is None:
+        import ray
+
+        _ITEM_TASK = ray.remote(max_retries=0)(_run_item)
+    return _ITEM_TASK
+
+
 def _pool_size(resources: StageResources, cluster: dict[str, float]) -> int:
-    """Actors for a stage: ``resources.concurrency``, else as many as the cluster's CPUs (and
-    GPUs, for a GPU stage) hold."""
+    """Concurrent items of a stage: ``resources.concurrency``, else as many as the cluster's CPUs
+    (and GPUs, for a GPU stage) hold."""
     if resources.concurrency:
         return resources.concurrency
-    n_actors = max(1, int(cluster.get("CPU", 1) // max(resources.num_cpus, 1e-3)))
+    n_slots = max(1, int(cluster.get("CPU", 1) // max(resources.num_cpus, 1e-3)))
     if resources.num_gpus:
-        n_actors = min(n_actors, max(1, int(cluster.get("GPU", 0) // resources.num_gpus)))
-    return n_actors
+        n_slots = min(n_slots, max(1, int(cluster.get("GPU", 0) // resources.num_gpus)))
+    return n_slots
 
 
 def _run_on_ray(factory, stage_name, todo, out_dir, resources, results, over_budget, progress, task,
-                pool: StagePool | None = None) -> str | None:
+                as_tasks: bool = False) -> str | None:
+    """Items on Ray, one in flight per slot: a slot is an actor hosting the stage, or with
+    ``as_tasks`` a share of the cluster for one task at a time (the in-flight count is what
+    bounds a task stage's concurrency, so it stays one per slot)."""
     import ray
 
     from stages.ray_runtime import ensure_ray
 
     ensure_ray()
+    n_slots = max(1, min(_pool_size(resources, ray.cluster_resources()), len(todo)))
+    if as_tasks:
+        run = _item_task().options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus)
+        factory_ref = ray.put(factory)  # shipped once, not with every item
+        slots: list[Any] = list(range(n_slots))
 
-    n_actors = max(1, min(_pool_size(resources, ray.cluster_resources()), len(todo)))
-    if pool is not None and pool.actor_cls is not None:
-        actor_cls = pool.actor_cls
+        def start(slot, item):
+            return run.remote(factory_ref, stage_name, out_dir, item)
+
+        def replace(slot):  # nothing to restart: Ray starts another worker for the next task
+            return slot
     else:
         actor_cls = _stage_actor_class().options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus)
-        if pool is not None:
-            pool.actor_cls = actor_cls
-    if pool is not None:
-        reused = pool.actors[:n_actors]
-        # an actor started for this very stage and output (StagePool.start) is used as it is
-        ray.get([actor.reset.remote(factory, out_dir) for actor in reused
-                 if pool.hosting.get(id(actor)) != (factory, out_dir)])
-        actors = reused + [actor_cls.remote(factory, out_dir) for _ in range(n_actors - len(reused))]
-        pool.actors = actors + pool.actors[len(reused):]
-        pool.hosting.update({id(actor): (factory, out_dir) for actor in actors})
-    else:
-        actors = [actor_cls.remote(factory, out_dir) for _ in range(n_actors)]
+        slots = [actor_cls.remote(factory, out_dir) for _ in range(n_slots)]
+
+        def start(actor, item):
+            return actor.run.remote(item)
+
+        def replace(dead):
+            actor = actor_cls.remote(factory, out_dir)
+            slots.append(actor)  # killed with the others at the end
+            return actor
+
     queue = list(reversed(todo))
     in_flight: dict[Any, Any] = {}
     budget_hit = None
 
-    def submit(actor) -> None:
+    def submit(slot) -> None:
         item = queue.pop()
-        in_flight[actor.run.remote(item)] = (actor, item)
+        in_flight[start(slot, item)] = (slot, item)
 
     try:
-        for actor in actors:  # one item in flight per actor keeps memory predictable
+        for slot in list(slots):
             if queue:
-                submit(actor)
+                submit(slot)
         while in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             ref = ready[0]
-            actor, item = in_flight.pop(ref)
+            slot, item = in_flight.pop(ref)
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayError as exc:  # the worker itself died (OOM, segfault...)
                 result = _record_worker_death(stage_name, item, out_dir, exc)
-                dead, actor = actor, actor_cls.remote(factory, out_dir)
-                actors.append(actor)
-                if pool is not None:  # the pool keeps the replacement, not the dead actor
-                    pool.actors = [actor if a is dead else a for a in pool.actors]
-                    pool.hosting[id(actor)] = (factory, out_dir)
+                slot = replace(slot)
             results.append(result)
             if progress:
                 progress.update(task, advance=1, status=f"errors={sum(not r.ok for r in results)}")
             if budget_hit is None:
                 budget_hit = over_budget()
             if queue and budget_hit is None:
-                submit(actor)
+                submit(slot)
     finally:
-        if pool is None:
-            for actor in actors:
+        if not as_tasks:
+            for actor in slots:
                 ray.kill(actor)
     return budget_hit
 

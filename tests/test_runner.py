@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from stages.runner import ErrorBudgetExceeded, Stage, StagePool, StageResources, committed_ids, run_stage
+from stages.runner import ErrorBudgetExceeded, Stage, StageResources, committed_ids, run_stage
 
 
 class ToyStage(Stage):
@@ -162,42 +162,85 @@ def test_killed_run_resumes_and_processes_every_item_once(ray_session, tmp_path)
     assert sorted(p.name for p in (out / "media").glob("*.txt")) == [f"{i}.txt" for i in ids]
 
 
-class TaggedStage(Stage):
-    """Logs ``setup <tag> <pid>`` per set-up and ``<tag> <pid>`` per item: which process did what."""
+class TaskStage(Stage):
+    """A stage with nothing to set up (runs as Ray tasks): logs ``setup <pid>`` per set-up and
+    ``item <id> <pid>`` per item; item ``die`` kills its worker process."""
 
-    name = "tagged"
+    name = "tasks"
+    cheap_setup = True
 
-    def __init__(self, log_path: str, tag: str):
-        self.log_path, self.tag = log_path, tag
+    def __init__(self, log_path: str):
+        self.log_path = log_path
 
     def _log(self, line: str) -> None:
         with open(self.log_path, "a") as handle:
             handle.write(line + "\n")
 
     def setup(self):
-        self._log(f"setup {self.tag} {os.getpid()}")
+        self._log(f"setup {os.getpid()}")
 
     def process(self, item, ctx):
-        time.sleep(0.05)  # long enough that both actors get items
-        self._log(f"{self.tag} {os.getpid()}")
-        return [{"id": item["id"], "tag": self.tag}]
+        self._log(f"item {item['id']} {os.getpid()} {time.time():.4f}")
+        if item.get("sleep"):
+            time.sleep(item["sleep"])
+            self._log(f"done {item['id']} {os.getpid()} {time.time():.4f}")
+        if item.get("die"):
+            os._exit(1)  # a segfault or the OOM killer, as far as the runner can tell
+        if item.get("poison"):
+            raise ValueError(f"poisoned value {item['value']}")
+        return [{"id": item["id"], "double": item["value"] * 2}]
 
 
-def test_a_pool_started_ahead_hosts_its_stage_and_later_runs_reuse_its_processes(ray_session, tmp_path):
+def test_cheap_setup_stages_run_as_tasks_on_warm_workers(ray_session, tmp_path):
     log = tmp_path / "log"
-    first = lambda: TaggedStage(str(log), "first")  # noqa: E731 - the same factory object for both calls
-    resources = StageResources(concurrency=2)
-    with StagePool() as pool:
-        pool.start(first, str(tmp_path / "first"), resources)
-        a = run_stage(first, items(6), tmp_path / "first", "tagged", resources=resources, show_progress=False, pool=pool)
-        b = run_stage(lambda: TaggedStage(str(log), "second"), items(6), tmp_path / "second", "tagged",
-                      resources=resources, show_progress=False, pool=pool)
-        assert len(pool.actors) == 2
-    assert pool.actors == [] and a.items_done == b.items_done == 6
-    assert {r["tag"] for r in pq.read_table(b.manifest).to_pylist()} == {"second"}
+    work = items(8, poison={2})
+    work[5]["die"] = True
+    first = run_stage(lambda: TaskStage(str(log)), work, tmp_path / "out", "tasks", show_progress=False)
+    assert first.items_done == 6 and first.items_failed == 2
+    errors = {r["id"]: r["message"] for r in pq.read_table(first.errors_manifest).to_pylist()}
+    assert "poisoned value 2" in errors["item-002"] and "worker died" in errors["item-005"]
+    rows = pq.read_table(first.manifest).to_pylist()
+    assert sorted(r["double"] for r in rows) == [0, 2, 6, 8, 12, 14]
     lines = log.read_text().split("\n")
-    setups = [line.split()[1:] for line in lines if line.startswith("setup")]
-    # set up once per actor when started (not again by the first run), then once per actor for the second
-    assert sorted(tag for tag, _ in setups) == ["first", "first", "second", "second"]
-    pids = {tag: {line.split()[1] for line in lines if line.startswith(tag)} for tag in ("first", "second")}
-    assert len(pids["first"]) == 2 and pids["second"] == pids["first"]  # the same two worker processes
+    # every item ran exactly once (a task whose worker died is not retried) and set the stage up
+    ran = [line.split()[1] for line in lines if line.startswith("item")]
+    assert sorted(ran) == [f"item-{i:03d}" for i in range(8)]
+    assert sum(line.startswith("setup") for line in lines) == 8
+    # a second run (another output) lands on worker processes that are already running (with
+    # actors, both runs would start and kill their own); Ray may add a process, so: some, not all
+    before = {line.split()[2] for line in lines if line.startswith("item")}
+    log.write_text("")
+    second = run_stage(lambda: TaskStage(str(log)), items(4), tmp_path / "again", "tasks", show_progress=False)
+    assert second.items_done == 4
+    after = {line.split()[2] for line in log.read_text().split("\n") if line.startswith("item")}
+    assert after & before, (after, before)
+
+
+def test_task_stage_concurrency_is_bounded(ray_session, tmp_path):
+    """Task stages have no actors to count: ``concurrency`` alone must keep items from overlapping
+    (the 2-CPU cluster would run two at once)."""
+    log = tmp_path / "log"
+    work = [{**item, "sleep": 0.1} for item in items(4)]
+    run_stage(lambda: TaskStage(str(log)), work, tmp_path / "out", "tasks",
+              resources=StageResources(concurrency=1), show_progress=False)
+    spans = {}
+    for line in log.read_text().split("\n"):
+        if line.startswith(("item", "done")):
+            kind, item_id, _, at = line.split()
+            spans.setdefault(item_id, {})[kind] = float(at)
+    ordered = sorted((span["item"], span["done"]) for span in spans.values())
+    assert len(ordered) == 4 and all(nxt[0] >= prev[1] for prev, nxt in zip(ordered, ordered[1:]))
+
+
+class BrokenSetupStage(TaskStage):
+    def setup(self):
+        raise OSError("model file missing")
+
+
+def test_task_stage_set_up_failure_names_itself(ray_session, tmp_path):
+    with pytest.raises(ErrorBudgetExceeded):
+        run_stage(lambda: BrokenSetupStage(str(tmp_path / "log")), items(3), tmp_path / "out", "tasks",
+                  show_progress=False)
+    errors = pq.read_table(tmp_path / "out" / "tasks.errors.parquet").to_pylist()
+    assert errors and all("stage set-up failed on the worker: OSError: model file missing" in e["message"]
+                          and e["stage"] == "tasks" for e in errors)
