@@ -35,6 +35,7 @@ VERSION = "1"
 class PackStage(Stage):
     name = "pack"
     version = VERSION
+    cheap_setup = True  # nothing to load: splits run as Ray tasks on warm pooled workers
 
     def __init__(self, config: PackConfig, frames_manifest: str, tracking_manifest: str, priors_manifest: str | None):
         self.config = config
