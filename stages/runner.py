@@ -194,11 +194,9 @@ def _execute_item(stage: Stage, item: dict, out_dir: str) -> ItemResult:
 
 
 class _LocalWorker:
-    def __init__(self, factory: Callable[[], Stage], out_dir: str):
-        self.reset(factory, out_dir)
+    """One stage, set up once, running items (inline, or as the body of a stage actor)."""
 
-    def reset(self, factory: Callable[[], Stage], out_dir: str) -> None:
-        """Host another stage (or the same one for another output) in this worker."""
+    def __init__(self, factory: Callable[[], Stage], out_dir: str):
         self.stage = factory()
         self.stage.setup()
         self.out_dir = out_dir
