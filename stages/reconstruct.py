@@ -70,9 +70,8 @@ from stages.runner import (
     StageSummary,
     commit_error,
     commit_fragment,
-    committed_keys,
-    item_key,
     merge_manifest,
+    pending_items,
 )
 
 __all__ = ["ReconstructConfig", "run_reconstruct", "write_capture_library", "MANIFEST"]
@@ -336,17 +335,8 @@ def run_reconstruct(config: ReconstructConfig, library_path: str, checkpoint: st
     # an avatar is rebuilt when its library row, the settings or the weights changed (a retrained
     # model must not leave a library of avatars from the old one): the runner's item keys
     settings = {"config": _config_dict(config), "checkpoint_sha256": ckpt_info["sha256"]}
-    items = [e.to_item() for e in entries]
-    keys = {it["id"]: item_key(STAGE, VERSION, settings, it) for it in items}
-    committed = committed_keys(out_dir)
-    todo = [it for it in items if committed.get(it["id"], "") != keys[it["id"]]]
+    todo, keys = pending_items(STAGE, VERSION, settings, [e.to_item() for e in entries], out_dir)
     skipped = len(entries) - len(todo)
-    stale = sum(1 for it in todo if it["id"] in committed)
-    if skipped:
-        log.info("reconstruct: %d of %d avatars already built in %s, skipping them", skipped, len(entries), out_dir)
-    if stale:
-        log.info("reconstruct: %d avatars were built with another checkpoint, settings or library row; "
-                 "rebuilding them", stale)
     prep_args = dict(config=config, image_size=model_cfg.image_size, feature_dim=model_cfg.feature_dim,
                      features_enabled=model_cfg.features_enabled, frame=model_cfg.frame)
     probe = Preparer(**prep_args)  # fail fast on a bad configuration (projection file, feature width) before any actor

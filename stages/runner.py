@@ -188,9 +188,18 @@ def _execute_item(stage: Stage, item: dict, out_dir: str) -> ItemResult:
         return ItemResult(item_id, True, len(rows), ctx.bytes_written, time.perf_counter() - start)
     except Exception as exc:  # a bad item must not stop the others
         message = f"{type(exc).__name__}: {exc}"
-        commit_error(out_dir, stage.name, item_id, message, traceback.format_exc(), json.dumps(item, default=str))
         log.warning("stage %s: item %s failed: %s", stage.name, item_id, message)
-        return ItemResult(item_id, False, 0, ctx.bytes_written, time.perf_counter() - start, message)
+        return _fail_item(out_dir, stage.name, item, message, traceback.format_exc(), ctx.bytes_written,
+                          time.perf_counter() - start)
+
+
+def _fail_item(out_dir: str, stage_name: str, item: dict, message: str, traceback_text: str,
+               bytes_written: int = 0, seconds: float = 0.0) -> ItemResult:
+    """Record a failed item in the error manifest (the item as the stage got it, without the
+    runner's key) and return its result."""
+    commit_error(out_dir, stage_name, item["id"], message, traceback_text,
+                 json.dumps({k: v for k, v in item.items() if k != _KEY_FIELD}, default=str))
+    return ItemResult(item["id"], False, 0, bytes_written, seconds, message)
 
 
 class _LocalWorker:
@@ -219,6 +228,22 @@ def committed_keys(out_dir: str) -> dict[str, str | None]:
         key = metadata.get(ITEM_KEY)
         out[Path(path).name[: -len(".parquet")]] = key.decode() if key else None
     return out
+
+
+def pending_items(stage: str, version: str, settings: dict[str, Any], items: list[dict[str, Any]],
+                  out_dir: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The items still to do in ``out_dir`` (not committed, or committed under another
+    :func:`item_key`) and every item's key; logs how many are skipped and how many redone."""
+    keys = {it["id"]: item_key(stage, version, settings, it) for it in items}
+    committed = committed_keys(out_dir)
+    todo = [it for it in items if committed.get(it["id"], "") != keys[it["id"]]]
+    skipped, stale = len(items) - len(todo), sum(1 for it in todo if it["id"] in committed)
+    if skipped:
+        log.info("stage %s: %d of %d items already committed in %s, skipping them", stage, skipped, len(items), out_dir)
+    if stale:
+        log.info("stage %s: %d committed items were made with another stage version, settings or input: "
+                 "redoing them", stage, stale)
+    return todo, keys
 
 
 def merge_manifest(out_dir: str, manifest_name: str) -> tuple[str, str, int]:
@@ -292,17 +317,9 @@ def run_stage(
     probe = factory()  # cheap: stages load heavy things in setup(), not __init__
     stage_name, stage_version = probe.name, probe.version
     storage.makedirs(out_dir)
-    settings = probe.settings()
-    keys = {it["id"]: item_key(stage_name, stage_version, settings, it) for it in items}
-    committed = committed_keys(out_dir)
-    todo = [{**it, _KEY_FIELD: keys[it["id"]]} for it in items if committed.get(it["id"], "") != keys[it["id"]]]
+    pending, keys = pending_items(stage_name, stage_version, probe.settings(), items, out_dir)
+    todo = [{**it, _KEY_FIELD: keys[it["id"]]} for it in pending]
     skipped = len(items) - len(todo)
-    stale = sum(1 for it in todo if it["id"] in committed)
-    if skipped:
-        log.info("stage %s: %d of %d items already committed in %s, skipping them", stage_name, skipped, len(items), out_dir)
-    if stale:
-        log.info("stage %s: %d committed items were made with another stage version, settings or input: "
-                 "redoing them", stage_name, stale)
 
     start = time.perf_counter()
     results: list[ItemResult] = []
@@ -400,10 +417,8 @@ def _run_item(factory: Callable[[], Stage], stage_name: str, out_dir: str, item:
         stage = factory()
         stage.setup()
     except Exception as exc:
-        message = f"stage set-up failed on the worker: {type(exc).__name__}: {exc}"
-        commit_error(out_dir, stage_name, item["id"], message, traceback.format_exc(),
-                     json.dumps({k: v for k, v in item.items() if k != _KEY_FIELD}, default=str))
-        return ItemResult(item["id"], False, message=message)
+        return _fail_item(out_dir, stage_name, item, f"stage set-up failed on the worker: {type(exc).__name__}: {exc}",
+                          traceback.format_exc())
     return _execute_item(stage, item, out_dir)
 
 
@@ -500,5 +515,4 @@ def _run_on_ray(factory, stage_name, todo, out_dir, resources, results, over_bud
 def _record_worker_death(stage_name: str, item: dict, out_dir: str, exc: Exception) -> ItemResult:
     first_line = str(exc).splitlines()[0] if str(exc) else ""
     message = f"worker died while processing this item: {type(exc).__name__}: {first_line}"
-    commit_error(out_dir, stage_name, item["id"], message, str(exc), json.dumps(item, default=str))
-    return ItemResult(item["id"], False, message=message)
+    return _fail_item(out_dir, stage_name, item, message, str(exc))
