@@ -11,6 +11,8 @@ Prints one JSON object:
   matte, colour correction, crop, JPEG/PNG encode and write, manifest commit) with 1 and 2 Ray
   workers, and the seconds of its two passes in the best run (the rest is the driver's:
   scanning, planning crops);
+* ``per_crop_ms``: one crop (colour, matte) the stage's way, reduced on the 4:2:0 planes before
+  conversion, against converting the region first (best of 5 passes over 16 frames);
 * ``stage_cold_first_run``: the first run of the process (1 worker), which also starts Ray's
   worker processes; later runs find them running (the extract passes run as Ray tasks on Ray's
   pooled workers, like every stage whose set-up loads nothing), as a flow's second pass and
@@ -55,7 +57,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from avat3r_core.extract import ExtractConfig, read_yuv420  # noqa: E402
+from avat3r_core import storage  # noqa: E402
+from avat3r_core.extract import ExtractConfig, crop_region, crop_roi, read_yuv420  # noqa: E402
+from avat3r_core.extract import _crop_frame  # noqa: E402
 from avat3r_core.synthetic.studio import StudioConfig  # noqa: E402
 from avat3r_core.video import encode_video, read_frames  # noqa: E402
 from stages.extract import run_extract  # noqa: E402
@@ -124,6 +128,41 @@ def stage_run(raw: Path, out: Path, workers: int, config: ExtractConfig, n_frame
             "crop_pass_s": frames.seconds}
 
 
+def crop_costs(raw: Path, out: Path, size: int, frames: int = 16) -> dict:
+    """ms per crop, on the first ``frames`` frames of one video with the boxes the stage used
+    (``out``'s manifest): the stage's way (the region reduced on the 4:2:0 planes, then
+    converted) against converting the region to RGB (or gray) first and reducing after."""
+    import numpy as np
+
+    rows = storage.read_parquet(out / "frames.parquet").to_pylist()
+    first = rows[0]
+    boxes = {r["frame"]: np.array(r["crop_box"]) for r in rows
+             if (r["subject"], r["sequence"], r["camera"]) == (first["subject"], first["sequence"], first["camera"])}
+    sequence = raw / first["subject"] / "sequences" / first["sequence"]
+    picked = {"colour": sequence / "images" / f"cam_{first['camera']}.mp4",
+              "matte": sequence / "alpha" / f"cam_{first['camera']}.mp4"}
+    result = {}
+    for kind, video in picked.items():
+        decoded = [(i, f) for i, f in enumerate(read_yuv420(video)) if i in boxes][:frames]
+        matte = kind == "matte"
+
+        def converted_first(f, box):
+            convert = f.gray if matte else f.rgb
+            region, origin, scale = convert(*crop_roi(f.height, f.width, box, size))  # no reduction
+            return crop_region(region, origin, box, size, scale)
+
+        for name, crop in (("planes", lambda f, box: _crop_frame(f, box, size, matte=matte)),
+                           ("converted_first", converted_first)):
+            best = float("inf")
+            for _ in range(5):
+                start = time.perf_counter()
+                for i, f in decoded:
+                    crop(f, boxes[i])
+                best = min(best, (time.perf_counter() - start) / len(decoded))
+            result[f"{kind}_{name}_ms"] = round(best * 1000, 3)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subjects", type=int, default=2)
@@ -154,6 +193,7 @@ def main() -> None:
         config = ExtractConfig(resolution=args.crop)  # default decoder: yuv
         # the first run also starts Ray's worker processes (imports): reported, not compared
         cold = stage_run(work / "raw", work / "out_warmup", 1, config, n_frames)
+        crops = crop_costs(work / "raw", work / "out_warmup", args.crop)
         # Every measurement is repeated, interleaved, and the best of each is compared: on a shared
         # machine a burst of load then hits references and stage alike, and the best run is the
         # least disturbed one of each.
@@ -178,6 +218,7 @@ def main() -> None:
             "codec_floor_frames_per_s": round(max(floor), 1),
             "stage_frames_per_s": {"1_worker": round(one, 1), "2_workers": round(two, 1)},
             "stage_cold_first_run": {key: round(v, 3) for key, v in cold.items()},
+            "per_crop_ms": crops,
             "stage_best_run_seconds": {f"{k}_worker{'s' if k > 1 else ''}": {key: round(v, 3) for key, v in run.items()
                                                                            if key != "frames_per_s"}
                                        for k, run in best_runs.items()},
