@@ -10,7 +10,8 @@ import torch
 
 from avat3r_core.cameras import Cameras, write_nersemble_calibration, write_transforms_json
 from avat3r_core.formats.capture import scan_capture
-from avat3r_core.video import encode_video
+from avat3r_core.errors import FormatError
+from avat3r_core.video import VideoInfo, encode_video, probe_video, read_frames
 
 
 def frames(n, w=32, h=48, value=100):
@@ -44,7 +45,9 @@ def test_nersemble_clean_capture_is_indexed(tmp_path):
     assert (subject.cameras.width, subject.cameras.height) == (32, 48)
 
 
-def test_nersemble_problems_are_named_and_rest_is_indexed(tmp_path):
+@pytest.mark.parametrize("decode", [True, False], ids=["decoded", "header_only"])
+def test_nersemble_problems_are_named_and_rest_is_indexed(tmp_path, decode):
+    """Counting frames by decoding and trusting the header (extract's scan) find the same problems."""
     subject_dir, _ = make_nersemble(tmp_path)
     images = subject_dir / "sequences" / "EXP-1-head" / "images"
     good = (images / "cam_222200036.mp4").read_bytes()
@@ -56,7 +59,7 @@ def test_nersemble_problems_are_named_and_rest_is_indexed(tmp_path):
     (seq2 / "cam_222200036.mp4").write_bytes(encode_video(frames(4)))
     (seq2 / "cam_222200037.mp4").write_bytes(encode_video(frames(6)))  # unequal length
     (seq2 / "cam_222200038.mp4").write_bytes(encode_video(frames(4, w=64, h=96)))  # wrong resolution
-    index = scan_capture(tmp_path)
+    index = scan_capture(tmp_path, decode=decode)
     messages = {(p.sequence, p.camera): p for p in index.problems}
     assert messages[("EXP-1-head", "222200037")].severity == "error"
     assert "cam_222200037.mp4" in messages[("EXP-1-head", "222200037")].path
@@ -67,6 +70,18 @@ def test_nersemble_problems_are_named_and_rest_is_indexed(tmp_path):
     subject = index.subjects["001"]
     assert list(subject.sequences["EXP-1-head"].media) == ["222200036"]  # the good one survives
     assert sorted(subject.sequences["EXP-2-eyes"].media) == ["222200036", "222200037"]
+
+
+def test_header_probe_reads_what_a_decode_counts(tmp_path):
+    """The header-only probe (FFmpeg's stream probe told to skip decoding) gets frame count, size
+    and rate right, and the same container still decodes every frame afterwards."""
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(encode_video(frames(7, w=48, h=32), fps=30))
+    assert probe_video(path, decode=False) == probe_video(path, decode=True) == VideoInfo(7, 48, 32, 30.0)
+    assert len(list(read_frames(path))) == 7
+    (tmp_path / "junk.mp4").write_bytes(b"not a video at all" * 100)
+    with pytest.raises(FormatError, match="unreadable video"):
+        probe_video(tmp_path / "junk.mp4", decode=False)
 
 
 def test_missing_and_malformed_calibration(tmp_path):

@@ -333,8 +333,8 @@ def scan_capture(root: str | Path, layout: str = "auto", probe: bool = True, dec
 
 def _probe_all(paths: list[Path], decode: bool) -> dict[Path, VideoInfo | FormatError]:
     """Each video's info, or the FormatError that names what is wrong with it. Probed on a few
-    threads: opening a video decodes its first frames (FFmpeg, without the GIL), ~16 ms at
-    2048 px, and a capture has hundreds of videos per person."""
+    threads (FFmpeg runs without the GIL): with ``decode`` every frame is decoded, and a capture
+    has hundreds of videos per person. A header-only probe costs ~0.2 ms a video."""
     from concurrent.futures import ThreadPoolExecutor
 
     def one(path: Path) -> VideoInfo | FormatError:

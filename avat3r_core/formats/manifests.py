@@ -39,7 +39,7 @@ def cameras_to_columns(cams: Cameras) -> dict[str, list]:
     """Flat manifest columns for a batch of cameras."""
     w2c = cams.world_to_cam.detach().cpu().double().reshape(len(cams), 16).numpy()
     K = cams.K.detach().cpu().double().reshape(len(cams), 9).numpy()
-    return {"world_to_cam": [list(r) for r in w2c], "K": [list(r) for r in K]}
+    return {"world_to_cam": w2c.tolist(), "K": K.tolist()}  # Python floats: numpy scalars serialise one by one
 
 
 def cameras_from_rows(rows: list[dict], dtype: torch.dtype = torch.float32) -> Cameras:
