@@ -7,6 +7,15 @@ Prints one JSON object:
 * ``codec_floor``: the same videos decoded once with PyAV and nothing converted (the frames
   stay 4:2:0 planes): the codec's own cost, a stricter reference. The stage's default ``yuv``
   decoder works from such frames and reduces and converts only the crop region;
+* ``codec_floor_in_processes``: the codec floor's work split over 1 and 2 processes of a pool:
+  how this machine scales two processes of plain decoding (``ratio_machine_2_processes_vs_1``),
+  the ceiling for the stage's own 2-worker ratio, measured alongside it (a small VM's two vCPUs
+  rarely give 2.0: shared caches, memory bandwidth, the hypervisor);
+* ``output_file_creation``: files/s of creating as many small files as the stage writes (two per
+  frame) in the output directory, from 1 and 2 processes (``ratio_machine_file_creation_...``).
+  On this project's VM disk that cost swings from ~0.03 to ~0.6 ms a file from one minute to the
+  next, and two processes creating files at once sometimes slow each other down (measured 0.26×);
+  ``--out /dev/shm/...`` puts the stage's output on tmpfs to take the disk out of the ratios;
 * ``stage``: frames/s of the whole extract stage (scan, head-centre pass, per-video decode,
   matte, colour correction, crop, JPEG/PNG encode and write, manifest commit) with 1 and 2 Ray
   workers, and the seconds of its two passes in the best run (the rest is the driver's:
@@ -27,7 +36,7 @@ The studio renders at ``--resolution`` and its videos are then re-encoded upscal
 capture without paying for rendering at that size (NeRSemble frames are 3208x2200). Building
 that capture takes several minutes; ``--keep DIR`` builds it once. ``--source-height 1024``
 builds in a fraction of the time, but its frames decode 4x faster, so the per-run constants
-(scanning, the head-centre pass, ~10 ms per video between tasks) weigh far more than in a real
+(the head-centre pass, ~10 ms per video between tasks) weigh far more than in a real
 dataset.
 
 These constants are paid once per run, so short runs understate the steady rate that a real
@@ -48,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -88,38 +98,65 @@ def upscale_capture(raw: Path, height: int) -> None:
         video.write_bytes(encode_video(frames, crf=0 if gray else 18, gray=gray))
 
 
-def decode_only(videos: list[Path], backend: str) -> float:
-    """Frames/s (colour frames) of decoding each colour video and its alpha video once, with one
-    decoder thread: the budget of one stage worker."""
-    start, count = time.perf_counter(), 0
+def decode_videos(videos: list[Path], backend: str) -> int:
+    """Decode each colour video and its alpha video once, with one decoder thread (the budget of
+    one stage worker); returns the number of colour frames. ``backend``: ``pyav`` or ``opencv``
+    (to RGB / gray arrays), or ``planes`` (PyAV, frames left as 4:2:0 planes, nothing converted)."""
+    def frames(video: Path, gray: bool):
+        return read_yuv420(video, threads=1) if backend == "planes" else read_frames(video, gray=gray, backend=backend,
+                                                                                     threads=1)
+    count = 0
     for video in videos:
-        for _ in read_frames(video, backend=backend, threads=1):
-            count += 1
+        count += sum(1 for _ in frames(video, gray=False))
         alpha = video.parent.parent / "alpha" / video.name
         if alpha.exists():
-            for _ in read_frames(alpha, gray=True, backend=backend, threads=1):
+            for _ in frames(alpha, gray=True):
                 pass
-    return count / (time.perf_counter() - start)
+    return count
 
 
-def codec_floor(videos: list[Path]) -> float:
-    """Frames/s (colour frames) of decoding each colour video and its alpha video once with PyAV,
-    one decoder thread, converting nothing."""
-    start, count = time.perf_counter(), 0
-    for video in videos:
-        for _ in read_yuv420(video, threads=1):
-            count += 1
-        alpha = video.parent.parent / "alpha" / video.name
-        if alpha.exists():
-            for _ in read_yuv420(alpha, threads=1):
-                pass
-    return count / (time.perf_counter() - start)
+def decode_rate(videos: list[Path], backend: str) -> float:
+    """Frames/s (colour frames) of :func:`decode_videos` in this process."""
+    start = time.perf_counter()
+    return decode_videos(videos, backend) / (time.perf_counter() - start)
+
+
+def parallel_decode_rate(pool, videos: list[Path], processes: int) -> float:
+    """Frames/s of the codec floor's work split over ``processes`` of ``pool``'s processes: the
+    machine's own scaling for this work, with nothing of the stage's in it."""
+    start = time.perf_counter()
+    counts = pool.starmap(decode_videos, [(videos[i::processes], "planes") for i in range(processes)], chunksize=1)
+    return sum(counts) / (time.perf_counter() - start)
+
+
+def create_files(directory: Path, count: int, size: int = 6000) -> int:
+    """Create ``count`` files of ``size`` bytes in a fresh ``directory`` (as the stage writes its
+    crops: open, write, close); returns ``count``."""
+    directory.mkdir(parents=True)
+    data = os.urandom(size)
+    for i in range(count):
+        with open(directory / f"{i:06d}.bin", "wb") as handle:
+            handle.write(data)
+    return count
+
+
+def parallel_create_rate(pool, root: Path, count: int, processes: int) -> float:
+    """Files/s of creating ``count`` files split over ``processes`` of ``pool``'s processes, each
+    in its own directory under ``root`` (removed after)."""
+    shutil.rmtree(root, ignore_errors=True)
+    os.sync()
+    start = time.perf_counter()
+    done = pool.starmap(create_files, [(root / str(i), count // processes) for i in range(processes)], chunksize=1)
+    rate = sum(done) / (time.perf_counter() - start)
+    shutil.rmtree(root, ignore_errors=True)
+    return rate
 
 
 def stage_run(raw: Path, out: Path, workers: int, config: ExtractConfig, n_frames: int) -> dict:
     """One whole stage run: frames/s, and the seconds of its two passes (the rest of the wall
     time is the driver's: scanning the capture, planning crops, waiting for workers to start)."""
     shutil.rmtree(out, ignore_errors=True)
+    os.sync()  # the deletion's deferred disk work (journal, discards) done before the clock starts
     start = time.perf_counter()
     centers, frames = run_extract(config, str(raw), str(out), resources=StageResources(concurrency=workers),
                                   executor="ray")
@@ -174,11 +211,14 @@ def main() -> None:
 
     parser.add_argument("--repeat", type=int, default=3, help="runs of every measurement (best of each counts)")
     parser.add_argument("--keep", default="", help="build the capture here (reused when present)")
+    parser.add_argument("--out", default="", help="where the stage writes (default: beside the capture); "
+                                                   "e.g. /dev/shm to take the disk out of the ratios")
     args = parser.parse_args()
 
     import ray
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="avat3r-bench-extract-"))
+    out_root = Path(args.out) if args.out else work
     try:
         if not (work / "raw").exists():
             studio = StudioConfig(subjects=args.subjects, sequences=1, frames=args.frames, cameras=args.cameras,
@@ -192,20 +232,29 @@ def main() -> None:
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
         config = ExtractConfig(resolution=args.crop)  # default decoder: yuv
         # the first run also starts Ray's worker processes (imports): reported, not compared
-        cold = stage_run(work / "raw", work / "out_warmup", 1, config, n_frames)
-        crops = crop_costs(work / "raw", work / "out_warmup", args.crop)
+        cold = stage_run(work / "raw", out_root / "out_warmup", 1, config, n_frames)
+        crops = crop_costs(work / "raw", out_root / "out_warmup", args.crop)
         # Every measurement is repeated, interleaved, and the best of each is compared: on a shared
         # machine a burst of load then hits references and stage alike, and the best run is the
         # least disturbed one of each.
         decode: dict[str, list[float]] = {"pyav": [], "opencv": []}
         floor: list[float] = []
+        # this machine's own 2-vs-1 scaling, measured alongside, for the two things a worker does
+        # most: decoding, and creating files on the output disk (two per frame)
+        machine: dict[str, dict[int, list[float]]] = {"decode": {1: [], 2: []}, "file_creation": {1: [], 2: []}}
         runs: dict[int, list[dict]] = {1: [], 2: []}
-        for _ in range(args.repeat):
-            for backend in decode:
-                decode[backend].append(decode_only(videos, backend))
-            floor.append(codec_floor(videos))
-            for workers in runs:
-                runs[workers].append(stage_run(work / "raw", work / f"out{workers}", workers, config, n_frames))
+        with multiprocessing.get_context("spawn").Pool(2) as pool:  # spawn: a fork would copy Ray's threads
+            pool.starmap(decode_videos, [(videos[:1], "planes")] * 2, chunksize=1)  # started, modules imported
+            for _ in range(args.repeat):
+                for backend in decode:
+                    decode[backend].append(decode_rate(videos, backend))
+                floor.append(decode_rate(videos, "planes"))
+                for processes in (1, 2):
+                    machine["decode"][processes].append(parallel_decode_rate(pool, videos, processes))
+                    machine["file_creation"][processes].append(
+                        parallel_create_rate(pool, out_root / "out_files", 2 * n_frames, processes))
+                for workers in runs:
+                    runs[workers].append(stage_run(work / "raw", out_root / f"out{workers}", workers, config, n_frames))
         best = {backend: max(rates) for backend, rates in decode.items()}
         fastest = max(best, key=best.get)
         best_runs = {workers: max(r, key=lambda run: run["frames_per_s"]) for workers, r in runs.items()}
@@ -217,6 +266,10 @@ def main() -> None:
             "decode_only_frames_per_s": {k: round(v, 1) for k, v in best.items()},
             "codec_floor_frames_per_s": round(max(floor), 1),
             "stage_frames_per_s": {"1_worker": round(one, 1), "2_workers": round(two, 1)},
+            "codec_floor_in_processes_frames_per_s": {f"{k}_process{'es' if k > 1 else ''}": round(max(r), 1)
+                                                      for k, r in machine["decode"].items()},
+            "output_file_creation_files_per_s": {f"{k}_process{'es' if k > 1 else ''}": round(max(r), 1)
+                                                 for k, r in machine["file_creation"].items()},
             "stage_cold_first_run": {key: round(v, 3) for key, v in cold.items()},
             "per_crop_ms": crops,
             "stage_best_run_seconds": {f"{k}_worker{'s' if k > 1 else ''}": {key: round(v, 3) for key, v in run.items()
@@ -225,19 +278,27 @@ def main() -> None:
             "all_runs_frames_per_s": {
                 **{f"decode_only_{k}": [round(v, 1) for v in r] for k, r in decode.items()},
                 "codec_floor": [round(v, 1) for v in floor],
+                **{f"{kind}_{k}_process{'es' if k > 1 else ''}": [round(v, 1) for v in r]
+                   for kind, by_count in (("codec_floor", machine["decode"]), ("file_creation", machine["file_creation"]))
+                   for k, r in by_count.items()},
                 **{f"stage_{k}_worker{'s' if k > 1 else ''}": [round(run["frames_per_s"], 1) for run in r]
                    for k, r in runs.items()},
             },
             "ratio_stage_1_worker_vs_decode_only": round(one / best[fastest], 3),
             "ratio_stage_1_worker_vs_codec_floor": round(one / max(floor), 3),
             "ratio_2_workers_vs_1": round(two / one, 3),
+            # what this machine gives two processes of plain decoding, and of creating files on the
+            # output disk: what bounds the ratio above
+            "ratio_machine_decode_2_processes_vs_1": round(max(machine["decode"][2]) / max(machine["decode"][1]), 3),
+            "ratio_machine_file_creation_2_processes_vs_1": round(
+                max(machine["file_creation"][2]) / max(machine["file_creation"][1]), 3),
             # the steady rate, without the per-run constants: the per-video pass alone
             "ratio_crop_pass_2_workers_vs_1": round(best_runs[1]["crop_pass_s"] / best_runs[2]["crop_pass_s"], 3),
             "goals": {"per_worker_ge_0.7": one / best[fastest] >= 0.7, "scaling_ge_1.7": two / one >= 1.7},
         }
         print(json.dumps(result, indent=2))
     finally:
-        for out in work.glob("out*"):
+        for out in out_root.glob("out*"):
             shutil.rmtree(out, ignore_errors=True)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
