@@ -615,6 +615,18 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
+def not_rigid(transforms: Any) -> np.ndarray:
+    """Indices of the entries of ``transforms`` (16 values or a 4x4 each) that are not finite
+    rigid transforms, by the rule :class:`Cameras` applies to ``world_to_cam``. Every reader of a
+    tracked ``head_to_world`` checks it with this: a bad one would silently move every camera and
+    position map of its frame."""
+    H = np.asarray(transforms, np.float64).reshape(-1, 4, 4)
+    finite = np.isfinite(H).all(axis=(1, 2))
+    last_err, ortho_err, det = _batched_rigid_errors(torch.from_numpy(np.where(finite[:, None, None], H, np.eye(4))))
+    rigid = finite & (last_err <= _RIGID_TOL).numpy() & (ortho_err <= _RIGID_TOL).numpy() & (det > 0).numpy()
+    return np.flatnonzero(~rigid)
+
+
 def to_head_frame(points: np.ndarray, head_to_world: np.ndarray) -> np.ndarray:
     """World points (..., 3) in a rigid frame given by its (4, 4) frame-to-world transform (e.g. a
     tracked head frame): ``R^T (p - t)``, in float32 (position maps' working precision)."""

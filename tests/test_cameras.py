@@ -11,6 +11,7 @@ import torch
 
 from avat3r_core.cameras import (
     Cameras,
+    not_rigid,
     read_nersemble_calibration,
     read_transforms_json,
     write_nersemble_calibration,
@@ -415,6 +416,21 @@ def test_transforms_malformed(tmp_path, mutate, field):
 
 
 # ---------------------------------------------------------------------- in-memory validation
+
+
+def test_not_rigid_names_each_kind_of_bad_transform():
+    good = np.eye(4)
+    good[:3, :3] = Cameras.look_at(torch.tensor([[0.3, 0.2, 1.0]]), (0, 0, 0), fov_deg=30,
+                                    dtype=torch.float64).world_to_cam[0, :3, :3].numpy()
+    good[:3, 3] = (0.1, -2.0, 5.0)
+    nan, scaled, mirrored, last_row = good.copy(), good.copy(), good.copy(), good.copy()
+    nan[1, 2] = np.nan
+    scaled[:3, :3] *= 1.01
+    mirrored[:3, 0] *= -1  # still orthonormal, but a reflection
+    last_row[3, 0] = 0.5
+    transforms = np.stack([good, np.eye(4), nan, scaled, mirrored, last_row])
+    np.testing.assert_array_equal(not_rigid(transforms), [2, 3, 4, 5])
+    np.testing.assert_array_equal(not_rigid(good.ravel().tolist()), [])  # a manifest's flat 16 values
 
 
 def test_cameras_validation():

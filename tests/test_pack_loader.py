@@ -237,6 +237,21 @@ def test_head_frame_needs_head_poses(data, tmp_path):
                                                                        target_views=2, frame="world")))) > 0
 
 
+def test_head_frame_rejects_a_non_rigid_head_pose():
+    """A sample's head_to_world must be a rigid transform; the error names the sample."""
+    import json
+
+    from avat3r_core.dataset.loader import head_to_world_of
+
+    H = np.eye(4)
+    H[:3, 3] = (0.1, 0.2, 0.3)
+    np.testing.assert_array_equal(head_to_world_of({"__key__": "a", "tracking.json": json.dumps(
+        {"head_to_world": H.ravel().tolist()})}), H)
+    H[:3, :3] *= 1.1
+    with pytest.raises(ValueError, match="'001_s_000003'.*not a rigid transform"):
+        head_to_world_of({"__key__": "001_s_000003", "tracking.json": json.dumps({"head_to_world": H.ravel().tolist()})})
+
+
 def test_farthest_views_spreads():
     pts = np.stack([np.arange(11.0), np.zeros(11), np.zeros(11)], 1)
     for seed in range(5):

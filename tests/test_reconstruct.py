@@ -211,6 +211,20 @@ def test_each_mode_prepares_model_inputs(studio):
         prep.prepare(LibraryEntry("o", "video", str(p / "still.mp4")))
 
 
+def _non_rigid_tracking(tracking: str, out: Path) -> str:
+    """A copy of a tracking manifest whose head_to_world rotations are scaled by 1.1 (not rigid)."""
+    import pyarrow as pa
+
+    table = pq.read_table(tracking)
+    rows = table.to_pylist()
+    for row in rows:
+        H = np.reshape(row["head_to_world"], (4, 4)).copy()
+        H[:3, :3] *= 1.1
+        row["head_to_world"] = H.ravel().tolist()
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), out)
+    return str(out)
+
+
 def test_head_frame_inputs(studio, tmp_path):
     """A head-frame model gets every view in the tracked head frame of its own timestep: cameras
     are world_to_cam @ head_to_world (from tracking.parquet), the position maps move with them
@@ -241,6 +255,10 @@ def test_head_frame_inputs(studio, tmp_path):
         Preparer(cfg, image_size=S, frame="head").prepare(
             LibraryEntry("c", "capture", studio["frames"], subject="001", priors=studio["priors"],
                          tracking=str(tmp_path / "none.parquet")))
+    bad = _non_rigid_tracking(studio["tracking"], tmp_path / "bad.parquet")
+    with pytest.raises(AvatarInputError, match=r"bad\.parquet.*head_to_world of 001/.* is not a rigid transform"):
+        Preparer(cfg, image_size=S, frame="head").prepare(
+            LibraryEntry("c", "capture", studio["frames"], subject="001", priors=studio["priors"], tracking=bad))
     # pictures: the fitted head's frame, the same reprojection holds
     photos = Preparer(cfg, image_size=S, frame="head").prepare(LibraryEntry("p", "photos", str(studio["pics"] / "photos")))
     cams = photos.cameras()
@@ -325,7 +343,7 @@ def test_stage_builds_every_mode_names_failures_and_resumes(tmp_path, studio, ra
     assert res.exit_code == 3 and "row 1: mode" in " ".join(res.output.split())
 
 
-def test_head_motion_replayed_by_the_camera(studio):
+def test_head_motion_replayed_by_the_camera(studio, tmp_path):
     """A tracked track's head motion relative to its first frame, replayed by moving the camera:
     identity motion renders exactly the fixed-camera frames, the tracked motion other frames."""
     from avat3r_core.avatar import animation_frames, view_orbit
@@ -339,6 +357,9 @@ def test_head_motion_replayed_by_the_camera(studio):
     np.testing.assert_allclose(motion[0], np.eye(4), atol=1e-12)
     np.testing.assert_allclose(H[0] @ motion, H, atol=1e-12)  # H₀ · (H₀⁻¹ Hₜ) = Hₜ
     assert load_head_motion("builtin") is None
+    bad = _non_rigid_tracking(studio["tracking"], tmp_path / "bad.parquet")
+    with pytest.raises(FormatError, match=r"bad\.parquet.*frame 0.*head_to_world is not a rigid transform"):
+        load_head_motion(f"{bad}#001/{SEQ}")
     assert head_motion_for("world", spec, True) is None and head_motion_for("head", spec, False) is None
     np.testing.assert_array_equal(head_motion_for("head", spec, True), motion)
 
