@@ -121,16 +121,21 @@ def ingest_inspect(
     root: Path = typer.Argument(..., help="Dataset root (NeRSemble layout or folders with transforms.json)."),
     layout: str = typer.Option("auto", "--layout", help="auto, nersemble or transforms."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
+    quick: bool = typer.Option(False, "--quick", help="Read frame counts from the container headers instead of "
+                               "decoding every frame: seconds for a whole dataset, but a truncated video whose "
+                               "index sits at the front passes here (extract still names it)."),
 ):
     """Subjects, sequences, cameras, frame counts, resolutions, and every problem found.
 
+    By default every frame of every video is decoded, so truncated and corrupt files are found;
+    on a full capture that is a decode of the whole dataset (use --quick for a first look).
     Exits 3 when any problem of severity 'error' was found (the items it names are unusable).
     """
     from dataclasses import asdict
 
     from avat3r_core.formats.capture import scan_capture
 
-    index = _run(scan_capture, root, layout)
+    index = _run(scan_capture, root, layout, decode=not quick)
     table = Table(title=f"{root} ({index.layout} layout)")
     for col in ("subject", "sequence", "cameras", "frames", "resolution", "alpha", "colour cal."):
         table.add_column(col)

@@ -106,6 +106,8 @@ def test_cli_stage_run_and_inspection(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     inspect = run_cli("ingest", "inspect", str(data / "raw/synthetic"))
     assert inspect.returncode == 0 and "EXP-1-head" in inspect.stdout and "no problems found" in inspect.stdout
+    quick = run_cli("ingest", "inspect", str(data / "raw/synthetic"), "--quick")  # headers only: the same table
+    assert quick.returncode == 0 and quick.stdout == inspect.stdout
     stats = run_cli("stage", "stats", str(data / "raw/synthetic"))
     assert stats.returncode == 0 and "synth" in stats.stdout
     errors = run_cli("stage", "errors", str(data / "raw/synthetic"))
