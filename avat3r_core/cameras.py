@@ -627,6 +627,12 @@ def not_rigid(transforms: Any) -> np.ndarray:
     return np.flatnonzero(~rigid)
 
 
+def is_rigid(values: Any) -> bool:
+    """Whether ``values`` (16 numbers, flat or 4x4) are one finite rigid transform (:func:`not_rigid`)."""
+    H = np.asarray(values, np.float64)
+    return H.size == 16 and not len(not_rigid(H))
+
+
 def to_head_frame(points: np.ndarray, head_to_world: np.ndarray) -> np.ndarray:
     """World points (..., 3) in a rigid frame given by its (4, 4) frame-to-world transform (e.g. a
     tracked head frame): ``R^T (p - t)``, in float32 (position maps' working precision)."""

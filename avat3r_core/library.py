@@ -73,7 +73,7 @@ from avat3r_core.avatar import (
     render_frames,
     view_orbit,
 )
-from avat3r_core.cameras import Cameras, not_rigid, to_head_frame
+from avat3r_core.cameras import Cameras, is_rigid, to_head_frame
 from avat3r_core.config import Presets, pick_device
 from avat3r_core.dataset.loader import farthest_views
 from avat3r_core.errors import Avat3rError, FormatError
@@ -849,11 +849,10 @@ class Preparer:
             if t is None or t.get("head_to_world") is None:
                 raise AvatarInputError(tracking_manifest, f"no head_to_world for {r['subject']}/{r['sequence']} frame "
                                        f"{r['frame']} (tracking from before head frames: re-run the track stage)")
-            H = np.asarray(t["head_to_world"], np.float64)
-            if H.size != 16 or len(not_rigid(H)):
+            if not is_rigid(t["head_to_world"]):
                 raise AvatarInputError(tracking_manifest, f"head_to_world of {r['subject']}/{r['sequence']} frame "
-                                       f"{r['frame']} is not a rigid transform: {H.ravel().tolist()}")
-            heads.append(H.reshape(4, 4))
+                                       f"{r['frame']} is not a rigid transform: {list(t['head_to_world'])}")
+            heads.append(np.asarray(t["head_to_world"], np.float64).reshape(4, 4))
         return np.stack(heads)
 
     # ------------------------------------------------------------------ photos / image / video
@@ -1039,12 +1038,11 @@ def load_head_motion(spec: str | None) -> np.ndarray | None:
     if any(r.get("head_to_world") is None for r in rows):
         raise FormatError(spec.partition("#")[0], "head_to_world", "tracking without head frames (re-run the track "
                           "stage) cannot drive the head pose")
-    H = [np.asarray(r["head_to_world"], np.float64) for r in rows]
-    bad = [i for i, h in enumerate(H) if h.size != 16 or len(not_rigid(h))]
+    bad = [r for r in rows if not is_rigid(r["head_to_world"])]
     if bad:
-        raise FormatError(spec.partition("#")[0], f"frame {rows[bad[0]].get('frame', bad[0])}",
+        raise FormatError(spec.partition("#")[0], f"frame {bad[0]['frame']}",
                           f"head_to_world is not a rigid transform ({len(bad)} of {len(rows)} frames)")
-    H = np.stack(H).reshape(-1, 4, 4)
+    H = np.array([r["head_to_world"] for r in rows], np.float64).reshape(-1, 4, 4)
     return np.linalg.inv(H[0]) @ H
 
 

@@ -11,6 +11,7 @@ import torch
 
 from avat3r_core.cameras import (
     Cameras,
+    is_rigid,
     not_rigid,
     read_nersemble_calibration,
     read_transforms_json,
@@ -430,7 +431,8 @@ def test_not_rigid_names_each_kind_of_bad_transform():
     last_row[3, 0] = 0.5
     transforms = np.stack([good, np.eye(4), nan, scaled, mirrored, last_row])
     np.testing.assert_array_equal(not_rigid(transforms), [2, 3, 4, 5])
-    np.testing.assert_array_equal(not_rigid(good.ravel().tolist()), [])  # a manifest's flat 16 values
+    assert is_rigid(good.ravel().tolist()) and is_rigid(good)  # a manifest's flat 16 values, or a 4x4
+    assert not is_rigid(scaled) and not is_rigid(good[:3])
 
 
 def test_cameras_validation():

@@ -73,7 +73,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from avat3r_core import storage
 from avat3r_core.config import Presets
-from avat3r_core.cameras import Cameras, not_rigid, to_head_frame
+from avat3r_core.cameras import Cameras, is_rigid, to_head_frame
 from avat3r_core.dataset.pack import EXPRESSION_DIM, sample_fields, shard_urls
 from avat3r_core.formats.batch import Avat3rBatch
 
@@ -198,10 +198,9 @@ def head_to_world_of(sample: dict[str, Any]) -> np.ndarray:
         raise MissingHeadFrame(f"sample {sample.get('__key__')!r} has no head_to_world in tracking.json: its shards "
                                "were packed from tracking without head frames; re-run track and pack "
                                "(or read them with loader frame: world)")
-    H = np.asarray(values, np.float64)
-    if H.size != 16 or len(not_rigid(H)):
+    if not is_rigid(values):
         raise ValueError(f"sample {sample.get('__key__')!r}: head_to_world is not a rigid transform")
-    return H.reshape(4, 4)
+    return np.asarray(values, np.float64).reshape(4, 4)
 
 
 def parse_sample(sample: dict[str, Any], frame: str = "world") -> Timestep:
