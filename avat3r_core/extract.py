@@ -250,11 +250,18 @@ LUMA_HALF = float(np.flatnonzero(LUMA_TO_GRAY > 127.5)[0]) - 0.5
 
 class Yuv420Frame:
     """One decoded frame as the decoder left it: 4:2:0 planes (views of the decoder's buffers,
-    valid while this object lives), converted to RGB or gray only where asked."""
+    valid while this object lives), converted to RGB or gray only where asked.
+
+    ``full_range``: the stream is full range (``yuvj420p``, or tagged ``pc``: luma 0..255, as
+    phones and some capture rigs write), not the limited 16..235 of untagged video; conversions
+    follow it (read as limited range, its colours would come out contrast-stretched)."""
 
     def __init__(self, frame) -> None:
         self._frame = frame  # keeps the decoder's buffers alive
         self.width, self.height = frame.width, frame.height
+        self.full_range = frame.format.name == "yuvj420p" or frame.color_range == _AVCOL_RANGE_JPEG
+        #: a matte pixel is foreground (gray/255 > 0.5) exactly when its luma is above this
+        self.luma_half = 127.5 if self.full_range else LUMA_HALF
         y, u, v = frame.planes[:3]
         self.y = np.frombuffer(y, np.uint8).reshape(y.height, y.line_size)[:, :y.width]
         self.u = np.frombuffer(u, np.uint8).reshape(u.height, u.line_size)[:, :u.width]
@@ -266,7 +273,7 @@ class Yuv420Frame:
 
     def rgb(self, x0: int = 0, y0: int = 0, x1: int | None = None, y1: int | None = None,
             reduce: int = 0) -> tuple[np.ndarray, tuple[int, int], int]:
-        """RGB (BT.601 limited range, as decoders read untagged streams) of the region grown to even
+        """RGB (BT.601, limited or full range as the stream is) of the region grown to even
         coordinates; returns it with its top-left (x, y) in the frame and its reduction factor.
 
         ``reduce``: up to this many exact 2x2 averagings (:func:`halve`) first. They are made on
@@ -279,7 +286,7 @@ class Yuv420Frame:
         x1, y1 = min(-(-x1 // 2) * 2, self.width // 2 * 2), min(-(-y1 // 2) * 2, self.height // 2 * 2)
         luma, done = halve(self.y[y0:y1, x0:x1], reduce)
         u, v = self.u[y0 // 2:y1 // 2, x0 // 2:x1 // 2], self.v[y0 // 2:y1 // 2, x0 // 2:x1 // 2]
-        if done == 0:
+        if done == 0 and not self.full_range:  # OpenCV's own converter (limited range only)
             h, w = y1 - y0, x1 - x0
             i420 = np.empty((h * 3 // 2, w), np.uint8)
             i420[:h] = luma
@@ -288,9 +295,14 @@ class Yuv420Frame:
             chroma[:q].reshape(h // 2, w // 2)[...] = u
             chroma[q:].reshape(h // 2, w // 2)[...] = v
             return cv2.cvtColor(i420, cv2.COLOR_YUV2RGB_I420), (x0, y0), 1
-        u, _ = halve(u, done - 1)  # the same shape as the luma now: both halve (floor) per step
-        v, _ = halve(v, done - 1)
-        return cv2.transform(cv2.merge([luma, u, v]), _BT601_LIMITED_TO_RGB), (x0, y0), 2 ** done
+        if done == 0:  # each chroma sample covers its 2x2 luma block, as in the I420 converter
+            u = cv2.resize(u, (luma.shape[1], luma.shape[0]), interpolation=cv2.INTER_NEAREST)
+            v = cv2.resize(v, (luma.shape[1], luma.shape[0]), interpolation=cv2.INTER_NEAREST)
+        else:  # the same shape as the luma now: both halve (floor) per step
+            u, _ = halve(u, done - 1)
+            v, _ = halve(v, done - 1)
+        to_rgb = _BT601_FULL_TO_RGB if self.full_range else _BT601_LIMITED_TO_RGB
+        return cv2.transform(cv2.merge([luma, u, v]), to_rgb), (x0, y0), 2 ** done
 
     def gray(self, x0: int = 0, y0: int = 0, x1: int | None = None, y1: int | None = None,
              reduce: int = 0) -> tuple[np.ndarray, tuple[int, int], int]:
@@ -299,6 +311,8 @@ class Yuv420Frame:
         x1 = self.width if x1 is None else x1
         y1 = self.height if y1 is None else y1
         luma, done = halve(self.y[y0:y1, x0:x1], reduce)
+        if self.full_range:  # the luma is the gray already
+            return np.ascontiguousarray(luma), (x0, y0), 2 ** done
         return cv2.LUT(np.ascontiguousarray(luma), LUMA_TO_GRAY), (x0, y0), 2 ** done
 
 
@@ -310,6 +324,15 @@ _BT601_LIMITED_TO_RGB = np.array([
     [255 / 219, 1.772 * 255 / 224, 0.0],
 ])
 _BT601_LIMITED_TO_RGB = np.hstack([_BT601_LIMITED_TO_RGB, -_BT601_LIMITED_TO_RGB @ [[16.0], [128.0], [128.0]]])
+#: the same for full-range streams (luma and chroma over 0..255, as JPEG)
+_BT601_FULL_TO_RGB = np.array([
+    [1.0, 0.0, 1.402],
+    [1.0, -1.772 * 0.114 / 0.587, -1.402 * 0.299 / 0.587],
+    [1.0, 1.772, 0.0],
+])
+_BT601_FULL_TO_RGB = np.hstack([_BT601_FULL_TO_RGB, -_BT601_FULL_TO_RGB @ [[0.0], [128.0], [128.0]]])
+#: FFmpeg's AVCOL_RANGE_JPEG: a stream tagged full range
+_AVCOL_RANGE_JPEG = 2
 
 
 def read_yuv420(uri, threads: int = 1) -> Iterator[Yuv420Frame]:

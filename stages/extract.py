@@ -33,7 +33,7 @@ import numpy as np
 
 from avat3r_core import storage
 from avat3r_core.errors import FormatError
-from avat3r_core.extract import (LUMA_HALF, ExtractConfig, VideoJob, background_matte, encode_image, extract_video,
+from avat3r_core.extract import (ExtractConfig, VideoJob, background_matte, encode_image, extract_video,
                                  frame_boxes, mask_center, pick_frames, read_yuv420, select_frames, spread_views,
                                  triangulate)
 from avat3r_core.ids import make_id
@@ -97,7 +97,7 @@ def _mask_centers(item: dict, frames: list[int], decoder: str, threshold: float)
     needs foreground vs background, so no matte is converted at all."""
     if item.get("alpha_video") and decoder == "yuv":
         for index, frame in pick_frames(read_yuv420(item["alpha_video"], threads=1), frames):
-            yield index, mask_center(frame.y, threshold=LUMA_HALF)
+            yield index, mask_center(frame.y, threshold=frame.luma_half)
         return
     for index, matte in pick_frames(_matte_stream(item, decoder, threshold), frames):
         yield index, mask_center(matte)
@@ -147,7 +147,7 @@ def _one_thread_per_worker() -> None:
 
 
 #: Bumped when the stage's output changes meaning; part of the flow task's cache key (pipelines/caching.py).
-VERSION = "3"  # 3: crops reduced on the 4:2:0 planes before conversion (pixels may differ by rounding)
+VERSION = "4"  # 4: full-range (yuvj420p, pc-tagged) streams convert as full range; 3: crops reduced on the planes
 
 
 class _ExtractStageBase(Stage):

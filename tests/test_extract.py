@@ -156,6 +156,44 @@ def test_yuv_crops_match_crops_of_whole_converted_frames(capture):
         assert diff.mean() < 0.1 and diff.max() <= 1, (size, diff.mean(), diff.max())
 
 
+def _full_range_video(path: Path, frames: list[np.ndarray]) -> None:
+    """A lossless H.264 video in full range (yuvj420p), as phones and some capture rigs write."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=24, options={"qp": "0"})
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuvj420p"
+        for rgb in frames:
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuvj420p", dst_color_range=2)
+            frame.color_range = 2
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def test_full_range_videos_keep_their_colours(tmp_path):
+    """A full-range stream converts with the full-range matrix, whole or reduced on the planes, as
+    FFmpeg's own RGB decode does (read as limited range, a (248, 11, 9) red came out (255, 0, 0));
+    its luma is the matte's gray as it is, and the foreground threshold follows."""
+    from avat3r_core.extract import halve, read_yuv420
+
+    yy, xx = np.mgrid[0:64, 0:96]
+    rgb = np.stack([xx * 255 // 95, yy * 255 // 63, np.full_like(xx, 128)], -1).astype(np.uint8)
+    rgb[:16, :16] = (248, 11, 9)
+    rgb[48:, 80:] = (4, 4, 4)
+    _full_range_video(tmp_path / "full.mp4", [rgb])
+    frame = next(read_yuv420(tmp_path / "full.mp4"))
+    reference = next(read_frames(tmp_path / "full.mp4"))  # FFmpeg's conversion, range-aware
+    assert frame.full_range and frame.luma_half == 127.5
+    ours = frame.rgb()[0].astype(int)
+    assert np.abs(ours - reference).max() <= 2 and np.abs(ours - rgb).mean() < 2
+    assert np.abs(ours[2:14, 2:14] - (248, 11, 9)).max() <= 3  # not stretched to (255, 0, 0)
+    reduced, _, scale = frame.rgb(reduce=2)
+    assert scale == 4 and np.abs(reduced.astype(int) - halve(reference, 2)[0]).max() <= 3
+    np.testing.assert_array_equal(frame.gray()[0], frame.y)
+
+
 def test_extract_workers_never_import_torch(tmp_path):
     """A worker unpickles its stage factory (as the runner ships it) and sets the stage up; torch
     imported there would add ~0.9 s to every worker's start."""
