@@ -92,8 +92,8 @@ def write_video(uri: str | Path, frames: Iterable[np.ndarray], fps: float = 24.0
 
 
 #: Codec options for FFmpeg's stream probe when only the header is wanted. Opening a container
-#: decodes its first frames to fill in stream details (~10 ms at 2048 px, ~20 ms for a NeRSemble
-#: frame); skipping non-key frames ends that probe at once (~0.2 ms). Size, frame count and rate
+#: decodes its first frames to fill in stream details (11 ms a video at 2048 px); skipping non-key
+#: frames ends that probe at once (0.2 ms; `benchmarks/extract.py`). Size, frame count and rate
 #: come from the container header either way, and later decoding is not affected (the decoder it
 #: uses is set up afresh).
 _HEADER_ONLY = {"skip_frame": "nonkey"}

@@ -22,6 +22,8 @@ Prints one JSON object:
   scanning, planning crops);
 * ``per_crop_ms``: one crop (colour, matte) the stage's way, reduced on the 4:2:0 planes before
   conversion, against converting the region first (best of 5 passes over 16 frames);
+* ``scan_probe_per_video``: ms per video of the capture scan's header-only probe against
+  opening the video with FFmpeg's default stream probe (which decodes its first frames);
 * ``stage_cold_first_run``: the first run of the process (1 worker), which also starts Ray's
   worker processes; later runs find them running (the extract passes run as Ray tasks on Ray's
   pooled workers, like every stage whose set-up loads nothing), as a flow's second pass and
@@ -71,7 +73,7 @@ from avat3r_core import storage  # noqa: E402
 from avat3r_core.extract import ExtractConfig, crop_region, crop_roi, read_yuv420  # noqa: E402
 from avat3r_core.extract import _crop_frame  # noqa: E402
 from avat3r_core.synthetic.studio import StudioConfig  # noqa: E402
-from avat3r_core.video import encode_video, read_frames  # noqa: E402
+from avat3r_core.video import encode_video, probe_video, read_frames  # noqa: E402
 from stages.extract import run_extract  # noqa: E402
 from stages.runner import StageResources  # noqa: E402
 from stages.synth import run_synth  # noqa: E402
@@ -103,8 +105,10 @@ def decode_videos(videos: list[Path], backend: str) -> int:
     one stage worker); returns the number of colour frames. ``backend``: ``pyav`` or ``opencv``
     (to RGB / gray arrays), or ``planes`` (PyAV, frames left as 4:2:0 planes, nothing converted)."""
     def frames(video: Path, gray: bool):
-        return read_yuv420(video, threads=1) if backend == "planes" else read_frames(video, gray=gray, backend=backend,
-                                                                                     threads=1)
+        if backend == "planes":
+            return read_yuv420(video, threads=1)
+        return read_frames(video, gray=gray, backend=backend, threads=1)
+
     count = 0
     for video in videos:
         count += sum(1 for _ in frames(video, gray=False))
@@ -150,6 +154,31 @@ def parallel_create_rate(pool, root: Path, count: int, processes: int) -> float:
     rate = sum(done) / (time.perf_counter() - start)
     shutil.rmtree(root, ignore_errors=True)
     return rate
+
+
+def probe_costs(videos: list[Path], repeat: int = 3) -> dict:
+    """ms per video of the capture scan's header-only probe (``probe_video(decode=False)``)
+    against opening the same videos with FFmpeg's default stream probe, which decodes their first
+    frames (what the scan paid before); best of ``repeat``."""
+    import av
+
+    def header_only(video: Path) -> None:
+        probe_video(video, decode=False)
+
+    def default_open(video: Path) -> None:
+        with av.open(str(video)) as container:
+            container.streams.video[0].frames
+
+    result = {}
+    for name, probe in (("header_only", header_only), ("ffmpeg_default_open", default_open)):
+        best = float("inf")
+        for _ in range(repeat):
+            start = time.perf_counter()
+            for video in videos:
+                probe(video)
+            best = min(best, (time.perf_counter() - start) / len(videos))
+        result[f"{name}_ms"] = round(best * 1000, 3)
+    return result
 
 
 def stage_run(raw: Path, out: Path, workers: int, config: ExtractConfig, n_frames: int) -> dict:
@@ -234,6 +263,7 @@ def main() -> None:
         # the first run also starts Ray's worker processes (imports): reported, not compared
         cold = stage_run(work / "raw", out_root / "out_warmup", 1, config, n_frames)
         crops = crop_costs(work / "raw", out_root / "out_warmup", args.crop)
+        probes = probe_costs(sorted((work / "raw").glob("*/sequences/*/images/cam_*.mp4")))  # what the scan probes
         # Every measurement is repeated, interleaved, and the best of each is compared: on a shared
         # machine a burst of load then hits references and stage alike, and the best run is the
         # least disturbed one of each.
@@ -272,6 +302,7 @@ def main() -> None:
                                                  for k, r in machine["file_creation"].items()},
             "stage_cold_first_run": {key: round(v, 3) for key, v in cold.items()},
             "per_crop_ms": crops,
+            "scan_probe_per_video": probes,
             "stage_best_run_seconds": {f"{k}_worker{'s' if k > 1 else ''}": {key: round(v, 3) for key, v in run.items()
                                                                            if key != "frames_per_s"}
                                        for k, run in best_runs.items()},
