@@ -77,7 +77,7 @@ from avat3r_core.cameras import Cameras, is_rigid, to_head_frame
 from avat3r_core.config import Presets, pick_device
 from avat3r_core.dataset.loader import farthest_views
 from avat3r_core.errors import Avat3rError, FormatError
-from avat3r_core.ids import id_part
+from avat3r_core.ids import check_id_length, id_part
 
 log = logging.getLogger("avat3r.reconstruct")
 
@@ -260,6 +260,10 @@ def read_library(path: str | Path) -> list[LibraryEntry]:
         if not _ID_OK.match(avatar_id):
             raise FormatError(path, field_("avatar_id"),
                               f"{avatar_id!r} is not a dot-free id of [A-Za-z0-9_-] starting with a letter or digit")
+        try:
+            check_id_length(avatar_id)
+        except ValueError as exc:
+            raise FormatError(path, field_("avatar_id"), str(exc)) from None
         if avatar_id in seen:
             raise FormatError(path, field_("avatar_id"), f"duplicate id {avatar_id!r} (also row {seen[avatar_id]})")
         seen[avatar_id] = i

@@ -2,7 +2,8 @@
 
 Exit codes: 0 success · 1 unexpected failure · 2 bad arguments · 3 bad input data (a file with
 the wrong layout; the message names file and field) · 4 a stage exceeded its error budget
-(finished work is kept; the message names the error manifest).
+(finished work is kept; the message names the error manifest) · 5 the output is being written by
+another run (the message names it). A full disk exits 1 with one line saying what was kept.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from rich.table import Table
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_ERROR_BUDGET = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_ERROR_BUDGET, EXIT_BUSY = 0, 1, 2, 3, 4, 5
 
 app = typer.Typer(
     name="avat3r",
     help="Avat3r at dataset scale: synthetic studio, preprocessing stages, training and avatar reconstruction.\n\n"
-    "Exit codes: 0 ok, 1 failure, 2 bad arguments, 3 bad input data, 4 error budget exceeded.",
+    "Exit codes: 0 ok, 1 failure, 2 bad arguments, 3 bad input data, 4 error budget exceeded, "
+    "5 output in use by another run.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -46,10 +48,17 @@ DataRoot = typer.Option("data", "--data-root", help="Root of the DVC-tracked dat
 def _run(fn, *args, **kwargs):
     """Map the project's errors to exit codes with a one-line message naming what failed."""
     from avat3r_core.errors import FormatError
-    from stages.runner import ErrorBudgetExceeded
+    from avat3r_core.storage import OutputLocked
+    from stages.runner import DiskFull, ErrorBudgetExceeded
 
     try:
         return fn(*args, **kwargs)
+    except OutputLocked as exc:
+        console.print(f"[bold red]output in use:[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_BUSY) from exc
+    except DiskFull as exc:
+        console.print(f"[bold red]disk full:[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_FAILURE) from exc
     except FormatError as exc:
         console.print(f"[bold red]bad input:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_BAD_INPUT) from exc

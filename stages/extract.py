@@ -130,7 +130,7 @@ class _LocalWriter:
             self._made.add(parent)
         with open(path, "wb") as handle:
             handle.write(data)
-        self.ctx.add_bytes(len(data))
+        self.ctx.add_file(rel, len(data))
         return rel
 
 
@@ -319,29 +319,33 @@ def plan_crops(item: dict, centers: dict[int, list[float]], config: ExtractConfi
 
 def run_extract(config: ExtractConfig, capture_root: str, out_dir: str, layout: str = "auto",
                 resources: StageResources | None = None, executor: str = "ray") -> tuple[StageSummary, StageSummary]:
-    """Extract frames of a capture into ``out_dir`` (``head_centers/`` + ``frames.parquet``)."""
+    """Extract frames of a capture into ``out_dir`` (``head_centers/`` + ``frames.parquet``).
+
+    The run holds ``out_dir``'s lock throughout (both passes): a second extract into it is
+    refused at once, so two runs with different settings cannot mix their rows."""
     from avat3r_core.formats.capture import scan_capture
 
-    index = scan_capture(capture_root, layout=layout, decode=False)
-    center_items, video_items = plan(index, config)
-    centers_dir = storage.join(out_dir, "head_centers")
-    centers = run_stage(lambda: HeadCenterStage(config), center_items, centers_dir, "head_centers",
-                        resources=resources, executor=executor)
-    by_sequence: dict[tuple[str, str], dict[int, list[float]]] = {}
-    for row in storage.read_parquet(centers.manifest).to_pylist():
-        if "center" in row:
-            by_sequence.setdefault((row["subject"], row["sequence"]), {})[row["frame"]] = row["center"]
-    ready = []
-    for item in video_items:
-        if item.get("problem"):
-            ready.append(item)
-            continue
-        found = by_sequence.get((item["subject"], item["sequence"]))
-        if found is None:
-            ready.append({"id": item["id"], "path": item["video"],
-                          "problem": "no head centre for this sequence (see head_centers.errors.parquet)"})
-        else:
-            ready.append(plan_crops(item, found, config))
-    frames = run_stage(lambda: ExtractStage(config), ready, out_dir, "frames", resources=resources,
-                       executor=executor)
-    return centers, frames
+    with storage.output_lock(out_dir):
+        index = scan_capture(capture_root, layout=layout, decode=False)
+        center_items, video_items = plan(index, config)
+        centers_dir = storage.join(out_dir, "head_centers")
+        centers = run_stage(lambda: HeadCenterStage(config), center_items, centers_dir, "head_centers",
+                            resources=resources, executor=executor)
+        by_sequence: dict[tuple[str, str], dict[int, list[float]]] = {}
+        for row in storage.read_parquet(centers.manifest).to_pylist():
+            if "center" in row:
+                by_sequence.setdefault((row["subject"], row["sequence"]), {})[row["frame"]] = row["center"]
+        ready = []
+        for item in video_items:
+            if item.get("problem"):
+                ready.append(item)
+                continue
+            found = by_sequence.get((item["subject"], item["sequence"]))
+            if found is None:
+                ready.append({"id": item["id"], "path": item["video"],
+                              "problem": "no head centre for this sequence (see head_centers.errors.parquet)"})
+            else:
+                ready.append(plan_crops(item, found, config))
+        frames = run_stage(lambda: ExtractStage(config), ready, out_dir, "frames", resources=resources,
+                           executor=executor)
+        return centers, frames

@@ -44,7 +44,8 @@ class PackStage(Stage):
     def process(self, item: dict, ctx: StageContext) -> list[dict]:
         samples, _ = build_samples(*self.manifests, subjects=item["subjects"], require_priors=self.config.require_priors)
         rows = write_split(samples, item["split"], ctx.out_dir, self.config)
-        ctx.add_bytes(sum(r["bytes"] for r in rows))
+        for r in rows:
+            ctx.add_file(r["path"], r["bytes"])
         return rows
 
 

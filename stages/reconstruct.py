@@ -64,12 +64,15 @@ from avat3r_core.library import (
 from avat3r_core.training import load_trained_model, resolve_checkpoint
 from stages.runner import (
     ERRORS,
+    DiskFull,
     ErrorBudgetExceeded,
+    ItemResult,
     StageError,
     StageResources,
     StageSummary,
     commit_error,
     commit_fragment,
+    disk_full_error,
     merge_manifest,
     pending_items,
 )
@@ -189,14 +192,22 @@ class _AvatarWorker:
         entry = LibraryEntry.from_item(item)
         if prepared_row["error"]:
             return {"id": entry.avatar_id, "item": item_json, "row": "", "error": prepared_row["error"],
-                    "traceback": prepared_row["traceback"]}
+                    "traceback": prepared_row["traceback"], "disk_full": False}
+        self._written: list[str] = []
         try:
             return {"id": entry.avatar_id, "item": item_json, "row": json.dumps(self._build(entry, prepared_row["payload"])),
-                    "error": "", "traceback": ""}
+                    "error": "", "traceback": "", "disk_full": False}
         except Exception as exc:
             message, tb = _error_fields(exc)
-            log.warning("reconstruct: avatar %s (%s) failed while building: %s", entry.avatar_id, entry.where(), message)
-            return {"id": entry.avatar_id, "item": item_json, "row": "", "error": message, "traceback": tb}
+            disk_full = storage.is_disk_full(exc)
+            if disk_full:  # this avatar's files are referenced by nothing: make room for the index
+                for uri in self._written:
+                    storage.remove(uri)
+            else:
+                log.warning("reconstruct: avatar %s (%s) failed while building: %s", entry.avatar_id, entry.where(),
+                            message)
+            return {"id": entry.avatar_id, "item": item_json, "row": "", "error": message, "traceback": tb,
+                    "disk_full": disk_full}
 
     def _build(self, entry: LibraryEntry, payload: bytes) -> dict:
         cfg = self.config
@@ -227,10 +238,11 @@ class _AvatarWorker:
             "stats": made.stats, "files": sorted(list(made.files) + [META_FILE]),
         }
         written = 0
-        for name, data in made.files.items():  # media first; the driver commits the index row after
-            written += storage.atomic_write_bytes(storage.join(self.out_dir, entry.avatar_id, name), data)
-        meta_bytes = json.dumps(info, indent=1, default=_plain).encode()
-        written += storage.atomic_write_bytes(storage.join(self.out_dir, entry.avatar_id, META_FILE), meta_bytes)
+        files = {**made.files, META_FILE: json.dumps(info, indent=1, default=_plain).encode()}
+        for name, data in files.items():  # media first; the driver commits the index row after
+            uri = storage.join(self.out_dir, entry.avatar_id, name)
+            self._written.append(uri)
+            written += storage.atomic_write_bytes(uri, data)
         prepare_s = float(meta.get("prepare_s", 0.0))
         return {
             "id": entry.avatar_id, "status": "ok", "mode": entry.mode, "source": entry.source,
@@ -252,7 +264,7 @@ class _AvatarWorker:
     def __call__(self, batch: dict) -> dict:
         n = len(batch["id"])
         rows = [self.build({k: batch[k][i] for k in ("item", "payload", "error", "traceback")}) for i in range(n)]
-        return _columns(rows, ("id", "item", "row", "error", "traceback"))
+        return _columns(rows, ("id", "item", "row", "error", "traceback", "disk_full"))
 
 
 def _stand_ins(meta: dict) -> list[str]:
@@ -286,14 +298,19 @@ def _columns(rows: list[dict], keys: tuple[str, ...]) -> dict:
 
 
 # ====================================================================== commit
-def _commit(out_dir: str, result: dict, keys: dict[str, str]) -> bool:
+#: the index row's columns that name an avatar's files (checked before a rerun skips it)
+_FILE_COLUMNS = ("cache", "ply", "preview", "turntable", "animation", "meta")
+
+
+def _commit(out_dir: str, result: dict, keys: dict[str, str]) -> ItemResult:
     """Commit one avatar: its index fragment (media already written, ``keys``: its item key) or
     its error record."""
     if not result["error"]:
-        commit_fragment(out_dir, result["id"], [json.loads(result["row"])], keys[result["id"]])
-        return True
+        row = json.loads(result["row"])
+        commit_fragment(out_dir, result["id"], [row], keys[result["id"]], [row[c] for c in _FILE_COLUMNS])
+        return ItemResult(result["id"], True, 1, int(row["bytes"]))
     commit_error(out_dir, STAGE, result["id"], result["error"], result["traceback"], result["item"])
-    return False
+    return ItemResult(result["id"], False, message=result["error"], disk_full=bool(result.get("disk_full")))
 
 
 def _finish_index(out_dir: str) -> tuple[str, str, int]:
@@ -331,71 +348,84 @@ def run_reconstruct(config: ReconstructConfig, library_path: str, checkpoint: st
     ckpt = str(resolve_checkpoint(checkpoint).resolve())
     _, train_config, ckpt_info = load_trained_model(ckpt)  # a bad checkpoint fails before any work
     model_cfg = train_config.model_config()
-    storage.makedirs(out_dir)
-    # an avatar is rebuilt when its library row, the settings or the weights changed (a retrained
-    # model must not leave a library of avatars from the old one): the runner's item keys
-    settings = {"config": _config_dict(config), "checkpoint_sha256": ckpt_info["sha256"]}
-    todo, keys = pending_items(STAGE, VERSION, settings, [e.to_item() for e in entries], out_dir)
-    skipped = len(entries) - len(todo)
-    prep_args = dict(config=config, image_size=model_cfg.image_size, feature_dim=model_cfg.feature_dim,
-                     features_enabled=model_cfg.features_enabled, frame=model_cfg.frame)
-    probe = Preparer(**prep_args)  # fail fast on a bad configuration (projection file, feature width) before any actor
-    if any(e.mode != "capture" for e in entries):
-        probe.check_picture_features()
-    results: list[bool] = []
-    budget_hit: str | None = None
+    # one writer per output: a second run on it is refused, naming the first (held to the end)
+    with storage.output_lock(out_dir):
+        # an avatar is rebuilt when its library row, the settings or the weights changed (a retrained
+        # model must not leave a library of avatars from the old one): the runner's item keys
+        settings = {"config": _config_dict(config), "checkpoint_sha256": ckpt_info["sha256"]}
+        todo, keys = pending_items(STAGE, VERSION, settings, [e.to_item() for e in entries], out_dir)
+        skipped = len(entries) - len(todo)
+        prep_args = dict(config=config, image_size=model_cfg.image_size, feature_dim=model_cfg.feature_dim,
+                         features_enabled=model_cfg.features_enabled, frame=model_cfg.frame)
+        probe = Preparer(**prep_args)  # fail fast on a bad configuration (projection file, feature width) before any actor
+        if any(e.mode != "capture" for e in entries):
+            probe.check_picture_features()
+        pending_ids = {it["id"] for it in todo}
+        if any(e.mode != "capture" and e.avatar_id in pending_ids for e in entries):
+            # an unreadable face model is one problem, reported once now, not once per avatar
+            probe.face_layer()
+        results: list[ItemResult] = []
+        budget_hit: StageError | None = None
 
-    def over_budget() -> str | None:
-        failed = sum(not ok for ok in results)
-        if failed > resources.max_errors or failed > resources.max_error_fraction * len(entries):
-            return (f"stage {STAGE}: {failed} of {len(results)} attempted avatars failed, over the error budget "
+        def over_budget() -> StageError | None:
+            if any(r.disk_full for r in results):
+                return DiskFull(STAGE)  # the message is made once the index is written
+            failed = sum(not r.ok for r in results)
+            if failed > resources.max_errors or failed > resources.max_error_fraction * len(entries):
+                return ErrorBudgetExceeded(
+                    f"stage {STAGE}: {failed} of {len(results)} attempted avatars failed, over the error budget "
                     f"(max_errors={resources.max_errors}, max_error_fraction={resources.max_error_fraction}); stopped. "
                     f"Finished avatars are committed in {out_dir}; failures are listed in "
                     f"{storage.join(out_dir, MANIFEST + '.errors.parquet')}")
-        return None
+            return None
 
-    start = time.perf_counter()
-    bytes_written = 0
-    num_gpus = 0.0
-    try:
-        if todo and executor == "local":
-            prep = _PrepareWorker(**prep_args, num_threads=0)
-            builder = _AvatarWorker(config, ckpt, out_dir, num_threads=0)
-            for item in todo:
-                result = builder.build(prep.prepare(json.dumps(item)))
-                results.append(_commit(out_dir, result, keys))
-                bytes_written += json.loads(result["row"])["bytes"] if result["row"] else 0
-                budget_hit = over_budget()
-                if budget_hit:
-                    break
-        elif todo and executor == "ray":
-            bytes_written, budget_hit, num_gpus = _run_ray_data(config, ckpt, out_dir, todo, keys, prep_args,
-                                                                resources, results, over_budget, show_progress)
-        elif todo:
-            raise StageError(f"unknown executor {executor!r} (use 'ray' or 'local')")
-    finally:
-        manifest, errors_manifest, n_ok = _finish_index(out_dir)
-    seconds = time.perf_counter() - start
-    done_now = sum(results)
-    n_failed = len(storage.list_files(storage.join(out_dir, ERRORS), ".json"))
-    summary = StageSummary(
-        stage=STAGE, version=VERSION, manifest=manifest, errors_manifest=errors_manifest, items_total=len(entries),
-        items_done=done_now, items_skipped=skipped, items_failed=n_failed, rows=n_ok, bytes_written=bytes_written,
-        seconds=round(seconds, 3), items_per_s=round(done_now / seconds, 4) if seconds > 0 else 0.0,
-        bytes_per_s=round(bytes_written / seconds, 1) if seconds > 0 else 0.0,
-        extra={"executor": executor, "checkpoint": ckpt, "library": str(library_path),
-               "avatars_per_minute": round(60.0 * done_now / seconds, 3) if seconds > 0 and done_now else 0.0,
-               "landmarks": config.landmarks, "position_source": config.resolved_position_source,
-               "feature_source": config.resolved_feature_source(model_cfg.features_enabled),
-               "model_image_size": model_cfg.image_size, "num_gpus_per_model_actor": num_gpus,
-               "config": _config_dict(config)},
-    )
-    storage.atomic_write_bytes(storage.join(out_dir, f"{MANIFEST}.stats.json"),
-                               json.dumps(summary.to_dict(), indent=2, default=_plain).encode())
-    if budget_hit:
-        raise ErrorBudgetExceeded(budget_hit)
-    log.info("reconstruct: %d built, %d skipped, %d failed -> %s", done_now, skipped, n_failed, manifest)
-    return summary
+        start = time.perf_counter()
+        num_gpus = 0.0
+        try:
+            if todo and executor == "local":
+                prep = _PrepareWorker(**prep_args, num_threads=0)
+                builder = _AvatarWorker(config, ckpt, out_dir, num_threads=0)
+                for item in todo:
+                    results.append(_commit(out_dir, builder.build(prep.prepare(json.dumps(item))), keys))
+                    budget_hit = over_budget()
+                    if budget_hit:
+                        break
+            elif todo and executor == "ray":
+                budget_hit, num_gpus = _run_ray_data(config, ckpt, out_dir, todo, keys, prep_args,
+                                                                    resources, results, over_budget, show_progress)
+            elif todo:
+                raise StageError(f"unknown executor {executor!r} (use 'ray' or 'local')")
+        finally:
+            try:
+                manifest, errors_manifest, n_ok = _finish_index(out_dir)
+            except OSError as exc:
+                if not storage.is_disk_full(exc):
+                    raise
+                raise disk_full_error(STAGE, out_dir, None, results, len(entries)) from None
+        if isinstance(budget_hit, DiskFull):
+            raise disk_full_error(STAGE, out_dir, manifest, results, len(entries))
+        seconds = time.perf_counter() - start
+        done_now = sum(r.ok for r in results)
+        bytes_written = sum(r.bytes for r in results)
+        n_failed = len(storage.list_files(storage.join(out_dir, ERRORS), ".json"))
+        summary = StageSummary(
+            stage=STAGE, version=VERSION, manifest=manifest, errors_manifest=errors_manifest, items_total=len(entries),
+            items_done=done_now, items_skipped=skipped, items_failed=n_failed, rows=n_ok, bytes_written=bytes_written,
+            seconds=round(seconds, 3), items_per_s=round(done_now / seconds, 4) if seconds > 0 else 0.0,
+            bytes_per_s=round(bytes_written / seconds, 1) if seconds > 0 else 0.0,
+            extra={"executor": executor, "checkpoint": ckpt, "library": str(library_path),
+                   "avatars_per_minute": round(60.0 * done_now / seconds, 3) if seconds > 0 and done_now else 0.0,
+                   "landmarks": config.landmarks, "position_source": config.resolved_position_source,
+                   "feature_source": config.resolved_feature_source(model_cfg.features_enabled),
+                   "model_image_size": model_cfg.image_size, "num_gpus_per_model_actor": num_gpus,
+                   "config": _config_dict(config)},
+        )
+        storage.atomic_write_bytes(storage.join(out_dir, f"{MANIFEST}.stats.json"),
+                                   json.dumps(summary.to_dict(), indent=2, default=_plain).encode())
+        if budget_hit:
+            raise budget_hit
+        log.info("reconstruct: %d built, %d skipped, %d failed -> %s", done_now, skipped, n_failed, manifest)
+        return summary
 
 
 def _config_dict(config: ReconstructConfig) -> dict:
@@ -431,18 +461,15 @@ def _run_ray_data(config, ckpt, out_dir, todo, keys, prep_args, resources, resul
                         num_gpus=num_gpus)
     log.info("reconstruct: Ray Data with %d preparation actor(s), %d model actor(s) (%.2f GPU each)",
              prep_actors, model_actors, num_gpus)
-    bytes_written = 0
     budget_hit = None
     iterator = ds.iter_rows()
     try:
         for row in iterator:
             result = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in row.items()}
             results.append(_commit(out_dir, result, keys))
-            if result["row"]:
-                bytes_written += int(json.loads(result["row"])["bytes"])
             budget_hit = over_budget()
             if budget_hit:
                 break
     finally:
         del iterator  # stops the streaming executor when we leave early
-    return bytes_written, budget_hit, num_gpus
+    return budget_hit, num_gpus

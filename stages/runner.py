@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from avat3r_core import storage
+from avat3r_core.ids import MAX_ID_LENGTH
 
 log = logging.getLogger("avat3r.stages")
 
@@ -43,6 +44,8 @@ PARTS = "_parts"
 ERRORS = "_errors"
 #: schema metadata of a committed fragment: the item key it was made under
 ITEM_KEY = b"avat3r.item_key"
+#: ... and the files the item wrote (JSON list, relative to the output root or absolute)
+ITEM_FILES = b"avat3r.item_files"
 #: where the driver hands an item's key to the worker that commits it
 _KEY_FIELD = "__item_key__"
 
@@ -53,6 +56,10 @@ class StageError(RuntimeError):
 
 class ErrorBudgetExceeded(StageError):
     pass
+
+
+class DiskFull(StageError):
+    """The output's filesystem is full: the run stopped; what finished is committed."""
 
 
 @dataclass
@@ -68,22 +75,27 @@ class StageResources:
 
 @dataclass
 class StageContext:
-    """What ``process`` may use: the output root and byte-counting atomic writers."""
+    """What ``process`` may use: the output root and byte-counting atomic writers. The files an
+    item writes are recorded with its fragment: a rerun redoes a committed item one of whose
+    files is gone."""
 
     out_dir: str
     stage: str
     bytes_written: int = 0
+    files: list[str] = field(default_factory=list)  # relative to out_dir, or absolute / URIs
 
     def path(self, rel: str) -> str:
         return storage.join(self.out_dir, rel)
 
     def write_bytes(self, rel: str, data: bytes) -> str:
         """Write a media file atomically under the output root; returns ``rel``."""
-        self.bytes_written += storage.atomic_write_bytes(self.path(rel), data)
+        self.add_file(rel, storage.atomic_write_bytes(self.path(rel), data))
         return rel
 
-    def add_bytes(self, count: int) -> None:
-        """For media a stage writes itself (e.g. a video encoder writing a local file)."""
+    def add_file(self, path: str, count: int) -> None:
+        """For media a stage writes itself (e.g. a video encoder writing a local file): ``path``
+        relative to the output root (or absolute), ``count`` its bytes."""
+        self.files.append(path)
         self.bytes_written += int(count)
 
 
@@ -119,6 +131,7 @@ class ItemResult:
     bytes: int = 0
     seconds: float = 0.0
     message: str = ""
+    disk_full: bool = False  # the item stopped on a full disk: the run stops too
 
 
 @dataclass
@@ -156,21 +169,34 @@ def item_key(stage: str, version: str, settings: dict[str, Any], item: dict[str,
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def commit_fragment(out_dir: str, item_id: str, rows: list[dict], key: str | None = None) -> None:
-    """Commit an item: its manifest fragment (after its media; ``key``: its :func:`item_key`),
-    healing an earlier failure record."""
+def commit_fragment(out_dir: str, item_id: str, rows: list[dict], key: str | None = None,
+                    files: Iterable[str] = ()) -> None:
+    """Commit an item: its manifest fragment (after its media; ``key``: its :func:`item_key`;
+    ``files``: what it wrote, checked before a rerun skips it), healing an earlier failure record."""
     table = pa.Table.from_pylist(rows) if rows else pa.table({"item_id": pa.array([], pa.string())})
+    metadata = dict(table.schema.metadata or {})
     if key is not None:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), ITEM_KEY: key.encode()})
+        metadata[ITEM_KEY] = key.encode()
+    metadata[ITEM_FILES] = json.dumps(sorted(set(files))).encode()
+    table = table.replace_schema_metadata(metadata)
     storage.write_parquet(table, storage.join(out_dir, PARTS, f"{item_id}.parquet"))
     storage.remove(storage.join(out_dir, ERRORS, f"{item_id}.json"))  # an earlier failure is healed
 
 
-def commit_error(out_dir: str, stage: str, item_id: str, message: str, traceback_text: str, item_json: str) -> None:
-    """Record a failed item in the error manifest's fragments (id, stage, message, traceback, item)."""
+def commit_error(out_dir: str, stage: str, item_id: str, message: str, traceback_text: str, item_json: str) -> bool:
+    """Record a failed item in the error manifest's fragments (id, stage, message, traceback, item).
+
+    Never raises: a record that cannot be written (disk full, a name the filesystem refuses) is
+    logged with the item's error, and the run goes on; returns whether the record was written."""
     record = {"id": item_id, "stage": stage, "message": message, "traceback": traceback_text, "item": item_json,
               "time": time.time()}
-    storage.atomic_write_bytes(storage.join(out_dir, ERRORS, f"{item_id}.json"), json.dumps(record).encode())
+    try:
+        storage.atomic_write_bytes(storage.join(out_dir, ERRORS, f"{item_id}.json"), json.dumps(record).encode())
+        return True
+    except Exception as exc:  # noqa: BLE001 - recording a failure must not become another one
+        log.error("stage %s: item %s failed (%s) and its error record could not be written: %s: %s",
+                  stage, item_id[:80], message, type(exc).__name__, exc)
+        return False
 
 
 def _execute_item(stage: Stage, item: dict, out_dir: str) -> ItemResult:
@@ -184,22 +210,41 @@ def _execute_item(stage: Stage, item: dict, out_dir: str) -> ItemResult:
         rows = stage.process(item, ctx)
         for row in rows:
             row.setdefault("item_id", item_id)
-        commit_fragment(out_dir, item_id, rows, key)
+        commit_fragment(out_dir, item_id, rows, key, ctx.files)
         return ItemResult(item_id, True, len(rows), ctx.bytes_written, time.perf_counter() - start)
     except Exception as exc:  # a bad item must not stop the others
         message = f"{type(exc).__name__}: {exc}"
+        if storage.is_disk_full(exc):
+            # what this uncommitted item wrote is referenced by nothing: removing it makes room
+            # for the manifests of the items that finished
+            for path in ctx.files:
+                _quietly_remove(_file_uri(out_dir, path))
+            return _fail_item(out_dir, stage.name, item, message, traceback.format_exc(), 0,
+                              time.perf_counter() - start, disk_full=True)
         log.warning("stage %s: item %s failed: %s", stage.name, item_id, message)
         return _fail_item(out_dir, stage.name, item, message, traceback.format_exc(), ctx.bytes_written,
                           time.perf_counter() - start)
 
 
+def _file_uri(out_dir: str, path: str) -> str:
+    """A recorded item file (relative to the output root, or absolute / a URI) as a path."""
+    return path if "://" in path or path.startswith("/") else storage.join(out_dir, path)
+
+
+def _quietly_remove(uri: str) -> None:
+    try:
+        storage.remove(uri)
+    except OSError as exc:
+        log.warning("could not remove %s: %s", uri, exc)
+
+
 def _fail_item(out_dir: str, stage_name: str, item: dict, message: str, traceback_text: str,
-               bytes_written: int = 0, seconds: float = 0.0) -> ItemResult:
+               bytes_written: int = 0, seconds: float = 0.0, disk_full: bool = False) -> ItemResult:
     """Record a failed item in the error manifest (the item as the stage got it, without the
     runner's key) and return its result."""
     commit_error(out_dir, stage_name, item["id"], message, traceback_text,
                  json.dumps({k: v for k, v in item.items() if k != _KEY_FIELD}, default=str))
-    return ItemResult(item["id"], False, 0, bytes_written, seconds, message)
+    return ItemResult(item["id"], False, 0, bytes_written, seconds, message, disk_full)
 
 
 class _LocalWorker:
@@ -220,13 +265,20 @@ def committed_ids(out_dir: str) -> set[str]:
 
 
 def committed_keys(out_dir: str) -> dict[str, str | None]:
-    """Committed item id → the item key its fragment was made under (None: no key recorded)."""
+    """Committed item id → the item key its fragment was made under (None: no key recorded, or
+    a file the item wrote is gone, so it must be redone)."""
     out = {}
     for path in storage.list_files(storage.join(out_dir, PARTS), ".parquet"):
         fs, local = storage.url_to_fs(path)
         metadata = pq.read_schema(local, filesystem=fs).metadata or {}
         key = metadata.get(ITEM_KEY)
-        out[Path(path).name[: -len(".parquet")]] = key.decode() if key else None
+        item_id = Path(path).name[: -len(".parquet")]
+        files = json.loads(metadata.get(ITEM_FILES, b"[]"))
+        missing = next((f for f in files if not storage.exists(_file_uri(out_dir, f))), None)
+        if missing is not None:
+            log.warning("committed item %s: its file %s is gone; redoing the item", item_id, _file_uri(out_dir, missing))
+            key = None
+        out[item_id] = key.decode() if key else None
     return out
 
 
@@ -241,8 +293,8 @@ def pending_items(stage: str, version: str, settings: dict[str, Any], items: lis
     if skipped:
         log.info("stage %s: %d of %d items already committed in %s, skipping them", stage, skipped, len(items), out_dir)
     if stale:
-        log.info("stage %s: %d committed items were made with another stage version, settings or input: "
-                 "redoing them", stage, stale)
+        log.info("stage %s: %d committed items were made with another stage version, settings or input, "
+                 "or lost a file: redoing them", stage, stale)
     return todo, keys
 
 
@@ -313,83 +365,112 @@ def run_stage(
     bad = [i for i in ids if "." in i or "/" in i]
     if bad:
         raise StageError(f"item ids must not contain '.' or '/': {bad[:5]}")
+    long_ids = [i for i in ids if len(i) > MAX_ID_LENGTH]
+    if long_ids:
+        raise StageError(f"{len(long_ids)} item id(s) longer than {MAX_ID_LENGTH} characters (ids become file names), "
+                         f"e.g. {long_ids[0][:60]!r}...")
 
     probe = factory()  # cheap: stages load heavy things in setup(), not __init__
     stage_name, stage_version = probe.name, probe.version
-    storage.makedirs(out_dir)
-    pending, keys = pending_items(stage_name, stage_version, probe.settings(), items, out_dir)
-    todo = [{**it, _KEY_FIELD: keys[it["id"]]} for it in pending]
-    skipped = len(items) - len(todo)
+    # one writer per output: a second run on it is refused, naming the first (held to the end)
+    with storage.output_lock(out_dir):
+        pending, keys = pending_items(stage_name, stage_version, probe.settings(), items, out_dir)
+        todo = [{**it, _KEY_FIELD: keys[it["id"]]} for it in pending]
+        skipped = len(items) - len(todo)
 
-    start = time.perf_counter()
-    results: list[ItemResult] = []
-    budget_hit: str | None = None
+        start = time.perf_counter()
+        results: list[ItemResult] = []
+        budget_hit: StageError | None = None
 
-    def over_budget() -> str | None:
-        failed = sum(not r.ok for r in results)
-        # both bounds count against the whole run, so a few bad items that happen to come
-        # first cannot stop a large run early
-        if failed > resources.max_errors or failed > resources.max_error_fraction * len(items):
-            return (
-                f"stage {stage_name}: {failed} of {len(results)} attempted items failed, over the error budget "
-                f"(max_errors={resources.max_errors}, max_error_fraction={resources.max_error_fraction}); "
-                f"stopped. Everything finished is committed in {out_dir}; failures are listed in "
-                f"{storage.join(out_dir, manifest_name + '.errors.parquet')}"
-            )
-        return None
+        def over_budget() -> StageError | None:
+            """Why the run must stop (no more items submitted; in-flight ones drain), or None."""
+            if any(r.disk_full for r in results):
+                return DiskFull(stage_name)  # the message is made once the manifests are written
+            failed = sum(not r.ok for r in results)
+            # both bounds count against the whole run, so a few bad items that happen to come
+            # first cannot stop a large run early
+            if failed > resources.max_errors or failed > resources.max_error_fraction * len(items):
+                return ErrorBudgetExceeded(
+                    f"stage {stage_name}: {failed} of {len(results)} attempted items failed, over the error budget "
+                    f"(max_errors={resources.max_errors}, max_error_fraction={resources.max_error_fraction}); "
+                    f"stopped. Everything finished is committed in {out_dir}; failures are listed in "
+                    f"{storage.join(out_dir, manifest_name + '.errors.parquet')}"
+                )
+            return None
 
-    progress, task = _progress(len(todo), f"{stage_name}") if (show_progress and todo) else (None, None)
-    if progress:
-        progress.start()
-    try:
-        if todo and executor == "local":
-            worker = _LocalWorker(factory, out_dir)
-            for item in todo:
-                results.append(worker.run(item))
-                if progress:
-                    progress.update(task, advance=1, status=f"errors={sum(not r.ok for r in results)}")
-                budget_hit = over_budget()
-                if budget_hit:
-                    break
-        elif todo and executor == "ray":
-            budget_hit = _run_on_ray(factory, stage_name, todo, out_dir, resources, results, over_budget, progress, task,
-                                     as_tasks=probe.cheap_setup)
-        elif todo:
-            raise StageError(f"unknown executor {executor!r} (use 'ray' or 'local')")
-    finally:
+        progress, task = _progress(len(todo), f"{stage_name}") if (show_progress and todo) else (None, None)
         if progress:
-            progress.stop()
-        manifest, errors_manifest, n_rows = merge_manifest(out_dir, manifest_name)
+            progress.start()
+        try:
+            if todo and executor == "local":
+                worker = _LocalWorker(factory, out_dir)
+                for item in todo:
+                    results.append(worker.run(item))
+                    if progress:
+                        progress.update(task, advance=1, status=f"errors={sum(not r.ok for r in results)}")
+                    budget_hit = over_budget()
+                    if budget_hit:
+                        break
+            elif todo and executor == "ray":
+                budget_hit = _run_on_ray(factory, stage_name, todo, out_dir, resources, results, over_budget, progress, task,
+                                         as_tasks=probe.cheap_setup)
+            elif todo:
+                raise StageError(f"unknown executor {executor!r} (use 'ray' or 'local')")
+        finally:
+            if progress:
+                progress.stop()
+            try:
+                manifest, errors_manifest, n_rows = merge_manifest(out_dir, manifest_name)
+            except OSError as exc:
+                if not storage.is_disk_full(exc):
+                    raise
+                raise disk_full_error(stage_name, out_dir, None, results, len(items)) from None
+        if isinstance(budget_hit, DiskFull):
+            raise disk_full_error(stage_name, out_dir, manifest, results, len(items))
 
-    seconds = time.perf_counter() - start
-    done_now = sum(r.ok for r in results)
-    bytes_written = sum(r.bytes for r in results)
-    n_failed = len(storage.list_files(storage.join(out_dir, ERRORS), ".json"))
-    summary = StageSummary(
-        stage=stage_name,
-        version=stage_version,
-        manifest=manifest,
-        errors_manifest=errors_manifest,
-        items_total=len(items),
-        items_done=done_now,
-        items_skipped=skipped,
-        items_failed=n_failed,
-        rows=n_rows,
-        bytes_written=bytes_written,
-        seconds=round(seconds, 3),
-        items_per_s=round(done_now / seconds, 3) if seconds > 0 else 0.0,
-        bytes_per_s=round(bytes_written / seconds, 1) if seconds > 0 else 0.0,
-    )
-    storage.atomic_write_bytes(
-        storage.join(out_dir, f"{manifest_name}.stats.json"), json.dumps(summary.to_dict(), indent=2).encode()
-    )
-    if budget_hit:
-        raise ErrorBudgetExceeded(budget_hit)
-    log.info(
-        "stage %s: %d done, %d skipped, %d failed, %.1f items/s -> %s",
-        stage_name, done_now, skipped, n_failed, summary.items_per_s, manifest,
-    )
-    return summary
+        seconds = time.perf_counter() - start
+        done_now = sum(r.ok for r in results)
+        bytes_written = sum(r.bytes for r in results)
+        n_failed = len(storage.list_files(storage.join(out_dir, ERRORS), ".json"))
+        summary = StageSummary(
+            stage=stage_name,
+            version=stage_version,
+            manifest=manifest,
+            errors_manifest=errors_manifest,
+            items_total=len(items),
+            items_done=done_now,
+            items_skipped=skipped,
+            items_failed=n_failed,
+            rows=n_rows,
+            bytes_written=bytes_written,
+            seconds=round(seconds, 3),
+            items_per_s=round(done_now / seconds, 3) if seconds > 0 else 0.0,
+            bytes_per_s=round(bytes_written / seconds, 1) if seconds > 0 else 0.0,
+        )
+        storage.atomic_write_bytes(
+            storage.join(out_dir, f"{manifest_name}.stats.json"), json.dumps(summary.to_dict(), indent=2).encode()
+        )
+        if budget_hit:
+            raise budget_hit
+        log.info(
+            "stage %s: %d done, %d skipped, %d failed, %.1f items/s -> %s",
+            stage_name, done_now, skipped, n_failed, summary.items_per_s, manifest,
+        )
+        return summary
+
+
+def disk_full_error(stage_name: str, out_dir: str, manifest: str | None, results: list[ItemResult],
+                    n_items: int) -> DiskFull:
+    """The one-line account of a run stopped by a full disk: what is kept and what is not."""
+    committed = len(committed_ids(out_dir))
+    lost = [r for r in results if r.disk_full]
+    first = lost[0].message if lost else "no space left on device"
+    kept = (f"the manifest {manifest} lists the {committed} committed items" if manifest else
+            f"the manifest could not be written either; the {committed} committed items' fragments in "
+            f"{storage.join(out_dir, PARTS)} are kept and a rerun merges them")
+    return DiskFull(f"stage {stage_name}: disk full writing {out_dir} ({first}); stopped: {kept} "
+                    f"({sum(r.ok for r in results)} finished in this run); the partial files of {len(lost)} unfinished "
+                    f"item(s) were removed; free space and rerun to do the other {n_items - committed} of {n_items}")
 
 
 _STAGE_ACTOR: Any = None

@@ -38,7 +38,7 @@ class SynthStage(Stage):
         self.casts = studio.camera_color_casts(self.config.seed, self.serials) if self.config.color_calibration else None
 
     def _write(self, ctx: StageContext, uri: str, data: bytes) -> None:
-        ctx.add_bytes(storage.atomic_write_bytes(uri, data))
+        ctx.add_file(uri, storage.atomic_write_bytes(uri, data))
 
     def process(self, item: dict, ctx: StageContext) -> list[dict]:
         from avat3r_core.synthetic.head import sample_appearance, sample_identity

@@ -1,0 +1,260 @@
+"""Hostile and broken inputs, concurrent runs, full disks (issue 24): each case the sweep found,
+made reproducible; every test fails on the code before the fix."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import fsspec
+import pyarrow.parquet as pq
+import pytest
+
+from avat3r_core import storage
+from avat3r_core.errors import FormatError
+from avat3r_core.ids import MAX_ID_LENGTH, make_id
+from avat3r_core.storage import OutputLock, OutputLocked, output_lock
+from stages.runner import DiskFull, Stage, StageError, commit_error, run_stage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class MediaStage(Stage):
+    """Writes one media file per item (through the runner's context) and logs every call."""
+
+    name = "media"
+    version = "1"
+
+    def __init__(self, log_path: str):
+        self.log_path = log_path
+
+    def settings(self):
+        return {}
+
+    def process(self, item, ctx):
+        with open(self.log_path, "a") as handle:
+            handle.write(item["id"] + "\n")
+        rel = ctx.write_bytes(f"media/{item['id']}.bin", bytes([item["value"] % 256]) * 1000)
+        return [{"id": item["id"], "value": item["value"], "path": rel}]
+
+
+def _items(n):
+    return [{"id": f"item-{i:03d}", "value": i} for i in range(n)]
+
+
+def _run(out, log, n=5, **kw):
+    return run_stage(lambda: MediaStage(str(log)), _items(n), out, "media", executor="local", show_progress=False, **kw)
+
+
+def _calls(log: Path) -> list[str]:
+    return log.read_text().split() if log.exists() else []
+
+
+# --------------------------------------------------------------------------- one writer per output
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    from avat3r_core.storage import output_lock
+    with output_lock(sys.argv[1], command="avat3r extract --resolution 96"):
+        print("held", flush=True)
+        time.sleep(120)
+""")
+
+
+def test_second_run_is_refused_naming_the_holder_and_a_killed_holders_lock_is_taken_over(tmp_path, caplog):
+    out, log = tmp_path / "out", tmp_path / "log"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.perf_counter()
+        with pytest.raises(OutputLocked) as refused:
+            _run(out, log)
+        assert time.perf_counter() - started < 5  # at once, not after waiting
+        message = str(refused.value)
+        assert f"pid {holder.pid}" in message and "avat3r extract --resolution 96" in message
+        assert os.uname().nodename in message and "started 20" in message
+        assert _calls(log) == [] and not (out / "media.parquet").exists()  # nothing done twice, nothing mixed
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with caplog.at_level(logging.WARNING, logger="avat3r.storage"):
+        assert _run(out, log).items_done == 5  # the killed run's lock is taken over
+    assert f"pid {holder.pid}" in caplog.text and "took over the lock" in caplog.text
+    assert (out / ".lock").read_bytes() == b""  # released: the next run finds nothing to take over
+
+
+def test_two_extract_runs_on_one_output_never_mix_resolutions(tmp_path, monkeypatch):
+    """The sweep: two extracts on one --out, 64 and 96 px, started 0.5 s apart, mixed 64 and 96
+    px rows. Now the second is refused while the first runs, and the manifest is all 64 px."""
+    from avat3r_core.extract import ExtractConfig
+    from avat3r_core.synthetic.studio import StudioConfig
+    from stages import extract as extract_stage
+    from stages.synth import run_synth
+
+    root = tmp_path / "capture"
+    run_synth(StudioConfig(subjects=1, sequences=1, frames=2, cameras=2, resolution=96, seed=3), str(root / "raw"),
+              str(root / "gt"), str(root / "model"), executor="local")
+    out = tmp_path / "frames"
+    go, original = threading.Event(), extract_stage.ExtractStage.process
+
+    def paced(self, item, ctx):  # the first run stays in flight until the second has been tried
+        assert go.wait(60)
+        return original(self, item, ctx)
+
+    monkeypatch.setattr(extract_stage.ExtractStage, "process", paced)
+    first: dict = {}
+    thread = threading.Thread(target=lambda: first.update(result=extract_stage.run_extract(
+        ExtractConfig(resolution=64), str(root / "raw"), str(out), executor="local")))
+    thread.start()
+    deadline = time.time() + 60
+    while not ((out / ".lock").exists() and (out / ".lock").read_bytes()) and thread.is_alive():
+        assert time.time() < deadline
+        time.sleep(0.01)
+    assert thread.is_alive()
+    with pytest.raises(OutputLocked, match="is being written by another run"):
+        extract_stage.run_extract(ExtractConfig(resolution=96), str(root / "raw"), str(out), executor="local")
+    go.set()
+    thread.join(60)
+    widths = set(pq.read_table(out / "frames.parquet").column("width").to_pylist())
+    assert "result" in first and widths == {64}
+    monkeypatch.setattr(extract_stage.ExtractStage, "process", original)
+    extract_stage.run_extract(ExtractConfig(resolution=96), str(root / "raw"), str(out), executor="local")
+    assert set(pq.read_table(out / "frames.parquet").column("width").to_pylist()) == {96}  # redone, not mixed
+
+
+def _try_lock_in_another_thread(out):
+    caught: list = []
+
+    def attempt():
+        try:
+            with OutputLock(out):
+                caught.append(None)
+        except OutputLocked as exc:
+            caught.append(exc)
+
+    thread = threading.Thread(target=attempt)
+    thread.start()
+    thread.join(10)
+    return caught[0]
+
+
+def test_object_storage_lock_refuses_a_live_holder_and_takes_over_a_stale_one():
+    out = f"memory://lock-test-{time.time_ns()}/out"
+    fs = fsspec.filesystem("memory")
+    marker = out.replace("memory://", "/") + "/.lock"
+    with output_lock(out, command="first run", heartbeat_s=0.05):
+        record = json.loads(fs.cat(marker))
+        time.sleep(0.3)
+        assert json.loads(fs.cat(marker))["heartbeat"] > record["heartbeat"]  # the holder keeps it fresh
+        assert isinstance(_try_lock_in_another_thread(out), OutputLocked)  # the same thread would re-enter
+        assert f"pid {os.getpid()}" in str(_try_lock_in_another_thread(out)) and "'first run'" in str(
+            _try_lock_in_another_thread(out))
+    assert not fs.exists(marker)  # released
+    # a killed run's marker: the heartbeat stopped long ago ...
+    fs.pipe(marker, json.dumps({"host": "elsewhere", "pid": 1, "started": "2026-01-01T00:00:00Z",
+                                "command": "killed", "heartbeat": time.time() - 3600}).encode())
+    with OutputLock(out) as lock:
+        assert lock.took_over["command"] == "killed"
+        assert json.loads(fs.cat(marker))["pid"] == os.getpid()
+    # ... or its process is gone on this host
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    fs.pipe(marker, json.dumps({"host": os.uname().nodename, "pid": dead.pid, "command": "gone",
+                                "heartbeat": time.time()}).encode())
+    with OutputLock(out) as lock:
+        assert lock.took_over["command"] == "gone"
+    # a live holder elsewhere with a fresh heartbeat is not taken over
+    fs.pipe(marker, json.dumps({"host": "elsewhere", "pid": 7, "command": "live", "heartbeat": time.time()}).encode())
+    with pytest.raises(OutputLocked, match="host elsewhere, pid 7"):
+        with OutputLock(out):
+            pass
+
+
+# --------------------------------------------------------------------------- ids and error records
+def test_over_long_ids_are_refused_by_name(tmp_path):
+    from avat3r_core.library import read_library
+
+    library = tmp_path / "library.csv"
+    library.write_text(f"avatar_id,mode,source\n{'a' * 300},image,face.png\n")
+    with pytest.raises(FormatError, match=rf"row 1: avatar_id.*300 characters, longer than {MAX_ID_LENGTH}"):
+        read_library(library)
+    with pytest.raises(ValueError, match="300 characters"):
+        make_id("s" * 289, "seq", 1)  # 289 + 1 + 3 + 1 + 6
+    with pytest.raises(StageError, match="longer than"):
+        run_stage(lambda: MediaStage(str(tmp_path / "log")), [{"id": "x" * 300, "value": 1}], tmp_path / "out",
+                  "media", executor="local", show_progress=False)
+
+
+def test_an_error_record_that_cannot_be_written_never_crashes_the_run(tmp_path, monkeypatch, caplog):
+    # a real filesystem refusal: the file name is too long for the filesystem
+    with caplog.at_level(logging.ERROR, logger="avat3r.stages"):
+        assert commit_error(str(tmp_path), "media", "y" * 400, "ValueError: bad", "tb", "{}") is False
+    assert "could not be written" in caplog.text and "ValueError: bad" in caplog.text
+
+    class Poisoned(MediaStage):
+        def process(self, item, ctx):
+            if item["value"] == 2:
+                raise ValueError("poisoned")
+            return super().process(item, ctx)
+
+    real = storage.atomic_write_bytes
+    monkeypatch.setattr(storage, "atomic_write_bytes", lambda uri, data: (_ for _ in ()).throw(
+        PermissionError(errno.EACCES, "read-only", str(uri))) if "/_errors/" in str(uri) else real(uri, data))
+    summary = run_stage(lambda: Poisoned(str(tmp_path / "log")), _items(5), tmp_path / "out", "media",
+                        executor="local", show_progress=False)
+    assert summary.items_done == 4 and pq.read_table(tmp_path / "out" / "media.parquet").num_rows == 4
+
+
+# --------------------------------------------------------------------------- skipped items' files
+def test_a_committed_items_deleted_file_is_redone(tmp_path):
+    out, log = tmp_path / "out", tmp_path / "log"
+    _run(out, log)
+    (out / "media" / "item-003.bin").unlink()  # deleted by hand
+    again = _run(out, log)
+    assert (again.items_done, again.items_skipped) == (1, 4)
+    assert _calls(log).count("item-003") == 2 and (out / "media" / "item-003.bin").read_bytes() == bytes([3]) * 1000
+
+
+# --------------------------------------------------------------------------- full disk
+def _fill_disk_after(monkeypatch, n_files: int):
+    """The local writer hits ENOSPC on its ``n_files + 1``-th media file, after a partial write."""
+    real_open = fsspec.implementations.local.LocalFileOpener.write
+    count = {"media": 0}
+
+    def write(self, data):
+        path = str(getattr(self, "path", ""))
+        if "/media/" in path:
+            count["media"] += 1
+            if count["media"] > n_files:
+                real_open(self, data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(self, data)
+
+    monkeypatch.setattr(fsspec.implementations.local.LocalFileOpener, "write", write)
+
+
+def test_a_full_disk_stops_the_run_in_one_line_keeping_the_finished_items(tmp_path, monkeypatch):
+    out, log = tmp_path / "out", tmp_path / "log"
+    _fill_disk_after(monkeypatch, 3)
+    with pytest.raises(DiskFull) as stopped:
+        _run(out, log, n=6)
+    message = str(stopped.value)
+    assert "\n" not in message and "disk full" in message and "lists the 3 committed items" in message
+    assert "other 3 of 6" in message
+    assert pq.read_table(out / "media.parquet").column("id").to_pylist() == ["item-000", "item-001", "item-002"]
+    assert _calls(log) == ["item-000", "item-001", "item-002", "item-003"]  # stopped at the full disk
+    leftovers = [p.name for p in out.rglob("*") if p.name.startswith(".tmp-")]
+    assert leftovers == [] and sorted(p.name for p in (out / "media").iterdir()) == [
+        "item-000.bin", "item-001.bin", "item-002.bin"]
+    monkeypatch.undo()
+    again = _run(out, log, n=6)  # space freed: the rest is done, the finished items are not redone
+    assert (again.items_done, again.items_skipped) == (3, 3)
