@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from avat3r_core.errors import FormatError, check_finite
+from avat3r_core.formats.parsing import read_json
 
 __all__ = [
     "Cameras",
@@ -543,17 +544,6 @@ class Cameras:
 # ====================================================================== JSON helpers
 
 
-def _load_json(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise FormatError(path, None, f"not UTF-8 text: {exc}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise FormatError(path, None, f"invalid JSON: {exc}") from None
-
-
 def _require(obj: Any, key: str, path: Path, field: str) -> Any:
     if not isinstance(obj, dict):
         raise FormatError(path, field, f"expected an object holding {key!r}, got {type(obj).__name__}")
@@ -657,7 +647,7 @@ def read_nersemble_calibration(
     portrait) so that the principal point lies nearest the image centre.
     """
     path = Path(path)
-    data = _load_json(path)
+    data = read_json(path)
     if not isinstance(data, dict):
         raise FormatError(path, None, f"expected a JSON object, got {type(data).__name__}")
     w2c_map = _require(data, "world_2_cam", path, "world_2_cam")
@@ -740,7 +730,7 @@ def read_transforms_json(
     (we do not undistort).
     """
     path = Path(path)
-    data = _load_json(path)
+    data = read_json(path)
     if not isinstance(data, dict):
         raise FormatError(path, None, f"expected a JSON object, got {type(data).__name__}")
     model = data.get("camera_model")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from avat3r_core.errors import FormatError
+from avat3r_core.formats.parsing import read_json
 
 
 def srgb_to_linear(x: np.ndarray) -> np.ndarray:
@@ -59,8 +60,8 @@ def read_color_calibration(path: str | Path) -> dict[str, np.ndarray]:
     """``{serial: CCM (3, terms)}`` from a NeRSemble ``color_calibration.json``."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        data = read_json(path)
+    except OSError as exc:
         raise FormatError(path, None, f"unreadable JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise FormatError(path, None, "expected an object {serial: matrix}")

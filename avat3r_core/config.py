@@ -13,9 +13,8 @@ import typing
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-import yaml
-
 from avat3r_core.errors import FormatError
+from avat3r_core.formats.parsing import read_yaml
 
 T = TypeVar("T")
 
@@ -74,10 +73,7 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise FormatError(path, None, "params file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise FormatError(path, None, f"invalid YAML: {exc}") from exc
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise FormatError(path, None, "top level must be a mapping of sections")
     return data

@@ -77,6 +77,7 @@ from avat3r_core.cameras import Cameras, is_rigid, to_head_frame
 from avat3r_core.config import Presets, pick_device
 from avat3r_core.dataset.loader import farthest_views
 from avat3r_core.errors import Avat3rError, FormatError
+from avat3r_core.formats.parsing import parse_json, read_json, read_yaml
 from avat3r_core.ids import check_id_length, id_part
 
 log = logging.getLogger("avat3r.reconstruct")
@@ -194,9 +195,7 @@ def _read_rows(path: Path) -> list[dict]:
             with path.open(newline="") as f:
                 return [dict(r) for r in csv.DictReader(f)]
         if suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(path.read_text()) or []
+            data = read_yaml(path) or []
             if isinstance(data, dict):
                 if "avatars" not in data:
                     raise FormatError(path, "avatars", "a YAML mapping needs an 'avatars' list")
@@ -321,11 +320,9 @@ def write_capture_library(frames_manifest: str, splits: str, split: str = "test"
     """
     spath = storage.join(splits, "splits.json") if not str(splits).endswith(".json") else str(splits)
     try:
-        table = json.loads(storage.read_bytes(spath))
+        table = parse_json(storage.read_bytes(spath), spath)
     except FileNotFoundError:
         raise FormatError(spath, None, "splits file not found (run the pack stage first)") from None
-    except json.JSONDecodeError as exc:
-        raise FormatError(spath, None, f"invalid JSON: {exc}") from None
     if split not in table:
         raise FormatError(spath, split, f"no such split; known: {sorted(table)}")
     wanted = set(table[split])
@@ -1188,10 +1185,10 @@ def animate_avatar(avatar_dir: str | Path, expressions: str | None, out: str | P
     meta_path = avatar_dir / META_FILE
     if not meta_path.exists():
         raise FormatError(meta_path, None, "not a built avatar directory (no meta.json)")
+    meta = read_json(meta_path)
     try:
-        meta = json.loads(meta_path.read_text())
         framing = meta["framing"]
-    except (json.JSONDecodeError, KeyError) as exc:
+    except (KeyError, TypeError) as exc:
         raise FormatError(meta_path, str(exc), "unreadable avatar metadata") from None
     dev = pick_device(device)
     from avat3r_core.training import load_trained_model

@@ -92,18 +92,26 @@ def test_second_run_is_refused_naming_the_holder_and_a_killed_holders_lock_is_ta
     assert (out / ".lock").read_bytes() == b""  # released: the next run finds nothing to take over
 
 
-def test_two_extract_runs_on_one_output_never_mix_resolutions(tmp_path, monkeypatch):
-    """The sweep: two extracts on one --out, 64 and 96 px, started 0.5 s apart, mixed 64 and 96
-    px rows. Now the second is refused while the first runs, and the manifest is all 64 px."""
-    from avat3r_core.extract import ExtractConfig
+@pytest.fixture(scope="module")
+def capture(tmp_path_factory):
+    """A small studio capture in the NeRSemble layout: 2 subjects, 2 cameras, 2 frames."""
     from avat3r_core.synthetic.studio import StudioConfig
-    from stages import extract as extract_stage
     from stages.synth import run_synth
 
-    root = tmp_path / "capture"
-    run_synth(StudioConfig(subjects=1, sequences=1, frames=2, cameras=2, resolution=96, seed=3), str(root / "raw"),
+    root = tmp_path_factory.mktemp("capture")
+    run_synth(StudioConfig(subjects=2, sequences=1, frames=2, cameras=2, resolution=96, seed=3), str(root / "raw"),
               str(root / "gt"), str(root / "model"), executor="local")
-    out = tmp_path / "frames"
+    return root
+
+
+def test_two_extract_runs_on_one_output_never_mix_resolutions(capture, tmp_path, monkeypatch):
+    """The sweep: two extracts on one --out, 64 and 96 px, started 0.5 s apart, mixed 64 and 96
+    px rows. Now the second is refused while the first runs, and the manifest is all 64 px. A
+    crop deleted by hand afterwards is redone on the next run."""
+    from avat3r_core.extract import ExtractConfig
+    from stages import extract as extract_stage
+
+    root, out = capture, tmp_path / "frames"
     go, original = threading.Event(), extract_stage.ExtractStage.process
 
     def paced(self, item, ctx):  # the first run stays in flight until the second has been tried
@@ -128,7 +136,42 @@ def test_two_extract_runs_on_one_output_never_mix_resolutions(tmp_path, monkeypa
     assert "result" in first and widths == {64}
     monkeypatch.setattr(extract_stage.ExtractStage, "process", original)
     extract_stage.run_extract(ExtractConfig(resolution=96), str(root / "raw"), str(out), executor="local")
-    assert set(pq.read_table(out / "frames.parquet").column("width").to_pylist()) == {96}  # redone, not mixed
+    frames = pq.read_table(out / "frames.parquet").to_pylist()
+    assert {r["width"] for r in frames} == {96}  # redone, not mixed
+    (out / frames[0]["image"]).unlink()  # a committed crop deleted by hand
+    _, again = extract_stage.run_extract(ExtractConfig(resolution=96), str(root / "raw"), str(out), executor="local")
+    assert again.items_done == 1 and (out / frames[0]["image"]).is_file()
+
+
+def test_a_deeply_nested_calibration_is_one_named_problem_and_the_other_subjects_go_on(capture, tmp_path):
+    import shutil
+
+    from avat3r_core.formats.capture import scan_capture
+
+    raw = tmp_path / "raw"
+    shutil.copytree(capture / "raw", raw)
+    subjects = sorted(p.name for p in raw.iterdir() if p.is_dir())
+    bad = raw / subjects[0] / "calibration" / "camera_params.json"
+    bad.write_text("[" * 200_000)
+    index = scan_capture(str(raw), decode=False)
+    problems = [p for p in index.problems if p.path == str(bad)]
+    assert len(problems) == 1 and "nested too deeply" in problems[0].message
+    assert index.subjects[subjects[1]].cameras is not None  # the good subject is read
+
+
+@pytest.mark.parametrize("name, text", [("library.yaml", "avatars: " + "[" * 100_000),
+                                        ("library.json", "[" * 200_000)])
+def test_untrusted_json_and_yaml_never_raise_a_bare_recursion_error(tmp_path, name, text):
+    from avat3r_core.formats.parsing import read_json, read_yaml
+    from avat3r_core.library import read_library
+
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(FormatError, match=f"{name}.*nested too deeply"):
+        read_library(path) if name.endswith(".yaml") else read_json(path)
+    path.write_bytes(b"{" + b" " * 100)
+    with pytest.raises(FormatError, match="more than the 10 a metadata file may have"):
+        (read_yaml if name.endswith(".yaml") else read_json)(path, max_bytes=10)
 
 
 def _try_lock_in_another_thread(out):
