@@ -126,7 +126,12 @@ def _codecs_encode(text, encoding="utf-8", errors="strict"):
 
 def _torch_load_from_bytes(data: bytes):
     """Stand-in for ``torch.storage._load_from_bytes``: a weights-only torch.load (no code runs)."""
-    return torch.load(io.BytesIO(data), weights_only=True)
+    from avat3r_core.weights import refusal_message
+
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True)
+    except pickle.UnpicklingError as exc:  # say what was refused, without torch's advice to load it unsafely
+        raise pickle.UnpicklingError(refusal_message(str(exc))) from None
 
 
 def _build_allowed() -> dict[tuple[str, str], Any]:

@@ -9,6 +9,7 @@ file and listing what is wrong (missing keys, unexpected keys, shapes).
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,22 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu", allowed_globals
     except (FileNotFoundError, IsADirectoryError, PermissionError, MemoryError):
         raise
     except pickle.UnpicklingError as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else "refused by the weights-only unpickler"
-        raise FormatError(path, None, f"refused by the weights-only loader: {msg}"[:500]) from None
+        raise FormatError(path, None, refusal_message(str(exc))) from None
     except Exception as exc:  # a corrupt file surfaces as many exception types inside torch.load
         raise FormatError(path, None, f"not a readable weights-only torch file: {type(exc).__name__}: {exc}"[:500]) from None
+
+
+def refusal_message(torch_message: str) -> str:
+    """What the weights-only unpickler refused, from torch's message, without its advice: torch
+    suggests re-running with ``weights_only=False``, which would run whatever the file holds."""
+    blocked = re.search(r"GLOBAL ([\w.]+)", torch_message)
+    if blocked:
+        return (f"refused by the weights-only loader: the file would import {blocked.group(1)}, which a weights file "
+                "never needs (only tensors and plain containers are read); it is not loaded")
+    detail = next((line.split("WeightsUnpickler error:", 1)[1].split(". Please", 1)[0].strip()
+                   for line in torch_message.splitlines() if "WeightsUnpickler error:" in line), "")
+    return ("refused by the weights-only loader: " + (detail or "the file holds more than tensors and plain "
+                                                          "containers") + "; it is not loaded")[:500]
 
 
 def short_list(keys: Sequence[str], n: int = 12) -> str:

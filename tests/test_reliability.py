@@ -301,3 +301,25 @@ def test_a_full_disk_stops_the_run_in_one_line_keeping_the_finished_items(tmp_pa
     monkeypatch.undo()
     again = _run(out, log, n=6)  # space freed: the rest is done, the finished items are not redone
     assert (again.items_done, again.items_skipped) == (3, 3)
+
+
+# --------------------------------------------------------------------------- checkpoint refusals
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize("kind, blocked", [("code", "posix.system"), ("module", "torch.nn.modules.linear.Linear")])
+def test_checkpoint_refusals_name_the_blocked_global_and_never_suggest_the_unsafe_switch(tmp_path, kind, blocked):
+    import torch
+
+    from avat3r_core.training import load_trained_model
+
+    path = tmp_path / "checkpoint.pt"
+    # a pickled os.system call, and a pickled module object (torch words the two refusals differently)
+    torch.save({"model": _Payload() if kind == "code" else torch.nn.Linear(2, 2)}, path)
+    with pytest.raises(FormatError) as refused:
+        load_trained_model(path)
+    message = str(refused.value)
+    assert str(path) in message and f"would import {blocked}" in message and "not loaded" in message
+    assert "weights_only" not in message and "likely succeed" not in message
