@@ -447,6 +447,11 @@ class EvalReport:
             f"+inf per view and capped at {PSNR_CAP:.0f} dB in the means. SSIM: 11×11 Gaussian window, σ 1.5, valid.",
             f"- {self.lpips_status}",
         ]
+        if ctx.get("samples_skipped"):
+            notes.insert(1, f"- **Skipped: {ctx['samples_skipped']} of the split's {ctx.get('index_samples', '?')} "
+                         "samples (index)**, in shards that do not match the index: "
+                         + "; ".join(f"{s['shard']} ({s['samples']} samples): {', '.join(s['problems'])}"
+                                     for s in ctx.get("skipped_shards", [])) + ".")
         if akd_ok:
             notes.append(f"- {AKD_NOTE}. Detector: {self.detector_name}. Ground truth: the studio's 68 iBUG landmarks "
                          "with per-view visibility. AKD inner-51 leaves out the jaw contour (defined differently by "

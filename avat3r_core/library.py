@@ -76,9 +76,10 @@ from avat3r_core.avatar import (
 from avat3r_core.cameras import Cameras, is_rigid, to_head_frame
 from avat3r_core.config import Presets, pick_device
 from avat3r_core.dataset.loader import farthest_views
-from avat3r_core.errors import Avat3rError, FormatError
+from avat3r_core.errors import Avat3rError, FormatError, check_finite
 from avat3r_core.formats.parsing import parse_json, read_json, read_yaml
 from avat3r_core.ids import check_id_length, id_part
+from avat3r_core.tracking import check_tracking_rows
 
 log = logging.getLogger("avat3r.reconstruct")
 
@@ -769,6 +770,9 @@ class Preparer:
         if not rows:
             raise AvatarInputError(priors_manifest, f"no priors for any frame of subject {entry.subject!r}")
         tracked = self._tracking_rows(tracking_manifest, entry.subject)
+        # the tracked frames this avatar uses (head frames of its rows, the reference pose)
+        check_tracking_rows((tracked[k] for k in sorted({(str(r["sequence"]), int(r["frame"])) for r in rows})
+                             if k in tracked), tracking_manifest)
         heads = self._capture_head_frames(rows, tracked, tracking_manifest)
         w2c = np.array([r["world_to_cam"] for r in rows], np.float64).reshape(-1, 4, 4)
         if heads is not None:
@@ -786,6 +790,8 @@ class Preparer:
             pos_path = storage.join(priors_dir, p["position"])
             with np.load(io.BytesIO(storage.read_bytes(pos_path)), allow_pickle=False) as z:
                 position, confidence = z["position"].astype(np.float32), z["confidence"].astype(np.float32)
+            check_finite(position, pos_path, "position")  # named here, not later in a temporary .ply
+            check_finite(confidence, pos_path, "confidence")
             if heads is not None:
                 position = to_head_frame(position, heads[i])
             cam = Cameras(torch.tensor(w2c[i:i + 1]), torch.tensor(np.reshape(r["K"], (1, 3, 3))),
@@ -1023,7 +1029,9 @@ def _tracked_rows(spec: str) -> list[dict]:
         raise FormatError(path, selector or None, "no tracked frames for this selector")
     if len(groups) > 1:
         raise FormatError(path, None, f"holds {len(groups)} sequences; pick one with '{path}#<subject>/<sequence>'")
-    return sorted(rows, key=lambda r: int(r["frame"]))
+    rows = sorted(rows, key=lambda r: int(r["frame"]))
+    check_tracking_rows(rows, path)  # one NaN frame would render white, not fail
+    return rows
 
 
 def load_head_motion(spec: str | None) -> np.ndarray | None:

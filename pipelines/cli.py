@@ -230,7 +230,8 @@ def shards_verify(shards_dir: Path = typer.Argument(Path("data/shards"), help="D
 
 @shards_app.command("stats")
 def shards_stats(shards_dir: Path = typer.Argument(Path("data/shards"), help="Directory with index.parquet.")):
-    """Shards, samples, subjects and bytes per split."""
+    """Shards, samples, subjects and bytes per split (the index's figures), and how many shards and samples
+    are readable (each shard re-read against the index; the problems of the others listed)."""
     from avat3r_core.dataset.pack import shard_stats
 
     console.print_json(json.dumps(_run(shard_stats, str(shards_dir)), default=str))

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from avat3r_core.errors import FormatError
-from avat3r_core.storage import atomic_write_bytes
+from avat3r_core.storage import atomic_write_bytes, join
 from avat3r_core.evaluation import (
     EvalConfig,
     GroundTruth68,
@@ -97,13 +97,27 @@ def run_evaluate(checkpoint: str | Path, shards_dir: str | Path, out_dir: str | 
         log.warning("AKD unavailable: %s", detector_status)
 
     from avat3r_core.dataset.loader import make_loader
+    from avat3r_core.dataset.pack import check_shards, read_index
 
-    loader = make_loader(shards_dir, eval_loader_config(config, model.config.frame), 0, 1, 0, None, config.seed, split)
+    # only shards that are as the index says are read: a truncated, altered or missing shard (or
+    # one holding NaN maps) is skipped as a whole, and the report says which, how many samples, why
+    index = [r for r in read_index(shards_dir) if r["split"] == split]
+    broken = check_shards(shards_dir, split)
+    skipped = [{"shard": r["path"], "samples": int(r["count"]), "problems": broken[r["path"]][:3]}
+               for r in index if r["path"] in broken]
+    for s in skipped:
+        log.warning("evaluate: skipping shard %s (%d samples): %s", s["shard"], s["samples"], "; ".join(s["problems"]))
+    good = [join(shards_dir, r["path"]) for r in index if r["path"] not in broken]
+    if not good:
+        raise FormatError(shards_dir, split, f"no readable shard in split {split!r} ({len(index)} in the index): "
+                          + "; ".join(f"{s['shard']}: {s['problems'][0]}" for s in skipped[:5]))
+    loader = make_loader(good, eval_loader_config(config, model.config.frame), 0, 1, 0, None, config.seed, split)
     step = info["step"]
     context = {"split": split, "shards": shards_dir, "checkpoint": info["checkpoint"], "step": step,
                "model_preset": info["model_preset"], "model_image_size": info["image_size"],
                "target_views_per_sample": config.target_views, "input_views": config.input_views, "seed": config.seed,
-               "frame": model.config.frame}
+               "frame": model.config.frame, "index_samples": sum(int(r["count"]) for r in index),
+               "samples_skipped": sum(s["samples"] for s in skipped), "skipped_shards": skipped}
     try:
         report = evaluate_report(
             loader, model, labels={"ours": f"ours ({info['model_preset']}, step {step}; this data)",

@@ -41,6 +41,7 @@ from avat3r_core.errors import FormatError, NonFiniteError
 from avat3r_core.formats.manifests import PRIORS_SCHEMA, cameras_from_rows
 from avat3r_core.ids import id_part, make_id
 from avat3r_core.priors import sources
+from avat3r_core.tracking import check_tracking_rows
 from stages.runner import Stage, StageContext, StageError, StageResources, StageSummary, run_stage
 
 __all__ = ["PriorsConfig", "PriorsStage", "priors_items", "run_priors", "PROJECTION_FILE"]
@@ -223,6 +224,7 @@ class PriorsStage(Stage):
             params = self.tracking.get(key)
             if params is None:
                 raise FormatError(self.tracking_manifest, None, f"no tracking row for {key} (failed or untracked frame?)")
+            check_tracking_rows([params], self.tracking_manifest)
             verts = sources.flame_vertices(self.layer, params).numpy()
             self._verts_cache = {key: verts}  # rows of one frame come together
         return sources.position_from_mesh(verts, self.layer.faces, crop)

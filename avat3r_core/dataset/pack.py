@@ -38,6 +38,7 @@ import pyarrow as pa
 from avat3r_core import storage
 from avat3r_core.config import Presets
 from avat3r_core.ids import make_id
+from avat3r_core.tracking import nonfinite_value
 
 log = logging.getLogger("avat3r.dataset")
 
@@ -177,6 +178,24 @@ def _resolve(base: str, rel: str | None) -> str | None:
     return storage.join(base, rel)
 
 
+def nonfinite_arrays(data: bytes) -> list[str]:
+    """Names of the arrays of an ``.npz`` (bytes) that hold NaN or Inf."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return [k for k in z.files if np.issubdtype(z[k].dtype, np.floating) and not np.isfinite(z[k]).all()]
+
+
+def _nonfinite_map(prior: dict, priors_base: str) -> str | None:
+    """Why a camera's position / feature map cannot be packed (NaN or Inf in it), or None. A
+    shard holds what training and evaluation trust, so maps are read and checked here."""
+    for column in ("position", "features"):
+        path = _resolve(priors_base, prior.get(column))
+        if path:
+            bad = nonfinite_arrays(storage.read_bytes(path))
+            if bad:
+                return f"{column} map {path} holds NaN or Inf in {', '.join(bad)}"
+    return None
+
+
 def build_samples(frames_manifest: str, tracking_manifest: str, priors_manifest: str | None,
                   subjects: Iterable[str] | None = None, require_priors: bool = True
                   ) -> tuple[list[SampleSpec], list[dict]]:
@@ -206,8 +225,12 @@ def build_samples(frames_manifest: str, tracking_manifest: str, priors_manifest:
             excluded.append({"id": key, "reason": "no tracking row for this frame"})
             continue
         code = track.get("expression_code")
-        if code is None or len(code) != EXPRESSION_DIM or not np.all(np.isfinite(np.asarray(code, dtype=np.float64))):
-            excluded.append({"id": key, "reason": f"expression_code missing, not {EXPRESSION_DIM}-d or not finite"})
+        if code is None or len(code) != EXPRESSION_DIM:
+            excluded.append({"id": key, "reason": f"expression_code missing or not {EXPRESSION_DIM}-d"})
+            continue
+        bad = nonfinite_value(track)
+        if bad is not None:
+            excluded.append({"id": key, "reason": f"tracking {bad} holds NaN or Inf"})
             continue
         cams, pos_src, feat_src, feat_dim = [], set(), set(), set()
         for r in sorted(rows, key=lambda r: r["camera"]):
@@ -218,6 +241,10 @@ def build_samples(frames_manifest: str, tracking_manifest: str, priors_manifest:
             prior = priors.get(r["id"])
             if prior is None and require_priors:
                 excluded.append({"id": r["id"], "reason": "no priors row for this camera"})
+                continue
+            bad_map = _nonfinite_map(prior, priors_base) if prior is not None else None
+            if bad_map:
+                excluded.append({"id": r["id"], "reason": bad_map})
                 continue
             if prior is not None:
                 pos_src.add(prior.get("position_source") or "")
@@ -442,10 +469,9 @@ def _decode_member(name: str, data: bytes) -> None:
         if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) is None:
             raise ValueError("image does not decode")
     elif ext == "npz":
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            for k in z.files:
-                if not np.all(np.isfinite(z[k])):
-                    raise ValueError(f"array {k!r} has non-finite values")
+        bad = nonfinite_arrays(data)
+        if bad:
+            raise ValueError(f"array {bad[0]!r} has non-finite values")
     elif ext == "npy":
         np.load(io.BytesIO(data), allow_pickle=False)
     elif ext == "json":
@@ -499,30 +525,42 @@ def verify_shard(path: str, row: dict | None = None) -> list[str]:
     return problems
 
 
+def check_shards(shards_dir: str, split: str | None = None) -> dict[str, list[str]]:
+    """The index's shards (of ``split``, all when None) that are not as the index says: shard
+    path (as in the index) → problems (missing file, size, checksum, count, keys, members that
+    do not decode or hold NaN/Inf). Readers that trust the index (evaluation, stats) call this."""
+    broken: dict[str, list[str]] = {}
+    for row in read_index(shards_dir):
+        if split is not None and row["split"] != split:
+            continue
+        path = storage.join(shards_dir, row["path"])
+        problems = verify_shard(path, row) if storage.exists(path) else ["missing file"]
+        if problems:
+            broken[row["path"]] = problems
+    return broken
+
+
 def verify_shards(shards_dir: str) -> dict:
     """Re-read every shard of the index: checksum, size, count, keys, every member decodes.
 
     Returns ``{"ok": bool, "shards": n, "samples": n, "broken": {path: [problems]}}``.
     """
-    broken: dict[str, list[str]] = {}
-    samples = 0
     rows = read_index(shards_dir)
-    for row in rows:
-        path = storage.join(shards_dir, row["path"])
-        problems = verify_shard(path, row) if storage.exists(path) else ["missing file"]
-        if problems:
-            broken[row["path"]] = problems
-        samples += row["count"]
-    return {"ok": not broken, "shards": len(rows), "samples": samples, "broken": broken}
+    broken = check_shards(shards_dir)
+    return {"ok": not broken, "shards": len(rows), "samples": sum(r["count"] for r in rows), "broken": broken}
 
 
-def shard_stats(shards_dir: str) -> dict:
-    """Per split: shards, samples, subjects, bytes, and min/mean/max shard size."""
+def shard_stats(shards_dir: str, check: bool = True) -> dict:
+    """Per split: shards, samples, subjects, bytes, and min/mean/max shard size, as the index
+    says, and with ``check`` how many shards and samples are actually readable
+    (:func:`check_shards`: each shard is re-read), with the problems of the others."""
     out: dict[str, Any] = {}
     rows = read_index(shards_dir)
+    broken = check_shards(shards_dir) if check else {}
     for split in SPLITS:
         mine = [r for r in rows if r["split"] == split]
         sizes = [r["bytes"] for r in mine]
+        good = [r for r in mine if r["path"] not in broken]
         out[split] = {
             "shards": len(mine),
             "samples": sum(r["count"] for r in mine),
@@ -532,6 +570,10 @@ def shard_stats(shards_dir: str) -> dict:
             "shard_bytes_mean": float(np.mean(sizes)) if sizes else 0.0,
             "shard_bytes_max": max(sizes) if sizes else 0,
         }
-    out["total"] = {k: sum(out[s][k] for s in SPLITS) for k in ("shards", "samples", "subjects", "bytes")}
+        if check:
+            out[split].update(readable_shards=len(good), readable_samples=sum(r["count"] for r in good),
+                              unreadable={r["path"]: broken[r["path"]] for r in mine if r["path"] in broken})
+    keys = ("shards", "samples", "subjects", "bytes") + (("readable_shards", "readable_samples") if check else ())
+    out["total"] = {k: sum(out[s][k] for s in SPLITS) for k in keys}
     return out
 

@@ -5,6 +5,9 @@ The ``tracking.parquet`` contract (one row per subject, sequence, frame) is :dat
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import numpy as np
 import pyarrow as pa
 
 #: track → ``tracking/tracking.parquet``: one row per (subject, sequence, frame). Types are what the
@@ -34,4 +37,38 @@ TRACKING_SCHEMA = pa.schema([
     ("converged", pa.bool_()),
 ])
 
-__all__ = ["TRACKING_SCHEMA"]
+#: The tracked values consumers use (the fit, the expression code, the head frame); the residual
+#: columns are diagnostics and may be NaN by contract (a camera that saw no landmark).
+TRACKED_VALUES = ("shape", "expression", "jaw", "neck", "eyes", "rotation", "translation", "scale", "expression_code",
+                  "head_to_world")
+
+
+def nonfinite_value(row: dict) -> str | None:
+    """The first of a tracking row's :data:`TRACKED_VALUES` holding NaN or Inf, or None."""
+    for name in TRACKED_VALUES:
+        value = row.get(name)
+        if value is None:
+            continue
+        try:
+            finite = np.isfinite(np.asarray(value, dtype=np.float64)).all()
+        except (TypeError, ValueError):
+            return name  # not numbers at all
+        if not finite:
+            return name
+    return None
+
+
+def check_tracking_rows(rows: Iterable[dict], path: str) -> None:
+    """Raise :class:`~avat3r_core.errors.NonFiniteError` naming ``path``, the subject/sequence,
+    frame and value of the first tracking row with a NaN/Inf tracked value: every consumer of
+    ``tracking.parquet`` calls this on the rows it uses."""
+    from avat3r_core.errors import NonFiniteError
+
+    for row in rows:
+        bad = nonfinite_value(row)
+        if bad is not None:
+            raise NonFiniteError(path, f"{row.get('subject')}/{row.get('sequence')} frame {row.get('frame')}: {bad}",
+                                 "NaN or Inf in the tracked values (a failed fit?): re-run the track stage for it")
+
+
+__all__ = ["TRACKING_SCHEMA", "TRACKED_VALUES", "check_tracking_rows", "nonfinite_value"]
