@@ -400,3 +400,109 @@ def test_driving_through_the_cache_matches_full_forward(tmp_path, studio):
         enc = model.encode(prepared.inputs())
         a, b = (model.decode(enc, torch.as_tensor(codes[i:i + 1])) for i in (0, 2))
     assert not torch.allclose(a.means, b.means) and not torch.allclose(a.colors, b.colors)
+
+
+# --------------------------------------------------------------------------- hostile and broken inputs (issue 24)
+def _tracking_with(tracking: str, out: Path, column: str, frame: int | None = None) -> str:
+    """A copy of a tracking manifest with a NaN in ``column`` of subject 001 (one frame, or all)."""
+    import pyarrow as pa
+
+    table = pq.read_table(tracking)
+    rows = table.to_pylist()
+    for row in rows:
+        if row["subject"] == "001" and (frame is None or row["frame"] == frame):
+            row[column] = [float("nan")] + list(row[column])[1:]
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), out)
+    return str(out)
+
+
+def test_non_finite_capture_inputs_name_the_input_at_fault(studio, tmp_path):
+    """The sweep: NaN in a capture avatar's priors or tracked rotation failed with a
+    NonFiniteError naming a temporary .ply; NaN in one frame of an expression track rendered a
+    white frame with rc 0. Each now names the file (and frame) at fault."""
+    import shutil
+
+    from avat3r_core.errors import NonFiniteError
+
+    cfg = config(studio)
+    priors = tmp_path / "priors"
+    shutil.copytree(Path(studio["priors"]).parent, priors)
+    for npz in (priors / "maps" / "001").rglob("cam_*[0-9].npz"):
+        with np.load(npz) as z:
+            position, confidence = z["position"].copy(), z["confidence"]
+        position[2:6, 2:6] = np.nan
+        np.savez(npz, position=position, confidence=confidence)
+    entry = LibraryEntry("c", "capture", studio["frames"], subject="001", priors=str(priors / "priors.parquet"),
+                         tracking=studio["tracking"])
+    with pytest.raises(NonFiniteError, match=rf"{priors}/maps/001/.*\.npz \[position\]"):
+        Preparer(cfg, image_size=S).prepare(entry)
+
+    bad = _tracking_with(studio["tracking"], tmp_path / "rotation.parquet", "rotation")
+    with pytest.raises(NonFiniteError, match=rf"rotation\.parquet \[001/{SEQ} frame \d+: rotation\]"):
+        Preparer(cfg, image_size=S, frame="head").prepare(
+            LibraryEntry("c", "capture", studio["frames"], subject="001", priors=studio["priors"], tracking=bad))
+
+    track = _tracking_with(studio["tracking"], tmp_path / "expression.parquet", "expression", frame=1)
+    with pytest.raises(NonFiniteError, match=rf"expression\.parquet \[001/{SEQ} frame 1: expression\]"):
+        load_expression_track(f"{track}#001/{SEQ}")
+
+
+def test_an_unreadable_face_model_is_reported_once_up_front(studio, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    import shutil
+
+    face = tmp_path / "face"
+    face.mkdir()
+    broken = face / "head_model.pkl"
+    broken.write_bytes(b"\x80\x04not a pickle at all")
+    shutil.copy(studio["embedding"], face / "head_landmark_embedding.pkl")
+    p = studio["pics"]
+    lib = write_library([{"avatar_id": "a", "mode": "image", "source": str(p / "single" / "face.png")},
+                         {"avatar_id": "b", "mode": "photos", "source": str(p / "photos")}], tmp_path / "lib.csv")
+    cfg = ReconstructConfig.preset("tiny", landmarks="file", face_model=str(broken),
+                                   landmark_embedding=str(face / "head_landmark_embedding.pkl"))
+    with pytest.raises(FormatError, match=str(broken)):
+        run_reconstruct(cfg, lib, studio["checkpoint"], str(tmp_path / "avatars"), executor="local",
+                        show_progress=False)
+    assert not (tmp_path / "avatars" / "_errors").exists()  # not one failure per avatar
+    res = CliRunner().invoke(app, ["reconstruct", "--inputs", lib, "--checkpoint", studio["checkpoint"],
+                                   "--out", str(tmp_path / "cli"), "--executor", "local", "--preset", "tiny",
+                                   "--face-model", str(face), "--landmarks", "file"])
+    output = "".join(res.output.split())  # the console wraps long paths
+    assert res.exit_code == 3 and output.count("head_model.pkl") == 1, res.output
+
+
+def test_a_full_disk_keeps_the_finished_avatars_and_leaves_no_temp_files(studio, tmp_path, monkeypatch):
+    import errno
+
+    import fsspec.implementations.local as local
+
+    from stages.runner import DiskFull
+
+    p = studio["pics"]
+    lib = write_library([{"avatar_id": "first", "mode": "image", "source": str(p / "single" / "face.png")},
+                         {"avatar_id": "second", "mode": "image", "source": str(p / "single" / "face.png")}],
+                        tmp_path / "lib.csv")
+    out = tmp_path / "avatars"
+    real = local.LocalFileOpener.write
+
+    def write(self, data):  # the disk fills up half-way through the second avatar's encoder cache
+        if "/second/" in str(self.path) and "encoder_cache.pt" in str(self.path):
+            real(self, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(local.LocalFileOpener, "write", write)
+    with pytest.raises(DiskFull) as stopped:
+        run_reconstruct(config(studio), lib, studio["checkpoint"], str(out), executor="local", show_progress=False)
+    message = str(stopped.value)
+    assert "\n" not in message and "lists the 1 committed items" in message and "other 1 of 2" in message
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    assert [(r["id"], r["status"]) for r in index if r["status"] == "ok"] == [("first", "ok")]
+    assert [f.name for f in out.rglob(".tmp-*")] == [] and not any((out / "second").glob("*"))
+    monkeypatch.undo()
+    again = run_reconstruct(config(studio), lib, studio["checkpoint"], str(out), executor="local", show_progress=False)
+    assert (again.items_skipped, again.items_done) == (1, 1)
