@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import hashlib
 import logging
+import os
 import time
 import traceback
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -268,13 +269,20 @@ def committed_keys(out_dir: str) -> dict[str, str | None]:
     """Committed item id → the item key its fragment was made under (None: no key recorded, or
     a file the item wrote is gone, so it must be redone)."""
     out = {}
+    root = storage.local_path(out_dir)
+
+    def exists(f: str) -> bool:  # a plain stat for local outputs: a rerun may check millions of crops
+        if root is not None and "://" not in f:
+            return os.path.exists(f if f.startswith("/") else os.path.join(root, f))
+        return storage.exists(_file_uri(out_dir, f))
+
     for path in storage.list_files(storage.join(out_dir, PARTS), ".parquet"):
         fs, local = storage.url_to_fs(path)
         metadata = pq.read_schema(local, filesystem=fs).metadata or {}
         key = metadata.get(ITEM_KEY)
         item_id = Path(path).name[: -len(".parquet")]
         files = json.loads(metadata.get(ITEM_FILES, b"[]"))
-        missing = next((f for f in files if not storage.exists(_file_uri(out_dir, f))), None)
+        missing = next((f for f in files if not exists(f)), None)
         if missing is not None:
             log.warning("committed item %s: its file %s is gone; redoing the item", item_id, _file_uri(out_dir, missing))
             key = None
