@@ -128,9 +128,9 @@ class _LocalWriter:
         if parent not in self._made:
             self._os.makedirs(parent, exist_ok=True)
             self._made.add(parent)
+        self.ctx.add_file(rel, len(data))  # before writing: a write that fails half-way is removed too
         with open(path, "wb") as handle:
             handle.write(data)
-        self.ctx.add_file(rel, len(data))
         return rel
 
 

@@ -323,3 +323,42 @@ def test_checkpoint_refusals_name_the_blocked_global_and_never_suggest_the_unsaf
     message = str(refused.value)
     assert str(path) in message and f"would import {blocked}" in message and "not loaded" in message
     assert "weights_only" not in message and "likely succeed" not in message
+
+
+def test_a_full_disk_during_extract_leaves_only_referenced_crops(capture, tmp_path, monkeypatch):
+    """Extract writes crops in place (no temp + rename): the crop being written when the disk
+    fills, and the rest of its item's crops, are removed; the manifest lists what finished."""
+    import builtins
+
+    from avat3r_core.extract import ExtractConfig
+    from stages import extract as extract_stage
+
+    written = {"n": 0}
+
+    class FullDisk:
+        def __init__(self, path):
+            self.handle = builtins.open(path, "wb")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            written["n"] += 1
+            if written["n"] > 10:  # the disk fills up on the 11th crop file, half-way through it
+                self.handle.write(data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.handle.write(data)
+
+    monkeypatch.setattr(extract_stage, "open", lambda path, mode="r": FullDisk(path), raising=False)
+    out = tmp_path / "frames"
+    with pytest.raises(DiskFull, match="disk full writing"):
+        extract_stage.run_extract(ExtractConfig(resolution=64), str(capture / "raw"), str(out), executor="local")
+    rows = pq.read_table(out / "frames.parquet").to_pylist()
+    referenced = {r["image"] for r in rows} | {r["alpha"] for r in rows}
+    on_disk = {str(p.relative_to(out)) for d in ("images", "alpha") if (out / d).exists()
+               for p in (out / d).rglob("*") if p.is_file()}
+    assert rows and on_disk == referenced  # no half-written or orphaned crop of the unfinished item
+    assert not [p for p in out.rglob(".tmp-*")]
