@@ -100,6 +100,18 @@ def background_matte(frame: np.ndarray, plate: np.ndarray, threshold: float) -> 
     return ((flood != 2) | (mask == 1)).astype(np.float32)
 
 
+def median_plate(frames: list[np.ndarray]) -> np.ndarray:
+    """An empty-scene plate from a camera's own frames: the per-pixel temporal median (RGB uint8).
+
+    The route for a camera with neither alpha nor a captured plate. Each pixel shows the backdrop
+    in most frames only where the subject moves off it: a head that turns or sways clears, a part
+    that never moves (a torso against the backdrop) stays in the plate and so out of the matte.
+    """
+    if not frames:
+        raise ValueError("median_plate needs at least one frame")
+    return np.median(np.stack(frames), axis=0).round().astype(np.uint8)
+
+
 def mask_center(alpha: np.ndarray, threshold: float = 0.5) -> np.ndarray | None:
     """Centre of the head's bounding box in a foreground mask; ``None`` if the mask is empty.
 
@@ -361,6 +373,18 @@ def correct_colors(image: np.ndarray, ccm: np.ndarray | None) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+def affine_color_correct(image: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
+    """NeRSemble v1's colour correction of a uint8 RGB image: on RGB in [0, 1] (as stored, no
+    linearisation), ``rgb @ A[:3, :3] + A[:3, 3]`` (the row-vector convention of public NeRSemble
+    loaders; a 3x3 matrix has no offset), clipped back to uint8."""
+    if matrix is None:
+        return image
+    A = np.asarray(matrix, np.float32)
+    offset = A[:3, 3] if A.shape[1] == 4 else np.zeros(3, np.float32)
+    out = (image.astype(np.float32) / 255.0) @ A[:3, :3] + offset
+    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+
+
 def encode_image(image: np.ndarray, fmt: str, quality: int = 95) -> bytes:
     if fmt == "jpg":
         ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
@@ -379,8 +403,52 @@ class CroppedFrame:
     alpha: np.ndarray  # (S, S) uint8
 
 
-def pick_frames(stream: Iterator[np.ndarray], wanted: list[int]) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (index, frame) for the wanted indices of a sequential decode; stop after the last."""
+class ImageSequence:
+    """One camera's frames as image files, one per frame (frame-folder releases such as NeRSemble
+    v1): each is read when asked for, so only the wanted frames are decoded. ``gray`` reads mattes
+    (one channel; 16-bit PNGs scaled to 8 bits)."""
+
+    def __init__(self, paths: list[str], gray: bool = False) -> None:
+        self.paths, self.gray = list(paths), gray
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        from avat3r_core.errors import FormatError
+
+        path = self.paths[index]
+        try:
+            data = np.fromfile(path, np.uint8)
+        except FileNotFoundError:
+            raise FormatError(path, f"frame {index}", "image file missing") from None
+        if not data.size:
+            raise FormatError(path, f"frame {index}", "empty file (0 bytes)")
+        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise FormatError(path, f"frame {index}", "unreadable image")
+        if image.dtype == np.uint16:
+            image = (image >> 8).astype(np.uint8)
+        if self.gray:
+            return image if image.ndim == 2 else image[..., 3] if image.shape[2] == 4 else image[..., 0]
+        if image.ndim == 2:
+            return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB if image.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+
+
+def read_image(path: str) -> np.ndarray:
+    """An RGB uint8 image (a background plate still), errors naming the file."""
+    return ImageSequence([path])[0]
+
+
+def pick_frames(stream, wanted: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (index, frame) for the wanted indices of a sequential decode (stopping after the
+    last), or of an :class:`ImageSequence` (reading only those)."""
+    if isinstance(stream, ImageSequence):
+        for index in sorted(wanted):
+            if index < len(stream):
+                yield index, stream[index]
+        return
     wanted_set, last = set(wanted), max(wanted) if wanted else -1
     for index, frame in enumerate(stream):
         if index in wanted_set:
@@ -399,6 +467,7 @@ class VideoJob:
     boxes: dict[int, np.ndarray]  # frame → crop box (x0, y0, w, h), from :func:`frame_boxes`
     ccm: np.ndarray | None = None
     plate: np.ndarray | None = None  # background plate (RGB uint8) when no alpha video
+    affine: np.ndarray | None = None  # NeRSemble v1 affine colour correction (affine_color_correct)
 
 
 def _crop_frame(frame, box: np.ndarray, size: int, matte: bool = False) -> np.ndarray:
@@ -439,6 +508,6 @@ def extract_video(job: VideoJob, color: Iterator, alpha: Iterator | None,
         box = job.boxes[index]
         image = _crop_frame(frame, box, size)
         if config.color_correction:  # per pixel, so after the crop: the same result, far fewer pixels
-            image = correct_colors(image, job.ccm)
+            image = affine_color_correct(correct_colors(image, job.ccm), job.affine)
         matte_crop = _crop_frame(matte, box, size, matte=True)
         yield CroppedFrame(index, image, matte_crop)
