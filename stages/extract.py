@@ -190,7 +190,7 @@ def _one_thread_per_worker() -> None:
 
 
 #: Bumped when the stage's output changes meaning; part of the flow task's cache key (pipelines/caching.py).
-VERSION = "4"  # 4: full-range (yuvj420p, pc-tagged) streams convert as full range; 3: crops reduced on the planes
+VERSION = "5"  # 5: frame folders, JPEG plates, temporal-median plates, head centres odd-reflected at the ends; 4: full-range (yuvj420p, pc-tagged) streams convert as full range; 3: crops reduced on the planes
 
 
 class _ExtractStageBase(Stage):
@@ -239,7 +239,10 @@ class HeadCenterStage(_ExtractStageBase):
         for d in range(3):
             centers[:, d] = np.interp(np.arange(len(frames)), np.flatnonzero(good), centers[good, d])
         kernel = np.array([1.0, 2.0, 3.0, 2.0, 1.0])
-        padded = np.pad(centers, ((2, 2), (0, 0)), mode="edge")
+        # odd reflection at the ends keeps a steadily moving head where it is (edge padding
+        # pulled the first and last frames' centres towards the middle by 4/9 of a step)
+        padded = np.pad(centers, ((2, 2), (0, 0)), **(dict(mode="reflect", reflect_type="odd")
+                                                      if len(frames) > 1 else dict(mode="edge")))
         smooth = np.stack([np.convolve(padded[:, d], kernel / kernel.sum(), mode="valid") for d in range(3)], 1)
         return [{"id": make_id(item["subject"], item["sequence"], f), "subject": item["subject"],
                  "sequence": item["sequence"], "frame": f, "center": list(map(float, smooth[t])),

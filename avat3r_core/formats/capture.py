@@ -113,6 +113,9 @@ def _describe(exc: FormatError) -> str:
 # --------------------------------------------------------------------------- NeRSemble
 _SUBJECT = re.compile(r"^\d{3}$")
 _CAMERA_FILE = re.compile(r"^cam_(?P<serial>[0-9A-Za-z-]+)\.mp4$")
+#: containers a camera's video may come in besides NeRSemble's own .mp4 (re-encoded or
+#: re-captured data: OpenCV writes MJPEG only to .avi)
+_VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 _PLATE_FILE = re.compile(r"^image_(?P<serial>[0-9A-Za-z-]+)\.(?:jpg|jpeg|png)$", re.IGNORECASE)
 _CAMERA_PNG = re.compile(r"^cam_(?P<serial>[0-9A-Za-z-]+)\.png$")
 _FRAME_DIR = re.compile(r"^frame_(?P<t>\d+)$")
@@ -308,16 +311,18 @@ class NersembleReader:
 
 
 def _camera_videos(pid: str, seq_dir: Path, problems: list[Problem]) -> dict[str, Path]:
-    """``images/cam_<serial>.mp4`` of a sequence folder, by serial."""
+    """``images/cam_<serial>.mp4`` (or another container, :data:`_VIDEO_SUFFIXES`) of a sequence
+    folder, by serial; .mp4 wins when a camera has two."""
     image_dir = seq_dir / "images"
-    videos = {}
-    for path in sorted(image_dir.glob("*.mp4")) if image_dir.is_dir() else []:
-        match = _CAMERA_FILE.match(path.name)
+    videos: dict[str, Path] = {}
+    paths = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in _VIDEO_SUFFIXES) if image_dir.is_dir() else []
+    for path in sorted(paths, key=lambda p: p.suffix.lower() != ".mp4"):
+        match = _CAMERA_FILE.match(path.with_suffix(".mp4").name)
         if not match:
             problems.append(Problem(pid, seq_dir.name, None, str(path), "file name is not cam_<serial>.mp4", "warning"))
             continue
-        videos[match["serial"]] = path
-    return videos
+        videos.setdefault(match["serial"], path)
+    return dict(sorted(videos.items()))
 
 
 def _fix_camera_size(subject: CaptureSubject, problems: list[Problem]) -> None:
