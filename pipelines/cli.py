@@ -184,6 +184,31 @@ def ingest_inspect(
     raise typer.Exit(EXIT_BAD_INPUT if errors else EXIT_OK)
 
 
+@ingest_app.command("import-tracking")
+def ingest_import_tracking(
+    source: Path = typer.Argument(..., help="A NeRSemble benchmark tracking .npz, or VHAP's flame_param/ folder (or one VHAP .npz)."),
+    flame_model: Path = typer.Option(..., "--flame-model", help="Your FLAME model (.pkl) the tracking was made with: it gives the head frame."),
+    subject: str = typer.Option(..., "--subject", help="Subject id in the capture (e.g. 017)."),
+    sequence: str = typer.Option(..., "--sequence", help="Sequence name in the capture (e.g. EXP-1-head)."),
+    source_format: str = typer.Option("auto", "--format", help="auto, nersemble (benchmark npz) or vhap."),
+    out: Path = typer.Option(Path("data/tracking/tracking.parquet"), "--out", help="tracking.parquet to write (other sequences in it are kept)."),
+):
+    """Turn FLAME tracking made elsewhere into tracking.parquet rows, so the track stage can be skipped."""
+    from avat3r_core.tracking.imports import read_nersemble_tracking, read_vhap_tracking, tracking_rows, write_tracking
+
+    if source_format == "auto":
+        source_format = "vhap" if source.is_dir() or source.parent.name == "flame_param" else "nersemble"
+    readers = {"nersemble": read_nersemble_tracking, "vhap": read_vhap_tracking}
+    if source_format not in readers:
+        console.print(f"[bold red]bad argument:[/] --format must be auto, nersemble or vhap, got {escape(source_format)}")
+        raise typer.Exit(EXIT_USAGE)
+    track = _run(readers[source_format], source)
+    rows = _run(tracking_rows, track, subject, sequence, flame_model)
+    total = _run(write_tracking, rows, out)
+    console.print(f"{len(rows)} frame(s) of {escape(subject)}/{escape(sequence)} imported from {escape(str(source))} "
+                  f"({source_format}); {out} holds {total} row(s)")
+
+
 def _metadata_table(name: str, path: str, subjects: list[str]) -> tuple[str, Table]:
     """A ``metadata_*.csv`` as a caption and a table: its rows for the indexed subjects when the first column
     holds participant ids (``17`` or ``017``), else its first rows."""
