@@ -496,18 +496,60 @@ def extract_video(job: VideoJob, color: Iterator, alpha: Iterator | None,
     for index, frame in pick_frames(color, job.frames):
         if (frame.shape[1], frame.shape[0]) != (job.width, job.height):
             raise ValueError(f"frame {index} is {frame.shape[1]}x{frame.shape[0]}, expected {job.width}x{job.height}")
+        box = job.boxes[index]
         if alpha_stream is not None:
             alpha_index, matte = next(alpha_stream, (None, None))
             if alpha_index != index:
                 raise ValueError(f"alpha video has no frame {index}")
+            image, matte_crop = _crop_frame(frame, box, size), _crop_frame(matte, box, size, matte=True)
         elif job.plate is not None:
-            rgb = frame.rgb()[0] if isinstance(frame, Yuv420Frame) else frame
-            matte = np.rint(background_matte(rgb, job.plate, config.alpha_threshold) * 255).astype(np.uint8)
+            image, matte_crop = crop_with_plate(frame, job.plate, box, size, config.alpha_threshold)
         else:
             raise ValueError("no alpha video and no background plate: cannot matte")
-        box = job.boxes[index]
-        image = _crop_frame(frame, box, size)
         if config.color_correction:  # per pixel, so after the crop: the same result, far fewer pixels
             image = affine_color_correct(correct_colors(image, job.ccm), job.affine)
-        matte_crop = _crop_frame(matte, box, size, matte=True)
         yield CroppedFrame(index, image, matte_crop)
+
+
+def _region(frame, plate: np.ndarray, x0: int, y0: int, x1: int, y1: int, reduce: int):
+    """RGB of a frame's region and the same region of its plate, both reduced alike (up to
+    ``reduce`` exact halvings); returns (region, plate region, top-left in the frame, factor)."""
+    if isinstance(frame, Yuv420Frame):
+        region, origin, scale = frame.rgb(x0, y0, x1, y1, reduce=reduce)
+    else:
+        region, done = halve(frame[y0:y1, x0:x1], reduce)
+        origin, scale = (x0, y0), 2 ** done
+    ox, oy = origin
+    plate_region, _ = halve(plate[oy:oy + region.shape[0] * scale, ox:ox + region.shape[1] * scale],
+                            scale.bit_length() - 1)
+    if plate_region.shape != region.shape:  # a region at the frame's odd edge: floor differences
+        plate_region = cv2.resize(plate_region, region.shape[1::-1], interpolation=cv2.INTER_AREA)
+    return region, plate_region, origin, scale
+
+
+def crop_with_plate(frame, plate: np.ndarray, box: np.ndarray, size: int,
+                    threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Crop (RGB) and matte crop (uint8) of a frame differenced against its background plate.
+
+    Only the crop's region is differenced, at the crop's working resolution (the halvings the
+    crop starts with): a 2048 px frame costs what its crop does, not a whole-frame matte. The
+    matte's clean-up (largest component, filled holes) then sees the head and what surrounds it
+    in the box, which is what the crop keeps."""
+    rx0, ry0, rx1, ry1 = crop_roi(frame.shape[0], frame.shape[1], box, size)
+    if rx1 <= rx0 or ry1 <= ry0:
+        return np.zeros((size, size, 3), np.uint8), np.zeros((size, size), np.uint8)
+    region, plate_region, origin, scale = _region(frame, plate, rx0, ry0, rx1, ry1, halvings(float(box[2]), size))
+    matte = np.rint(background_matte(region, plate_region, threshold) * 255).astype(np.uint8)
+    return crop_region(region, origin, box, size, scale), crop_region(matte, origin, box, size, scale)
+
+
+def plate_matte_center(frame, plate: np.ndarray, threshold: float) -> np.ndarray | None:
+    """:func:`mask_center` of a frame's matte against its plate, differenced at a reduced size
+    (shorter side at least 256 px: the centre's precision is a few pixels anyway)."""
+    h, w = frame.shape[:2]
+    reduce = 0
+    while min(h, w) >> (reduce + 1) >= 256:
+        reduce += 1
+    region, plate_region, _, scale = _region(frame, plate, 0, 0, w, h, reduce)
+    center = mask_center(background_matte(region, plate_region, threshold))
+    return None if center is None else center * scale

@@ -33,9 +33,9 @@ import numpy as np
 
 from avat3r_core import storage
 from avat3r_core.errors import FormatError
-from avat3r_core.extract import (ExtractConfig, ImageSequence, VideoJob, background_matte, encode_image,
-                                 extract_video, frame_boxes, mask_center, median_plate, pick_frames, read_image,
-                                 read_yuv420, select_frames, spread_views, triangulate)
+from avat3r_core.extract import (ExtractConfig, ImageSequence, VideoJob, encode_image, extract_video, frame_boxes,
+                                 mask_center, median_plate, pick_frames, plate_matte_center, read_image, read_yuv420,
+                                 select_frames, spread_views, triangulate)
 from avat3r_core.ids import make_id
 from avat3r_core.video import read_frames
 from stages.runner import Stage, StageContext, StageResources, StageSummary, run_stage
@@ -111,37 +111,28 @@ def alpha_source(item: dict) -> str:
     return "background_difference" if item.get("plate") else "temporal_median_plate"
 
 
-def _mattes(item: dict, frames: list[int], decoder: str, threshold: float):
-    """(frame index, foreground matte float32 in [0, 1]) of a camera's wanted frames, from its
-    alpha video or maps, or by differencing against its plate (:func:`_plate`)."""
-    if item.get("alpha_video"):
-        alphas = read_frames(item["alpha_video"], gray=True, backend=_rgb_backend(decoder), threads=1)
-    elif item.get("alpha_images"):
-        alphas = ImageSequence(item["alpha_images"], gray=True)
-    else:
-        plate = _plate(item, decoder)
-        if plate is None:
-            raise FormatError(item["video"], None, "no alpha, no background plate and no frames for a median plate: cannot matte")
-        for index, frame in pick_frames(_color_frames(item, decoder, planes=False), frames):
-            yield index, background_matte(frame, plate, threshold)
-        return
-    for index, matte in pick_frames(alphas, frames):
-        yield index, matte.astype(np.float32) / 255.0
-
-
 def _mask_centers(item: dict, frames: list[int], decoder: str, threshold: float):
     """(frame index, 2D head centre or None) for the wanted frames of one camera (None too for its
     frames the reader found broken, ``bad_frames``).
 
     With the ``yuv`` decoder an alpha video's luma plane is used as decoded: the centre only
-    needs foreground vs background, so no matte is converted at all."""
+    needs foreground vs background, so no matte is converted at all. Without alpha, frames are
+    differenced against the plate (:func:`_plate`) at a reduced size (:func:`plate_matte_center`)."""
     bad = set(item.get("bad_frames", ()))
     usable = [f for f in frames if f not in bad]
     if item.get("alpha_video") and decoder == "yuv":
         found = {index: mask_center(frame.y, threshold=frame.luma_half)
                  for index, frame in pick_frames(read_yuv420(item["alpha_video"], threads=1), usable)}
+    elif item.get("alpha_video") or item.get("alpha_images"):
+        alphas = (read_frames(item["alpha_video"], gray=True, backend=_rgb_backend(decoder), threads=1)
+                  if item.get("alpha_video") else ImageSequence(item["alpha_images"], gray=True))
+        found = {index: mask_center(matte.astype(np.float32) / 255.0) for index, matte in pick_frames(alphas, usable)}
     else:
-        found = {index: mask_center(matte) for index, matte in _mattes(item, usable, decoder, threshold)}
+        plate = _plate(item, decoder)
+        if plate is None:
+            raise FormatError(item["video"], None, "no alpha, no background plate and no frames for a median plate: cannot matte")
+        found = {index: plate_matte_center(frame, plate, threshold)
+                 for index, frame in pick_frames(_color_frames(item, decoder, planes=True), usable)}
     for index in frames:
         yield index, found.get(index)
 
