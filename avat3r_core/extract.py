@@ -543,13 +543,24 @@ def crop_with_plate(frame, plate: np.ndarray, box: np.ndarray, size: int,
     return crop_region(region, origin, box, size, scale), crop_region(matte, origin, box, size, scale)
 
 
-def plate_matte_center(frame, plate: np.ndarray, threshold: float) -> np.ndarray | None:
-    """:func:`mask_center` of a frame's matte against its plate, differenced at a reduced size
-    (shorter side at least 256 px: the centre's precision is a few pixels anyway)."""
-    h, w = frame.shape[:2]
-    reduce = 0
-    while min(h, w) >> (reduce + 1) >= 256:
-        reduce += 1
-    region, plate_region, _, scale = _region(frame, plate, 0, 0, w, h, reduce)
-    center = mask_center(background_matte(region, plate_region, threshold))
-    return None if center is None else center * scale
+class PlateCenters:
+    """:func:`mask_center` of each frame's matte against the camera's plate, differenced at a
+    reduced size (shorter side at least 256 px: the centre's precision is a few pixels anyway);
+    the plate is reduced once, at the first frame."""
+
+    def __init__(self, plate: np.ndarray, threshold: float) -> None:
+        self.plate, self.threshold, self.reduce = plate, threshold, 0
+        while min(plate.shape[:2]) >> (self.reduce + 1) >= 256:
+            self.reduce += 1
+        self._small: np.ndarray | None = None
+
+    def __call__(self, frame) -> np.ndarray | None:
+        if isinstance(frame, Yuv420Frame):
+            region, _, scale = frame.rgb(reduce=self.reduce)
+        else:
+            region, done = halve(frame, self.reduce)
+            scale = 2 ** done
+        if self._small is None or self._small.shape != region.shape:
+            self._small, _ = halve(self.plate[:region.shape[0] * scale, :region.shape[1] * scale], scale.bit_length() - 1)
+        center = mask_center(background_matte(region, self._small, self.threshold))
+        return None if center is None else center * scale

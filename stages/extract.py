@@ -34,7 +34,7 @@ import numpy as np
 from avat3r_core import storage
 from avat3r_core.errors import FormatError
 from avat3r_core.extract import (ExtractConfig, ImageSequence, VideoJob, encode_image, extract_video, frame_boxes,
-                                 mask_center, median_plate, pick_frames, plate_matte_center, read_image, read_yuv420,
+                                 PlateCenters, mask_center, median_plate, pick_frames, read_image, read_yuv420,
                                  select_frames, spread_views, triangulate)
 from avat3r_core.ids import make_id
 from avat3r_core.video import read_frames
@@ -117,7 +117,7 @@ def _mask_centers(item: dict, frames: list[int], decoder: str, threshold: float)
 
     With the ``yuv`` decoder an alpha video's luma plane is used as decoded: the centre only
     needs foreground vs background, so no matte is converted at all. Without alpha, frames are
-    differenced against the plate (:func:`_plate`) at a reduced size (:func:`plate_matte_center`)."""
+    differenced against the plate (:func:`_plate`) at a reduced size (:class:`PlateCenters`)."""
     bad = set(item.get("bad_frames", ()))
     usable = [f for f in frames if f not in bad]
     if item.get("alpha_video") and decoder == "yuv":
@@ -131,8 +131,8 @@ def _mask_centers(item: dict, frames: list[int], decoder: str, threshold: float)
         plate = _plate(item, decoder)
         if plate is None:
             raise FormatError(item["video"], None, "no alpha, no background plate and no frames for a median plate: cannot matte")
-        found = {index: plate_matte_center(frame, plate, threshold)
-                 for index, frame in pick_frames(_color_frames(item, decoder, planes=True), usable)}
+        center = PlateCenters(plate, threshold)
+        found = {index: center(frame) for index, frame in pick_frames(_color_frames(item, decoder, planes=True), usable)}
     for index in frames:
         yield index, found.get(index)
 
