@@ -339,8 +339,12 @@ def test_v1_frame_folders_are_detected_and_faults_named_per_frame(v1_capture):
     assert "image is an empty file (0 bytes)" in errors[(SERIALS[0], 1)].message
     assert "alpha map missing" in errors[(SERIALS[1], 2)].message
     assert errors[(SERIALS[1], 2)].path.endswith(f"frame_00002/alpha_map-73fps/cam_{SERIALS[1]}.png")
-    result = inspect(v1_capture)
+    result = inspect(v1_capture, "--json", str(v1_capture.parent / "v1_report.json"))
     assert result.exit_code == 3 and f"error\t031/EXP-1-head/{SERIALS[0]}/frame 1\t" in result.output
+    report = json.loads((v1_capture.parent / "v1_report.json").read_text())
+    assert report["layout"] == "nersemble_v1"
+    assert {(p["camera"], p["frame"]) for p in report["problems"] if p["severity"] == "error"} == {(SERIALS[0], 1), (SERIALS[1], 2)}
+    assert len(report["subjects"]["031"]["sequences"]["EXP-1-head"][SERIALS[2]]["images"]) == 3
 
 
 def test_v1_frame_folders_extract_with_alpha_maps_and_colour_correction(v1_capture, tmp_path):
