@@ -403,3 +403,42 @@ def test_principal_point_fitting_neither_size_is_a_named_warning(tmp_path):
     warning = next(p for p in index.problems if "principal point" in p.message)
     assert warning.severity == "warning" and warning.path.endswith("camera_params.json")
     assert "fits neither the media size 276x402 nor the full size 2200x3208" in warning.message
+
+
+@pytest.mark.parametrize("codec,pix_fmt,container", [
+    ("libx264", "yuv420p", "mp4"), ("libx264", "yuvj420p", "mp4"), ("libx264", "yuv444p", "mp4"),
+    ("libx264", "yuv422p", "mp4"), ("libx264", "yuv420p10le", "mp4"), ("libx265", "yuv420p10le", "mp4"),
+    ("mjpeg", "yuvj422p", "avi"), ("mjpeg", "yuvj444p", "avi"), ("libvpx-vp9", "yuv444p", "webm"),
+])
+def test_decode_path_keeps_colours_for_every_pixel_format(tmp_path, codec, pix_fmt, container):
+    """The stage's 4:2:0 path (read_yuv420 → Yuv420Frame) on streams that are not 4:2:0 8-bit
+    limited range: flat patches keep their colour (range and matrix right), sizes are right."""
+    from avat3r_core.extract import read_yuv420
+
+    colours = np.array([[200, 40, 30], [30, 180, 60], [40, 60, 210], [235, 235, 20]], np.uint8)
+    image = np.zeros((64, 96, 3), np.uint8)
+    for i, colour in enumerate(colours):
+        image[(i // 2) * 32:(i // 2 + 1) * 32, (i % 2) * 48:(i % 2 + 1) * 48] = colour
+    path = tmp_path / f"clip.{container}"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, pix_fmt
+        stream.options = {"crf": "4"} if codec.startswith("lib") and codec != "libvpx-vp9" else {}
+        if codec == "libx265":
+            stream.options = {"crf": "4", "x265-params": "log-level=error"}
+        if codec == "mjpeg":
+            stream.codec_context.qmin = stream.codec_context.qmax = 2
+        for _ in range(2):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    info = probe_video(path, decode=False)
+    assert (info.width, info.height) == (96, 64)
+    frames = list(read_yuv420(path))
+    assert len(frames) == 2
+    rgb = frames[0].rgb()[0]
+    for i, colour in enumerate(colours):
+        y, x = (i // 2) * 32 + 16, (i % 2) * 48 + 24
+        patch = rgb[y - 8:y + 8, x - 12:x + 12].reshape(-1, 3).astype(float).mean(0)
+        assert np.abs(patch - colour).max() < 6, (pix_fmt, colour, patch)
