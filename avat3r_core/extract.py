@@ -406,7 +406,7 @@ class CroppedFrame:
 class ImageSequence:
     """One camera's frames as image files, one per frame (frame-folder releases such as NeRSemble
     v1): each is read when asked for, so only the wanted frames are decoded. ``gray`` reads mattes
-    (one channel; 16-bit PNGs scaled to 8 bits)."""
+    (one 8-bit channel)."""
 
     def __init__(self, paths: list[str], gray: bool = False) -> None:
         self.paths, self.gray = list(paths), gray
@@ -424,16 +424,12 @@ class ImageSequence:
             raise FormatError(path, f"frame {index}", "image file missing") from None
         if not data.size:
             raise FormatError(path, f"frame {index}", "empty file (0 bytes)")
-        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        # decoded straight to RGB (or one 8-bit channel): no whole-frame conversion after; 16-bit
+        # PNGs come out as 8 bits
+        image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE if self.gray else cv2.IMREAD_COLOR_RGB)
         if image is None:
             raise FormatError(path, f"frame {index}", "unreadable image")
-        if image.dtype == np.uint16:
-            image = (image >> 8).astype(np.uint8)
-        if self.gray:
-            return image if image.ndim == 2 else image[..., 3] if image.shape[2] == 4 else image[..., 0]
-        if image.ndim == 2:
-            return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB if image.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+        return image
 
 
 def read_image(path: str) -> np.ndarray:

@@ -132,7 +132,7 @@ def to_v1_layout(raw: Path) -> None:
     (PNG, OpenCV's default compression), no videos."""
     import cv2
 
-    for subject in sorted(p for p in raw.iterdir() if p.is_dir()):
+    for subject in sorted(p.parent.parent for p in raw.glob("*/calibration/camera_params.json")):
         shutil.move(str(subject / "calibration" / "camera_params.json"), str(subject / "camera_params.json"))
         shutil.rmtree(subject / "calibration")
         shutil.rmtree(subject / "sequences" / BACKGROUND, ignore_errors=True)
