@@ -50,6 +50,7 @@ __all__ = [
     "write_nersemble_calibration",
     "read_transforms_json",
     "write_transforms_json",
+    "image_size",
     "OPENGL_TO_OPENCV",
 ]
 
@@ -610,17 +611,17 @@ def _check_intrinsics(k: np.ndarray, path: Path, field: str) -> None:
         raise FormatError(path, field, f"focal lengths must be positive, got fx={k[0, 0]}, fy={k[1, 1]}")
 
 
-def _image_size(image: Path, path: Path, field: str) -> tuple[int, int]:
-    """(width, height) from an image file's header."""
+def image_size(image: str | Path) -> tuple[int, int]:
+    """(width, height) from an image file's header; FormatError naming the file otherwise."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(image) as im:
             return im.size
     except FileNotFoundError:
-        raise FormatError(path, field, f"no w/h in the file and the image {image} is missing") from None
+        raise FormatError(image, None, "image file missing") from None
     except (UnidentifiedImageError, OSError) as exc:
-        raise FormatError(path, field, f"no w/h in the file and the image {image} is unreadable ({exc})") from None
+        raise FormatError(image, None, f"unreadable image ({exc})") from None
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -818,7 +819,10 @@ def read_transforms_json(
                 v, f = _intrinsic_value(frame, data, key, path, i)
                 wh.append(_check_size(v, path, f))
         else:  # no size in the file: the image decides (never a placeholder)
-            wh = list(_image_size(path.parent / fp, path, f"frames[{i}].file_path"))
+            try:
+                wh = list(image_size(path.parent / fp))
+            except FormatError as exc:
+                raise FormatError(path, f"frames[{i}].file_path", f"no w/h in the file and {exc}") from None
         if size is None:
             size, size_field = (wh[0], wh[1]), f"frames[{i}]"
         elif tuple(wh) != size:

@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from avat3r_core.cameras import Cameras, read_nersemble_calibration, read_transforms_json
+from avat3r_core.cameras import Cameras, image_size, read_nersemble_calibration, read_transforms_json
 from avat3r_core.color import read_color_calibration
 from avat3r_core.errors import FormatError
 from avat3r_core.video import VideoInfo, probe_video
@@ -152,16 +152,6 @@ def _metadata_files(root: Path) -> dict[str, str]:
     return found
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (UnidentifiedImageError, OSError) as exc:
-        raise FormatError(path, None, f"unreadable image ({exc})") from None
-
-
 def _read_calibration(pid: str, path: Path, problems: list[Problem]) -> tuple[list[str], Cameras | None]:
     if not path.exists():
         problems.append(Problem(pid, None, None, str(path), "calibration file missing"))
@@ -254,7 +244,7 @@ class NersembleReader:
                 try:
                     if not path.stat().st_size:
                         raise FormatError(path, None, "empty file (0 bytes)")
-                    media.width, media.height = _image_size(path)
+                    media.width, media.height = image_size(path)
                 except FormatError as exc:
                     problems.append(Problem(pid, BACKGROUND, match["serial"], str(path),
                                             f"background plate unusable: {_describe(exc)}", "warning"))
@@ -456,7 +446,7 @@ class NersembleV1Reader:
             ccm_path = subject_dir / "annotations" / name / "color_correction" / f"{serial}.npy"
             try:
                 if probe and usable:
-                    media.width, media.height = _image_size(Path(usable[0]))
+                    media.width, media.height = image_size(Path(usable[0]))
                 if ccm_path.exists():
                     media.color_correction = read_affine_color_correction(ccm_path).tolist()
             except FormatError as exc:
