@@ -17,8 +17,8 @@ and differentiable with respect to the points, the poses and the intrinsics.
 Files
 -----
 * NeRSemble ``camera_params.json``: ``{"world_2_cam": {serial: 4x4}, "intrinsics": 3x3}``, OpenCV
-  world-to-camera, one intrinsics matrix shared by all cameras at full resolution; the file holds no
-  image size.
+  world-to-camera, one intrinsics matrix shared by all cameras (or ``{serial: 3x3}``, one per camera)
+  at full resolution; the file holds no image size.
 * nerfstudio ``transforms.json``: per frame a camera-to-world ``transform_matrix`` in the
   OpenGL/Blender camera convention (x right, y up, z backward) and pinhole intrinsics
   ``fl_x, fl_y, cx, cy, w, h`` at top level and/or per frame (per frame wins). nerfstudio uses the
@@ -51,6 +51,7 @@ __all__ = [
     "write_nersemble_calibration",
     "read_transforms_json",
     "write_transforms_json",
+    "image_size",
     "OPENGL_TO_OPENCV",
 ]
 
@@ -600,6 +601,19 @@ def _check_intrinsics(k: np.ndarray, path: Path, field: str) -> None:
         raise FormatError(path, field, f"focal lengths must be positive, got fx={k[0, 0]}, fy={k[1, 1]}")
 
 
+def image_size(image: str | Path) -> tuple[int, int]:
+    """(width, height) from an image file's header; FormatError naming the file otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as im:
+            return im.size
+    except FileNotFoundError:
+        raise FormatError(image, None, "image file missing") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise FormatError(image, None, f"unreadable image ({exc})") from None
+
+
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
@@ -641,6 +655,8 @@ def read_nersemble_calibration(
 ) -> tuple[list[str], Cameras]:
     """Read a NeRSemble ``camera_params.json``; returns (sorted serials, Cameras).
 
+    ``intrinsics`` is one 3x3 matrix shared by all cameras, or ``{serial: 3x3}`` per camera.
+
     The file holds no image size. Give ``width``/``height`` of the frames the intrinsics belong to
     (the full-resolution ones; scale the cameras with :meth:`Cameras.resize` for downscaled frames).
     When both are omitted the documented full size 3208x2200 is used, oriented (landscape or
@@ -656,9 +672,19 @@ def read_nersemble_calibration(
         raise FormatError(path, "world_2_cam", f"expected an object {{serial: 4x4}}, got {kind}")
     if not w2c_map:
         raise FormatError(path, "world_2_cam", "no cameras")
-    K = _matrix(_require(data, "intrinsics", path, "intrinsics"), 3, 3, path, "intrinsics")
-    _check_intrinsics(K, path, "intrinsics")
     serials = sorted(w2c_map)
+    intrinsics = _require(data, "intrinsics", path, "intrinsics")
+    if isinstance(intrinsics, dict):  # one matrix per serial (the benchmark release's variant)
+        absent = [s for s in serials if s not in intrinsics]
+        if absent:
+            raise FormatError(path, f"intrinsics.{absent[0]}", f"missing for {len(absent)} camera(s) of world_2_cam: {absent}")
+        Ks = [_matrix(intrinsics[s], 3, 3, path, f"intrinsics.{s}") for s in serials]
+        for s, k in zip(serials, Ks):
+            _check_intrinsics(k, path, f"intrinsics.{s}")
+    else:
+        K = _matrix(intrinsics, 3, 3, path, "intrinsics")
+        _check_intrinsics(K, path, "intrinsics")
+        Ks = [K] * len(serials)
     mats = []
     for s in serials:
         field = f"world_2_cam.{s}"
@@ -667,7 +693,7 @@ def read_nersemble_calibration(
         mats.append(m)
     if width is None and height is None:
         a, b = NERSEMBLE_FULL_SIZE
-        cx, cy = K[0, 2], K[1, 2]
+        cx, cy = np.mean([k[0, 2] for k in Ks]), np.mean([k[1, 2] for k in Ks])
         landscape = abs(cx - a / 2) + abs(cy - b / 2)
         portrait = abs(cx - b / 2) + abs(cy - a / 2)
         width, height = (a, b) if landscape <= portrait else (b, a)
@@ -676,8 +702,7 @@ def read_nersemble_calibration(
     width = _check_size(width, path, "width")
     height = _check_size(height, path, "height")
     w2c = torch.as_tensor(np.stack(mats)).to(dtype)
-    Ks = torch.as_tensor(K).to(dtype).expand(len(serials), 3, 3).clone()
-    return serials, Cameras(w2c, Ks, width, height)
+    return serials, Cameras(w2c, torch.as_tensor(np.stack(Ks)).to(dtype), width, height)
 
 
 def write_nersemble_calibration(path: str | Path, serials: Sequence[str], cams: Cameras) -> None:
@@ -726,7 +751,7 @@ def read_transforms_json(
     """Read a nerfstudio ``transforms.json``; returns (file paths as written, Cameras).
 
     Poses are converted from OpenGL camera-to-world to OpenCV world-to-camera. All frames must share
-    one image size. Nonzero distortion coefficients and non-pinhole camera models are rejected
+    one image size; without ``w``/``h`` (frame or top level) it is read from each frame's image. Nonzero distortion coefficients and non-pinhole camera models are rejected
     (we do not undistort).
     """
     path = Path(path)
@@ -778,10 +803,16 @@ def read_transforms_json(
             vals[key] = _number(v, path, f)
             if key.startswith("fl") and vals[key] <= 0:
                 raise FormatError(path, f, f"focal length must be positive, got {vals[key]}")
-        wh = []
-        for key in ("w", "h"):
-            v, f = _intrinsic_value(frame, data, key, path, i)
-            wh.append(_check_size(v, path, f))
+        if any(k in frame or k in data for k in ("w", "h")):
+            wh = []
+            for key in ("w", "h"):
+                v, f = _intrinsic_value(frame, data, key, path, i)
+                wh.append(_check_size(v, path, f))
+        else:  # no size in the file: the image decides (never a placeholder)
+            try:
+                wh = list(image_size(path.parent / fp))
+            except FormatError as exc:
+                raise FormatError(path, f"frames[{i}].file_path", f"no w/h in the file and {exc}") from None
         if size is None:
             size, size_field = (wh[0], wh[1]), f"frames[{i}]"
         elif tuple(wh) != size:

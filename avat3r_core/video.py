@@ -130,7 +130,10 @@ def probe_video(uri: str | Path, decode: bool = True) -> VideoInfo:
         stream = container.streams.video[0]
         if not decode and stream.frames:
             rate = float(stream.average_rate or stream.base_rate or 0)
-            return VideoInfo(int(stream.frames), stream.codec_context.width, stream.codec_context.height, rate)
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if not width or not height:
+                width, height = _first_frame_size(uri)
+            return VideoInfo(int(stream.frames), width, height, rate)
         count = 0
         try:
             for _ in container.decode(stream):
@@ -139,6 +142,15 @@ def probe_video(uri: str | Path, decode: bool = True) -> VideoInfo:
             raise FormatError(uri, f"frame {count}", f"decode failed ({exc})") from exc
         rate = float(stream.average_rate or stream.base_rate or 0)
         return VideoInfo(count, stream.codec_context.width, stream.codec_context.height, rate)
+
+
+def _first_frame_size(uri: str | Path) -> tuple[int, int]:
+    """Width and height of the first decoded frame. The header-only probe leaves the size at 0x0
+    for codecs whose size sits in the bitstream rather than the container (MPEG-4 Part 2, as
+    OpenCV's ``mp4v`` writes it): one frame decoded settles it."""
+    for frame in decoded_frames(uri, threads=1):
+        return frame.width, frame.height
+    raise FormatError(uri, "frame 0", "video has no decodable frame")
 
 
 def decoded_frames(uri: str | Path, threads: int = 0):

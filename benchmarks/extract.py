@@ -51,7 +51,17 @@ workers would then get a small share of the CPU the references get, and the rati
 measure the scheduler, not the stage. The benchmark starts Ray with ``RAY_worker_niceness=0``
 so both sides compete on equal terms; on an idle machine this changes nothing.
 
+``--layout`` turns the studio capture into what users download before measuring: ``v2`` the
+NeRSemble v2 toolkit's layout (JPEG background plates ``BACKGROUND/image_<serial>.jpg``, no alpha
+videos: the stage mattes every frame by differencing against its plate, the references decode the
+colour videos), ``v1`` NeRSemble v1's PNG frame folders with alpha maps (the references read the
+same PNGs, colour and alpha, with OpenCV and nothing else: ``frames`` are images). The probe
+costs are measured on the videos before conversion, plus ``header_only_mp4v_ms``: the first video
+re-encoded by OpenCV's mp4v (MPEG-4 Part 2), whose header has no size, so the probe decodes one
+frame.
+
 Usage: python benchmarks/extract.py [--subjects 2 --cameras 8 --frames 48 --source-height 2048]
+       [--layout studio|v2|v1]
        [--keep DIR: build the capture there once and reuse it]
 """
 
@@ -72,6 +82,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from avat3r_core import storage  # noqa: E402
 from avat3r_core.extract import ExtractConfig, crop_region, crop_roi, read_yuv420  # noqa: E402
 from avat3r_core.extract import _crop_frame  # noqa: E402
+from avat3r_core.formats.capture import BACKGROUND  # noqa: E402
 from avat3r_core.synthetic.studio import StudioConfig  # noqa: E402
 from avat3r_core.video import encode_video, probe_video, read_frames  # noqa: E402
 from stages.extract import run_extract  # noqa: E402
@@ -100,10 +111,72 @@ def upscale_capture(raw: Path, height: int) -> None:
         video.write_bytes(encode_video(frames, crf=0 if gray else 18, gray=gray))
 
 
-def decode_videos(videos: list[Path], backend: str) -> int:
+def to_v2_toolkit_layout(raw: Path) -> None:
+    """The capture as the NeRSemble v2 toolkit downloads it: background plates as JPEG stills
+    ``BACKGROUND/image_<serial>.jpg`` (the first frame of each plate video), and no alpha videos
+    (the raw release has no mattes), so the stage mattes every frame against its plate."""
+    import cv2
+
+    for video in raw.glob(f"*/sequences/{BACKGROUND}/images/cam_*.mp4"):
+        plate = next(read_frames(video))
+        cv2.imwrite(str(video.parent.parent / f"image_{video.stem[4:]}.jpg"), cv2.cvtColor(plate, cv2.COLOR_RGB2BGR),
+                    [cv2.IMWRITE_JPEG_QUALITY, 95])
+        video.unlink()
+    for folder in list(raw.glob(f"*/sequences/{BACKGROUND}/images")) + list(raw.glob("*/sequences/*/alpha")):
+        shutil.rmtree(folder)
+
+
+def to_v1_layout(raw: Path) -> None:
+    """The capture as NeRSemble v1's frame-folder release: ``<pid>/camera_params.json``,
+    ``sequences/<SEQ>/frame_<t:05d>/images-2x/cam_<serial>.png`` and ``alpha_map/cam_<serial>.png``
+    (PNG, OpenCV's default compression), no videos."""
+    import cv2
+
+    for subject in sorted(p.parent.parent for p in raw.glob("*/calibration/camera_params.json")):
+        shutil.move(str(subject / "calibration" / "camera_params.json"), str(subject / "camera_params.json"))
+        shutil.rmtree(subject / "calibration")
+        shutil.rmtree(subject / "sequences" / BACKGROUND, ignore_errors=True)
+        for video in sorted(subject.glob("sequences/*/images/cam_*.mp4")):
+            sequence = video.parent.parent
+            alpha = read_frames(sequence / "alpha" / video.name, gray=True)
+            for t, (frame, matte) in enumerate(zip(read_frames(video), alpha)):
+                for folder, image in (("images-2x", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)), ("alpha_map", matte)):
+                    (sequence / f"frame_{t:05d}" / folder).mkdir(parents=True, exist_ok=True)
+                    cv2.imwrite(str(sequence / f"frame_{t:05d}" / folder / f"cam_{video.stem[4:]}.png"), image)
+        for sequence in subject.glob("sequences/*"):
+            shutil.rmtree(sequence / "images", ignore_errors=True)
+            shutil.rmtree(sequence / "alpha", ignore_errors=True)
+
+
+def camera_units(raw: Path, layout: str) -> list:
+    """What the stage decodes, one entry per camera and sequence: a colour video (v2, studio), or
+    the (colour PNGs, alpha PNGs) of the frame folders (v1)."""
+    if layout != "v1":
+        return sorted(raw.glob("*/sequences/EXP-*/images/cam_*.mp4"))
+    units = []
+    for sequence in sorted(raw.glob("*/sequences/*")):
+        frames = sorted(sequence.glob("frame_*"))
+        for image in sorted(frames[0].glob("images-2x/cam_*.png")):
+            units.append(([f / "images-2x" / image.name for f in frames], [f / "alpha_map" / image.name for f in frames]))
+    return units
+
+
+def decode_videos(videos: list, backend: str) -> int:
     """Decode each colour video and its alpha video once, with one decoder thread (the budget of
     one stage worker); returns the number of colour frames. ``backend``: ``pyav`` or ``opencv``
-    (to RGB / gray arrays), or ``planes`` (PyAV, frames left as 4:2:0 planes, nothing converted)."""
+    (to RGB / gray arrays), or ``planes`` (PyAV, frames left as 4:2:0 planes, nothing converted);
+    ``png``: the units are v1 (colour PNGs, alpha PNGs), each read with OpenCV alone."""
+    if backend == "png":
+        import cv2
+
+        count = 0
+        for images, alphas in videos:
+            for image, alpha in zip(images, alphas):
+                cv2.imread(str(image), cv2.IMREAD_COLOR)
+                cv2.imread(str(alpha), cv2.IMREAD_GRAYSCALE)
+                count += 1
+        return count
+
     def frames(video: Path, gray: bool):
         if backend == "planes":
             return read_yuv420(video, threads=1)
@@ -119,17 +192,17 @@ def decode_videos(videos: list[Path], backend: str) -> int:
     return count
 
 
-def decode_rate(videos: list[Path], backend: str) -> float:
+def decode_rate(videos: list, backend: str) -> float:
     """Frames/s (colour frames) of :func:`decode_videos` in this process."""
     start = time.perf_counter()
     return decode_videos(videos, backend) / (time.perf_counter() - start)
 
 
-def parallel_decode_rate(pool, videos: list[Path], processes: int) -> float:
+def parallel_decode_rate(pool, videos: list, processes: int, backend: str = "planes") -> float:
     """Frames/s of the codec floor's work split over ``processes`` of ``pool``'s processes: the
     machine's own scaling for this work, with nothing of the stage's in it."""
     start = time.perf_counter()
-    counts = pool.starmap(decode_videos, [(videos[i::processes], "planes") for i in range(processes)], chunksize=1)
+    counts = pool.starmap(decode_videos, [(videos[i::processes], backend) for i in range(processes)], chunksize=1)
     return sum(counts) / (time.perf_counter() - start)
 
 
@@ -169,15 +242,27 @@ def probe_costs(videos: list[Path], repeat: int = 3) -> dict:
         with av.open(str(video)) as container:
             container.streams.video[0].frames
 
+    # the same first video written by OpenCV's mp4v (MPEG-4 Part 2): its header has no size, so
+    # the probe decodes one frame for it
+    import cv2
+
+    mp4v = Path(tempfile.mkdtemp(prefix="avat3r-bench-mp4v-")) / "cam_mp4v.mp4"
+    frames = list(read_frames(videos[0]))
+    writer = cv2.VideoWriter(str(mp4v), cv2.VideoWriter_fourcc(*"mp4v"), 25, frames[0].shape[1::-1])
+    for frame in frames:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
     result = {}
-    for name, probe in (("header_only", header_only), ("ffmpeg_default_open", default_open)):
+    for name, probe, files in (("header_only", header_only, videos), ("ffmpeg_default_open", default_open, videos),
+                               ("header_only_mp4v", header_only, [mp4v] * 8)):
         best = float("inf")
         for _ in range(repeat):
             start = time.perf_counter()
-            for video in videos:
+            for video in files:
                 probe(video)
-            best = min(best, (time.perf_counter() - start) / len(videos))
+            best = min(best, (time.perf_counter() - start) / len(files))
         result[f"{name}_ms"] = round(best * 1000, 3)
+    shutil.rmtree(mp4v.parent, ignore_errors=True)
     return result
 
 
@@ -237,6 +322,10 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--source-height", type=int, default=2048)
     parser.add_argument("--crop", type=int, default=128)
+    parser.add_argument("--layout", choices=("studio", "v2", "v1"), default="studio",
+                        help="studio: videos with alpha videos; v2: NeRSemble v2 toolkit layout (JPEG plates, no "
+                             "alpha: every frame matted against its plate); v1: NeRSemble v1 PNG frame folders "
+                             "with alpha maps (the reference is then reading the same PNGs with OpenCV alone)")
 
     parser.add_argument("--repeat", type=int, default=3, help="runs of every measurement (best of each counts)")
     parser.add_argument("--keep", default="", help="build the capture here (reused when present)")
@@ -255,32 +344,45 @@ def main() -> None:
             run_synth(studio, str(work / "raw"), str(work / "gt"), str(work / "model"), executor="local")
             if args.source_height != studio.height:
                 upscale_capture(work / "raw", args.source_height)
-        videos = sorted((work / "raw").glob("*/sequences/EXP-*/images/cam_*.mp4"))
-        n_frames = sum(1 for v in videos for _ in read_yuv420(v))
+            probes = probe_costs(sorted((work / "raw").glob("*/sequences/*/images/cam_*.mp4")))  # what the scan probes
+            (work / "probes.json").write_text(json.dumps(probes))
+            if args.layout == "v2":
+                to_v2_toolkit_layout(work / "raw")
+            elif args.layout == "v1":
+                to_v1_layout(work / "raw")
+            (work / "layout").write_text(args.layout)
+        built = (work / "layout").read_text() if (work / "layout").exists() else "studio"
+        if built != args.layout:
+            raise SystemExit(f"{work} holds a {built} capture; --layout {args.layout} needs another --keep folder")
+        probes = json.loads((work / "probes.json").read_text()) if (work / "probes.json").exists() else None
+        videos = camera_units(work / "raw", args.layout)
+        reference_backends = ("png",) if args.layout == "v1" else ("pyav", "opencv")
+        floor_backend = "png" if args.layout == "v1" else "planes"
+        n_frames = decode_videos(videos, floor_backend)
         os.environ["RAY_worker_niceness"] = "0"  # stage workers at the references' priority (see above)
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+        # address="local": a fresh cluster of its own, even where another process runs one on this machine
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
         config = ExtractConfig(resolution=args.crop)  # default decoder: yuv
         # the first run also starts Ray's worker processes (imports): reported, not compared
         cold = stage_run(work / "raw", out_root / "out_warmup", 1, config, n_frames)
-        crops = crop_costs(work / "raw", out_root / "out_warmup", args.crop)
-        probes = probe_costs(sorted((work / "raw").glob("*/sequences/*/images/cam_*.mp4")))  # what the scan probes
+        crops = crop_costs(work / "raw", out_root / "out_warmup", args.crop) if args.layout == "studio" else None
         # Every measurement is repeated, interleaved, and the best of each is compared: on a shared
         # machine a burst of load then hits references and stage alike, and the best run is the
         # least disturbed one of each.
-        decode: dict[str, list[float]] = {"pyav": [], "opencv": []}
+        decode: dict[str, list[float]] = {backend: [] for backend in reference_backends}
         floor: list[float] = []
         # this machine's own 2-vs-1 scaling, measured alongside, for the two things a worker does
         # most: decoding, and creating files on the output disk (two per frame)
         machine: dict[str, dict[int, list[float]]] = {"decode": {1: [], 2: []}, "file_creation": {1: [], 2: []}}
         runs: dict[int, list[dict]] = {1: [], 2: []}
         with multiprocessing.get_context("spawn").Pool(2) as pool:  # spawn: a fork would copy Ray's threads
-            pool.starmap(decode_videos, [(videos[:1], "planes")] * 2, chunksize=1)  # started, modules imported
+            pool.starmap(decode_videos, [(videos[:1], floor_backend)] * 2, chunksize=1)  # started, modules imported
             for _ in range(args.repeat):
                 for backend in decode:
                     decode[backend].append(decode_rate(videos, backend))
-                floor.append(decode_rate(videos, "planes"))
+                floor.append(decode_rate(videos, floor_backend))
                 for processes in (1, 2):
-                    machine["decode"][processes].append(parallel_decode_rate(pool, videos, processes))
+                    machine["decode"][processes].append(parallel_decode_rate(pool, videos, processes, floor_backend))
                     machine["file_creation"][processes].append(
                         parallel_create_rate(pool, out_root / "out_files", 2 * n_frames, processes))
                 for workers in runs:
@@ -290,7 +392,7 @@ def main() -> None:
         best_runs = {workers: max(r, key=lambda run: run["frames_per_s"]) for workers, r in runs.items()}
         one, two = best_runs[1]["frames_per_s"], best_runs[2]["frames_per_s"]
         result = {
-            "videos": len(videos), "frames": n_frames, "repeat": args.repeat,
+            "layout": args.layout, "videos": len(videos), "frames": n_frames, "repeat": args.repeat,
             "source_height": args.source_height,
             "crop": args.crop, "stage_decoder": config.decoder, "reference_decoder": fastest,
             "decode_only_frames_per_s": {k: round(v, 1) for k, v in best.items()},

@@ -127,8 +127,8 @@ app.add_typer(ingest_app, name="ingest")
 
 @ingest_app.command("inspect")
 def ingest_inspect(
-    root: Path = typer.Argument(..., help="Dataset root (NeRSemble layout or folders with transforms.json)."),
-    layout: str = typer.Option("auto", "--layout", help="auto, nersemble or transforms."),
+    root: Path = typer.Argument(..., help="Dataset root (NeRSemble v2 or v1 layout, or folders with transforms.json)."),
+    layout: str = typer.Option("auto", "--layout", help="auto, nersemble, nersemble_v1 or transforms."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
     quick: bool = typer.Option(False, "--quick", help="Read frame counts from the container headers instead of "
                                "decoding every frame: seconds for a whole dataset, but a truncated video whose "
@@ -145,21 +145,36 @@ def ingest_inspect(
     from avat3r_core.formats.capture import scan_capture
 
     index = _run(scan_capture, root, layout, decode=not quick)
+    # In a log or CI (not a terminal) nothing is cut: tables at their full width, problems one a line.
+    full = not console.is_terminal
+    out = Console(width=100_000, highlight=False) if full else console
     table = Table(title=f"{root} ({index.layout} layout)")
-    for col in ("subject", "sequence", "cameras", "frames", "resolution", "alpha", "colour cal."):
+    for col in ("subject", "sequence", "cameras", "frames", "resolution", "alpha", "plates", "colour cal."):
         table.add_column(col)
     for subject in index.subjects.values():
-        entries = list(subject.sequences.values()) + ([subject.background] if subject.background else [])
-        for seq in entries:
+        plates = set(subject.background.media) if subject.background else set()
+        for seq in subject.sequences.values():
             sizes = sorted({f"{m.width}x{m.height}" for m in seq.media.values() if m.width})
             frames = sorted({m.frames for m in seq.media.values()})
-            alpha = sum(m.alpha_path is not None for m in seq.media.values())
+            alpha = sum(m.alpha_path is not None or m.alpha_images is not None for m in seq.media.values())
+            colour = "yes" if subject.color_calibration or any(m.color_correction for m in seq.media.values()) else "no"
             table.add_row(subject.subject, seq.name, f"{len(seq.media)}/{len(subject.serials)}",
                           "-".join(map(str, [frames[0], frames[-1]] if len(frames) > 1 else frames)),
-                          ", ".join(sizes), f"{alpha}/{len(seq.media)}", "yes" if subject.color_calibration else "no")
-    console.print(table)
+                          ", ".join(sizes), f"{alpha}/{len(seq.media)}", f"{len(plates & set(seq.media))}/{len(seq.media)}",
+                          colour)
+    out.print(table)
+    for name, path in index.metadata.items():
+        caption, rows = _metadata_table(name, path, list(index.subjects))
+        out.print(caption, markup=False)
+        out.print(rows)
     errors = [p for p in index.problems if p.severity == "error"]
-    if index.problems:
+    if index.problems and full:
+        out.print(f"{len(index.problems)} problem(s), {len(errors)} error(s):")
+        for p in index.problems:
+            where = "/".join(x for x in (p.subject, p.sequence, p.camera,
+                                         None if p.frame is None else f"frame {p.frame}") if x)
+            typer.echo(f"{p.severity}\t{where}\t{p.message}\t{p.path}")  # tab-separated, for grep/cut
+    elif index.problems:
         problems = Table(title=f"{len(index.problems)} problem(s), {len(errors)} error(s)")
         for col in ("severity", "subject", "sequence", "camera", "message", "file"):
             problems.add_column(col)
@@ -178,6 +193,52 @@ def ingest_inspect(
     raise typer.Exit(EXIT_BAD_INPUT if errors else EXIT_OK)
 
 
+@ingest_app.command("import-tracking")
+def ingest_import_tracking(
+    source: Path = typer.Argument(..., help="A NeRSemble benchmark tracking .npz, or VHAP's flame_param/ folder (or one VHAP .npz)."),
+    flame_model: Path = typer.Option(..., "--flame-model", help="Your FLAME model (.pkl) the tracking was made with: it gives the head frame."),
+    subject: str = typer.Option(..., "--subject", help="Subject id in the capture (e.g. 017)."),
+    sequence: str = typer.Option(..., "--sequence", help="Sequence name in the capture (e.g. EXP-1-head)."),
+    source_format: str = typer.Option("auto", "--format", help="auto, nersemble (benchmark npz) or vhap."),
+    out: Path = typer.Option(Path("data/tracking/tracking.parquet"), "--out", help="tracking.parquet to write (other sequences in it are kept)."),
+):
+    """Turn FLAME tracking made elsewhere into tracking.parquet rows, so the track stage can be skipped."""
+    from avat3r_core.tracking.imports import read_nersemble_tracking, read_vhap_tracking, tracking_rows, write_tracking
+
+    if source_format == "auto":
+        source_format = "vhap" if source.is_dir() or source.parent.name == "flame_param" else "nersemble"
+    readers = {"nersemble": read_nersemble_tracking, "vhap": read_vhap_tracking}
+    if source_format not in readers:
+        console.print(f"[bold red]bad argument:[/] --format must be auto, nersemble or vhap, got {escape(source_format)}")
+        raise typer.Exit(EXIT_USAGE)
+    track = _run(readers[source_format], source)
+    rows = _run(tracking_rows, track, subject, sequence, flame_model)
+    total = _run(write_tracking, rows, out)
+    console.print(f"{len(rows)} frame(s) of {escape(subject)}/{escape(sequence)} imported from {escape(str(source))} "
+                  f"({source_format}); {out} holds {total} row(s)")
+
+
+def _metadata_table(name: str, path: str, subjects: list[str]) -> tuple[str, Table]:
+    """A ``metadata_*.csv`` as a caption and a table: its rows for the indexed subjects when the first column
+    holds participant ids (``17`` or ``017``), else its first rows."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+        rows = list(csv.reader(handle))
+    header, body = (rows[0], rows[1:]) if rows else ([], [])
+    wanted = {s.lstrip("0") or "0" for s in subjects}
+    mine = [r for r in body if r and r[0].strip().lstrip("0") in wanted]
+    shown = mine or body[:10]
+    caption = f"{name}: {len(body)} row(s)" + (f", {len(shown)} for these subjects" if mine else
+                                               f", first {len(shown)}" if len(body) > len(shown) else "")
+    table = Table()
+    for col in header:
+        table.add_column(escape(col))
+    for r in shown:
+        table.add_row(*(escape(c) for c in r[:len(header)]))
+    return caption, table
+
+
 @app.command()
 def extract(
     capture: Path = typer.Option(Path("data/raw/synthetic"), "--capture", help="Capture root (NeRSemble layout or transforms.json folders)."),
@@ -186,7 +247,7 @@ def extract(
     resolution: Optional[int] = typer.Option(None, "--resolution", min=16, help="Square crop size in pixels."),
     frame_step: Optional[int] = typer.Option(None, "--frame-step", min=1, help="Every k-th frame."),
     frames_per_sequence: Optional[int] = typer.Option(None, "--frames-per-sequence", min=0, help="This many frames per sequence, evenly spaced."),
-    layout: str = typer.Option("auto", "--layout", help="auto, nersemble or transforms."),
+    layout: str = typer.Option("auto", "--layout", help="auto, nersemble, nersemble_v1 or transforms."),
     no_color_correction: bool = typer.Option(False, "--no-color-correction", help="Ignore color_calibration.json."),
     ray_address: Optional[str] = RayAddress,
     executor: str = Executor,

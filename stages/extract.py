@@ -33,9 +33,9 @@ import numpy as np
 
 from avat3r_core import storage
 from avat3r_core.errors import FormatError
-from avat3r_core.extract import (ExtractConfig, VideoJob, background_matte, encode_image, extract_video,
-                                 frame_boxes, mask_center, pick_frames, read_yuv420, select_frames, spread_views,
-                                 triangulate)
+from avat3r_core.extract import (ExtractConfig, ImageSequence, VideoJob, encode_image, extract_video, frame_boxes,
+                                 PlateCenters, mask_center, median_plate, pick_frames, read_image, read_yuv420,
+                                 select_frames, spread_views, triangulate)
 from avat3r_core.ids import make_id
 from avat3r_core.video import read_frames
 from stages.runner import Stage, StageContext, StageResources, StageSummary, run_stage
@@ -61,7 +61,7 @@ def _camera_from_dict(d: dict) -> Cameras:
                    torch.tensor(d["K"], dtype=torch.float64).reshape(1, 3, 3), d["width"], d["height"])
 
 
-def _plate(subject: CaptureSubject, serial: str) -> str | None:
+def _plate_path(subject: CaptureSubject, serial: str) -> str | None:
     media = subject.background.media.get(serial) if subject.background else None
     return media.path if media else None
 
@@ -77,30 +77,64 @@ def _first_frame(path: str, decoder: str) -> np.ndarray:
     raise FormatError(path, None, "background plate video has no frames")
 
 
-def _matte_stream(item: dict, decoder: str, threshold: float):
-    """Foreground mattes (float32 in [0, 1]) of a video, from its alpha video or its plate."""
+def _color_frames(item: dict, decoder: str, planes: bool):
+    """A camera's colour frames: its image files, or its video decoded (``planes``: as
+    :class:`Yuv420Frame` with the ``yuv`` decoder; else whole RGB arrays)."""
+    if item.get("images"):
+        return ImageSequence(item["images"])
+    if planes and decoder == "yuv":
+        return read_yuv420(item["video"], threads=1)
+    return read_frames(item["video"], backend=_rgb_backend(decoder), threads=1)
+
+
+def _plate(item: dict, decoder: str) -> np.ndarray | None:
+    """The background plate of a camera without alpha: its captured plate (a still or a video's
+    first frame), else the temporal median of its frames at ``median_plate_frames``."""
+    plate = item.get("plate")
+    if plate:
+        return read_image(plate) if plate.lower().endswith(_STILLS) else _first_frame(plate, decoder)
+    if item.get("median_plate_frames"):
+        return median_plate([f for _, f in pick_frames(_color_frames(item, decoder, planes=False),
+                                                       item["median_plate_frames"])])
+    return None
+
+
+_STILLS = (".jpg", ".jpeg", ".png")
+
+
+def alpha_source(item: dict) -> str:
+    """How a camera's mattes are made (the manifest's ``alpha_source``)."""
     if item.get("alpha_video"):
-        for frame in read_frames(item["alpha_video"], gray=True, backend=_rgb_backend(decoder), threads=1):
-            yield frame.astype(np.float32) / 255.0
-    elif item.get("plate"):
-        plate = _first_frame(item["plate"], decoder)
-        for frame in read_frames(item["video"], backend=_rgb_backend(decoder), threads=1):
-            yield background_matte(frame, plate, threshold)
-    else:
-        raise FormatError(item["video"], None, "no alpha video and no BACKGROUND plate for this camera: cannot matte")
+        return "alpha_video"
+    if item.get("alpha_images"):
+        return "alpha_map"
+    return "background_difference" if item.get("plate") else "temporal_median_plate"
 
 
 def _mask_centers(item: dict, frames: list[int], decoder: str, threshold: float):
-    """(frame index, 2D head centre or None) for the wanted frames of one camera.
+    """(frame index, 2D head centre or None) for the wanted frames of one camera (None too for its
+    frames the reader found broken, ``bad_frames``).
 
     With the ``yuv`` decoder an alpha video's luma plane is used as decoded: the centre only
-    needs foreground vs background, so no matte is converted at all."""
+    needs foreground vs background, so no matte is converted at all. Without alpha, frames are
+    differenced against the plate (:func:`_plate`) at a reduced size (:class:`PlateCenters`)."""
+    bad = set(item.get("bad_frames", ()))
+    usable = [f for f in frames if f not in bad]
     if item.get("alpha_video") and decoder == "yuv":
-        for index, frame in pick_frames(read_yuv420(item["alpha_video"], threads=1), frames):
-            yield index, mask_center(frame.y, threshold=frame.luma_half)
-        return
-    for index, matte in pick_frames(_matte_stream(item, decoder, threshold), frames):
-        yield index, mask_center(matte)
+        found = {index: mask_center(frame.y, threshold=frame.luma_half)
+                 for index, frame in pick_frames(read_yuv420(item["alpha_video"], threads=1), usable)}
+    elif item.get("alpha_video") or item.get("alpha_images"):
+        alphas = (read_frames(item["alpha_video"], gray=True, backend=_rgb_backend(decoder), threads=1)
+                  if item.get("alpha_video") else ImageSequence(item["alpha_images"], gray=True))
+        found = {index: mask_center(matte.astype(np.float32) / 255.0) for index, matte in pick_frames(alphas, usable)}
+    else:
+        plate = _plate(item, decoder)
+        if plate is None:
+            raise FormatError(item["video"], None, "no alpha, no background plate and no frames for a median plate: cannot matte")
+        center = PlateCenters(plate, threshold)
+        found = {index: center(frame) for index, frame in pick_frames(_color_frames(item, decoder, planes=True), usable)}
+    for index in frames:
+        yield index, found.get(index)
 
 
 class _LocalWriter:
@@ -147,7 +181,7 @@ def _one_thread_per_worker() -> None:
 
 
 #: Bumped when the stage's output changes meaning; part of the flow task's cache key (pipelines/caching.py).
-VERSION = "4"  # 4: full-range (yuvj420p, pc-tagged) streams convert as full range; 3: crops reduced on the planes
+VERSION = "5"  # 5: frame folders, JPEG plates, temporal-median plates, head centres odd-reflected at the ends; 4: full-range (yuvj420p, pc-tagged) streams convert as full range; 3: crops reduced on the planes
 
 
 class _ExtractStageBase(Stage):
@@ -196,7 +230,10 @@ class HeadCenterStage(_ExtractStageBase):
         for d in range(3):
             centers[:, d] = np.interp(np.arange(len(frames)), np.flatnonzero(good), centers[good, d])
         kernel = np.array([1.0, 2.0, 3.0, 2.0, 1.0])
-        padded = np.pad(centers, ((2, 2), (0, 0)), mode="edge")
+        # odd reflection at the ends keeps a steadily moving head where it is (edge padding
+        # pulled the first and last frames' centres towards the middle by 4/9 of a step)
+        padded = np.pad(centers, ((2, 2), (0, 0)), **(dict(mode="reflect", reflect_type="odd")
+                                                      if len(frames) > 1 else dict(mode="edge")))
         smooth = np.stack([np.convolve(padded[:, d], kernel / kernel.sum(), mode="valid") for d in range(3)], 1)
         return [{"id": make_id(item["subject"], item["sequence"], f), "subject": item["subject"],
                  "sequence": item["sequence"], "frame": f, "center": list(map(float, smooth[t])),
@@ -217,19 +254,21 @@ class ExtractStage(_ExtractStageBase):
         crops_planned = item["crops"]
         job = VideoJob(frames=item["frames"], width=source["width"], height=source["height"],
                        boxes={int(f): np.array(c["box"]) for f, c in crops_planned.items()},
-                       ccm=np.array(item["ccm"]) if item.get("ccm") is not None else None)
-        yuv = cfg.decoder == "yuv"
+                       ccm=np.array(item["ccm"]) if item.get("ccm") is not None else None,
+                       affine=np.array(item["affine"]) if item.get("affine") is not None else None)
         alpha = None
         if item.get("alpha_video"):
-            alpha = (read_yuv420(item["alpha_video"], threads=1) if yuv
+            alpha = (read_yuv420(item["alpha_video"], threads=1) if cfg.decoder == "yuv"
                      else read_frames(item["alpha_video"], gray=True, backend=cfg.decoder, threads=1))
-        elif item.get("plate"):
-            job.plate = _first_frame(item["plate"], cfg.decoder)
-        color = read_yuv420(item["video"], threads=1) if yuv else read_frames(item["video"], backend=cfg.decoder, threads=1)
+        elif item.get("alpha_images"):
+            alpha = ImageSequence(item["alpha_images"], gray=True)
+        else:
+            job.plate = _plate(item, cfg.decoder)
+        color = _color_frames(item, cfg.decoder, planes=True)
         base = f"{item['subject']}/{make_id(item['sequence'])}/cam_{item['camera_serial']}"
         writer = _LocalWriter(ctx)
-        alpha_source = "alpha_video" if item.get("alpha_video") else "background_difference"
-        corrected = bool(cfg.color_correction and job.ccm is not None)
+        source_of_alpha = alpha_source(item)
+        corrected = bool(cfg.color_correction and (job.ccm is not None or job.affine is not None))
         rows = []
         for cropped in extract_video(job, color, alpha, cfg):
             image_rel = writer.write(f"images/{base}/{cropped.frame:06d}.{cfg.image_format}",
@@ -243,7 +282,7 @@ class ExtractStage(_ExtractStageBase):
                 "width": cfg.resolution, "height": cfg.resolution,
                 "world_to_cam": crop["world_to_cam"], "K": crop["K"], "crop_box": crop["box"],
                 "source_width": source["width"], "source_height": source["height"],
-                "alpha_source": alpha_source, "color_corrected": corrected,
+                "alpha_source": source_of_alpha, "color_corrected": corrected,
             })
         missing = sorted(set(job.frames) - {r["frame"] for r in rows})
         if missing:
@@ -259,7 +298,12 @@ def plan(index: CaptureIndex, config: ExtractConfig) -> tuple[list[dict], list[d
     from avat3r_core.formats.capture import BACKGROUND
 
     center_items, video_items = [], []
-    problems = {(p.subject, p.sequence, p.camera): p for p in index.problems if p.severity == "error"}
+    errors = [p for p in index.problems if p.severity == "error"]
+    problems = {(p.subject, p.sequence, p.camera): p for p in errors if p.frame is None}
+    bad_frames: dict[tuple[str, str, str], dict[int, object]] = {}  # one broken file of one frame
+    for p in errors:
+        if p.frame is not None:
+            bad_frames.setdefault((p.subject, p.sequence, p.camera), {})[p.frame] = p
     for pid, subject in index.subjects.items():
         subject_problem = problems.get((pid, None, None))
         for seq_name, sequence in subject.sequences.items():
@@ -270,12 +314,22 @@ def plan(index: CaptureIndex, config: ExtractConfig) -> tuple[list[dict], list[d
             videos = []
             for serial, media in sorted(sequence.media.items()):
                 i = subject.serials.index(serial)
-                videos.append({
-                    "video": media.path, "alpha_video": media.alpha_path, "plate": _plate(subject, serial),
-                    "camera_serial": serial, "camera": _camera_dict(subject.cameras, i),
+                bad = bad_frames.get((pid, seq_name, serial), {})
+                video = {
+                    "video": media.path, "alpha_video": media.alpha_path, "plate": _plate_path(subject, serial),
+                    "images": media.images, "alpha_images": media.alpha_images, "affine": media.color_correction,
+                    "camera_serial": serial, "camera": _camera_dict(subject.cameras, i), "bad_frames": sorted(bad),
                     "ccm": subject.color_calibration[serial].tolist()
                     if subject.color_calibration and serial in subject.color_calibration else None,
-                })
+                }
+                if not (video["alpha_video"] or video["alpha_images"] or video["plate"]):
+                    good = [f for f in range(n_frames) if f not in bad]
+                    video["median_plate_frames"] = [good[j] for j in sorted(set(
+                        np.linspace(0, len(good) - 1, min(MEDIAN_PLATE_FRAMES, len(good))).round().astype(int)))] if good else []
+                videos.append(video)
+                for frame in sorted(set(frames) & set(bad)):  # that (frame, camera) fails, the rest goes on
+                    video_items.append({"id": make_id(pid, seq_name, frame, serial), "problem": bad[frame].message,
+                                        "path": bad[frame].path})
             seq_id = make_id(pid, seq_name)
             if subject_problem or subject.cameras is None:
                 reason = subject_problem.message if subject_problem else "no usable calibration"
@@ -289,12 +343,18 @@ def plan(index: CaptureIndex, config: ExtractConfig) -> tuple[list[dict], list[d
                                  "videos": [videos[i] for i in views]})
             for video in videos:
                 video_items.append({"id": make_id(pid, seq_name, video["camera_serial"]), "subject": pid,
-                                    "sequence": seq_name, "frames": frames, **video})
+                                    "sequence": seq_name, **video,
+                                    "frames": [f for f in frames if f not in set(video["bad_frames"])]})
         # videos the reader rejected: one failing item each, named by the reader's message
         for (p_pid, p_seq, p_cam), problem in problems.items():
             if p_pid == pid and p_seq and p_seq != BACKGROUND and p_cam and (not config.sequences or p_seq in config.sequences):
                 video_items.append({"id": make_id(pid, p_seq, p_cam), "problem": problem.message, "path": problem.path})
     return center_items, video_items
+
+
+#: frames (evenly spread over the sequence) whose per-pixel median makes a camera's plate when it
+#: has neither alpha nor a captured plate
+MEDIAN_PLATE_FRAMES = 15
 
 
 def plan_crops(item: dict, centers: dict[int, list[float]], config: ExtractConfig) -> dict:

@@ -30,7 +30,7 @@ FRAMES_SCHEMA = pa.schema([
     ("crop_box", pa.list_(pa.float64(), 4)),  # x0, y0, w, h in source pixels
     ("source_width", pa.int32()),
     ("source_height", pa.int32()),
-    ("alpha_source", pa.string()),  # "alpha_video" | "background_difference"
+    ("alpha_source", pa.string()),  # "alpha_video" | "alpha_map" | "background_difference" | "temporal_median_plate"
     ("color_corrected", pa.bool_()),
 ])
 
