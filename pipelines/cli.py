@@ -348,6 +348,8 @@ def demo(params: str = ParamsPath, data_root: str = DataRoot, ray_address: Optio
     for key in ("report", "avatars", "checkpoint", "training", "previews", "raw", "frames", "tracking", "priors", "shards"):
         console.print(f"  {key:13s} {result[key]}")
     console.print(f"  {'turntables':13s} {result['avatars']}/<id>/turntable.mp4 (animation.mp4, preview.png, *.ply beside it)")
+    if Path(result["gallery"]).exists():
+        console.print(f"  {'gallery':13s} {result['gallery']} (serve: python -m http.server -d {Path(result['gallery']).parent})")
 
 
 # --------------------------------------------------------------------------- inspection

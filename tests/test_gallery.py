@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -256,3 +257,20 @@ def test_site_in_headless_chromium(site, tmp_path_factory):
         assert page.is_hidden("#viewer")
     assert outside == []  # nothing fetched from anywhere but the site
     print(f"screenshots: {shots}")
+
+
+def test_reconstruct_flow_links_the_gallery(prefect_harness, library, tmp_path):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from pipelines.flows import DataLayout, _publish_gallery
+
+    layout = DataLayout(str(tmp_path / "data"))
+    shutil.copytree(library, layout.avatars)
+    flow(name="gallery-link")(_publish_gallery)(layout)
+    summary = json.loads(Path(layout.gallery, "gallery.json").read_text())
+    assert summary["avatars"] == 5 and summary["source"] == layout.avatars
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["avatar-gallery"])))
+    assert f"[avatar gallery]({Path(layout.gallery, 'index.html').as_uri()})" in [a.data for a in artifacts]
