@@ -87,7 +87,7 @@ def _png(frame: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _avatar(root: Path, avatar_id: str, seed: int, model: dict, csim: float | None) -> dict:
+def _avatar(root: Path, avatar_id: str, seed: int, model: dict, csim: float | None, csim_in_meta: bool = False) -> dict:
     folder = root / avatar_id
     folder.mkdir(parents=True)
     head_surface_gaussians(N_GAUSSIANS, seed=seed, model=model).save_ply(folder / "gaussians_neutral.ply")
@@ -98,12 +98,14 @@ def _avatar(root: Path, avatar_id: str, seed: int, model: dict, csim: float | No
             "stand_ins": ["position:face_model", "features:efficientnet_lite0"], "views": ["a.jpg", "b.jpg"],
             "framing": {"center": [0.0, 0.0, 0.0], "radius": 1.1, "front": [0.0, 0.0, 1.0], "up": [0.0, 1.0, 0.0]},
             "render": {"size": 64, "fps": 8, "fov_deg": 20.0}, "stats": {"gaussians": N_GAUSSIANS}}
+    if csim_in_meta:
+        meta["identity"] = {"csim_arcface": csim, "model": "arcface"}
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
     row = {"id": avatar_id, "status": "ok", "mode": "photos", "source": f"people/{avatar_id}",
            "position_source": "face_model", "feature_source": "efficientnet_lite0",
            "stand_ins": "position:face_model,features:efficientnet_lite0", "gaussians": N_GAUSSIANS,
            "prepare_s": 1.5 + seed, "build_s": 2.25, "total_s": 3.75 + seed, "message": ""}
-    if csim is not None:
+    if csim is not None and not csim_in_meta:
         row["csim_arcface"] = csim
     return row
 
@@ -113,7 +115,7 @@ def library(tmp_path_factory):
     root = tmp_path_factory.mktemp("avatars")
     model = build_head_model(0)
     rows = [_avatar(root, "alice", 0, model, 0.71), _avatar(root, "bob", 1, model, 0.42),
-            _avatar(root, "carol_missing", 2, model, None), _avatar(root, "dan_corrupt", 3, model, 0.55)]
+            _avatar(root, "carol_missing", 2, model, None), _avatar(root, "dan_corrupt", 3, model, 0.55, csim_in_meta=True)]
     (root / "carol_missing" / "gaussians_neutral.ply").unlink()
     (root / "carol_missing" / "turntable.mp4").unlink()
     ply = root / "dan_corrupt" / "gaussians_neutral.ply"
@@ -142,6 +144,7 @@ def test_gallery_lists_every_avatar_and_names_what_is_missing(site, library):
     assert "dan_corrupt/gaussians_neutral.ply could not be converted" in records["dan_corrupt"]["problems"][0]
     assert records["erin_failed"]["message"].startswith("FormatError: people/erin.jpg")
     assert records["alice"]["scores"] == {"csim_arcface": 0.71} and summary["score_columns"] == ["csim_arcface"]
+    assert records["dan_corrupt"]["scores"] == {"csim_arcface": 0.55}  # from meta.json's identity section
     # the export sits beside the .ply, 32 bytes a Gaussian, and its size against the .ply is recorded
     alice = records["alice"]
     assert (library / "alice" / "gaussians_neutral.splat").stat().st_size == alice["splat_bytes"] == 32 * N_GAUSSIANS
@@ -187,7 +190,15 @@ def test_cli_gallery(tmp_path, library):
 
 # --------------------------------------------------------------------------- in a real browser
 def _canvas_rgb(page) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(page.locator("#viewer canvas").screenshot())).convert("RGB"), np.int16)
+    canvas = page.locator("#viewer canvas")
+    w, h = canvas.evaluate("c => [c.clientWidth, c.clientHeight]")
+    shot = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"), np.int16)
+    return shot[:h, :w]  # a fractional page offset can add a row of the page around it
+
+
+def _covered(rgb: np.ndarray) -> float:
+    """Fraction of the canvas not showing the viewer's background (#1e1e1e)."""
+    return float((np.abs(rgb - np.array([0x1e, 0x1e, 0x1e])).sum(-1) > 30).mean())
 
 
 def test_site_in_headless_chromium(site, tmp_path_factory):
@@ -226,9 +237,7 @@ def test_site_in_headless_chromium(site, tmp_path_factory):
         assert status["state"] == "drawn", status
         page.wait_for_timeout(500)
         before = _canvas_rgb(page)
-        background = np.array([0x1e, 0x1e, 0x1e])
-        covered = (np.abs(before - background).sum(-1) > 30).mean()
-        assert 0.05 < covered < 0.9, covered  # a head in the frame, not an empty or a filled canvas
+        assert 0.05 < _covered(before) < 0.9, _covered(before)  # a head in the frame, not an empty or a filled canvas
         page.screenshot(path=str(shots / "avatar.png"), full_page=True)
         box = page.locator("#viewer canvas").bounding_box()
         cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
@@ -241,7 +250,12 @@ def test_site_in_headless_chromium(site, tmp_path_factory):
         page.locator("#viewer canvas").screenshot(path=str(shots / "avatar_orbited.png"))
         changed = (np.abs(after - before).sum(-1) > 30).mean()
         assert changed > 0.02, changed
-        assert (np.abs(after - background).sum(-1) > 30).mean() > 0.05  # still looking at the head
+        assert _covered(after) > 0.05  # still looking at the head
+        for _ in range(6):  # zoom in (each wheel event dollies by a step): the head covers more of the canvas
+            page.mouse.wheel(0, -100)
+            page.wait_for_timeout(100)
+        page.wait_for_timeout(1500)
+        assert _covered(_canvas_rgb(page)) > 1.3 * _covered(after), (_covered(after), _covered(_canvas_rgb(page)))
         assert page.evaluate("document.querySelector('video').readyState") >= 1  # H.264 turntable opens
         assert "csim_arcface" in page.inner_text(".facts") and '"position_source": "face_model"' in page.inner_text("pre.meta")
 

@@ -116,12 +116,16 @@ def _read_rows(avatars_dir: Path) -> list[dict]:
 
 
 def _identity_scores(row: dict, meta: dict | None) -> dict[str, float]:
-    """Identity-similarity columns (``csim*``, from the index row or meta.json's top level)."""
+    """Identity-similarity scores: numeric ``csim*`` keys of the index row, of meta.json, or of a
+    section of meta.json (``{"identity": {"csim": 0.7}}``); the index row wins."""
+    meta = meta or {}
+    sources = [v for v in meta.values() if isinstance(v, dict)] + [meta, row]
     scores = {}
-    for source in (meta or {}, row):
+    for source in sources:
         for key, value in source.items():
-            if key.lower().startswith("csim") and isinstance(value, (int, float)) and math.isfinite(value):
-                scores[key] = float(value)
+            if (str(key).lower().startswith("csim") and isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and math.isfinite(value)):
+                scores[str(key)] = float(value)
     return scores
 
 
