@@ -52,6 +52,8 @@ try {
     sharedMemoryForWorkers: false,
     gpuAcceleratedSort: false,
     sceneRevealMode: GS3D.SceneRevealMode.Instant,
+    // draw when the view changes, not every display frame: software WebGL would keep a core busy
+    renderMode: GS3D.RenderMode.OnChange,
     logLevel: GS3D.LogLevel.None,
   });
 } catch (err) {

@@ -23,13 +23,19 @@ CHROMIUM_FLAGS = (
 
 
 def browser_unavailable() -> str | None:
-    """Why the browser cannot be used here (None when it can): the test's skip reason."""
+    """Why the browser cannot be used here (None when it can; it is started once to find out):
+    the test's skip reason."""
     if not Path(CHROMIUM).exists():
         return f"{CHROMIUM} is not installed (make setup installs Debian's chromium when run as root)"
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError as exc:
         return f"the playwright package is not importable ({exc})"
+    try:
+        with chromium():
+            pass
+    except Exception as exc:  # playwright raises its own Error types for a browser that will not start
+        return f"{CHROMIUM} could not be launched ({str(exc).splitlines()[0]})"
     return None
 
 
