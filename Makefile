@@ -10,9 +10,26 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test bench clean repro
+.PHONY: setup browser demo test bench clean repro
 
-setup: $(STAMP)
+# The gallery's 3D viewer (@mkkellogg/gaussian-splats-3d + three.js), exact versions from
+# web/package-lock.json; `avat3r gallery` copies it into each site, nothing is fetched at view time.
+VIEWER := web/node_modules/.package-lock.json
+
+setup: $(STAMP) $(VIEWER) browser
+
+$(VIEWER): web/package.json web/package-lock.json
+	@command -v npm >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y npm)
+	cd web && npm ci --no-audit --no-fund
+	touch $(VIEWER)
+
+# Debian's Chromium for the gallery's browser test (playwright drives it; `playwright install` is
+# never run). Without it, and not root, that test skips and says why.
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+		else echo "note: /usr/bin/chromium is missing and we are not root: the gallery browser test will skip"; fi; \
+	fi
 
 # torch is pinned inside the same pip command as everything else (pyproject pins it too):
 # on this machine torch==2.13.0 is a CPU wheel on local disk; an unpinned resolve pulls CUDA.
@@ -40,7 +57,7 @@ bench: setup
 	$(BIN)/python benchmarks/render.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache web/node_modules
 
 repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro

@@ -419,6 +419,8 @@ def demo(params: str = ParamsPath, data_root: str = DataRoot, ray_address: Optio
     for key in ("report", "avatars", "checkpoint", "training", "previews", "raw", "frames", "tracking", "priors", "shards"):
         console.print(f"  {key:13s} {result[key]}")
     console.print(f"  {'turntables':13s} {result['avatars']}/<id>/turntable.mp4 (animation.mp4, preview.png, *.ply beside it)")
+    if Path(result["gallery"]).exists():
+        console.print(f"  {'gallery':13s} {result['gallery']} (serve: python -m http.server -d {Path(result['gallery']).parent})")
 
 
 # --------------------------------------------------------------------------- inspection
@@ -577,6 +579,32 @@ def animate(
     result = _run(animate_avatar, avatar_dir, expressions, out, checkpoint=checkpoint, size=size, fps=fps,
                   drive_head_pose=head_pose)
     console.print_json(json.dumps(result))
+
+
+@app.command()
+def gallery(
+    avatars_dir: Path = typer.Argument(..., help="An avatar library (the reconstruct output: index.parquet + <id>/)."),
+    out: Path = typer.Option(..., "--out", help="Site folder (new, or one an earlier `avat3r gallery` built)."),
+    title: Optional[str] = typer.Option(None, "--title", help="Heading of the index page."),
+    viewer_dir: Optional[Path] = typer.Option(None, "--viewer-dir", help="Folder with the viewer's node_modules (default: the repository's web/)."),
+):
+    """A static web site of the library: index (sort/filter by status and score) and a 3D viewer per avatar."""
+    from avat3r_core.gallery.site import GalleryConfig, GalleryError, build_gallery
+
+    values = {k: str(v) for k, v in (("title", title), ("viewer_dir", viewer_dir)) if v is not None}
+    try:
+        summary = _run(build_gallery, avatars_dir, out, GalleryConfig(**values))
+    except GalleryError as exc:
+        console.print(f"[bold red]cannot build the gallery:[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_USAGE) from exc
+    console.print(f"{summary['avatars']} avatars: {summary['ok']} ok, {summary['incomplete']} incomplete, "
+                  f"{summary['failed']} failed; web export {summary['splat_bytes'] / 1e6:.2f} MB "
+                  f"({100 * (summary['splat_vs_ply'] or 0):.1f} % of the .ply)")
+    for record in summary["records"]:
+        for problem in record["problems"]:
+            console.print(f"  [yellow]{escape(problem)}[/]")
+    console.print(f"gallery: {summary['index']}\nview it: python -m http.server --bind 127.0.0.1 -d {out} "
+                  f"(then open http://127.0.0.1:8000/)")
 
 
 def main() -> None:

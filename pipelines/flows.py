@@ -108,6 +108,11 @@ class DataLayout:
         return str(Path(self.avatars, "index.parquet"))
 
     @property
+    def gallery(self) -> str:
+        """The avatar library as a static web site (``avat3r gallery``)."""
+        return self.path("gallery")
+
+    @property
     def train(self) -> str:
         return self.path("train")
 
@@ -463,6 +468,27 @@ def _publish_avatars(layout: DataLayout) -> None:
     create_table_artifact(key="avatar-library", table=rows, description=f"Avatars in {layout.avatars}")
 
 
+def _publish_gallery(layout: DataLayout) -> None:
+    """The library's web gallery (``avat3r gallery``), linked from an artifact. Without the viewer
+    package (``make setup`` installs it) the avatars stand and the log says why there is no site."""
+    from prefect.artifacts import create_link_artifact
+
+    from avat3r_core.gallery.site import GalleryError, build_gallery
+
+    if not Path(layout.avatars_index).exists():
+        return
+    try:
+        summary = build_gallery(layout.avatars, layout.gallery)
+    except GalleryError as exc:
+        log.warning("reconstruct: no gallery: %s", exc)
+        return
+    print(f"gallery: {summary['index']} (serve: python -m http.server --bind 127.0.0.1 -d {layout.gallery})")
+    create_link_artifact(key="avatar-gallery", link=Path(summary["index"]).as_uri(), link_text="avatar gallery",
+                         description=f"{summary['avatars']} avatars ({summary['ok']} ok, {summary['incomplete']} "
+                                     f"incomplete, {summary['failed']} failed); serve it with "
+                                     f"`python -m http.server -d {layout.gallery}`")
+
+
 @flow(name="reconstruct", log_prints=True)
 def reconstruct_flow(params_path: str = "params.yaml", data_root: str = "data", ray_address: str | None = None,
                      executor: str = "ray") -> list[dict]:
@@ -472,6 +498,7 @@ def reconstruct_flow(params_path: str = "params.yaml", data_root: str = "data", 
     summaries = [run_stage_cached(name, params_path, layout, ray_address, executor) for name in RECONSTRUCT]
     _publish_stage_table(summaries, "reconstruct-stages")
     _publish_avatars(layout)
+    _publish_gallery(layout)
     _publish_evaluation(layout)
     return summaries
 
@@ -489,4 +516,5 @@ def demo_flow(params_path: str = "params.yaml", data_root: str = "data", ray_add
             "previews": str(Path(layout.ground_truth) / "previews"), "frames": layout.frames,
             "tracking": layout.tracking, "priors": layout.priors, "shards": layout.shards,
             "training": layout.train, "checkpoint": layout.checkpoint,
-            "report": str(Path(layout.evaluation, "report.md")), "avatars": layout.avatars}
+            "report": str(Path(layout.evaluation, "report.md")), "avatars": layout.avatars,
+            "gallery": str(Path(layout.gallery, "index.html"))}
