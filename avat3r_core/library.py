@@ -56,6 +56,7 @@ import json
 import logging
 import math
 import re
+import struct
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -84,10 +85,10 @@ log = logging.getLogger("avat3r.reconstruct")
 __all__ = [
     "MODES", "LIBRARY_COLUMNS", "LANDMARKS_SUFFIX", "LibraryEntry", "read_library", "write_library",
     "write_capture_library", "AvatarInputError", "NoFaceError", "UnreadableInputError", "TooFewFramesError",
-    "FitFailedError", "PrepareConfig", "PreparedAvatar", "Preparer", "pick_diverse_poses",
+    "FitFailedError", "FaceTooSmallError", "ExtremePoseError", "PrepareConfig", "PreparedAvatar", "Preparer", "pick_diverse_poses",
     "builtin_expressions", "load_expression_track", "load_head_motion", "head_motion_for", "neutral_code",
     "build_avatar", "AvatarFiles", "animate_avatar", "drive_without_cache",
-    "CACHE_FILE", "PLY_FILE", "PREVIEW_FILE", "TURNTABLE_FILE", "ANIMATION_FILE", "META_FILE",
+    "read_picture", "check_input_file", "picture_header", "CACHE_FILE", "PLY_FILE", "PREVIEW_FILE", "TURNTABLE_FILE", "ANIMATION_FILE", "META_FILE",
 ]
 
 MODES = ("capture", "photos", "image", "video")
@@ -126,6 +127,14 @@ class TooFewFramesError(AvatarInputError):
 
 class FitFailedError(AvatarInputError):
     kind = "face-model fit failed"
+
+
+class FaceTooSmallError(AvatarInputError):
+    kind = "face too small"
+
+
+class ExtremePoseError(AvatarInputError):
+    kind = "head turned too far"
 
 
 # ====================================================================== the library manifest
@@ -364,6 +373,19 @@ def pick_diverse_poses(world_to_cam: np.ndarray, k: int) -> list[int]:
     return sorted(farthest_views(dirs, k))
 
 
+def head_angles(world_to_cam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Yaw and pitch (degrees) of the head as each camera of an uncalibrated fit sees it.
+
+    The head sits at the origin in FLAME's axes (x to the subject's left, y up, z out of the face);
+    a camera straight in front is at yaw 0, pitch 0; on the subject's left, yaw > 0; above, pitch > 0.
+    """
+    w2c = np.asarray(world_to_cam, np.float64)
+    c = -np.einsum("nji,nj->ni", w2c[:, :3, :3], w2c[:, :3, 3])
+    yaw = np.degrees(np.arctan2(c[:, 0], c[:, 2]))
+    pitch = np.degrees(np.arctan2(c[:, 1], np.hypot(c[:, 0], c[:, 2])))
+    return yaw, pitch
+
+
 # ====================================================================== configuration
 @dataclass
 class PrepareConfig(Presets):
@@ -396,6 +418,13 @@ class PrepareConfig(Presets):
     num_views: int = 4  # input views per avatar (image mode: 1)
     video_max_frames: int = 300  # frames read from a video
     video_fit_frames: int = 12  # frames (evenly spaced) the face model is fitted on
+    max_input_mb: float = 512.0  # a picture or video file larger than this is refused unread
+    max_megapixels: float = 100.0  # a picture with more pixels (from its header) is refused undecoded
+    max_side: int = 2048  # pictures and frames are shrunk to this long side before detection
+    max_faces: int = 4  # faces MediaPipe looks for per picture; the largest is used (recorded)
+    min_face_px: float = 24.0  # smallest face (landmark box height, brows to chin, decoded pixels) worth fitting
+    max_yaw_deg: float = 75.0  # views turned further (fitted head pose) are dropped
+    max_pitch_deg: float = 50.0
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
 
@@ -408,6 +437,9 @@ class PrepareConfig(Presets):
             "device": self.device in ("auto", "cpu", "cuda"),
             "num_views": self.num_views >= 1, "video_fit_frames": self.video_fit_frames >= 2,
             "video_max_frames": self.video_max_frames >= 2, "head_extent": self.head_extent > 0,
+            "max_input_mb": self.max_input_mb > 0, "max_megapixels": self.max_megapixels > 0,
+            "max_side": self.max_side >= 64, "max_faces": self.max_faces >= 1, "min_face_px": self.min_face_px >= 0,
+            "max_yaw_deg": 0 < self.max_yaw_deg <= 180, "max_pitch_deg": 0 < self.max_pitch_deg <= 180,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -523,8 +555,9 @@ def _framing(position: np.ndarray, confidence: np.ndarray, world_to_cam: np.ndar
 
 # ====================================================================== reading pictures
 def read_image(path: str) -> np.ndarray:
-    """RGB uint8 (H, W, 3); a missing or undecodable file raises :class:`UnreadableInputError`
-    (an avatar's error row, not a stage failure)."""
+    """RGB uint8 (H, W, 3) of a file the project wrote (capture crops); a missing or undecodable
+    file raises :class:`UnreadableInputError` (an avatar's error row, not a stage failure).
+    Users' pictures go through :func:`read_picture`."""
     try:
         return storage.read_image(path)
     except FileNotFoundError:
@@ -533,16 +566,129 @@ def read_image(path: str) -> np.ndarray:
         raise UnreadableInputError(path, exc.message) from None
 
 
-def read_video_frames(path: str, max_frames: int) -> list[np.ndarray]:
-    """Up to ``max_frames`` RGB frames; undecodable → :class:`UnreadableInputError`; < 2 frames →
-    :class:`TooFewFramesError` (one frame is a picture: use mode ``image``)."""
+def check_input_file(path: str, max_bytes: int | None = None) -> int:
+    """Size in bytes of a user's input file, refusing what must not be opened.
+
+    Only regular files: a FIFO would block the reader, a device (``/dev/zero``) never ends, a
+    directory is no picture; ``stat`` tells without opening. ``max_bytes``: the size cap.
+    """
+    import stat
+
+    local = storage.local_path(path)
+    if local is not None:
+        try:
+            st = Path(local).stat()
+        except FileNotFoundError:
+            raise UnreadableInputError(path, "file not found") from None
+        except OSError as exc:
+            raise UnreadableInputError(path, f"cannot stat: {exc}") from None
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode) else
+                    "a character device" if stat.S_ISCHR(st.st_mode) else "a block device" if stat.S_ISBLK(st.st_mode)
+                    else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+            raise UnreadableInputError(path, f"{kind}: inputs are read from regular files only")
+        size = int(st.st_size)
+    else:
+        if not storage.exists(path):
+            raise UnreadableInputError(path, "file not found")
+        fs, p = storage.url_to_fs(path)
+        info = fs.info(p)
+        if info.get("type") not in (None, "file"):
+            raise UnreadableInputError(path, f"a {info.get('type')}: inputs are read from regular files only")
+        size = int(info.get("size") or 0)
+    if max_bytes is not None and size > max_bytes:
+        raise UnreadableInputError(path, f"{size / 2 ** 20:.1f} MiB exceeds the input size cap of "
+                                         f"{max_bytes / 2 ** 20:.1f} MiB (PrepareConfig.max_input_mb)")
+    return size
+
+
+def picture_header(handle, name: str) -> tuple[str, int, int]:
+    """(format, width, height) from a picture's header alone, nothing decoded.
+
+    Asks Pillow's format plugins directly (``Image.OPEN``): ``Image.open`` would refuse very large
+    images before saying their size, and the size is what the caller checks against its own cap.
+    """
+    from PIL import Image
+
+    Image.init()
+    handle.seek(0)
+    prefix = handle.read(16)
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        if accept is not None and accept(prefix) is not True:
+            continue
+        handle.seek(0)
+        try:
+            im = factory(handle, name)
+        except (SyntaxError, IndexError, TypeError, ValueError, OSError, struct.error):
+            continue
+        return fmt, int(im.size[0]), int(im.size[1])
+    raise UnreadableInputError(name, "not a picture (no image format recognises its header)")
+
+
+def read_picture(path: str, max_megapixels: float = 100.0, max_side: int = 2048,
+                 max_bytes: int | None = None) -> tuple[np.ndarray, dict]:
+    """A user's picture as RGB uint8 (H, W, 3), long side at most ``max_side``, and what was done.
+
+    Checked before decoding: a regular file (:func:`check_input_file`), its size (``max_bytes``)
+    and its pixel count from the header (``max_megapixels``). Decoding (OpenCV) applies the EXIF
+    orientation (phone JPEGs), converts grayscale, palette, CMYK and 16-bit pictures to 8-bit RGB,
+    and shrinks large JPEGs while decoding (``IMREAD_REDUCED_COLOR_{2,4,8}``); anything still
+    longer than ``max_side`` is resized (area filter). ``info``: ``format``, ``width``/``height``
+    as stored, ``decoded`` [w, h] after orientation, ``scale`` (decoded / stored pixels).
+    """
+    import cv2
+
+    check_input_file(path, max_bytes)
+    fs, p = storage.url_to_fs(path)
+    try:
+        with fs.open(p, "rb") as handle:
+            fmt, w, h = picture_header(handle, path)
+            if w * h > max_megapixels * 1e6:
+                raise UnreadableInputError(path, f"{w}x{h} pixels ({w * h / 1e6:.1f} MP, from the {fmt} header) exceed the "
+                                                 f"cap of {max_megapixels:g} MP (PrepareConfig.max_megapixels)")
+            handle.seek(0)
+            data = handle.read()
+    except OSError as exc:
+        raise UnreadableInputError(path, f"cannot read: {exc}") from None
+    reduce = 1
+    while reduce < 8 and max(w, h) / (reduce * 2) >= max_side:
+        reduce *= 2
+    flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+            8: cv2.IMREAD_REDUCED_COLOR_8}[reduce]
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    del data
+    if image is None:
+        raise UnreadableInputError(path, f"cannot decode the {fmt} picture (corrupt or truncated)")
+    long_side = max(image.shape[:2])
+    if long_side > max_side:
+        f = max_side / long_side
+        image = cv2.resize(image, (max(1, round(image.shape[1] * f)), max(1, round(image.shape[0] * f))),
+                           interpolation=cv2.INTER_AREA)
+    image = np.ascontiguousarray(image[..., ::-1])
+    scale = max(image.shape[:2]) / max(w, h)
+    return image, {"format": fmt, "width": w, "height": h, "decoded": [int(image.shape[1]), int(image.shape[0])],
+                   "scale": round(float(scale), 6)}
+
+
+def read_video_frames(path: str, max_frames: int, max_side: int = 2048,
+                      max_bytes: int | None = None) -> tuple[list[np.ndarray], float]:
+    """Up to ``max_frames`` RGB frames, each shrunk to a long side of at most ``max_side``, and that
+    scale (decoded / stored pixels);
+    a regular file only (:func:`check_input_file`); undecodable → :class:`UnreadableInputError`;
+    < 2 frames → :class:`TooFewFramesError` (one frame is a picture: use mode ``image``)."""
+    import cv2
+
     from avat3r_core.video import read_frames
 
-    if not storage.exists(path):
-        raise UnreadableInputError(path, "file not found")
+    check_input_file(path, max_bytes)
     frames: list[np.ndarray] = []
+    f = 1.0
     try:
         for frame in read_frames(path):
+            if max(frame.shape[:2]) > max_side:
+                f = max_side / max(frame.shape[:2])
+                frame = cv2.resize(frame, (round(frame.shape[1] * f), round(frame.shape[0] * f)), interpolation=cv2.INTER_AREA)
             frames.append(frame)
             if len(frames) >= max_frames:
                 break
@@ -553,7 +699,7 @@ def read_video_frames(path: str, max_frames: int) -> list[np.ndarray]:
     if len(frames) < 2:
         raise TooFewFramesError(path, f"the video has {len(frames)} decodable frame(s); video mode needs at least 2 "
                                       "with different head poses (use mode 'image' for a single picture)")
-    return frames
+    return frames, f
 
 
 def landmarks_path(picture: str) -> str:
@@ -662,39 +808,31 @@ class Preparer:
                                      dtype=torch.float64).eval()
         return self._layer
 
-    def detect(self, images: list[np.ndarray], pictures: list[str], video: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Landmarks of N pictures (or N video frames of ``pictures[0]``): points, confidence, found."""
-        if self.config.landmarks == "file":
-            if video:
-                pts, conf = read_landmarks_beside(pictures[0], frames=len(images))
-            else:
-                pts_l, conf_l = [], []
-                for p in pictures:
-                    try:
-                        a, b = read_landmarks_beside(p)
-                    except NoFaceError:
-                        a, b = None, None
-                    pts_l.append(a)
-                    conf_l.append(b)
-                L = next((a.shape[1] for a in pts_l if a is not None), 0)
-                if L == 0:
-                    raise NoFaceError(";".join(pictures), "landmark backend 'file': no landmark file beside any picture "
-                                      f"(expected <stem>{LANDMARKS_SUFFIX})")
-                pts = np.concatenate([a if a is not None else np.zeros((1, L, 2)) for a in pts_l])
-                conf = np.concatenate([b if b is not None else np.zeros((1, L)) for b in conf_l])
-            found = (conf > 0).sum(1) >= 6
-            return pts, conf, found
+    def _mediapipe(self):
         if self._detector is None:
             from avat3r_core.tracking.landmarks import MediaPipeLandmarks
 
-            self._detector = MediaPipeLandmarks(self.config.mediapipe_model or None)
-        points, conf, found = [], [], []
-        for image in images:  # one at a time: pictures differ in size
-            d = self._detector.detect(image[None])
-            points.append(d.points[0])
-            conf.append(d.confidence[0])
-            found.append(bool(d.found[0]))
-        return np.stack(points).astype(np.float64), np.stack(conf).astype(np.float64), np.array(found)
+            self._detector = MediaPipeLandmarks(self.config.mediapipe_model or None, num_faces=self.config.max_faces)
+        return self._detector
+
+    def detect_one(self, image: np.ndarray, picture: str, scale: float = 1.0) -> tuple[np.ndarray | None, np.ndarray | None, dict]:
+        """Landmarks of one picture in its decoded pixels: points (L, 2), confidence (L,) (None, None
+        when no face), and what the detector saw (``faces_found``, ``face_box``, ``other_faces``).
+        ``scale``: decoded / stored pixels (landmark files are in stored pixels)."""
+        if self.config.landmarks == "file":
+            try:
+                pts, conf = read_landmarks_beside(picture)
+            except NoFaceError:
+                return None, None, {"faces_found": 0}
+            return pts[0] * scale, conf[0], {"faces_found": 1}
+        d = self._mediapipe().detect(image[None])
+        info: dict = {"faces_found": int(d.extras["faces_found"][0])}
+        if not d.found[0]:
+            return None, None, info
+        info["face_box"] = [round(float(v), 1) for v in d.extras["face_box"][0]]
+        info["other_faces"] = [[round(v, 1) for v in b] for b in d.extras["face_boxes"][0] if
+                               [round(v, 1) for v in b] != info["face_box"]]
+        return d.points[0].astype(np.float64), d.confidence[0].astype(np.float64), info
 
     def _features_of(self, crops: np.ndarray) -> np.ndarray | None:
         if self.feature_source == "none":
@@ -725,19 +863,24 @@ class Preparer:
         start = time.perf_counter()
         if entry.mode == "capture":
             out = self.prepare_capture(entry)
-        elif entry.mode == "photos":
-            paths = entry.image_paths()
-            images = [read_image(p) for p in paths]
-            out = self.prepare_pictures(entry, images, paths)
-        elif entry.mode == "image":
-            out = self.prepare_pictures(entry, [read_image(entry.source)], [entry.source])
+        elif entry.mode in ("photos", "image"):
+            out = self.prepare_pictures(entry, entry.image_paths() if entry.mode == "photos" else [entry.source])
         elif entry.mode == "video":
-            frames = read_video_frames(entry.source, self.config.video_max_frames)
-            out = self.prepare_pictures(entry, frames, [entry.source], video=True)
+            cfg = self.config
+            frames, scale = read_video_frames(entry.source, cfg.video_max_frames, cfg.max_side, self._max_bytes)
+            out = self.prepare_pictures(entry, [entry.source], frames=frames, frame_scale=scale)
         else:  # read_library already refuses this
             raise FormatError(entry.library, f"row {entry.row}: mode", f"unknown mode {entry.mode!r}")
         out.meta["prepare_s"] = round(time.perf_counter() - start, 3)
         return out
+
+    @property
+    def _max_bytes(self) -> int:
+        return int(self.config.max_input_mb * 2 ** 20)
+
+    def read_picture(self, path: str) -> tuple[np.ndarray, dict]:
+        cfg = self.config
+        return read_picture(path, cfg.max_megapixels, cfg.max_side, self._max_bytes)
 
     # ------------------------------------------------------------------ capture mode
     def prepare_capture(self, entry: LibraryEntry) -> PreparedAvatar:
@@ -856,44 +999,99 @@ class Preparer:
         return np.stack(heads)
 
     # ------------------------------------------------------------------ photos / image / video
-    def prepare_pictures(self, entry: LibraryEntry, images: list[np.ndarray], pictures: list[str],
-                         video: bool = False) -> PreparedAvatar:
-        """Landmarks → uncalibrated face-model fit → head crops → priors, for N pictures (or frames)."""
+    def prepare_pictures(self, entry: LibraryEntry, pictures: list[str], frames: list[np.ndarray] | None = None,
+                         frame_scale: float = 1.0) -> PreparedAvatar:
+        """Landmarks → uncalibrated face-model fit → head crops → priors, for N pictures (or the
+        ``frames`` of the video ``pictures[0]``).
+
+        Pictures are decoded one at a time: each is read, its landmarks found, and let go; only the
+        views finally used are read again for their crops, so memory holds at most ``num_views``
+        pictures however many the folder has.
+        """
         from avat3r_core.extract import crop_image, frame_boxes
         from avat3r_core.priors import sources
         from avat3r_core.tracking.fit import fit_uncalibrated
+        from avat3r_core.tracking.landmarks import points_for_embedding
 
         cfg = self.config
+        video = frames is not None
         source = pictures[0] if video else ";".join(pictures)
         layer = self.face_layer()
-        points, conf, found = self.detect(images, pictures, video=video)
+        n = len(frames) if video else len(pictures)
+        names = [f"{pictures[0]}#frame{i}" for i in range(n)] if video else list(pictures)
+        beside = None
+        if video and cfg.landmarks == "file":
+            beside = read_landmarks_beside(pictures[0], frames=n)
+        pts_l: list = [None] * n
+        conf_l: list = [None] * n
+        sizes = np.zeros((n, 2), np.int64)
+        infos: list[dict] = [{} for _ in range(n)]
+        reasons: dict[str, str] = {}
+        face_px = np.zeros(n)
+        for i in range(n):
+            if video:
+                image = frames[i]
+                if beside is not None:
+                    pts_l[i], conf_l[i] = beside[0][i] * frame_scale, beside[1][i]
+                else:
+                    pts_l[i], conf_l[i], infos[i] = self.detect_one(image, pictures[0])
+            else:
+                image, infos[i] = self.read_picture(pictures[i])
+                pts_l[i], conf_l[i], found_info = self.detect_one(image, pictures[i], infos[i]["scale"])
+                infos[i].update(found_info)
+            sizes[i] = image.shape[1], image.shape[0]
+            del image
+            if pts_l[i] is not None and (conf_l[i] > 0).sum() < 6:
+                pts_l[i] = conf_l[i] = None
+            if pts_l[i] is None:
+                reasons[names[i]] = "no face"
+                continue
+            seen = pts_l[i][conf_l[i] > 0]
+            face_px[i] = float(seen[:, 1].max() - seen[:, 1].min())
+            if face_px[i] < cfg.min_face_px:
+                reasons[names[i]] = f"face {face_px[i]:.0f} px high, below min_face_px {cfg.min_face_px:g}"
+                pts_l[i] = conf_l[i] = None
+        found = np.array([p is not None for p in pts_l])
         if not found.any():
-            raise NoFaceError(source, f"no face in any of the {len(images)} {'frames' if video else 'pictures'} "
+            if face_px.max() > 0:
+                raise FaceTooSmallError(source, f"the largest face is {face_px.max():.0f} px high (landmark box, "
+                                                f"{'frames' if video else 'pictures'} shrunk to at most {cfg.max_side} px); "
+                                                f"fitting needs min_face_px = {cfg.min_face_px:g}")
+            raise NoFaceError(source, f"no face in any of the {n} {'frames' if video else 'pictures'} "
                                       f"(landmark backend {cfg.landmarks!r})")
-        names = [f"{pictures[0]}#frame{i}" for i in range(len(images))] if video else list(pictures)
+        L = next(p.shape[0] for p in pts_l if p is not None)
+        points = np.stack([p if p is not None else np.zeros((L, 2)) for p in pts_l])
+        conf = np.stack([c if c is not None else np.zeros(L) for c in conf_l])
         dropped = [names[i] for i in np.flatnonzero(~found)]
         if dropped:
-            log.warning("avatar %s: no face in %d of %d inputs, dropped: %s", entry.avatar_id, len(dropped),
-                        len(images), ", ".join(dropped[:5]))
+            log.warning("avatar %s: %d of %d inputs dropped: %s", entry.avatar_id, len(dropped), n,
+                        "; ".join(f"{k}: {reasons[k]}" for k in dropped[:5]))
         keep = np.flatnonzero(found)
         if video and len(keep) < 2:
             raise TooFewFramesError(source, f"a face was found in only {len(keep)} frame(s); video mode needs 2")
         if video and len(keep) > cfg.video_fit_frames:  # evenly spaced: cover the whole clip
             keep = keep[np.unique(np.round(np.linspace(0, len(keep) - 1, cfg.video_fit_frames)).astype(int))]
+        points, conf = points_for_embedding(points, conf, self._embedding, cfg.landmark_embedding)
         indices = self._embedding.landmark_indices
-        L = points.shape[1]
-        if indices is None and L != layer.lmk_faces.shape[0]:
-            raise FormatError(cfg.landmark_embedding, "landmark_indices",
-                              f"the {cfg.landmarks} backend gives {L} points but the embedding embeds "
-                              f"{layer.lmk_faces.shape[0]} and selects none (for MediaPipe give FLAME's MediaPipe "
-                              f"embedding; for the synthetic studio use landmarks='file')")
-        sizes = np.array([[images[i].shape[1], images[i].shape[0]] for i in keep])
+        sizes = sizes[keep]
         fit = fit_uncalibrated(layer, points[keep], sizes, conf[keep], fov_deg=cfg.fov_deg, config=cfg.fit_config(),
                                landmark_indices=indices, video=video)
         if not fit.converged:
             raise FitFailedError(source, fit.message or f"residuals {np.round(fit.residuals, 2).tolist()} px")
+        yaw, pitch = head_angles(fit.world_to_cam)
+        turned = (np.abs(yaw) > cfg.max_yaw_deg) | (np.abs(pitch) > cfg.max_pitch_deg)
+        for j in np.flatnonzero(turned):
+            reasons[names[int(keep[j])]] = f"head turned yaw {yaw[j]:+.0f} deg, pitch {pitch[j]:+.0f} deg"
+            dropped.append(names[int(keep[j])])
+        if turned.all():
+            j = int(np.argmin(np.abs(yaw) + np.abs(pitch)))
+            raise ExtremePoseError(source, f"the most frontal {'frame' if video else 'picture'} has the head at yaw "
+                                           f"{yaw[j]:+.0f} deg, pitch {pitch[j]:+.0f} deg (fitted); limits ±{cfg.max_yaw_deg:g} "
+                                           f"and ±{cfg.max_pitch_deg:g} deg (PrepareConfig.max_yaw_deg/max_pitch_deg)")
+        usable = np.flatnonzero(~turned)
         n_views = 1 if entry.mode == "image" else cfg.num_views
-        local = pick_diverse_poses(fit.world_to_cam, n_views) if len(keep) > n_views else list(range(len(keep)))
+        local = (usable[pick_diverse_poses(fit.world_to_cam[usable], n_views)] if len(usable) > n_views
+                 else usable).tolist()
         S = self.image_size
         # head centre: the middle of the fitted neutral head (head frame = world for uncalibrated inputs)
         neutral = sources.flame_vertices(layer, {"shape": fit.params["shape"][0],
@@ -906,7 +1104,7 @@ class Preparer:
             cam = Cameras(torch.as_tensor(fit.world_to_cam[j:j + 1]), torch.as_tensor(fit.K[j:j + 1]),
                           int(sizes[j, 0]), int(sizes[j, 1]))
             box = frame_boxes(cam, center3[None], cfg.head_extent)[0]
-            crops.append(crop_image(images[i], box, S))
+            crops.append(crop_image(frames[i] if video else self.read_picture(pictures[i])[0], box, S))
             cams.append(cam.crop_resize(box[None], S))
             params = {k: fit.params[k][j] for k in ("expression", "jaw", "neck", "eyes")}
             params.update(shape=fit.params["shape"][0], rotation=np.zeros(3), translation=np.zeros(3))
@@ -943,11 +1141,14 @@ class Preparer:
         feats = self._features_of(crops_arr) if self.features_enabled else None
         world_to_cam = cameras.world_to_cam.double().numpy()
         center, radius, front, up = _framing(position, confidence, world_to_cam, source)
-        views = [{"input": names[int(keep[j])], "residual_px": float(fit.residuals[j])} for j in local]
+        views = [{"input": names[int(keep[j])], "residual_px": float(fit.residuals[j]), "yaw_deg": round(float(yaw[j]), 1),
+                  "pitch_deg": round(float(pitch[j]), 1), "face_px": round(float(face_px[int(keep[j])]), 1),
+                  **infos[int(keep[j])]} for j in local]
         meta = {"mode": entry.mode, "views": views, "position_source": position_source,
                 "feature_source": self.feature_source_name() if self.features_enabled else "none",
                 "landmarks": cfg.landmarks, "fit_residual_px": float(np.mean(fit.residuals)), "fitted": int(len(keep)),
-                "dropped": dropped, "fov_deg": cfg.fov_deg, "frame": self.frame,
+                "dropped": dropped, "dropped_reasons": {k: reasons[k] for k in dropped}, "fov_deg": cfg.fov_deg,
+                "frame": self.frame, "landmark_points": int(points.shape[1]) if indices is None else int(len(indices)),
                 "note": "uncalibrated: cameras from a face-model fit with an assumed field of view; head at the origin"}
         reference = {"rotation": np.zeros(3), "translation": np.zeros(3)}
         return PreparedAvatar(entry.avatar_id, crops_arr, world_to_cam, cameras.K.double().numpy(), position,
