@@ -86,7 +86,7 @@ __all__ = [
     "MODES", "LIBRARY_COLUMNS", "LANDMARKS_SUFFIX", "LibraryEntry", "read_library", "write_library",
     "write_capture_library", "AvatarInputError", "NoFaceError", "UnreadableInputError", "TooFewFramesError",
     "FitFailedError", "FaceTooSmallError", "ExtremePoseError", "PrepareConfig", "PreparedAvatar", "Preparer", "pick_diverse_poses",
-    "builtin_expressions", "load_expression_track", "load_head_motion", "head_motion_for", "neutral_code",
+    "builtin_expressions", "load_expression_track", "picture_fidelity", "IDENTITY_YAWS", "yaw_key", "head_angles", "load_head_motion", "head_motion_for", "neutral_code",
     "build_avatar", "AvatarFiles", "animate_avatar", "drive_without_cache",
     "read_picture", "check_input_file", "picture_header", "CACHE_FILE", "PLY_FILE", "PREVIEW_FILE", "TURNTABLE_FILE", "ANIMATION_FILE", "META_FILE",
 ]
@@ -425,6 +425,7 @@ class PrepareConfig(Presets):
     min_face_px: float = 24.0  # smallest face (landmark box height, brows to chin, decoded pixels) worth fitting
     max_yaw_deg: float = 75.0  # views turned further (fitted head pose) are dropped
     max_pitch_deg: float = 50.0
+    segmentation_model: str = ""  # selfie_segmentation.tflite for picture mattes (default: the installed copy)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
 
@@ -486,6 +487,7 @@ class PreparedAvatar:
     front: np.ndarray  # (3,) unit direction from the head towards the mean input camera
     up: np.ndarray  # (3,) unit world up of the input cameras
     meta: dict = field(default_factory=dict)
+    matte: np.ndarray | None = None  # (V, S, S) float32 person matte of each crop (pictures; meta["matte_source"])
 
     @property
     def num_views(self) -> int:
@@ -508,8 +510,9 @@ class PreparedAvatar:
 
     def to_bytes(self) -> bytes:
         arrays = {k: getattr(self, k) for k in ("images", "world_to_cam", "K", "position", "confidence", "center", "front", "up")}
-        if self.features is not None:
-            arrays["features"] = self.features
+        for k in ("features", "matte"):
+            if getattr(self, k) is not None:
+                arrays[k] = getattr(self, k)
         for k, v in self.reference.items():
             arrays[f"reference_{k}"] = np.asarray(v)
         header = {"avatar_id": self.avatar_id, "radius": float(self.radius), "meta": self.meta}
@@ -525,7 +528,8 @@ class PreparedAvatar:
         return cls(avatar_id=header["avatar_id"], images=a["images"], world_to_cam=a["world_to_cam"], K=a["K"],
                    position=a["position"], confidence=a["confidence"], features=a.get("features"),
                    reference={k[len("reference_"):]: v for k, v in a.items() if k.startswith("reference_")},
-                   center=a["center"], radius=header["radius"], front=a["front"], up=a["up"], meta=header["meta"])
+                   center=a["center"], radius=header["radius"], front=a["front"], up=a["up"], meta=header["meta"],
+                   matte=a.get("matte"))
 
 
 def _json_default(value: Any) -> Any:
@@ -765,6 +769,7 @@ class Preparer:
         self._embedding = None
         self._detector = None
         self._dust3r = None
+        self._matte = None  # priors.matte.PictureMatte, loaded on first use
         self._features = None  # sources.FeatureExtractor, loaded on first use
         self._projection: tuple[torch.Tensor, torch.Tensor] | None = None
         if self.feature_source in ("efficientnet", "sapiens") and config.feature_projection:
@@ -814,6 +819,13 @@ class Preparer:
 
             self._detector = MediaPipeLandmarks(self.config.mediapipe_model or None, num_faces=self.config.max_faces)
         return self._detector
+
+    def matte(self):
+        if self._matte is None:
+            from avat3r_core.priors.matte import PictureMatte
+
+            self._matte = PictureMatte(self.config.segmentation_model or None)
+        return self._matte
 
     def detect_one(self, image: np.ndarray, picture: str, scale: float = 1.0) -> tuple[np.ndarray | None, np.ndarray | None, dict]:
         """Landmarks of one picture in its decoded pixels: points (L, 2), confidence (L,) (None, None
@@ -1098,13 +1110,18 @@ class Preparer:
                                                  "expression": np.zeros_like(fit.params["expression"][0]),
                                                  "rotation": np.zeros(3), "translation": np.zeros(3)}).numpy()
         center3 = 0.5 * (neutral.min(0) + neutral.max(0))
-        crops, cams, verts = [], [], []
+        crops, cams, verts, mattes = [], [], [], []
+        matting = self.matte()
         for j in local:
             i = int(keep[j])
             cam = Cameras(torch.as_tensor(fit.world_to_cam[j:j + 1]), torch.as_tensor(fit.K[j:j + 1]),
                           int(sizes[j, 0]), int(sizes[j, 1]))
             box = frame_boxes(cam, center3[None], cfg.head_extent)[0]
-            crops.append(crop_image(frames[i] if video else self.read_picture(pictures[i])[0], box, S))
+            picture = frames[i] if video else self.read_picture(pictures[i])[0]
+            crops.append(crop_image(picture, box, S))
+            if matting.available:  # on the whole picture (the model's own framing), then cropped like it
+                mattes.append(crop_image(matting(picture), box, S))
+            del picture
             cams.append(cam.crop_resize(box[None], S))
             params = {k: fit.params[k][j] for k in ("expression", "jaw", "neck", "eyes")}
             params.update(shape=fit.params["shape"][0], rotation=np.zeros(3), translation=np.zeros(3))
@@ -1134,6 +1151,9 @@ class Preparer:
             position_source = "face_model"
         position = np.stack([m[0].numpy() for m in maps]).astype(np.float32)
         confidence = np.stack([m[1].numpy() for m in maps]).astype(np.float32)
+        # the person matte: no Gaussians from the background (DUSt3R gives every pixel a point)
+        matte = np.stack(mattes).astype(np.float32) if mattes else (confidence > 0.5).astype(np.float32)
+        confidence = confidence * (matte > 0.5)
         if heads is not None:
             position = np.stack([to_head_frame(p, h) for p, h in zip(position, heads)])
             cameras = Cameras(cameras.world_to_cam @ torch.as_tensor(heads, dtype=cameras.world_to_cam.dtype),
@@ -1147,12 +1167,14 @@ class Preparer:
         meta = {"mode": entry.mode, "views": views, "position_source": position_source,
                 "feature_source": self.feature_source_name() if self.features_enabled else "none",
                 "landmarks": cfg.landmarks, "fit_residual_px": float(np.mean(fit.residuals)), "fitted": int(len(keep)),
+                "matte_source": matting.source, "matte_fraction": round(float(matte.mean()), 4),
+                "head_extent": cfg.head_extent,
                 "dropped": dropped, "dropped_reasons": {k: reasons[k] for k in dropped}, "fov_deg": cfg.fov_deg,
                 "frame": self.frame, "landmark_points": int(points.shape[1]) if indices is None else int(len(indices)),
                 "note": "uncalibrated: cameras from a face-model fit with an assumed field of view; head at the origin"}
         reference = {"rotation": np.zeros(3), "translation": np.zeros(3)}
         return PreparedAvatar(entry.avatar_id, crops_arr, world_to_cam, cameras.K.double().numpy(), position,
-                              confidence, feats, reference, center, radius, front, up, meta)
+                              confidence, feats, reference, center, radius, front, up, meta, matte)
 
 
 # ====================================================================== expressions
@@ -1292,12 +1314,74 @@ class AvatarFiles:
     stats: dict
 
 
+#: yaw angles (degrees, around the input views' mean direction) at which picture avatars are compared with their photo
+IDENTITY_YAWS = (0.0, -20.0, 20.0, -40.0, 40.0)
+
+
+def yaw_key(yaw: float) -> str:
+    return f"yaw{'m' if yaw < 0 else ''}{abs(int(round(yaw)))}"
+
+
+@torch.no_grad()
+def picture_fidelity(gaussians, prepared: PreparedAvatar, orbit: dict, background: tuple[float, float, float],
+                     identity=None) -> dict:
+    """How well a picture avatar keeps its photo: re-render PSNR and identity similarity.
+
+    * ``input_psnr``: each input view re-rendered at its own crop camera, PSNR (dB) over the pixels
+      inside the person matte (``prepared.matte`` > 0.5), averaged over the views; what the avatar
+      does not cover (hair and shoulders beyond a face-model position map) counts against it;
+      ``input_psnr_covered``: the same over matte pixels that also have a Gaussian (confidence > 0.5);
+    * identity (:class:`~avat3r_core.identity.FaceIdentity`, dlib's ResNet-128): the first input
+      crop (resized to the render size) against the neutral avatar rendered at :data:`IDENTITY_YAWS`
+      around the framing (yaw 0 = towards the mean input camera), framed like the crops (a field of
+      view spanning ``meta["head_extent"]`` around the head centre): cosine ``similarity``, dlib
+      ``distance`` and whether dlib found a face, per yaw.
+    """
+    import cv2
+
+    from avat3r_core.identity import NETWORK, FaceIdentity
+
+    device = gaussians.means.device
+    renders = render_frames(gaussians, prepared.cameras(device), background)
+    matte = prepared.matte if prepared.matte is not None else prepared.confidence
+
+    def psnr_in(masks: np.ndarray) -> list[float]:
+        out = []
+        for v in range(prepared.num_views):
+            if masks[v].any():
+                err = (renders[v].astype(np.float64) - prepared.images[v].astype(np.float64))[masks[v]] / 255.0
+                out.append(round(10.0 * math.log10(1.0 / max(float(np.mean(err ** 2)), 1e-10)), 3))
+        return out
+
+    psnrs = psnr_in(matte > 0.5)
+    covered = psnr_in((matte > 0.5) & (prepared.confidence > 0.5))
+    out: dict = {"input_psnr": round(float(np.mean(psnrs)), 3) if psnrs else None, "input_psnr_views": psnrs,
+                 "input_psnr_covered": round(float(np.mean(covered)), 3) if covered else None}
+    identity = identity if identity is not None else FaceIdentity()
+    out["identity_network"] = NETWORK
+    if not identity.available:
+        out["identity_status"] = f"unavailable: {identity.reason}"
+        return out
+    size = int(orbit["size"])
+    photo = cv2.resize(prepared.images[0], (size, size), interpolation=cv2.INTER_CUBIC)
+    reference = identity.embed(photo)
+    extent = float(prepared.meta.get("head_extent", 0.15))
+    framed = {**orbit, "fov_deg": 2.0 * math.degrees(math.atan(extent / max(float(orbit["radius"]), 1e-6)))}
+    views = render_frames(gaussians, view_orbit(yaw_values=IDENTITY_YAWS, pitch_deg=0.0, **framed), background)
+    out["identity_status"] = "ok" if reference is not None else "no face found by dlib in the input crop"
+    out["identity"] = {yaw_key(y): identity.compare(reference, img) for y, img in zip(IDENTITY_YAWS, views)}
+    return out
+
+
 @torch.no_grad()
 def build_avatar(model, prepared: PreparedAvatar, codes: np.ndarray, turntable_frames: int = 24, size: int = 256,
                  preview_views: int = 4, fps: float = 24.0, yaw_deg: float = 45.0, fov_deg: float = 20.0,
                  background: tuple[float, float, float] = (1.0, 1.0, 1.0), chunk: int = 4,
-                 motion: np.ndarray | None = None) -> AvatarFiles:
+                 motion: np.ndarray | None = None, identity=None) -> AvatarFiles:
     """Encode once, then the neutral Gaussians (``.ply``, preview, turntable) and the animation.
+
+    Avatars from pictures also get :func:`picture_fidelity` (``stats["fidelity"]``; ``identity``:
+    a :class:`~avat3r_core.identity.FaceIdentity` to reuse, else one is loaded).
 
     The animation is driven through the encoder cache (decoder only per frame), exactly as
     ``avat3r animate`` later drives it from the saved cache; ``motion`` (T, 4, 4): the head motion
@@ -1340,6 +1424,11 @@ def build_avatar(model, prepared: PreparedAvatar, codes: np.ndarray, turntable_f
     Image.fromarray(sheet).save(buf, format="PNG")
     files[PREVIEW_FILE] = buf.getvalue()
     timings["turntable_s"] = time.perf_counter() - t0
+    fidelity = None
+    if prepared.meta.get("mode") in ("photos", "image", "video"):
+        t0 = time.perf_counter()
+        fidelity = picture_fidelity(gaussians, prepared, orbit, background, identity)
+        timings["fidelity_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     front_cam = view_orbit(frames=1, **orbit)
     anim = animation_frames(model, encoded, torch.as_tensor(codes, device=device), front_cam, chunk=chunk,
@@ -1348,6 +1437,8 @@ def build_avatar(model, prepared: PreparedAvatar, codes: np.ndarray, turntable_f
     timings["animation_s"] = time.perf_counter() - t0
     stats = {"gaussians": len(gaussians), "views": prepared.num_views, "animation_frames": int(len(codes)),
              "turntable_frames": int(turntable_frames), **{k: round(v, 4) for k, v in timings.items()}}
+    if fidelity is not None:
+        stats["fidelity"] = fidelity
     return AvatarFiles(files, stats)
 
 

@@ -16,7 +16,7 @@ Real pictures: scikit-image's astronaut and matplotlib's Grace Hopper (both publ
 
 from __future__ import annotations
 
-import io
+import json
 import os
 import signal
 import zipfile
@@ -344,3 +344,60 @@ def test_several_faces_take_the_largest_and_small_faces_are_named(tmp_path, head
     cv2.imwrite(str(blank), np.full((300, 300, 3), 90, np.uint8))
     with pytest.raises(NoFaceError, match="wall.jpg"):
         prep.prepare(LibraryEntry("w", "image", str(blank)))
+
+
+# --------------------------------------------------------------------------- real photos become avatars
+def test_real_photos_become_avatars_with_the_defaults(tmp_path, head):
+    """The astronaut and Grace Hopper, ``mode: image`` and default settings (MediaPipe landmarks,
+    the studio head's 68-point embedding, selfie-segmentation matte), through the reconstruct stage.
+
+    The checkpoint is a random-init ``tiny`` network: its Gaussian head starts near zero, so each
+    Gaussian sits on the fitted face-model surface with its pixel's colour. That is a real (if
+    untrained) avatar: re-rendered at its input camera it gives the photo back where it has
+    Gaussians, and dlib's identity network recognises the person in its frontal render.
+    """
+    import pyarrow.parquet as pq
+    import torch
+
+    from avat3r_core.identity import FaceIdentity
+    from avat3r_core.library import write_library
+    from avat3r_core.training import TrainConfig, build_model, save_checkpoint
+    from stages.reconstruct import ReconstructConfig, run_reconstruct
+
+    S = 64
+    torch.manual_seed(0)
+    tcfg = TrainConfig.preset("tiny", model={"image_size": S, "feature_dim": 0})
+    net = build_model(tcfg)
+    save_checkpoint(tmp_path / "ckpt", net, torch.optim.Adam(net.parameters()), 0, config=tcfg)
+    cfg = ReconstructConfig.preset("tiny", face_model=head["model"], landmark_embedding=head["embedding"],
+                                   render_size=256)
+    assert cfg.landmarks == "mediapipe"  # the default
+    # the matte: the person kept, the studio-grey background of the portrait dropped
+    prep = Preparer(cfg, image_size=S, frame=net.config.frame).prepare(LibraryEntry("a", "image", _astronaut()))
+    assert prep.meta["matte_source"] == "selfie_segmentation"
+    m = prep.matte[0]
+    assert m[S // 2 - 4:S // 2 + 4, S // 2 - 4:S // 2 + 4].min() > 0.9  # the face
+    assert max(m[:4, :4].max(), m[:4, -4:].max()) < 0.1  # the backdrop beside the hair
+    assert (prep.confidence[0][m < 0.5] == 0).all()  # no Gaussians off the person
+    lib = write_library([{"avatar_id": "astronaut", "mode": "image", "source": _astronaut()},
+                         {"avatar_id": "hopper", "mode": "image", "source": _hopper()}], tmp_path / "people.csv")
+    summary = run_reconstruct(cfg, str(lib), str(tmp_path / "ckpt"), str(tmp_path / "avatars"), executor="local",
+                              show_progress=False)
+    assert summary.items_done == 2 and summary.items_failed == 0, summary
+    index = {r["id"]: r for r in pq.read_table(tmp_path / "avatars" / "index.parquet").to_pylist()}
+    for name in ("astronaut", "hopper"):
+        row = index[name]
+        meta = json.loads((tmp_path / "avatars" / name / "meta.json").read_text())
+        assert row["status"] == "ok" and row["landmarks"] == "mediapipe" and row["matte_source"] == "selfie_segmentation"
+        assert row["fit_residual_px"] < 8.0, row  # 478 MediaPipe points → 68 iBUG, on a ~100-200 px face
+        fid = meta["stats"]["fidelity"]
+        assert fid["identity_network"].startswith("dlib ResNet-128") and set(fid["identity"]) == {
+            "yaw0", "yawm20", "yaw20", "yawm40", "yaw40"}
+        assert row["input_psnr_covered"] > 15.0 and fid["input_psnr_covered"] == pytest.approx(row["input_psnr_covered"])
+        assert row["input_psnr"] < row["input_psnr_covered"]  # hair and shoulders have no Gaussians here
+        # dlib's rule: distance < 0.6 is the same person
+        assert row["identity_yaw0"] > 0.9 and row["identity_distance_yaw0"] < 0.6, row
+    # ... and the figure tells people apart: the astronaut's photo is not Grace Hopper
+    ident = FaceIdentity()
+    a, h = ident.embed(read_picture(_astronaut())[0]), ident.embed(read_picture(_hopper())[0])
+    assert np.linalg.norm(a - h) > 0.6
