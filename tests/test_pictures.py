@@ -401,3 +401,28 @@ def test_real_photos_become_avatars_with_the_defaults(tmp_path, head):
     ident = FaceIdentity()
     a, h = ident.embed(read_picture(_astronaut())[0]), ident.embed(read_picture(_hopper())[0])
     assert np.linalg.norm(a - h) > 0.6
+
+
+def test_matte_fallback_is_labelled_and_extreme_poses_are_named(tmp_path, head, monkeypatch):
+    import sys
+
+    from avat3r_core.library import ExtremePoseError
+    from avat3r_core.priors import matte as matte_module
+
+    with pytest.raises(FormatError, match="nothing.tflite.*segmentation model file not found"):
+        matte_module.PictureMatte(str(tmp_path / "nothing.tflite"))
+    monkeypatch.delenv("AVAT3R_SELFIE_MODEL", raising=False)
+    monkeypatch.setenv("AVAT3R_MEDIAPIPE_MODEL", find_mediapipe_model())
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))  # a venv without the segmentation model
+    cfg = PrepareConfig(face_model=head["model"], landmark_embedding=head["embedding"], device="cpu",
+                        feature_source="none")
+    out = Preparer(cfg, image_size=32).prepare(LibraryEntry("a", "image", _astronaut()))
+    assert out.meta["matte_source"] == "face_model_silhouette"
+    assert np.array_equal(out.matte > 0.5, out.confidence > 0.5)
+    monkeypatch.undo()
+    # the fitted head pose bounds the usable views; a picture beyond them is refused, angles named
+    turned = Preparer(PrepareConfig(face_model=head["model"], landmark_embedding=head["embedding"], device="cpu",
+                                    feature_source="none", max_pitch_deg=10.0), image_size=32)
+    with pytest.raises(ExtremePoseError, match=r"astronaut.png: head turned too far: .*yaw [+-]\d+ deg, pitch "
+                                               r"[+-]\d+ deg \(fitted\); limits ±75 and ±10 deg"):
+        turned.prepare(LibraryEntry("a", "image", _astronaut()))
