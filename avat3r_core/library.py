@@ -1029,6 +1029,14 @@ class Preparer:
         video = frames is not None
         source = pictures[0] if video else ";".join(pictures)
         layer = self.face_layer()
+        clock = {"t": time.perf_counter()}
+        timings: dict[str, float] = {}
+
+        def lap(name: str) -> None:  # where preparation time goes (meta["timings"])
+            now = time.perf_counter()
+            timings[name] = round(timings.get(name, 0.0) + now - clock["t"], 4)
+            clock["t"] = now
+
         n = len(frames) if video else len(pictures)
         names = [f"{pictures[0]}#frame{i}" for i in range(n)] if video else list(pictures)
         beside = None
@@ -1086,10 +1094,12 @@ class Preparer:
         points, conf = points_for_embedding(points, conf, self._embedding, cfg.landmark_embedding)
         indices = self._embedding.landmark_indices
         sizes = sizes[keep]
+        lap("read_detect_s")
         fit = fit_uncalibrated(layer, points[keep], sizes, conf[keep], fov_deg=cfg.fov_deg, config=cfg.fit_config(),
                                landmark_indices=indices, video=video)
         if not fit.converged:
             raise FitFailedError(source, fit.message or f"residuals {np.round(fit.residuals, 2).tolist()} px")
+        lap("fit_s")
         yaw, pitch = head_angles(fit.world_to_cam)
         turned = (np.abs(yaw) > cfg.max_yaw_deg) | (np.abs(pitch) > cfg.max_pitch_deg)
         for j in np.flatnonzero(turned):
@@ -1128,6 +1138,7 @@ class Preparer:
             verts.append(sources.flame_vertices(layer, params).numpy())
         cameras = Cameras.cat(cams)
         crops_arr = np.stack(crops)
+        lap("crop_matte_s")
         heads = None
         if self.frame == "head":  # the fitted head's own frame (neck rotation included), as in training
             T = len(local)
@@ -1158,7 +1169,9 @@ class Preparer:
             position = np.stack([to_head_frame(p, h) for p, h in zip(position, heads)])
             cameras = Cameras(cameras.world_to_cam @ torch.as_tensor(heads, dtype=cameras.world_to_cam.dtype),
                               cameras.K, cameras.width, cameras.height)
+        lap("positions_s")
         feats = self._features_of(crops_arr) if self.features_enabled else None
+        lap("features_s")
         world_to_cam = cameras.world_to_cam.double().numpy()
         center, radius, front, up = _framing(position, confidence, world_to_cam, source)
         views = [{"input": names[int(keep[j])], "residual_px": float(fit.residuals[j]), "yaw_deg": round(float(yaw[j]), 1),
@@ -1168,7 +1181,7 @@ class Preparer:
                 "feature_source": self.feature_source_name() if self.features_enabled else "none",
                 "landmarks": cfg.landmarks, "fit_residual_px": float(np.mean(fit.residuals)), "fitted": int(len(keep)),
                 "matte_source": matting.source, "matte_fraction": round(float(matte.mean()), 4),
-                "head_extent": cfg.head_extent,
+                "head_extent": cfg.head_extent, "timings": timings,
                 "dropped": dropped, "dropped_reasons": {k: reasons[k] for k in dropped}, "fov_deg": cfg.fov_deg,
                 "frame": self.frame, "landmark_points": int(points.shape[1]) if indices is None else int(len(indices)),
                 "note": "uncalibrated: cameras from a face-model fit with an assumed field of view; head at the origin"}
