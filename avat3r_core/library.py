@@ -26,18 +26,23 @@ Per mode, :class:`Preparer` turns one library row into the model's inputs (:clas
   position maps / features (whatever sources the priors stage used, recorded), chosen by
   farthest viewpoints over the subject's (frame, camera) candidates, preferring distinct
   timesteps (as training did: the model was trained on inputs at other timesteps).
-* ``photos`` / ``image`` / ``video`` — uncalibrated pictures: landmarks (MediaPipe, or landmark
-  files beside the pictures: backend ``file``) → :func:`~avat3r_core.tracking.fit.fit_uncalibrated`
+* ``photos`` / ``image`` / ``video`` — uncalibrated pictures, read one at a time with caps checked
+  first (:func:`read_picture`): landmarks (MediaPipe, or landmark files beside the pictures:
+  backend ``file``) → :func:`~avat3r_core.tracking.fit.fit_uncalibrated`
   (face-model shape, per-image expression, one camera per image, head at the origin) → square
   head crops with exact crop cameras (the same ``frame_boxes``/``crop_image`` as extraction) →
   priors: DUSt3R position maps when a checkpoint is given, else the ``face_model`` stand-in (the
   fitted mesh rendered into each crop); features from EfficientNet (stand-in), Sapiens or none,
   projected with the training data's ``feature_projection.npz``. Video mode fits a subsample of the
   frames and picks the frames whose head poses differ most (farthest camera directions in the head
-  frame). Photos beyond ``num_views`` are picked the same way.
+  frame). Photos beyond ``num_views`` are picked the same way. A person matte (MediaPipe's
+  selfie segmentation, or the labelled face-model silhouette) keeps Gaussians off the background;
+  :func:`picture_fidelity` measures each such avatar against its photo (input-view PSNR in the
+  matte, dlib identity at 0, ±20, ±40° yaw) into ``meta.json`` and the index.
 
 Failures are named exceptions carrying the path and the reason (:class:`NoFaceError`,
-:class:`UnreadableInputError`, :class:`TooFewFramesError`, :class:`FitFailedError`), so the error
+:class:`UnreadableInputError`, :class:`TooFewFramesError`, :class:`FitFailedError`,
+:class:`FaceTooSmallError`, :class:`ExtremePoseError`), so the error
 manifest says which file of which avatar was at fault.
 
 :func:`build_avatar` then runs the network once (``Avat3r.encode``; the encoder cache is saved so
@@ -391,12 +396,21 @@ def head_angles(world_to_cam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class PrepareConfig(Presets):
     """How pictures become model inputs (the model itself fixes the crop size and feature width).
 
-    Landmarks: ``mediapipe`` (MediaPipe FaceLandmarker; the face model's landmark embedding must
-    select from its 478 points, e.g. FLAME's MediaPipe embedding) or ``file`` (``<picture stem>``
-    ``.landmarks.npz`` beside each picture: ``landmarks`` (L, 2) pixels, or (T, L, 2) for a video,
-    optional ``visible``). The synthetic studio's head ships a 68-point embedding that MediaPipe's
-    points do not map onto, so studio pictures use ``file`` with the studio's landmarks: an explicit
-    choice, written into every avatar's ``meta.json`` and the index.
+    Landmarks: ``mediapipe`` (MediaPipe FaceLandmarker, the default) or ``file`` (``<picture
+    stem>.landmarks.npz`` beside each picture: ``landmarks`` (L, 2) pixels, or (T, L, 2) for a
+    video, optional ``visible``). MediaPipe's 478 points meet the face model through its embedding
+    (:func:`~avat3r_core.tracking.landmarks.points_for_embedding`): a 68-point one (FLAME's
+    standard embedding, the studio head's) through the evaluation's MediaPipe→iBUG-68 table, or one
+    with ``landmark_indices`` (FLAME's MediaPipe embedding, the studio head's
+    ``head_mediapipe_embedding.npz``). The 68-point route is the default: it measured better on the
+    studio (``benchmarks/track_detector.py``) and on the two real test photos.
+
+    Pictures as people take them (:func:`read_picture`): regular files only, ``max_input_mb`` and
+    ``max_megapixels`` (from the header) checked before decoding, EXIF orientation, grayscale /
+    CMYK / 16-bit converted, shrunk to ``max_side``; several faces → the largest (recorded per
+    view); faces under ``min_face_px`` and views beyond ``max_yaw_deg`` / ``max_pitch_deg`` are
+    dropped (recorded), and when none is left the error names the measured size or angle. The
+    person matte (:mod:`avat3r_core.priors.matte`) comes from ``segmentation_model``.
     """
 
     PRESETS: ClassVar[dict] = {"tiny": {}, "demo": {}}
