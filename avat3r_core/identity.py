@@ -21,6 +21,7 @@ none has no embedding (``None``), which is itself a result for a rendered avatar
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -63,10 +64,8 @@ class FaceIdentity:
     def __init__(self, directory: str | None = None):
         self.reason = ""
         self.paths = None
-        try:
-            import dlib  # noqa: F401
-        except ImportError as exc:
-            self.reason = f"dlib is not installed (dlib-bin): {exc}"
+        if importlib.util.find_spec("dlib") is None:
+            self.reason = "dlib is not installed (the dlib-bin wheel)"
             return
         self.paths = find_identity_models(directory)
         if self.paths is None:
