@@ -90,10 +90,11 @@ log = logging.getLogger("avat3r.reconstruct")
 __all__ = [
     "MODES", "LIBRARY_COLUMNS", "LANDMARKS_SUFFIX", "LibraryEntry", "read_library", "write_library",
     "write_capture_library", "AvatarInputError", "NoFaceError", "UnreadableInputError", "TooFewFramesError",
-    "FitFailedError", "FaceTooSmallError", "ExtremePoseError", "PrepareConfig", "PreparedAvatar", "Preparer", "pick_diverse_poses",
-    "builtin_expressions", "load_expression_track", "picture_fidelity", "IDENTITY_YAWS", "yaw_key", "head_angles", "load_head_motion", "head_motion_for", "neutral_code",
-    "build_avatar", "AvatarFiles", "animate_avatar", "drive_without_cache",
-    "read_picture", "check_input_file", "picture_header", "CACHE_FILE", "PLY_FILE", "PREVIEW_FILE", "TURNTABLE_FILE", "ANIMATION_FILE", "META_FILE",
+    "FitFailedError", "FaceTooSmallError", "ExtremePoseError", "PrepareConfig", "PreparedAvatar", "Preparer",
+    "pick_diverse_poses", "head_angles", "read_picture", "check_input_file", "picture_header",
+    "builtin_expressions", "load_expression_track", "load_head_motion", "head_motion_for", "neutral_code",
+    "build_avatar", "AvatarFiles", "animate_avatar", "drive_without_cache", "picture_fidelity", "IDENTITY_YAWS",
+    "yaw_key", "CACHE_FILE", "PLY_FILE", "PREVIEW_FILE", "TURNTABLE_FILE", "ANIMATION_FILE", "META_FILE",
 ]
 
 MODES = ("capture", "photos", "image", "video")
@@ -1346,6 +1347,7 @@ IDENTITY_YAWS = (0.0, -20.0, 20.0, -40.0, 40.0)
 
 
 def yaw_key(yaw: float) -> str:
+    """``yaw0``, ``yaw20``, ``yawm20`` ...: how fidelity figures name a yaw (index column suffixes)."""
     return f"yaw{'m' if yaw < 0 else ''}{abs(int(round(yaw)))}"
 
 

@@ -34,6 +34,10 @@ from avat3r_core.tracking.landmarks import (CANONICAL_MESH_ENTRY, MEDIAPIPE_EMBE
 from avat3r_core.errors import FormatError
 
 
+#: the reconstruct stage's ``tiny`` fit budget (the test suite's CPU time; residuals stay < 7 px here)
+FAST_FIT = dict(rigid_iters=20, adam_iters=150, lbfgs_iters=0)
+
+
 def _astronaut() -> str:
     import skimage
 
@@ -190,7 +194,7 @@ def test_only_regular_files_are_read(tmp_path, head):
     fifo = tmp_path / "photo.png"
     os.mkfifo(fifo)
     prep = Preparer(PrepareConfig(landmarks="mediapipe", face_model=head["model"], landmark_embedding=head["embedding"],
-                                  device="cpu"), image_size=32)
+                                  device="cpu", fit=FAST_FIT), image_size=32)
     with _Deadline(10):  # open() on a FIFO without a writer blocks forever
         with pytest.raises(UnreadableInputError, match="photo.png.*a FIFO: inputs are read from regular files only"):
             prep.prepare(LibraryEntry("f", "image", str(fifo)))
@@ -287,7 +291,7 @@ def test_photos_are_decoded_one_at_a_time(tmp_path, head, monkeypatch):
         h, w = min(1500, img.shape[0]), min(1500, img.shape[1])
         canvas[:h, :w] = img[:h, :w]
         cv2.imwrite(str(folder / f"p{k}.jpg"), canvas)
-    cfg = PrepareConfig(face_model=head["model"], landmark_embedding=head["embedding"], device="cpu",
+    cfg = PrepareConfig(face_model=head["model"], landmark_embedding=head["embedding"], device="cpu", fit=FAST_FIT,
                         feature_source="none")
     prep = Preparer(cfg, image_size=32)
     prep.face_layer()
@@ -324,7 +328,7 @@ def test_several_faces_take_the_largest_and_small_faces_are_named(tmp_path, head
     hopper = cv2.resize(cv2.imread(_hopper()), (170, 200), interpolation=cv2.INTER_AREA)
     group[60:260, 350:520] = hopper
     cv2.imwrite(str(tmp_path / "group.png"), group)
-    cfg = PrepareConfig(face_model=head["model"], landmark_embedding=head["embedding"], device="cpu",
+    cfg = PrepareConfig(face_model=head["model"], landmark_embedding=head["embedding"], device="cpu", fit=FAST_FIT,
                         feature_source="none")
     prep = Preparer(cfg, image_size=32)
     out = prep.prepare(LibraryEntry("group", "image", str(tmp_path / "group.png")))
@@ -336,7 +340,7 @@ def test_several_faces_take_the_largest_and_small_faces_are_named(tmp_path, head
     assert (x1 - x0) * (y1 - y0) > 1.5 * (ox1 - ox0) * (oy1 - oy0)
     assert out.meta["fit_residual_px"] < 4.0
     tiny = Preparer(PrepareConfig(face_model=head["model"], landmark_embedding=head["embedding"], device="cpu",
-                                  feature_source="none", min_face_px=150), image_size=32)
+                                  fit=FAST_FIT, feature_source="none", min_face_px=150), image_size=32)
     with pytest.raises(FaceTooSmallError, match=r"astronaut.png: face too small: the largest face is 1\d\d px high.*"
                                                  r"min_face_px = 150"):
         tiny.prepare(LibraryEntry("a", "image", _astronaut()))
@@ -370,7 +374,7 @@ def test_real_photos_become_avatars_with_the_defaults(tmp_path, head):
     net = build_model(tcfg)
     save_checkpoint(tmp_path / "ckpt", net, torch.optim.Adam(net.parameters()), 0, config=tcfg)
     cfg = ReconstructConfig.preset("tiny", face_model=head["model"], landmark_embedding=head["embedding"],
-                                   render_size=256)
+                                   render_size=256, turntable_frames=2, preview_views=1, frames_per_key=1)
     assert cfg.landmarks == "mediapipe"  # the default
     # the matte: the person kept, the studio-grey background of the portrait dropped
     prep = Preparer(cfg, image_size=S, frame=net.config.frame).prepare(LibraryEntry("a", "image", _astronaut()))
@@ -414,7 +418,7 @@ def test_matte_fallback_is_labelled_and_extreme_poses_are_named(tmp_path, head, 
     monkeypatch.delenv("AVAT3R_SELFIE_MODEL", raising=False)
     monkeypatch.setenv("AVAT3R_MEDIAPIPE_MODEL", find_mediapipe_model())
     monkeypatch.setattr(sys, "prefix", str(tmp_path))  # a venv without the segmentation model
-    cfg = PrepareConfig(face_model=head["model"], landmark_embedding=head["embedding"], device="cpu",
+    cfg = PrepareConfig(face_model=head["model"], landmark_embedding=head["embedding"], device="cpu", fit=FAST_FIT,
                         feature_source="none")
     out = Preparer(cfg, image_size=32).prepare(LibraryEntry("a", "image", _astronaut()))
     assert out.meta["matte_source"] == "face_model_silhouette"
@@ -422,7 +426,7 @@ def test_matte_fallback_is_labelled_and_extreme_poses_are_named(tmp_path, head, 
     monkeypatch.undo()
     # the fitted head pose bounds the usable views; a picture beyond them is refused, angles named
     turned = Preparer(PrepareConfig(face_model=head["model"], landmark_embedding=head["embedding"], device="cpu",
-                                    feature_source="none", max_pitch_deg=10.0), image_size=32)
+                                    fit=FAST_FIT, feature_source="none", max_pitch_deg=10.0), image_size=32)
     with pytest.raises(ExtremePoseError, match=r"astronaut.png: head turned too far: .*yaw [+-]\d+ deg, pitch "
                                                r"[+-]\d+ deg \(fitted\); limits ±75 and ±10 deg"):
         turned.prepare(LibraryEntry("a", "image", _astronaut()))
@@ -457,7 +461,7 @@ def test_video_of_a_real_photo_with_a_moving_virtual_camera(tmp_path, head):
 
     yaws = np.linspace(-35, 35, 12)
     _virtual_camera_video(tmp_path / "orbit.mp4", cv2.imread(_hopper()), yaws)
-    cfg = PrepareConfig(face_model=head["model"], landmark_embedding=head["embedding"], device="cpu",
+    cfg = PrepareConfig(face_model=head["model"], landmark_embedding=head["embedding"], device="cpu", fit=FAST_FIT,
                         feature_source="none", video_fit_frames=12)
     out = Preparer(cfg, image_size=32).prepare(LibraryEntry("v", "video", str(tmp_path / "orbit.mp4")))
     picked = [int(v["input"].rsplit("frame", 1)[1]) for v in out.meta["views"]]
