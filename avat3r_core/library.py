@@ -26,18 +26,23 @@ Per mode, :class:`Preparer` turns one library row into the model's inputs (:clas
   position maps / features (whatever sources the priors stage used, recorded), chosen by
   farthest viewpoints over the subject's (frame, camera) candidates, preferring distinct
   timesteps (as training did: the model was trained on inputs at other timesteps).
-* ``photos`` / ``image`` / ``video`` — uncalibrated pictures: landmarks (MediaPipe, or landmark
-  files beside the pictures: backend ``file``) → :func:`~avat3r_core.tracking.fit.fit_uncalibrated`
+* ``photos`` / ``image`` / ``video`` — uncalibrated pictures, read one at a time with caps checked
+  first (:func:`read_picture`): landmarks (MediaPipe, or landmark files beside the pictures:
+  backend ``file``) → :func:`~avat3r_core.tracking.fit.fit_uncalibrated`
   (face-model shape, per-image expression, one camera per image, head at the origin) → square
   head crops with exact crop cameras (the same ``frame_boxes``/``crop_image`` as extraction) →
   priors: DUSt3R position maps when a checkpoint is given, else the ``face_model`` stand-in (the
   fitted mesh rendered into each crop); features from EfficientNet (stand-in), Sapiens or none,
   projected with the training data's ``feature_projection.npz``. Video mode fits a subsample of the
   frames and picks the frames whose head poses differ most (farthest camera directions in the head
-  frame). Photos beyond ``num_views`` are picked the same way.
+  frame). Photos beyond ``num_views`` are picked the same way. A person matte (MediaPipe's
+  selfie segmentation, or the labelled face-model silhouette) keeps Gaussians off the background;
+  :func:`picture_fidelity` measures each such avatar against its photo (input-view PSNR in the
+  matte, dlib identity at 0, ±20, ±40° yaw) into ``meta.json`` and the index.
 
 Failures are named exceptions carrying the path and the reason (:class:`NoFaceError`,
-:class:`UnreadableInputError`, :class:`TooFewFramesError`, :class:`FitFailedError`), so the error
+:class:`UnreadableInputError`, :class:`TooFewFramesError`, :class:`FitFailedError`,
+:class:`FaceTooSmallError`, :class:`ExtremePoseError`), so the error
 manifest says which file of which avatar was at fault.
 
 :func:`build_avatar` then runs the network once (``Avat3r.encode``; the encoder cache is saved so
@@ -56,6 +61,7 @@ import json
 import logging
 import math
 import re
+import struct
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -86,10 +92,11 @@ log = logging.getLogger("avat3r.reconstruct")
 __all__ = [
     "MODES", "LIBRARY_COLUMNS", "LANDMARKS_SUFFIX", "LibraryEntry", "read_library", "write_library",
     "write_capture_library", "AvatarInputError", "NoFaceError", "UnreadableInputError", "TooFewFramesError",
-    "FitFailedError", "PrepareConfig", "PreparedAvatar", "Preparer", "pick_diverse_poses",
+    "FitFailedError", "FaceTooSmallError", "ExtremePoseError", "PrepareConfig", "PreparedAvatar", "Preparer",
+    "pick_diverse_poses", "head_angles", "read_picture", "check_input_file", "picture_header",
     "builtin_expressions", "load_expression_track", "load_head_motion", "head_motion_for", "neutral_code",
-    "build_avatar", "AvatarFiles", "animate_avatar", "drive_without_cache",
-    "CACHE_FILE", "PLY_FILE", "PREVIEW_FILE", "TURNTABLE_FILE", "ANIMATION_FILE", "META_FILE",
+    "build_avatar", "AvatarFiles", "animate_avatar", "drive_without_cache", "picture_fidelity", "IDENTITY_YAWS",
+    "yaw_key", "CACHE_FILE", "PLY_FILE", "PREVIEW_FILE", "TURNTABLE_FILE", "ANIMATION_FILE", "META_FILE",
 ]
 
 MODES = ("capture", "photos", "image", "video")
@@ -128,6 +135,14 @@ class TooFewFramesError(AvatarInputError):
 
 class FitFailedError(AvatarInputError):
     kind = "face-model fit failed"
+
+
+class FaceTooSmallError(AvatarInputError):
+    kind = "face too small"
+
+
+class ExtremePoseError(AvatarInputError):
+    kind = "head turned too far"
 
 
 # ====================================================================== the library manifest
@@ -366,17 +381,39 @@ def pick_diverse_poses(world_to_cam: np.ndarray, k: int) -> list[int]:
     return sorted(farthest_views(dirs, k))
 
 
+def head_angles(world_to_cam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Yaw and pitch (degrees) of the head as each camera of an uncalibrated fit sees it.
+
+    The head sits at the origin in FLAME's axes (x to the subject's left, y up, z out of the face);
+    a camera straight in front is at yaw 0, pitch 0; on the subject's left, yaw > 0; above, pitch > 0.
+    """
+    w2c = np.asarray(world_to_cam, np.float64)
+    c = -np.einsum("nji,nj->ni", w2c[:, :3, :3], w2c[:, :3, 3])
+    yaw = np.degrees(np.arctan2(c[:, 0], c[:, 2]))
+    pitch = np.degrees(np.arctan2(c[:, 1], np.hypot(c[:, 0], c[:, 2])))
+    return yaw, pitch
+
+
 # ====================================================================== configuration
 @dataclass
 class PrepareConfig(Presets):
     """How pictures become model inputs (the model itself fixes the crop size and feature width).
 
-    Landmarks: ``mediapipe`` (MediaPipe FaceLandmarker; the face model's landmark embedding must
-    select from its 478 points, e.g. FLAME's MediaPipe embedding) or ``file`` (``<picture stem>``
-    ``.landmarks.npz`` beside each picture: ``landmarks`` (L, 2) pixels, or (T, L, 2) for a video,
-    optional ``visible``). The synthetic studio's head ships a 68-point embedding that MediaPipe's
-    points do not map onto, so studio pictures use ``file`` with the studio's landmarks: an explicit
-    choice, written into every avatar's ``meta.json`` and the index.
+    Landmarks: ``mediapipe`` (MediaPipe FaceLandmarker, the default) or ``file`` (``<picture
+    stem>.landmarks.npz`` beside each picture: ``landmarks`` (L, 2) pixels, or (T, L, 2) for a
+    video, optional ``visible``). MediaPipe's 478 points meet the face model through its embedding
+    (:func:`~avat3r_core.tracking.landmarks.points_for_embedding`): a 68-point one (FLAME's
+    standard embedding, the studio head's) through the evaluation's MediaPipe→iBUG-68 table, or one
+    with ``landmark_indices`` (FLAME's MediaPipe embedding, the studio head's
+    ``head_mediapipe_embedding.npz``). The 68-point route is the default: it measured better on the
+    studio (``benchmarks/track_detector.py``) and on the two real test photos.
+
+    Pictures as people take them (:func:`read_picture`): regular files only, ``max_input_mb`` and
+    ``max_megapixels`` (from the header) checked before decoding, EXIF orientation, grayscale /
+    CMYK / 16-bit converted, shrunk to ``max_side``; several faces → the largest (recorded per
+    view); faces under ``min_face_px`` and views beyond ``max_yaw_deg`` / ``max_pitch_deg`` are
+    dropped (recorded), and when none is left the error names the measured size or angle. The
+    person matte (:mod:`avat3r_core.priors.matte`) comes from ``segmentation_model``.
     """
 
     PRESETS: ClassVar[dict] = {"tiny": {}, "demo": {}}
@@ -398,6 +435,14 @@ class PrepareConfig(Presets):
     num_views: int = 4  # input views per avatar (image mode: 1)
     video_max_frames: int = 300  # frames read from a video
     video_fit_frames: int = 12  # frames (evenly spaced) the face model is fitted on
+    max_input_mb: float = 512.0  # a picture or video file larger than this is refused unread
+    max_megapixels: float = 100.0  # a picture with more pixels (from its header) is refused undecoded
+    max_side: int = 2048  # pictures and frames are shrunk to this long side before detection
+    max_faces: int = 4  # faces MediaPipe looks for per picture; the largest is used (recorded)
+    min_face_px: float = 24.0  # smallest face (landmark box height, brows to chin, decoded pixels) worth fitting
+    max_yaw_deg: float = 75.0  # views turned further (fitted head pose) are dropped
+    max_pitch_deg: float = 50.0
+    segmentation_model: str = ""  # selfie_segmentation.tflite for picture mattes (default: the installed copy)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
 
@@ -410,6 +455,9 @@ class PrepareConfig(Presets):
             "device": self.device in ("auto", "cpu", "cuda"),
             "num_views": self.num_views >= 1, "video_fit_frames": self.video_fit_frames >= 2,
             "video_max_frames": self.video_max_frames >= 2, "head_extent": self.head_extent > 0,
+            "max_input_mb": self.max_input_mb > 0, "max_megapixels": self.max_megapixels > 0,
+            "max_side": self.max_side >= 64, "max_faces": self.max_faces >= 1, "min_face_px": self.min_face_px >= 0,
+            "max_yaw_deg": 0 < self.max_yaw_deg <= 180, "max_pitch_deg": 0 < self.max_pitch_deg <= 180,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -456,6 +504,7 @@ class PreparedAvatar:
     front: np.ndarray  # (3,) unit direction from the head towards the mean input camera
     up: np.ndarray  # (3,) unit world up of the input cameras
     meta: dict = field(default_factory=dict)
+    matte: np.ndarray | None = None  # (V, S, S) float32 person matte of each crop (pictures; meta["matte_source"])
 
     @property
     def num_views(self) -> int:
@@ -478,8 +527,9 @@ class PreparedAvatar:
 
     def to_bytes(self) -> bytes:
         arrays = {k: getattr(self, k) for k in ("images", "world_to_cam", "K", "position", "confidence", "center", "front", "up")}
-        if self.features is not None:
-            arrays["features"] = self.features
+        for k in ("features", "matte"):
+            if getattr(self, k) is not None:
+                arrays[k] = getattr(self, k)
         for k, v in self.reference.items():
             arrays[f"reference_{k}"] = np.asarray(v)
         header = {"avatar_id": self.avatar_id, "radius": float(self.radius), "meta": self.meta}
@@ -495,7 +545,8 @@ class PreparedAvatar:
         return cls(avatar_id=header["avatar_id"], images=a["images"], world_to_cam=a["world_to_cam"], K=a["K"],
                    position=a["position"], confidence=a["confidence"], features=a.get("features"),
                    reference={k[len("reference_"):]: v for k, v in a.items() if k.startswith("reference_")},
-                   center=a["center"], radius=header["radius"], front=a["front"], up=a["up"], meta=header["meta"])
+                   center=a["center"], radius=header["radius"], front=a["front"], up=a["up"], meta=header["meta"],
+                   matte=a.get("matte"))
 
 
 def _json_default(value: Any) -> Any:
@@ -525,8 +576,9 @@ def _framing(position: np.ndarray, confidence: np.ndarray, world_to_cam: np.ndar
 
 # ====================================================================== reading pictures
 def read_image(path: str) -> np.ndarray:
-    """RGB uint8 (H, W, 3); a missing or undecodable file raises :class:`UnreadableInputError`
-    (an avatar's error row, not a stage failure)."""
+    """RGB uint8 (H, W, 3) of a file the project wrote (capture crops); a missing or undecodable
+    file raises :class:`UnreadableInputError` (an avatar's error row, not a stage failure).
+    Users' pictures go through :func:`read_picture`."""
     try:
         return storage.read_image(path)
     except FileNotFoundError:
@@ -535,16 +587,129 @@ def read_image(path: str) -> np.ndarray:
         raise UnreadableInputError(path, exc.message) from None
 
 
-def read_video_frames(path: str, max_frames: int) -> list[np.ndarray]:
-    """Up to ``max_frames`` RGB frames; undecodable → :class:`UnreadableInputError`; < 2 frames →
-    :class:`TooFewFramesError` (one frame is a picture: use mode ``image``)."""
+def check_input_file(path: str, max_bytes: int | None = None) -> int:
+    """Size in bytes of a user's input file, refusing what must not be opened.
+
+    Only regular files: a FIFO would block the reader, a device (``/dev/zero``) never ends, a
+    directory is no picture; ``stat`` tells without opening. ``max_bytes``: the size cap.
+    """
+    import stat
+
+    local = storage.local_path(path)
+    if local is not None:
+        try:
+            st = Path(local).stat()
+        except FileNotFoundError:
+            raise UnreadableInputError(path, "file not found") from None
+        except OSError as exc:
+            raise UnreadableInputError(path, f"cannot stat: {exc}") from None
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode) else
+                    "a character device" if stat.S_ISCHR(st.st_mode) else "a block device" if stat.S_ISBLK(st.st_mode)
+                    else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+            raise UnreadableInputError(path, f"{kind}: inputs are read from regular files only")
+        size = int(st.st_size)
+    else:
+        if not storage.exists(path):
+            raise UnreadableInputError(path, "file not found")
+        fs, p = storage.url_to_fs(path)
+        info = fs.info(p)
+        if info.get("type") not in (None, "file"):
+            raise UnreadableInputError(path, f"a {info.get('type')}: inputs are read from regular files only")
+        size = int(info.get("size") or 0)
+    if max_bytes is not None and size > max_bytes:
+        raise UnreadableInputError(path, f"{size / 2 ** 20:.1f} MiB exceeds the input size cap of "
+                                         f"{max_bytes / 2 ** 20:.1f} MiB (PrepareConfig.max_input_mb)")
+    return size
+
+
+def picture_header(handle, name: str) -> tuple[str, int, int]:
+    """(format, width, height) from a picture's header alone, nothing decoded.
+
+    Asks Pillow's format plugins directly (``Image.OPEN``): ``Image.open`` would refuse very large
+    images before saying their size, and the size is what the caller checks against its own cap.
+    """
+    from PIL import Image
+
+    Image.init()
+    handle.seek(0)
+    prefix = handle.read(16)
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        if accept is not None and accept(prefix) is not True:
+            continue
+        handle.seek(0)
+        try:
+            im = factory(handle, name)
+        except (SyntaxError, IndexError, TypeError, ValueError, OSError, struct.error):
+            continue
+        return fmt, int(im.size[0]), int(im.size[1])
+    raise UnreadableInputError(name, "not a picture (no image format recognises its header)")
+
+
+def read_picture(path: str, max_megapixels: float = 100.0, max_side: int = 2048,
+                 max_bytes: int | None = None) -> tuple[np.ndarray, dict]:
+    """A user's picture as RGB uint8 (H, W, 3), long side at most ``max_side``, and what was done.
+
+    Checked before decoding: a regular file (:func:`check_input_file`), its size (``max_bytes``)
+    and its pixel count from the header (``max_megapixels``). Decoding (OpenCV) applies the EXIF
+    orientation (phone JPEGs), converts grayscale, palette, CMYK and 16-bit pictures to 8-bit RGB,
+    and shrinks large JPEGs while decoding (``IMREAD_REDUCED_COLOR_{2,4,8}``); anything still
+    longer than ``max_side`` is resized (area filter). ``info``: ``format``, ``width``/``height``
+    as stored, ``decoded`` [w, h] after orientation, ``scale`` (decoded / stored pixels).
+    """
+    import cv2
+
+    check_input_file(path, max_bytes)
+    fs, p = storage.url_to_fs(path)
+    try:
+        with fs.open(p, "rb") as handle:
+            fmt, w, h = picture_header(handle, path)
+            if w * h > max_megapixels * 1e6:
+                raise UnreadableInputError(path, f"{w}x{h} pixels ({w * h / 1e6:.1f} MP, from the {fmt} header) exceed the "
+                                                 f"cap of {max_megapixels:g} MP (PrepareConfig.max_megapixels)")
+            handle.seek(0)
+            data = handle.read()
+    except OSError as exc:
+        raise UnreadableInputError(path, f"cannot read: {exc}") from None
+    reduce = 1
+    while reduce < 8 and max(w, h) / (reduce * 2) >= max_side:
+        reduce *= 2
+    flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+            8: cv2.IMREAD_REDUCED_COLOR_8}[reduce]
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    del data
+    if image is None:
+        raise UnreadableInputError(path, f"cannot decode the {fmt} picture (corrupt or truncated)")
+    long_side = max(image.shape[:2])
+    if long_side > max_side:
+        f = max_side / long_side
+        image = cv2.resize(image, (max(1, round(image.shape[1] * f)), max(1, round(image.shape[0] * f))),
+                           interpolation=cv2.INTER_AREA)
+    image = np.ascontiguousarray(image[..., ::-1])
+    scale = max(image.shape[:2]) / max(w, h)
+    return image, {"format": fmt, "width": w, "height": h, "decoded": [int(image.shape[1]), int(image.shape[0])],
+                   "scale": round(float(scale), 6)}
+
+
+def read_video_frames(path: str, max_frames: int, max_side: int = 2048,
+                      max_bytes: int | None = None) -> tuple[list[np.ndarray], float]:
+    """Up to ``max_frames`` RGB frames, each shrunk to a long side of at most ``max_side``, and that
+    scale (decoded / stored pixels);
+    a regular file only (:func:`check_input_file`); undecodable → :class:`UnreadableInputError`;
+    < 2 frames → :class:`TooFewFramesError` (one frame is a picture: use mode ``image``)."""
+    import cv2
+
     from avat3r_core.video import read_frames
 
-    if not storage.exists(path):
-        raise UnreadableInputError(path, "file not found")
+    check_input_file(path, max_bytes)
     frames: list[np.ndarray] = []
+    f = 1.0
     try:
         for frame in read_frames(path):
+            if max(frame.shape[:2]) > max_side:
+                f = max_side / max(frame.shape[:2])
+                frame = cv2.resize(frame, (round(frame.shape[1] * f), round(frame.shape[0] * f)), interpolation=cv2.INTER_AREA)
             frames.append(frame)
             if len(frames) >= max_frames:
                 break
@@ -555,7 +720,7 @@ def read_video_frames(path: str, max_frames: int) -> list[np.ndarray]:
     if len(frames) < 2:
         raise TooFewFramesError(path, f"the video has {len(frames)} decodable frame(s); video mode needs at least 2 "
                                       "with different head poses (use mode 'image' for a single picture)")
-    return frames
+    return frames, f
 
 
 def landmarks_path(picture: str) -> str:
@@ -621,6 +786,7 @@ class Preparer:
         self._embedding = None
         self._detector = None
         self._dust3r = None
+        self._matte = None  # priors.matte.PictureMatte, loaded on first use
         self._features = None  # sources.FeatureExtractor, loaded on first use
         self._projection: tuple[torch.Tensor, torch.Tensor] | None = None
         if self.feature_source in ("efficientnet", "sapiens") and config.feature_projection:
@@ -664,39 +830,38 @@ class Preparer:
                                      dtype=torch.float64).eval()
         return self._layer
 
-    def detect(self, images: list[np.ndarray], pictures: list[str], video: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Landmarks of N pictures (or N video frames of ``pictures[0]``): points, confidence, found."""
-        if self.config.landmarks == "file":
-            if video:
-                pts, conf = read_landmarks_beside(pictures[0], frames=len(images))
-            else:
-                pts_l, conf_l = [], []
-                for p in pictures:
-                    try:
-                        a, b = read_landmarks_beside(p)
-                    except NoFaceError:
-                        a, b = None, None
-                    pts_l.append(a)
-                    conf_l.append(b)
-                L = next((a.shape[1] for a in pts_l if a is not None), 0)
-                if L == 0:
-                    raise NoFaceError(";".join(pictures), "landmark backend 'file': no landmark file beside any picture "
-                                      f"(expected <stem>{LANDMARKS_SUFFIX})")
-                pts = np.concatenate([a if a is not None else np.zeros((1, L, 2)) for a in pts_l])
-                conf = np.concatenate([b if b is not None else np.zeros((1, L)) for b in conf_l])
-            found = (conf > 0).sum(1) >= 6
-            return pts, conf, found
+    def _mediapipe(self):
         if self._detector is None:
             from avat3r_core.tracking.landmarks import MediaPipeLandmarks
 
-            self._detector = MediaPipeLandmarks(self.config.mediapipe_model or None)
-        points, conf, found = [], [], []
-        for image in images:  # one at a time: pictures differ in size
-            d = self._detector.detect(image[None])
-            points.append(d.points[0])
-            conf.append(d.confidence[0])
-            found.append(bool(d.found[0]))
-        return np.stack(points).astype(np.float64), np.stack(conf).astype(np.float64), np.array(found)
+            self._detector = MediaPipeLandmarks(self.config.mediapipe_model or None, num_faces=self.config.max_faces)
+        return self._detector
+
+    def matte(self):
+        if self._matte is None:
+            from avat3r_core.priors.matte import PictureMatte
+
+            self._matte = PictureMatte(self.config.segmentation_model or None)
+        return self._matte
+
+    def detect_one(self, image: np.ndarray, picture: str, scale: float = 1.0) -> tuple[np.ndarray | None, np.ndarray | None, dict]:
+        """Landmarks of one picture in its decoded pixels: points (L, 2), confidence (L,) (None, None
+        when no face), and what the detector saw (``faces_found``, ``face_box``, ``other_faces``).
+        ``scale``: decoded / stored pixels (landmark files are in stored pixels)."""
+        if self.config.landmarks == "file":
+            try:
+                pts, conf = read_landmarks_beside(picture)
+            except NoFaceError:
+                return None, None, {"faces_found": 0}
+            return pts[0] * scale, conf[0], {"faces_found": 1}
+        d = self._mediapipe().detect(image[None])
+        info: dict = {"faces_found": int(d.extras["faces_found"][0])}
+        if not d.found[0]:
+            return None, None, info
+        info["face_box"] = [round(float(v), 1) for v in d.extras["face_box"][0]]
+        info["other_faces"] = [[round(v, 1) for v in b] for b in d.extras["face_boxes"][0] if
+                               [round(v, 1) for v in b] != info["face_box"]]
+        return d.points[0].astype(np.float64), d.confidence[0].astype(np.float64), info
 
     def _features_of(self, crops: np.ndarray) -> np.ndarray | None:
         if self.feature_source == "none":
@@ -727,19 +892,24 @@ class Preparer:
         start = time.perf_counter()
         if entry.mode == "capture":
             out = self.prepare_capture(entry)
-        elif entry.mode == "photos":
-            paths = entry.image_paths()
-            images = [read_image(p) for p in paths]
-            out = self.prepare_pictures(entry, images, paths)
-        elif entry.mode == "image":
-            out = self.prepare_pictures(entry, [read_image(entry.source)], [entry.source])
+        elif entry.mode in ("photos", "image"):
+            out = self.prepare_pictures(entry, entry.image_paths() if entry.mode == "photos" else [entry.source])
         elif entry.mode == "video":
-            frames = read_video_frames(entry.source, self.config.video_max_frames)
-            out = self.prepare_pictures(entry, frames, [entry.source], video=True)
+            cfg = self.config
+            frames, scale = read_video_frames(entry.source, cfg.video_max_frames, cfg.max_side, self._max_bytes)
+            out = self.prepare_pictures(entry, [entry.source], frames=frames, frame_scale=scale)
         else:  # read_library already refuses this
             raise FormatError(entry.library, f"row {entry.row}: mode", f"unknown mode {entry.mode!r}")
         out.meta["prepare_s"] = round(time.perf_counter() - start, 3)
         return out
+
+    @property
+    def _max_bytes(self) -> int:
+        return int(self.config.max_input_mb * 2 ** 20)
+
+    def read_picture(self, path: str) -> tuple[np.ndarray, dict]:
+        cfg = self.config
+        return read_picture(path, cfg.max_megapixels, cfg.max_side, self._max_bytes)
 
     # ------------------------------------------------------------------ capture mode
     def prepare_capture(self, entry: LibraryEntry) -> PreparedAvatar:
@@ -863,63 +1033,134 @@ class Preparer:
         return np.stack(heads)
 
     # ------------------------------------------------------------------ photos / image / video
-    def prepare_pictures(self, entry: LibraryEntry, images: list[np.ndarray], pictures: list[str],
-                         video: bool = False) -> PreparedAvatar:
-        """Landmarks → uncalibrated face-model fit → head crops → priors, for N pictures (or frames)."""
+    def prepare_pictures(self, entry: LibraryEntry, pictures: list[str], frames: list[np.ndarray] | None = None,
+                         frame_scale: float = 1.0) -> PreparedAvatar:
+        """Landmarks → uncalibrated face-model fit → head crops → priors, for N pictures (or the
+        ``frames`` of the video ``pictures[0]``).
+
+        Pictures are decoded one at a time: each is read, its landmarks found, and let go; only the
+        views finally used are read again for their crops, so memory holds at most ``num_views``
+        pictures however many the folder has.
+        """
         from avat3r_core.extract import crop_image, frame_boxes
         from avat3r_core.priors import sources
         from avat3r_core.tracking.fit import fit_uncalibrated
+        from avat3r_core.tracking.landmarks import points_for_embedding
 
         cfg = self.config
+        video = frames is not None
         source = pictures[0] if video else ";".join(pictures)
         layer = self.face_layer()
-        points, conf, found = self.detect(images, pictures, video=video)
+        clock = {"t": time.perf_counter()}
+        timings: dict[str, float] = {}
+
+        def lap(name: str) -> None:  # where preparation time goes (meta["timings"])
+            now = time.perf_counter()
+            timings[name] = round(timings.get(name, 0.0) + now - clock["t"], 4)
+            clock["t"] = now
+
+        n = len(frames) if video else len(pictures)
+        names = [f"{pictures[0]}#frame{i}" for i in range(n)] if video else list(pictures)
+        beside = None
+        if video and cfg.landmarks == "file":
+            beside = read_landmarks_beside(pictures[0], frames=n)
+        pts_l: list = [None] * n
+        conf_l: list = [None] * n
+        sizes = np.zeros((n, 2), np.int64)
+        infos: list[dict] = [{} for _ in range(n)]
+        reasons: dict[str, str] = {}
+        face_px = np.zeros(n)
+        for i in range(n):
+            if video:
+                image = frames[i]
+                if beside is not None:
+                    pts_l[i], conf_l[i] = beside[0][i] * frame_scale, beside[1][i]
+                else:
+                    pts_l[i], conf_l[i], infos[i] = self.detect_one(image, pictures[0])
+            else:
+                image, infos[i] = self.read_picture(pictures[i])
+                pts_l[i], conf_l[i], found_info = self.detect_one(image, pictures[i], infos[i]["scale"])
+                infos[i].update(found_info)
+            sizes[i] = image.shape[1], image.shape[0]
+            del image
+            if pts_l[i] is not None and (conf_l[i] > 0).sum() < 6:
+                pts_l[i] = conf_l[i] = None
+            if pts_l[i] is None:
+                reasons[names[i]] = "no face"
+                continue
+            seen = pts_l[i][conf_l[i] > 0]
+            face_px[i] = float(seen[:, 1].max() - seen[:, 1].min())
+            if face_px[i] < cfg.min_face_px:
+                reasons[names[i]] = f"face {face_px[i]:.0f} px high, below min_face_px {cfg.min_face_px:g}"
+                pts_l[i] = conf_l[i] = None
+        found = np.array([p is not None for p in pts_l])
         if not found.any():
-            raise NoFaceError(source, f"no face in any of the {len(images)} {'frames' if video else 'pictures'} "
+            if face_px.max() > 0:
+                raise FaceTooSmallError(source, f"the largest face is {face_px.max():.0f} px high (landmark box, "
+                                                f"{'frames' if video else 'pictures'} shrunk to at most {cfg.max_side} px); "
+                                                f"fitting needs min_face_px = {cfg.min_face_px:g}")
+            raise NoFaceError(source, f"no face in any of the {n} {'frames' if video else 'pictures'} "
                                       f"(landmark backend {cfg.landmarks!r})")
-        names = [f"{pictures[0]}#frame{i}" for i in range(len(images))] if video else list(pictures)
+        L = next(p.shape[0] for p in pts_l if p is not None)
+        points = np.stack([p if p is not None else np.zeros((L, 2)) for p in pts_l])
+        conf = np.stack([c if c is not None else np.zeros(L) for c in conf_l])
         dropped = [names[i] for i in np.flatnonzero(~found)]
         if dropped:
-            log.warning("avatar %s: no face in %d of %d inputs, dropped: %s", entry.avatar_id, len(dropped),
-                        len(images), ", ".join(dropped[:5]))
+            log.warning("avatar %s: %d of %d inputs dropped: %s", entry.avatar_id, len(dropped), n,
+                        "; ".join(f"{k}: {reasons[k]}" for k in dropped[:5]))
         keep = np.flatnonzero(found)
         if video and len(keep) < 2:
             raise TooFewFramesError(source, f"a face was found in only {len(keep)} frame(s); video mode needs 2")
         if video and len(keep) > cfg.video_fit_frames:  # evenly spaced: cover the whole clip
             keep = keep[np.unique(np.round(np.linspace(0, len(keep) - 1, cfg.video_fit_frames)).astype(int))]
+        points, conf = points_for_embedding(points, conf, self._embedding, cfg.landmark_embedding)
         indices = self._embedding.landmark_indices
-        L = points.shape[1]
-        if indices is None and L != layer.lmk_faces.shape[0]:
-            raise FormatError(cfg.landmark_embedding, "landmark_indices",
-                              f"the {cfg.landmarks} backend gives {L} points but the embedding embeds "
-                              f"{layer.lmk_faces.shape[0]} and selects none (for MediaPipe give FLAME's MediaPipe "
-                              f"embedding; for the synthetic studio use landmarks='file')")
-        sizes = np.array([[images[i].shape[1], images[i].shape[0]] for i in keep])
+        sizes = sizes[keep]
+        lap("read_detect_s")
         fit = fit_uncalibrated(layer, points[keep], sizes, conf[keep], fov_deg=cfg.fov_deg, config=cfg.fit_config(),
                                landmark_indices=indices, video=video)
         if not fit.converged:
             raise FitFailedError(source, fit.message or f"residuals {np.round(fit.residuals, 2).tolist()} px")
+        lap("fit_s")
+        yaw, pitch = head_angles(fit.world_to_cam)
+        turned = (np.abs(yaw) > cfg.max_yaw_deg) | (np.abs(pitch) > cfg.max_pitch_deg)
+        for j in np.flatnonzero(turned):
+            reasons[names[int(keep[j])]] = f"head turned yaw {yaw[j]:+.0f} deg, pitch {pitch[j]:+.0f} deg"
+            dropped.append(names[int(keep[j])])
+        if turned.all():
+            j = int(np.argmin(np.abs(yaw) + np.abs(pitch)))
+            raise ExtremePoseError(source, f"the most frontal {'frame' if video else 'picture'} has the head at yaw "
+                                           f"{yaw[j]:+.0f} deg, pitch {pitch[j]:+.0f} deg (fitted); limits ±{cfg.max_yaw_deg:g} "
+                                           f"and ±{cfg.max_pitch_deg:g} deg (PrepareConfig.max_yaw_deg/max_pitch_deg)")
+        usable = np.flatnonzero(~turned)
         n_views = 1 if entry.mode == "image" else cfg.num_views
-        local = pick_diverse_poses(fit.world_to_cam, n_views) if len(keep) > n_views else list(range(len(keep)))
+        local = (usable[pick_diverse_poses(fit.world_to_cam[usable], n_views)] if len(usable) > n_views
+                 else usable).tolist()
         S = self.image_size
         # head centre: the middle of the fitted neutral head (head frame = world for uncalibrated inputs)
         neutral = sources.flame_vertices(layer, {"shape": fit.params["shape"][0],
                                                  "expression": np.zeros_like(fit.params["expression"][0]),
                                                  "rotation": np.zeros(3), "translation": np.zeros(3)}).numpy()
         center3 = 0.5 * (neutral.min(0) + neutral.max(0))
-        crops, cams, verts = [], [], []
+        crops, cams, verts, mattes = [], [], [], []
+        matting = self.matte()
         for j in local:
             i = int(keep[j])
             cam = Cameras(torch.as_tensor(fit.world_to_cam[j:j + 1]), torch.as_tensor(fit.K[j:j + 1]),
                           int(sizes[j, 0]), int(sizes[j, 1]))
             box = frame_boxes(cam, center3[None], cfg.head_extent)[0]
-            crops.append(crop_image(images[i], box, S))
+            picture = frames[i] if video else self.read_picture(pictures[i])[0]
+            crops.append(crop_image(picture, box, S))
+            if matting.available:  # on the whole picture (the model's own framing), then cropped like it
+                mattes.append(crop_image(matting(picture), box, S))
+            del picture
             cams.append(cam.crop_resize(box[None], S))
             params = {k: fit.params[k][j] for k in ("expression", "jaw", "neck", "eyes")}
             params.update(shape=fit.params["shape"][0], rotation=np.zeros(3), translation=np.zeros(3))
             verts.append(sources.flame_vertices(layer, params).numpy())
         cameras = Cameras.cat(cams)
         crops_arr = np.stack(crops)
+        lap("crop_matte_s")
         heads = None
         if self.frame == "head":  # the fitted head's own frame (neck rotation included), as in training
             T = len(local)
@@ -943,22 +1184,32 @@ class Preparer:
             position_source = "face_model"
         position = np.stack([m[0].numpy() for m in maps]).astype(np.float32)
         confidence = np.stack([m[1].numpy() for m in maps]).astype(np.float32)
+        # the person matte: no Gaussians from the background (DUSt3R gives every pixel a point)
+        matte = np.stack(mattes).astype(np.float32) if mattes else (confidence > 0.5).astype(np.float32)
+        confidence = confidence * (matte > 0.5)
         if heads is not None:
             position = np.stack([to_head_frame(p, h) for p, h in zip(position, heads)])
             cameras = Cameras(cameras.world_to_cam @ torch.as_tensor(heads, dtype=cameras.world_to_cam.dtype),
                               cameras.K, cameras.width, cameras.height)
+        lap("positions_s")
         feats = self._features_of(crops_arr) if self.features_enabled else None
+        lap("features_s")
         world_to_cam = cameras.world_to_cam.double().numpy()
         center, radius, front, up = _framing(position, confidence, world_to_cam, source)
-        views = [{"input": names[int(keep[j])], "residual_px": float(fit.residuals[j])} for j in local]
+        views = [{"input": names[int(keep[j])], "residual_px": float(fit.residuals[j]), "yaw_deg": round(float(yaw[j]), 1),
+                  "pitch_deg": round(float(pitch[j]), 1), "face_px": round(float(face_px[int(keep[j])]), 1),
+                  **infos[int(keep[j])]} for j in local]
         meta = {"mode": entry.mode, "views": views, "position_source": position_source,
                 "feature_source": self.feature_source_name() if self.features_enabled else "none",
                 "landmarks": cfg.landmarks, "fit_residual_px": float(np.mean(fit.residuals)), "fitted": int(len(keep)),
-                "dropped": dropped, "fov_deg": cfg.fov_deg, "frame": self.frame,
+                "matte_source": matting.source, "matte_fraction": round(float(matte.mean()), 4),
+                "head_extent": cfg.head_extent, "timings": timings,
+                "dropped": dropped, "dropped_reasons": {k: reasons[k] for k in dropped}, "fov_deg": cfg.fov_deg,
+                "frame": self.frame, "landmark_points": int(points.shape[1]) if indices is None else int(len(indices)),
                 "note": "uncalibrated: cameras from a face-model fit with an assumed field of view; head at the origin"}
         reference = {"rotation": np.zeros(3), "translation": np.zeros(3)}
         return PreparedAvatar(entry.avatar_id, crops_arr, world_to_cam, cameras.K.double().numpy(), position,
-                              confidence, feats, reference, center, radius, front, up, meta)
+                              confidence, feats, reference, center, radius, front, up, meta, matte)
 
 
 # ====================================================================== expressions
@@ -1100,12 +1351,75 @@ class AvatarFiles:
     stats: dict
 
 
+#: yaw angles (degrees, around the input views' mean direction) at which picture avatars are compared with their photo
+IDENTITY_YAWS = (0.0, -20.0, 20.0, -40.0, 40.0)
+
+
+def yaw_key(yaw: float) -> str:
+    """``yaw0``, ``yaw20``, ``yawm20`` ...: how fidelity figures name a yaw (index column suffixes)."""
+    return f"yaw{'m' if yaw < 0 else ''}{abs(int(round(yaw)))}"
+
+
+@torch.no_grad()
+def picture_fidelity(gaussians, prepared: PreparedAvatar, orbit: dict, background: tuple[float, float, float],
+                     identity=None) -> dict:
+    """How well a picture avatar keeps its photo: re-render PSNR and identity similarity.
+
+    * ``input_psnr``: each input view re-rendered at its own crop camera, PSNR (dB) over the pixels
+      inside the person matte (``prepared.matte`` > 0.5), averaged over the views; what the avatar
+      does not cover (hair and shoulders beyond a face-model position map) counts against it;
+      ``input_psnr_covered``: the same over matte pixels that also have a Gaussian (confidence > 0.5);
+    * identity (:class:`~avat3r_core.identity.FaceIdentity`, dlib's ResNet-128): the first input
+      crop (resized to the render size) against the neutral avatar rendered at :data:`IDENTITY_YAWS`
+      around the framing (yaw 0 = towards the mean input camera), framed like the crops (a field of
+      view spanning ``meta["head_extent"]`` around the head centre): cosine ``similarity``, dlib
+      ``distance`` and whether dlib found a face, per yaw.
+    """
+    import cv2
+
+    from avat3r_core.identity import NETWORK, FaceIdentity
+
+    device = gaussians.means.device
+    renders = render_frames(gaussians, prepared.cameras(device), background)
+    matte = prepared.matte if prepared.matte is not None else prepared.confidence
+
+    def psnr_in(masks: np.ndarray) -> list[float]:
+        out = []
+        for v in range(prepared.num_views):
+            if masks[v].any():
+                err = (renders[v].astype(np.float64) - prepared.images[v].astype(np.float64))[masks[v]] / 255.0
+                out.append(round(10.0 * math.log10(1.0 / max(float(np.mean(err ** 2)), 1e-10)), 3))
+        return out
+
+    psnrs = psnr_in(matte > 0.5)
+    covered = psnr_in((matte > 0.5) & (prepared.confidence > 0.5))
+    out: dict = {"input_psnr": round(float(np.mean(psnrs)), 3) if psnrs else None, "input_psnr_views": psnrs,
+                 "input_psnr_covered": round(float(np.mean(covered)), 3) if covered else None}
+    identity = identity if identity is not None else FaceIdentity()
+    out["identity_network"] = NETWORK
+    if not identity.available:
+        out["identity_status"] = f"unavailable: {identity.reason}"
+        return out
+    size = int(orbit["size"])
+    photo = cv2.resize(prepared.images[0], (size, size), interpolation=cv2.INTER_CUBIC)
+    reference = identity.embed(photo)
+    extent = float(prepared.meta.get("head_extent", 0.15))
+    framed = {**orbit, "fov_deg": 2.0 * math.degrees(math.atan(extent / max(float(orbit["radius"]), 1e-6)))}
+    views = render_frames(gaussians, view_orbit(yaw_values=IDENTITY_YAWS, pitch_deg=0.0, **framed), background)
+    out["identity_status"] = "ok" if reference is not None else "no face found by dlib in the input crop"
+    out["identity"] = {yaw_key(y): identity.compare(reference, img) for y, img in zip(IDENTITY_YAWS, views)}
+    return out
+
+
 @torch.no_grad()
 def build_avatar(model, prepared: PreparedAvatar, codes: np.ndarray, turntable_frames: int = 24, size: int = 256,
                  preview_views: int = 4, fps: float = 24.0, yaw_deg: float = 45.0, fov_deg: float = 20.0,
                  background: tuple[float, float, float] = (1.0, 1.0, 1.0), chunk: int = 4,
-                 motion: np.ndarray | None = None) -> AvatarFiles:
+                 motion: np.ndarray | None = None, identity=None) -> AvatarFiles:
     """Encode once, then the neutral Gaussians (``.ply``, preview, turntable) and the animation.
+
+    Avatars from pictures also get :func:`picture_fidelity` (``stats["fidelity"]``; ``identity``:
+    a :class:`~avat3r_core.identity.FaceIdentity` to reuse, else one is loaded).
 
     The animation is driven through the encoder cache (decoder only per frame), exactly as
     ``avat3r animate`` later drives it from the saved cache; ``motion`` (T, 4, 4): the head motion
@@ -1148,6 +1462,11 @@ def build_avatar(model, prepared: PreparedAvatar, codes: np.ndarray, turntable_f
     Image.fromarray(sheet).save(buf, format="PNG")
     files[PREVIEW_FILE] = buf.getvalue()
     timings["turntable_s"] = time.perf_counter() - t0
+    fidelity = None
+    if prepared.meta.get("mode") in ("photos", "image", "video"):
+        t0 = time.perf_counter()
+        fidelity = picture_fidelity(gaussians, prepared, orbit, background, identity)
+        timings["fidelity_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     front_cam = view_orbit(frames=1, **orbit)
     anim = animation_frames(model, encoded, torch.as_tensor(codes, device=device), front_cam, chunk=chunk,
@@ -1156,6 +1475,8 @@ def build_avatar(model, prepared: PreparedAvatar, codes: np.ndarray, turntable_f
     timings["animation_s"] = time.perf_counter() - t0
     stats = {"gaussians": len(gaussians), "views": prepared.num_views, "animation_frames": int(len(codes)),
              "turntable_frames": int(turntable_frames), **{k: round(v, 4) for k, v in timings.items()}}
+    if fidelity is not None:
+        stats["fidelity"] = fidelity
     return AvatarFiles(files, stats)
 
 

@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/reconstruct.py                      # 4 subjects, capture + photos mode, Ray Data
     python benchmarks/reconstruct.py --subjects 2 --executor local
+    python benchmarks/reconstruct.py --landmarks mediapipe   # photos mode on real photos, MediaPipe
 
 Prints one JSON object on stdout.
 
@@ -24,6 +25,15 @@ EfficientNet features). Random weights cost the same time as trained ones.
   cache (what ``avat3r animate`` does), ``full`` = encode + decode per frame. ``speedup`` =
   cached frames/s ÷ full frames/s (medians of ``--repeats`` interleaved runs, after Ray is shut
   down). Both include rendering; ``network_only`` repeats both without rendering.
+
+``--landmarks mediapipe``: the ``photos`` avatars are built from real photographs instead, with the
+default picture path (MediaPipe landmarks mapped to the studio head's 68-point embedding, the
+selfie-segmentation matte, dlib identity figures): scikit-image's astronaut and matplotlib's Grace
+Hopper, four pictures each (the original, its mirror image, a 0.85x zoom and an 8-degree roll;
+the same person from one photo: a stand-in for a real photo set), one ``photos`` avatar per
+person, ``--subjects`` times over. ``per_mode.photos.prepare_timings`` says where preparation time
+goes (read + detect, fit, crops + matte, position maps, features; means per avatar) and
+``build_timings`` the model side (encode, decode, turntable, fidelity renders + dlib, animation).
 """
 
 from __future__ import annotations
@@ -46,7 +56,31 @@ os.environ.setdefault("AVAT3R_RAY_DASHBOARD", "0")
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 
-def setup(root: Path, subjects: int) -> dict:
+def real_photo_folders(root: Path, copies: int) -> list[tuple[str, str]]:
+    """(avatar id, folder) of real-photo sets: each of two public-domain portraits in four variants."""
+    import cv2
+    import matplotlib
+    import skimage
+
+    photos = {"astronaut": Path(skimage.__file__).parent / "data" / "astronaut.png",
+              "hopper": Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"}
+    out = []
+    for k in range(copies):
+        for name, path in photos.items():
+            img = cv2.imread(str(path))
+            h, w = img.shape[:2]
+            folder = root / "real" / f"{name}{k}"
+            folder.mkdir(parents=True)
+            zoom = cv2.resize(img[int(0.075 * h):int(0.925 * h), int(0.075 * w):int(0.925 * w)], (w, h))
+            roll = cv2.warpAffine(img, cv2.getRotationMatrix2D((w / 2, h / 2), 8.0, 1.0), (w, h),
+                                  borderMode=cv2.BORDER_REPLICATE)
+            for tag, variant in (("original", img), ("mirror", img[:, ::-1]), ("zoom", zoom), ("roll", roll)):
+                cv2.imwrite(str(folder / f"{tag}.jpg"), variant, [cv2.IMWRITE_JPEG_QUALITY, 95])
+            out.append((f"photos_{name}{k}", str(folder)))
+    return out
+
+
+def setup(root: Path, subjects: int, landmarks: str = "file") -> dict:
     import numpy as np
     import torch
     from PIL import Image
@@ -79,7 +113,11 @@ def setup(root: Path, subjects: int) -> dict:
             Image.fromarray(image).save(folder / f"cam{c}.png")
             np.savez(folder / f"cam{c}{LANDMARKS_SUFFIX}", landmarks=lm["landmarks"][1, c], visible=lm["visible"][1, c])
         rows.append({"avatar_id": f"capture_{pid}", "mode": "capture", "source": f"{frames}/frames.parquet", "subject": pid})
-        rows.append({"avatar_id": f"photos_{pid}", "mode": "photos", "source": str(folder)})
+        if landmarks == "file":
+            rows.append({"avatar_id": f"photos_{pid}", "mode": "photos", "source": str(folder)})
+    if landmarks == "mediapipe":  # as many real-photo avatars as studio people
+        rows += [{"avatar_id": a, "mode": "photos", "source": f}
+                 for a, f in real_photo_folders(root, (subjects + 1) // 2)[:subjects]]
     library = write_library(rows, root / "library.csv")
     torch.manual_seed(0)
     cfg = TrainConfig.preset("tiny")  # tiny: 64 px, 32 feature channels
@@ -154,6 +192,9 @@ def main() -> None:
     parser.add_argument("--drive-frames", type=int, default=24)
     parser.add_argument("--drive-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--landmarks", default="file", choices=("file", "mediapipe"),
+                        help="photos avatars: studio frames + landmark files, or real photos + MediaPipe")
+    parser.add_argument("--no-drive", action="store_true", help="skip the driving measurement")
     args = parser.parse_args()
 
     import logging
@@ -167,9 +208,9 @@ def main() -> None:
         root = Path(tmp)
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # stage progress bars: stdout carries only the JSON
-            data = setup(root, args.subjects)
+            data = setup(root, args.subjects, args.landmarks)
         setup_s = time.perf_counter() - t0
-        config = ReconstructConfig.preset("tiny", landmarks="file", face_model=data["face_model"],
+        config = ReconstructConfig.preset("tiny", landmarks=args.landmarks, face_model=data["face_model"],
                                           landmark_embedding=data["embedding"], feature_projection=data["projection"])
         if args.executor == "ray":
             from stages.ray_runtime import ensure_ray
@@ -185,6 +226,16 @@ def main() -> None:
                 per_mode[mode] = {"avatars": len(rows),
                                   "mean_prepare_s": round(sum(r["prepare_s"] for r in rows) / len(rows), 3),
                                   "mean_build_s": round(sum(r["build_s"] for r in rows) / len(rows), 3)}
+                metas = [json.loads((root / "avatars" / r["meta"]).read_text()) for r in rows]
+                prep = [m["preparation"].get("timings") for m in metas if m["preparation"].get("timings")]
+                if prep:
+                    per_mode[mode]["prepare_timings"] = {k: round(statistics.mean(t[k] for t in prep), 3) for k in prep[0]}
+                per_mode[mode]["build_timings"] = {
+                    k: round(statistics.mean(m["stats"][k] for m in metas), 3)
+                    for k in ("encode_s", "decode_s", "turntable_s", "fidelity_s", "animation_s") if k in metas[0]["stats"]}
+                if mode == "photos" and args.landmarks == "mediapipe":
+                    per_mode[mode]["fit_residual_px"] = [round(r["fit_residual_px"], 2) for r in rows]
+                    per_mode[mode]["identity_yaw0"] = [r["identity_yaw0"] for r in rows]
         result = {
             "benchmark": "reconstruct",
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -198,13 +249,17 @@ def main() -> None:
             "avatars_per_minute": round(60.0 * summary.items_done / summary.seconds, 2),
             "per_mode": per_mode,
             "sources": {"capture": "ground_truth positions + efficientnet_lite0_imagenet features (projected to 32)",
-                        "photos": "landmarks file + face_model positions + efficientnet_lite0_imagenet features"},
+                        "photos": ("landmarks file + face_model positions + efficientnet_lite0_imagenet features"
+                                   if args.landmarks == "file" else
+                                   "real photos: mediapipe landmarks (478 -> iBUG-68) + selfie_segmentation matte + "
+                                   "face_model positions + efficientnet_lite0_imagenet features + dlib identity")},
         }
         if args.executor == "ray":
             import ray
 
             ray.shutdown()  # idle Ray workers must not compete with the driving measurement
-        result["driving"] = drive(data, args.drive_frames, args.drive_size, args.repeats)
+        if not args.no_drive:
+            result["driving"] = drive(data, args.drive_frames, args.drive_size, args.repeats)
     print(json.dumps(result, indent=1))
 
 

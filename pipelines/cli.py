@@ -533,7 +533,7 @@ def reconstruct(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Training checkpoint directory (or its checkpoint.pt)."),
     out: Path = typer.Option(Path("data/avatars"), "--out", help="Output directory (<id>/ per avatar, index.parquet)."),
     preset: str = typer.Option("demo", "--preset", help="tiny, demo or paper (render sizes, fit length)."),
-    landmarks: Optional[str] = typer.Option(None, "--landmarks", help="mediapipe or file (<picture stem>.landmarks.npz beside each picture; the synthetic studio needs file)."),
+    landmarks: Optional[str] = typer.Option(None, "--landmarks", help="mediapipe (default; 478 points mapped to the face model's 68-point embedding) or file (<picture stem>.landmarks.npz beside each picture)."),
     face_model: Optional[Path] = typer.Option(None, "--face-model", help="Face-model directory (head_model.pkl + head_landmark_embedding.pkl) for photos/image/video; default data/models/studio_head."),
     feature_projection: Optional[Path] = typer.Option(None, "--feature-projection", help="The training data's feature_projection.npz (default: data/priors/feature_projection.npz when present)."),
     dust3r_checkpoint: Optional[Path] = typer.Option(None, "--dust3r-checkpoint", help="DUSt3R checkpoint (else the face_model stand-in position maps)."),

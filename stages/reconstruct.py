@@ -185,6 +185,9 @@ class _AvatarWorker:
         self.device = pick_device(config.device)
         self.model, self.train_config, info = load_trained_model(checkpoint, self.device)
         self.checkpoint_sha256 = info["sha256"]
+        from avat3r_core.identity import FaceIdentity
+
+        self.identity = FaceIdentity()  # dlib's ResNet-128, loaded on first use (picture avatars)
 
     def build(self, prepared_row: dict) -> dict:
         item_json = prepared_row["item"]
@@ -218,7 +221,8 @@ class _AvatarWorker:
         made = build_avatar(self.model, prepared, codes, turntable_frames=cfg.turntable_frames, size=cfg.render_size,
                             preview_views=cfg.preview_views, fps=cfg.fps, yaw_deg=cfg.yaw_deg,
                             fov_deg=cfg.render_fov_deg, chunk=cfg.decode_chunk,
-                            motion=head_motion_for(self.model.config.frame, track, cfg.drive_head_pose))
+                            motion=head_motion_for(self.model.config.frame, track, cfg.drive_head_pose),
+                            identity=self.identity)
         build_s = time.perf_counter() - start
         meta = prepared.meta
         model_cfg = self.train_config.model_config()
@@ -252,6 +256,7 @@ class _AvatarWorker:
             "feature_source": info["feature_source"], "landmarks": info["landmarks"],
             "stand_ins": ",".join(info["stand_ins"]), "expressions": described, "gaussians": made.stats["gaussians"],
             "fit_residual_px": float(meta.get("fit_residual_px", float("nan"))),
+            "matte_source": meta.get("matte_source", ""), **_fidelity_columns(made.stats.get("fidelity")),
             "directory": entry.avatar_id, "cache": f"{entry.avatar_id}/{CACHE_FILE}", "ply": f"{entry.avatar_id}/{PLY_FILE}",
             "preview": f"{entry.avatar_id}/{PREVIEW_FILE}", "turntable": f"{entry.avatar_id}/{TURNTABLE_FILE}",
             "animation": f"{entry.avatar_id}/{ANIMATION_FILE}", "meta": f"{entry.avatar_id}/{META_FILE}",
@@ -265,6 +270,23 @@ class _AvatarWorker:
         n = len(batch["id"])
         rows = [self.build({k: batch[k][i] for k in ("item", "payload", "error", "traceback")}) for i in range(n)]
         return _columns(rows, ("id", "item", "row", "error", "traceback", "disk_full"))
+
+
+def _fidelity_columns(fidelity: dict | None) -> dict:
+    """Index columns of :func:`~avat3r_core.library.picture_fidelity` (NaN for capture avatars or
+    where dlib found no face): input-view PSNR in the matte, identity similarity per yaw."""
+    from avat3r_core.library import IDENTITY_YAWS, yaw_key
+
+    nan = float("nan")
+    fidelity = fidelity or {}
+    ident = fidelity.get("identity") or {}
+    out = {k: nan if fidelity.get(k) is None else float(fidelity[k]) for k in ("input_psnr", "input_psnr_covered")}
+    for yaw in IDENTITY_YAWS:
+        v = (ident.get(yaw_key(yaw)) or {}).get("similarity")
+        out[f"identity_{yaw_key(yaw)}"] = nan if v is None else float(v)
+    d = (ident.get(yaw_key(0.0)) or {}).get("distance")
+    out["identity_distance_yaw0"] = nan if d is None else float(d)
+    return out
 
 
 def _stand_ins(meta: dict) -> list[str]:

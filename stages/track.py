@@ -38,7 +38,7 @@ from avat3r_core.formats.manifests import cameras_from_rows
 from avat3r_core.ids import make_id
 from avat3r_core.tracking import expression_code
 from avat3r_core.tracking.fit import FitConfig, FitResult, fit_sequence, flame_params_to_full
-from avat3r_core.tracking.landmarks import make_detector
+from avat3r_core.tracking.landmarks import make_detector, points_for_embedding
 from stages.runner import Stage, StageContext, StageResources, StageSummary, run_stage
 
 __all__ = ["TrackConfig", "TrackStage", "TrackingDiverged", "run_track", "track_items"]
@@ -116,6 +116,7 @@ class TrackStage(Stage):
         embedding = load_landmark_embedding(self.config.embedding_path or default_embedding)
         self.model = load_flame_model(model_path)
         self.layer = FlameLayer(self.model, landmarks=embedding, dtype=torch.float64).eval()
+        self.embedding = embedding
         self.landmark_indices = embedding.landmark_indices
         self.detector = make_detector(self.config.backend, gt_root=self.config.ground_truth_root,
                                       landmarks_root=self.config.landmarks_root,
@@ -163,14 +164,17 @@ class TrackStage(Stage):
         if self.detector.needs_images:
             images = np.stack([self._image(r, "image") for r in flat])
         det = self.detector.detect(images, flat)
-        L = det.points.shape[1]
+        # MediaPipe's 478 points meet a 68-point embedding through the iBUG table
+        det_points, det_conf = points_for_embedding(det.points, det.confidence, self.embedding,
+                                                    self.config.embedding_path or self.face_model_paths[1])
+        L = det_points.shape[1]
         points = np.zeros((T, C, L, 2))
         weights = np.zeros((T, C, L))
         k = 0
         for t in range(T):
             for c in range(C):
                 if present[t][c] is not None:
-                    points[t, c], weights[t, c] = det.points[k], det.confidence[k]
+                    points[t, c], weights[t, c] = det_points[k], det_conf[k]
                     k += 1
         masks = None
         if cfg.silhouette:

@@ -4,8 +4,8 @@ Data: one tiny studio run (2 subjects, 1 sequence, 3 frames, 4 cameras, 96 px) s
 module. Subject 001 is extracted to 32 px crops with ground-truth-depth priors (capture mode);
 subject 002's raw frames become "photos", a single image and a "video" (frames of different
 cameras, i.e. a turning head) with the studio's ground-truth landmarks written beside them (the
-``file`` landmark backend: MediaPipe finds the studio faces, but the studio head has no MediaPipe
-landmark embedding to fit with). The network is a random-init ``tiny`` model at 32 px without
+``file`` landmark backend: exact points on 96 px frames; MediaPipe on real photos is
+tests/test_pictures.py's). The network is a random-init ``tiny`` model at 32 px without
 features, saved with ``save_checkpoint``: only plumbing is checked here, not avatar quality.
 """
 

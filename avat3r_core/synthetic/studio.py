@@ -255,14 +255,29 @@ def face_model_paths(face_model_dir: str) -> tuple[str, str]:
 
 
 def write_face_model(face_model_dir: str, seed: int) -> tuple[str, str]:
-    """Write the studio head (FLAME layout) once; every worker then loads it like a user's FLAME."""
+    """Write the studio head (FLAME layout) once; every worker then loads it like a user's FLAME.
+
+    Beside it, when MediaPipe's ``face_landmarker.task`` is installed, its MediaPipe landmark
+    embedding (``head_mediapipe_embedding.npz``, :func:`~avat3r_core.tracking.landmarks.write_mediapipe_embedding`),
+    so real photos fit with MediaPipe's points; without the model file that step is skipped (logged).
+    """
+    import logging
     from pathlib import Path
 
     from avat3r_core.synthetic.head import write_head_model
+    from avat3r_core.tracking.landmarks import MEDIAPIPE_EMBEDDING_FILE, find_mediapipe_model, write_mediapipe_embedding
 
     model_path, embedding_path = face_model_paths(face_model_dir)
     if not (Path(model_path).exists() and Path(embedding_path).exists()):
         write_head_model(face_model_dir, seed=seed)
+    mp_path = Path(face_model_dir) / MEDIAPIPE_EMBEDDING_FILE
+    if not mp_path.exists():
+        try:
+            task = find_mediapipe_model()
+        except FileNotFoundError as exc:
+            logging.getLogger("avat3r.synth").warning("no MediaPipe embedding for the studio head: %s", exc)
+        else:
+            write_mediapipe_embedding(model_path, embedding_path, str(mp_path), task)
     return model_path, embedding_path
 
 

