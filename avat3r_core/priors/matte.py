@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from avat3r_core.errors import FormatError
+from avat3r_core.tracking.landmarks import shared_mediapipe_task
 
 __all__ = ["SELFIE_SOURCE", "FALLBACK_SOURCE", "find_selfie_model", "PictureMatte"]
 
@@ -62,11 +63,15 @@ class PictureMatte:
             import mediapipe as mp
             from mediapipe.tasks.python import BaseOptions, vision
 
-            options = vision.ImageSegmenterOptions(
-                base_options=BaseOptions(model_asset_buffer=Path(self.model_path).read_bytes()),
-                running_mode=vision.RunningMode.IMAGE, output_confidence_masks=True, output_category_mask=False)
+            def create():
+                options = vision.ImageSegmenterOptions(
+                    base_options=BaseOptions(model_asset_buffer=Path(self.model_path).read_bytes()),
+                    running_mode=vision.RunningMode.IMAGE, output_confidence_masks=True,
+                    output_category_mask=False)
+                return vision.ImageSegmenter.create_from_options(options)
+
             self._mp = mp
-            self._segmenter = vision.ImageSegmenter.create_from_options(options)
+            self._segmenter = shared_mediapipe_task(("image_segmenter", str(Path(self.model_path).resolve())), create)
         return self._segmenter
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
@@ -81,6 +86,5 @@ class PictureMatte:
         return np.clip(mask, 0.0, 1.0)
 
     def close(self) -> None:
-        if self._segmenter is not None:
-            self._segmenter.close()
-            self._segmenter = None
+        """Let go of the segmenter (shared, closed at exit: see :func:`shared_mediapipe_task`)."""
+        self._segmenter = None

