@@ -57,13 +57,13 @@ protobuf classes), packed or unpacked repeated fields alike.
 
 from __future__ import annotations
 
-import atexit
 import importlib.util
 import io
 import logging
 import os
 import struct
 import sys
+import threading
 import zipfile
 import zlib
 from abc import ABC, abstractmethod
@@ -275,7 +275,10 @@ def shared_mediapipe_task(key: tuple, create: Callable[[], object]) -> object:
     task = _MEDIAPIPE_TASKS.get(key)
     if task is None:
         if not _MEDIAPIPE_TASKS:
-            atexit.register(_close_mediapipe_tasks)
+            # MediaPipe runs close() on a concurrent.futures thread pool, which is shut down by
+            # threading's exit hooks, before atexit's: so close from such a hook. They run last
+            # registered first, and the pool's was registered when MediaPipe imported it.
+            threading._register_atexit(_close_mediapipe_tasks)
         task = _MEDIAPIPE_TASKS[key] = create()
     return task
 
