@@ -36,7 +36,8 @@ stage_app = typer.Typer(help="Run one stage; inspect its failures and throughput
 app.add_typer(stage_app, name="stage")
 console = Console()
 
-RayAddress = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (e.g. auto, ray://head:10001). Default: start Ray locally.")
+RayAddress = typer.Option(None, "--ray-address", help="Join an existing Ray cluster: HOST:PORT (127.0.0.1:PORT for one bound to loopback), auto, "
+                          "or ray://head:10001. Default: start Ray locally, listening on 127.0.0.1 only.")
 Executor = typer.Option("ray", "--executor", envvar="AVAT3R_EXECUTOR",
                         help="ray (fan out on Ray) or local (inline, for debugging).")
 ParamsPath = typer.Option("params.yaml", "--params", help="The params file DVC tracks.")
@@ -46,6 +47,7 @@ DataRoot = typer.Option("data", "--data-root", help="Root of the DVC-tracked dat
 def _run(fn, *args, **kwargs):
     """Map the project's errors to exit codes with a one-line message naming what failed."""
     from avat3r_core.errors import FormatError
+    from stages.ray_runtime import RayConnectError
     from stages.runner import ErrorBudgetExceeded
 
     try:
@@ -59,6 +61,9 @@ def _run(fn, *args, **kwargs):
     except ErrorBudgetExceeded as exc:
         console.print(f"[bold red]error budget exceeded:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_ERROR_BUDGET) from exc
+    except RayConnectError as exc:  # nothing answers --ray-address: name it, no traceback
+        console.print(f"[bold red]ray:[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_FAILURE) from exc
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -103,7 +108,7 @@ def synth(
     gt = ground_truth or root / "ground_truth" / out.name
     model_dir = face_model or root / "models" / "studio_head"
     if executor == "ray":
-        ensure_ray(ray_address)
+        _run(ensure_ray, ray_address)
     summary = _run(run_synth, config, str(out), str(gt), str(model_dir), executor=executor)
     _print_summaries([summary.to_dict()])
     console.print(f"capture: {out}\nground truth: {gt}\nface model: {model_dir}")
@@ -194,7 +199,7 @@ def extract(
         values["color_correction"] = False
     config = _run(build, ExtractConfig, values, preset=preset, source="command line")
     if executor == "ray":
-        ensure_ray(ray_address)
+        _run(ensure_ray, ray_address)
     centers, frames = _run(run_extract, config, str(capture), str(out), layout=layout, executor=executor)
     _print_summaries([centers.to_dict(), frames.to_dict()])
 
@@ -482,7 +487,7 @@ def reconstruct(
         values["dust3r_checkpoint"] = str(dust3r_checkpoint)
     config = _run(build, ReconstructConfig, values, preset=preset, source="command line")
     if executor == "ray":
-        ensure_ray(ray_address)
+        _run(ensure_ray, ray_address)
     summary = _run(run_reconstruct, config, str(inputs), str(checkpoint), str(out.resolve()), executor=executor)
     _print_summaries([summary.to_dict()])
     console.print(f"avatars: {out}\nindex: {summary.manifest}")
