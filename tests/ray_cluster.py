@@ -21,7 +21,8 @@ def main(work: str) -> None:
     token = work_dir / "token"
     token.write_text(secrets.token_hex(32))
     # before Ray is imported: loopback only (see stages.ray_runtime), token authentication on
-    os.environ.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+    # (RAY_TMPDIR: the address file `--ray-address auto` reads is this cluster's, not /tmp/ray's)
+    os.environ.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "RAY_TMPDIR": str(work_dir),
                        "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"})
     import ray._private.ray_constants as ray_constants
     from ray.cluster_utils import Cluster

@@ -48,7 +48,7 @@ def cluster():
     assert line, "the test cluster did not start"
     info = json.loads(line)
     # drivers find the cluster's token the way a user gives it (RAY_AUTH_TOKEN_PATH), nothing else
-    info["env"] = {**env, "RAY_AUTH_TOKEN_PATH": info["token_path"], "COLUMNS": "200"}
+    info["env"] = {**env, "RAY_AUTH_TOKEN_PATH": info["token_path"], "RAY_TMPDIR": str(work), "COLUMNS": "200"}
     info["env"].pop("RAY_AUTH_MODE", None)
     yield info
     proc.stdin.close()
@@ -71,17 +71,25 @@ def test_stages_join_the_loopback_cluster_and_run_on_both_nodes(cluster, tmp_pat
     address = cluster["address"]
     assert address.startswith("127.0.0.1:")
     cli(cluster["env"], "stage", "run", "synth", *common, "--executor", "local")
+    # the three ways to name the cluster: its address (extract), RAY_ADDRESS (track, priors and
+    # pack, in one driver as a flow runs them) and `auto`, the cluster recorded on this machine (train)
+    cli(cluster["env"], "stage", "run", "extract", *common, "--ray-address", address)
+    code = ("import sys; from pipelines.flows import STAGES, DataLayout; "
+            "[STAGES[s](sys.argv[1], DataLayout(sys.argv[2]), None, 'ray') for s in ('track', 'priors', 'pack')]")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "params.yaml"), str(tmp_path / "data")],
+                          capture_output=True, text=True, env={**cluster["env"], "RAY_ADDRESS": address}, cwd=REPO,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     nodes = {}
-    for stage, manifest in (("extract", "frames/frames"), ("track", "tracking/tracking"),
-                            ("priors", "priors/priors"), ("pack", "shards/index")):
-        cli(cluster["env"], "stage", "run", stage, *common, "--ray-address", address)
+    for stage, manifest in (("extract", "frames/frames"), ("track", "tracking/tracking"), ("priors", "priors/priors"),
+                            ("pack", "shards/index")):
         stats = json.loads((tmp_path / "data" / f"{manifest}.stats.json").read_text())
         assert stats["items_failed"] == 0 and sum(stats["nodes"].values()) == stats["items_done"] > 0, stats
         nodes[stage] = stats["nodes"]
     head, second = cluster["nodes"]["head"]["node_id"], cluster["nodes"]["second"]["node_id"]
     for stage in ("extract", "track", "priors", "pack"):
         assert set(nodes[stage]) == {head, second}, (stage, nodes[stage])
-    train = cli(cluster["env"], "stage", "run", "train", *common, "--ray-address", address)
+    train = cli(cluster["env"], "stage", "run", "train", *common, "--ray-address", "auto")
     metrics = json.loads((tmp_path / "data/train/metrics.json").read_text())
     assert metrics["steps"] == 2, train.stdout
 
