@@ -370,14 +370,22 @@ def _print_summaries(summaries: list[dict]) -> None:
 @stage_app.command("run")
 def stage_run(name: str = typer.Argument(..., help="Stage to run (synth, ...)."), params: str = ParamsPath,
               data_root: str = DataRoot, ray_address: Optional[str] = RayAddress, executor: str = Executor):
-    """Run one stage from params.yaml without Prefect (this is what dvc.yaml calls)."""
+    """Run one stage from params.yaml without Prefect (this is what dvc.yaml calls); outside
+    ``dvc repro``, its outputs are recorded in dvc.lock as dvc repro would."""
     from pipelines.flows import STAGES, DataLayout
 
     if name not in STAGES:
         console.print(f"[red]unknown stage {name!r}; known: {', '.join(STAGES)}[/]")
         raise typer.Exit(EXIT_USAGE)
+    from pipelines.versioning import record_stages
+
     summary = _run(STAGES[name], params, DataLayout(data_root), ray_address, executor)
     _print_summaries([summary])
+    version = record_stages([name], params, data_root)  # dvc.lock, unless dvc repro runs us (it records)
+    if version.recorded:
+        console.print(f"recorded in dvc.lock (sha256 {version.dvc_lock_sha256[:12]}, git {version.git_commit[:12]})")
+    elif version.note:
+        console.print(f"dvc.lock: {escape(version.note)}")
 
 
 @stage_app.command("errors")

@@ -22,6 +22,7 @@ from prefect.concurrency.sync import concurrency
 from avat3r_core.config import load_params, section
 from pipelines.caching import outputs_present, stage_cache_key
 from pipelines.schedules import TRAINING_LIMIT
+from pipelines.versioning import record_stages
 
 log = logging.getLogger("avat3r.flows")
 
@@ -399,6 +400,15 @@ def _publish_stage_table(summaries: list[dict], key: str) -> None:
     create_table_artifact(key=key, table=rows, description="Stage counts, errors and throughput")
 
 
+def _record_version(stages: list[str], params_path: str, layout: DataLayout, key: str) -> dict:
+    """Record what the flow ran in ``dvc.lock`` (:mod:`pipelines.versioning`) and publish the
+    version the run belongs to: git commit and ``dvc.lock`` digest."""
+    version = record_stages(stages, params_path, layout.root).to_dict()
+    rows = [{"field": k, "value": ", ".join(v) if isinstance(v, list) else str(v)} for k, v in version.items()]
+    create_table_artifact(key=key, table=rows, description="The git commit and dvc.lock digest this run belongs to")
+    return version
+
+
 @flow(name="preprocess", log_prints=True)
 def preprocess_flow(params_path: str = "params.yaml", data_root: str = "data", ray_address: str | None = None,
                     executor: str = "ray") -> list[dict]:
@@ -406,6 +416,7 @@ def preprocess_flow(params_path: str = "params.yaml", data_root: str = "data", r
     layout = DataLayout(data_root)
     summaries = [run_stage_cached(name, params_path, layout, ray_address, executor) for name in PREPROCESS]
     _publish_stage_table(summaries, "preprocess-stages")
+    _record_version(list(PREPROCESS), params_path, layout, "preprocess-version")
     return summaries
 
 
@@ -418,6 +429,7 @@ def train_flow(params_path: str = "params.yaml", data_root: str = "data", ray_ad
     summary = run_stage_cached("train", params_path, layout, ray_address, executor)
     _publish_stage_table([summary], "train-stage")
     _publish_training(layout)
+    _record_version(["train"], params_path, layout, "train-version")
     return summary
 
 
@@ -471,6 +483,7 @@ def reconstruct_flow(params_path: str = "params.yaml", data_root: str = "data", 
     layout = DataLayout(data_root)
     summaries = [run_stage_cached(name, params_path, layout, ray_address, executor) for name in RECONSTRUCT]
     _publish_stage_table(summaries, "reconstruct-stages")
+    _record_version(list(RECONSTRUCT), params_path, layout, "reconstruct-version")
     _publish_avatars(layout)
     _publish_evaluation(layout)
     return summaries
