@@ -176,8 +176,9 @@ def ingest_inspect(
 
 @app.command()
 def extract(
-    capture: Path = typer.Option(Path("data/raw/synthetic"), "--capture", help="Capture root (NeRSemble layout or transforms.json folders)."),
-    out: Path = typer.Option(Path("data/frames"), "--out", help="Output directory (frames.parquet + images/ + alpha/)."),
+    # str, not Path: a URI (s3://bucket/...) must keep its "//"
+    capture: str = typer.Option("data/raw/synthetic", "--capture", help="Capture root (NeRSemble layout or transforms.json folders); a local path or a URI (s3://...)."),
+    out: str = typer.Option("data/frames", "--out", help="Output directory (frames.parquet + images/ + alpha/); a local path or a URI."),
     preset: str = typer.Option("demo", "--preset", help="tiny, demo or paper (512 px crops)."),
     resolution: Optional[int] = typer.Option(None, "--resolution", min=16, help="Square crop size in pixels."),
     frame_step: Optional[int] = typer.Option(None, "--frame-step", min=1, help="Every k-th frame."),

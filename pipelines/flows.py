@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.concurrency.sync import concurrency
 
+from avat3r_core import storage
 from avat3r_core.config import load_params, section
 from pipelines.caching import outputs_present, stage_cache_key
 from pipelines.schedules import TRAINING_LIMIT
@@ -34,11 +35,13 @@ class DataLayout:
     root: str = "data"
 
     def __post_init__(self) -> None:
-        # absolute, so Ray workers (whose working directory is not ours) find the same files
-        self.root = str(Path(self.root).resolve())
+        # absolute, so Ray workers (whose working directory is not ours) find the same files; a URI
+        # (s3://bucket/prefix) is one already
+        if "://" not in str(self.root):
+            self.root = str(Path(self.root).resolve())
 
     def path(self, *parts: str) -> str:
-        return str(Path(self.root, *parts))
+        return storage.join(self.root, *parts)
 
     @property
     def raw(self) -> str:
@@ -58,11 +61,11 @@ class DataLayout:
 
     @property
     def frames_manifest(self) -> str:
-        return str(Path(self.frames, "frames.parquet"))
+        return storage.join(self.frames, "frames.parquet")
 
     @property
     def raw_manifest(self) -> str:
-        return str(Path(self.raw, "synth.parquet"))
+        return storage.join(self.raw, "synth.parquet")
 
     @property
     def tracking(self) -> str:
@@ -70,7 +73,7 @@ class DataLayout:
 
     @property
     def tracking_manifest(self) -> str:
-        return str(Path(self.tracking, "tracking.parquet"))
+        return storage.join(self.tracking, "tracking.parquet")
 
     @property
     def priors(self) -> str:
@@ -82,15 +85,15 @@ class DataLayout:
 
     @property
     def priors_manifest(self) -> str:
-        return str(Path(self.priors, "priors.parquet"))
+        return storage.join(self.priors, "priors.parquet")
 
     @property
     def shards_index(self) -> str:
-        return str(Path(self.shards, "index.parquet"))
+        return storage.join(self.shards, "index.parquet")
 
     @property
     def train_metrics(self) -> str:
-        return str(Path(self.train, "metrics.json"))
+        return storage.join(self.train, "metrics.json")
 
     @property
     def evaluation(self) -> str:
@@ -98,7 +101,7 @@ class DataLayout:
 
     @property
     def evaluation_metrics(self) -> str:
-        return str(Path(self.evaluation, "metrics.json"))
+        return storage.join(self.evaluation, "metrics.json")
 
     @property
     def avatars(self) -> str:
@@ -106,7 +109,7 @@ class DataLayout:
 
     @property
     def avatars_index(self) -> str:
-        return str(Path(self.avatars, "index.parquet"))
+        return storage.join(self.avatars, "index.parquet")
 
     @property
     def train(self) -> str:
@@ -189,11 +192,11 @@ def run_priors_stage(params_path: str, layout: DataLayout, ray_address: str | No
 
     params = load_params(params_path)
     values = dict(params.get("priors") or {})
-    if values.get("position_source", "auto") in ("auto", "ground_truth") and Path(layout.ground_truth).exists():
+    if values.get("position_source", "auto") in ("auto", "ground_truth") and storage.exists(layout.ground_truth):
         values.setdefault("ground_truth_root", layout.ground_truth)
     config = build(PriorsConfig, values, source=f"{params_path}:priors")
     _start_ray(executor, ray_address)
-    tracking = layout.tracking_manifest if Path(layout.tracking_manifest).exists() else None
+    tracking = layout.tracking_manifest if storage.exists(layout.tracking_manifest) else None
     summary = run_priors(config, layout.frames_manifest, layout.priors, resources=_resources(params, "priors"),
                          executor=executor, tracking_manifest=tracking, face_model_paths=face_model_paths(layout.face_model))
     return summary.to_dict()
@@ -277,7 +280,7 @@ def run_reconstruct_stage(params_path: str, layout: DataLayout, ray_address: str
     config = build(ReconstructConfig, values, source=f"{params_path}:reconstruct")
     if library is None:
         library = write_capture_library(layout.frames_manifest, layout.shards, split,
-                                        str(Path(layout.avatars, f"library_{split}.parquet")))
+                                        storage.join(layout.avatars, f"library_{split}.parquet"))
     _start_ray(executor, ray_address)
     summary = run_reconstruct(config, library, layout.checkpoint, layout.avatars,
                               resources=_resources(params, "reconstruct"), executor=executor)
