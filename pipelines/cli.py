@@ -233,6 +233,62 @@ def shards_stats(shards_dir: Path = typer.Argument(Path("data/shards"), help="Di
     console.print_json(json.dumps(_run(shard_stats, str(shards_dir)), default=str))
 
 
+# --------------------------------------------------------------------------- capacity
+@app.command()
+def plan(
+    dataset: str = typer.Option("nersemble_v2", "--dataset", help="nersemble_v2 or ava256 (override any field below)."),
+    participants: Optional[int] = typer.Option(None, "--participants", min=1),
+    sequences: Optional[int] = typer.Option(None, "--sequences", min=1, help="Per participant."),
+    cameras: Optional[int] = typer.Option(None, "--cameras", min=1),
+    frames: Optional[int] = typer.Option(None, "--frames", min=1, help="Source frames per sequence."),
+    frame_step: Optional[int] = typer.Option(None, "--frame-step", min=1),
+    frames_per_sequence: Optional[int] = typer.Option(None, "--frames-per-sequence", min=0),
+    resolution: Optional[int] = typer.Option(None, "--resolution", min=16, help="Crop size of the planned run."),
+    nodes: int = typer.Option(1, "--nodes", min=1, help="Machines (K)."),
+    cpus_per_node: int = typer.Option(2, "--cpus-per-node", min=1),
+    gpus_per_node: int = typer.Option(0, "--gpus-per-node", min=0),
+    params: str = ParamsPath,
+    data_root: str = DataRoot,
+    run_slots: int = typer.Option(1, "--run-slots", min=1, help="Items the measured run had in flight at once "
+                                  "(1 for --executor local; its Ray CPUs otherwise)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+):
+    """CPU-hours, GPU-hours, bytes and wall time per stage for a whole dataset on K nodes, from
+    the per-item costs measured by a run under --data-root (its stats files)."""
+    from dataclasses import replace
+
+    from avat3r_core.capacity import DATASETS, measured_costs
+    from avat3r_core.capacity import plan as make_plan
+    from avat3r_core.config import load_params, section
+    from avat3r_core.extract import ExtractConfig
+    from pipelines.flows import DataLayout, _resources
+
+    if dataset not in DATASETS:
+        console.print(f"[red]unknown dataset {dataset!r}; known: {', '.join(DATASETS)}[/]")
+        raise typer.Exit(EXIT_USAGE)
+    described = replace(DATASETS[dataset], **{k: v for k, v in dict(
+        participants=participants, sequences=sequences, cameras=cameras, frames=frames, frame_step=frame_step,
+        frames_per_sequence=frames_per_sequence, resolution=resolution).items() if v is not None})
+    values = _run(load_params, params)
+    measured_res = _run(section, values, "extract", ExtractConfig, params).resolution
+    resources = {s: vars(_resources(values, s)) for s in ("extract", "track", "priors", "pack")}
+    resources["head_centers"] = resources["extract"]
+    measured = _run(measured_costs, DataLayout(data_root).root, measured_res, resources, run_slots)
+    result = make_plan(measured, described, nodes, cpus_per_node, gpus_per_node)
+    if json_out:
+        console.print_json(json.dumps(result))
+        return
+    table = Table(title=f"{described.name}: {described.views:,} views on {nodes} node(s) x {cpus_per_node} CPUs "
+                        f"(measured: {measured.views} views at {measured_res} px)")
+    for col in ("stage", "CPU-h", "GPU-h", "GB", "wall h"):
+        table.add_column(col)
+    for row in result["stages"] + [{"stage": "total", **result["total"]}]:
+        table.add_row(row["stage"], f"{row['cpu_hours']:.1f}", f"{row['gpu_hours']:.1f}", f"{row['bytes'] / 1e9:.1f}",
+                      f"{row['wall_hours']:.2f}")
+    console.print(table)
+    console.print(f"assumptions: {result['assumptions']}")
+
+
 # --------------------------------------------------------------------------- model
 model_app = typer.Typer(help="The Avat3r network.", no_args_is_help=True)
 app.add_typer(model_app, name="model")

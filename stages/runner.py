@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import hashlib
+import statistics
 import logging
 import time
 import traceback
@@ -155,6 +156,9 @@ class StageSummary:
     extra: dict = field(default_factory=dict)
     #: seconds items of this run spent in their stage (summed over items: the per-item cost)
     busy_seconds: float = 0.0
+    #: the median of those per-item seconds: the steady cost of an item, without the one-off
+    #: warm-up (imports, JIT compilation) the first items on a fresh worker pay
+    item_seconds_median: float = 0.0
     #: node id → items of this run done there
     nodes: dict = field(default_factory=dict)
     #: items run again after their node left the cluster: id, the error, the attempt
@@ -401,6 +405,7 @@ def run_stage(
         items_per_s=round(done_now / seconds, 3) if seconds > 0 else 0.0,
         bytes_per_s=round(bytes_written / seconds, 1) if seconds > 0 else 0.0,
         busy_seconds=round(sum(r.seconds for r in results if r.ok), 3),
+        item_seconds_median=round(statistics.median([r.seconds for r in results if r.ok] or [0.0]), 4),
         nodes=_count_by_node(results),
         retried=retried,
     )
