@@ -1,7 +1,7 @@
 """A two-node Ray cluster on this machine's loopback interface, for the multi-node tests.
 
-``python -m tests.ray_cluster DIR`` starts a head node (1 CPU, resource ``head``) and a second
-node (1 CPU, resource ``second``) with Ray's own test harness (``ray.cluster_utils.Cluster``:
+``python -m tests.ray_cluster DIR [--head-only]`` starts a head node (1 CPU, resource ``head``)
+and a second node (1 CPU, resource ``second``; not with ``--head-only``) with Ray's own test harness (``ray.cluster_utils.Cluster``:
 separate GCS, raylets and object stores, as two machines would have), both bound to 127.0.0.1 and
 with token authentication (the token in ``DIR/token``). It prints one JSON line (the GCS address,
 each node's id and raylet pid, the token file) and keeps the cluster up until stdin closes.
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 
-def main(work: str) -> None:
+def main(work: str, second_node: bool = True) -> None:
     work_dir = Path(work)
     token = work_dir / "token"
     token.write_text(secrets.token_hex(32))
@@ -33,15 +33,17 @@ def main(work: str) -> None:
     health = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1},
                                                             "_system_config": health, **common})
-    second = cluster.add_node(num_cpus=1, resources={"second": 1}, **common)
+    members = [("head", cluster.head_node)]
+    if second_node:
+        members.append(("second", cluster.add_node(num_cpus=1, resources={"second": 1}, **common)))
     cluster.wait_for_nodes()
     nodes = {name: {"node_id": node.node_id,
                     "raylet_pid": node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid}
-             for name, node in (("head", cluster.head_node), ("second", second))}
+             for name, node in members}
     print(json.dumps({"address": cluster.address, "nodes": nodes, "token_path": str(token)}), flush=True)
     sys.stdin.read()  # until the test closes our stdin
     cluster.shutdown()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], second_node="--head-only" not in sys.argv[2:])
