@@ -83,9 +83,14 @@ def test_stages_and_training_on_object_storage(s3, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(MINI))
     root = f"s3://{BUCKET}/run"
+    # an empty working directory: a URI mistaken for a local path ("s3:/...") would land, and be
+    # found again, there
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
     done = subprocess.run([sys.executable, "-c", PIPELINE, str(params), root, str(tmp_path / "train")],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
+    assert not any(cwd.iterdir()), sorted(str(p) for p in cwd.rglob("*"))[:5]
     assert "steps 2" in done.stdout
     # everything the stages wrote is in the bucket, nothing on local disk but training's own files
     for manifest in ("raw/synthetic/synth.parquet", "frames/frames.parquet", "tracking/tracking.parquet",

@@ -256,12 +256,11 @@ def face_model_paths(face_model_dir: str) -> tuple[str, str]:
 
 def write_face_model(face_model_dir: str, seed: int) -> tuple[str, str]:
     """Write the studio head (FLAME layout) once; every worker then loads it like a user's FLAME."""
-    from pathlib import Path
-
+    from avat3r_core import storage
     from avat3r_core.synthetic.head import write_head_model
 
     model_path, embedding_path = face_model_paths(face_model_dir)
-    if not (Path(model_path).exists() and Path(embedding_path).exists()):
+    if not (storage.exists(model_path) and storage.exists(embedding_path)):
         write_head_model(face_model_dir, seed=seed)
     return model_path, embedding_path
 
