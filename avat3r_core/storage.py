@@ -42,6 +42,12 @@ def as_path(uri: str | Path):
     return Path(text.removeprefix("file://"))
 
 
+def absolute(uri: str | Path):
+    """:func:`as_path`, made absolute when local (a URI is absolute already)."""
+    path = as_path(uri)
+    return path.resolve() if isinstance(path, Path) and "://" not in str(uri) else path
+
+
 def join(base: str | Path, *parts: str) -> str:
     base = str(base).rstrip("/")
     return "/".join([base, *[p.strip("/") for p in parts if p]])

@@ -1,7 +1,8 @@
 """Stages on S3-compatible object storage for real: s3fs against moto's S3 server, started here on
 127.0.0.1, endpoint and credentials through the standard variables only. A capture on s3:// is
 synthesised, extracted, tracked, given priors and packed there (outputs checked against the same
-extract from a local copy), training streams the shards from s3://, and a run killed mid-way on
+extract from a local copy), training streams the shards from s3://, reconstruction writes the
+held-out subject's avatar there, and a run killed mid-way on
 a store without rename leaves no partial object and resumes with every item exactly once."""
 
 from __future__ import annotations
@@ -75,6 +76,16 @@ PIPELINE = textwrap.dedent("""
     config, data = train_stage_configs(yaml.safe_load(open(params))["train"])
     metrics = train_on_shards(config, data, root + "/shards", train_out, executor="local")
     print("steps", metrics["steps"])
+    # avatars of the held-out subject, written to the bucket, with the (local) trained checkpoint
+    from avat3r_core.config import build
+    from avat3r_core.library import write_capture_library
+    from stages.reconstruct import ReconstructConfig, run_reconstruct, with_data_defaults
+    layout = DataLayout(root)
+    values = with_data_defaults({"turntable_frames": 2}, layout.face_model, layout.priors)
+    library = write_capture_library(layout.frames_manifest, layout.shards, "test", layout.avatars + "/library.parquet")
+    summary = run_reconstruct(build(ReconstructConfig, values, preset="tiny"), library, train_out + "/checkpoint",
+                              layout.avatars, executor="local")
+    print("avatars", summary.items_done)
 """)
 
 
@@ -91,12 +102,16 @@ def test_stages_and_training_on_object_storage(s3, tmp_path):
                           capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert not any(cwd.iterdir()), sorted(str(p) for p in cwd.rglob("*"))[:5]
-    assert "steps 2" in done.stdout
+    assert "steps 2" in done.stdout and "avatars 1" in done.stdout, done.stdout
     # everything the stages wrote is in the bucket, nothing on local disk but training's own files
     for manifest in ("raw/synthetic/synth.parquet", "frames/frames.parquet", "tracking/tracking.parquet",
                      "priors/priors.parquet", "shards/index.parquet"):
         assert storage.read_parquet(f"{root}/{manifest}").num_rows > 0, manifest
     assert not fs.glob(f"{BUCKET}/**/.tmp-*")
+    avatars = storage.read_parquet(f"{root}/avatars/index.parquet").to_pylist()
+    assert [a["status"] for a in avatars] == ["ok"], avatars
+    built = {Path(p).name for p in fs.ls(f"{BUCKET}/run/avatars/{avatars[0]['id']}")}
+    assert {"meta.json"} <= built and any(name.endswith(".ply") for name in built), built
     from avat3r_core.dataset.pack import verify_shards
 
     report = verify_shards(f"{root}/shards")
