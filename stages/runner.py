@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import json
 import hashlib
-import statistics
 import logging
+import statistics
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -130,8 +131,6 @@ class ItemResult:
 
 def _node_id() -> str:
     """The Ray node this process runs on, or ``local`` outside Ray."""
-    import sys
-
     ray = sys.modules.get("ray")  # imported by every Ray worker; never imported here for the local executor
     return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else "local"
 
