@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from avat3r_core import storage
 from avat3r_core.errors import FormatError, check_finite
 from avat3r_core.formats.parsing import read_json
 
@@ -662,7 +663,7 @@ def read_nersemble_calibration(
     When both are omitted the documented full size 3208x2200 is used, oriented (landscape or
     portrait) so that the principal point lies nearest the image centre.
     """
-    path = Path(path)
+    path = storage.as_path(path)  # a local path or a URI
     data = read_json(path)
     if not isinstance(data, dict):
         raise FormatError(path, None, f"expected a JSON object, got {type(data).__name__}")
@@ -711,7 +712,7 @@ def write_nersemble_calibration(path: str | Path, serials: Sequence[str], cams: 
     The format shares one intrinsics matrix: raises FormatError (field ``intrinsics``) if the
     cameras' K differ (beyond 1e-6 relative).
     """
-    path = Path(path)
+    path = storage.as_path(path)  # a local path or a URI
     serials = [str(s) for s in serials]
     if len(serials) != len(cams):
         raise ValueError(f"{len(serials)} serials for {len(cams)} cameras")
@@ -754,7 +755,7 @@ def read_transforms_json(
     one image size; without ``w``/``h`` (frame or top level) it is read from each frame's image. Nonzero distortion coefficients and non-pinhole camera models are rejected
     (we do not undistort).
     """
-    path = Path(path)
+    path = storage.as_path(path)  # a local path or a URI
     data = read_json(path)
     if not isinstance(data, dict):
         raise FormatError(path, None, f"expected a JSON object, got {type(data).__name__}")
@@ -834,7 +835,7 @@ def write_transforms_json(path: str | Path, file_paths: Sequence[str], cams: Cam
     Intrinsics go at top level when all cameras share them, otherwise per frame. Raises
     FormatError (field ``K``) for a skewed K, which the format cannot hold.
     """
-    path = Path(path)
+    path = storage.as_path(path)  # a local path or a URI
     file_paths = [str(p) for p in file_paths]
     if len(file_paths) != len(cams):
         raise ValueError(f"{len(file_paths)} file paths for {len(cams)} cameras")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from avat3r_core import storage
 from avat3r_core.errors import FormatError
 from avat3r_core.formats.parsing import read_json
 
@@ -58,7 +59,7 @@ def apply_ccm(image_srgb: np.ndarray, ccm: np.ndarray) -> np.ndarray:
 
 def read_color_calibration(path: str | Path) -> dict[str, np.ndarray]:
     """``{serial: CCM (3, terms)}`` from a NeRSemble ``color_calibration.json``."""
-    path = Path(path)
+    path = storage.as_path(path)  # a local path or a URI
     try:
         data = read_json(path)
     except OSError as exc:

@@ -41,6 +41,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
+from avat3r_core import storage
 from avat3r_core.errors import FormatError
 
 __all__ = [
@@ -355,7 +356,7 @@ def model_from_dict(data: Any, path: str | Path | None = None, n_shape_total: in
 
 def load_flame_model(path: str | Path, n_shape_total: int = 300) -> FlameModel:
     """Read an official FLAME pickle (or one written by :func:`write_flame_model`) safely."""
-    path = Path(path)
+    path = storage.as_path(path)  # a local path or a URI
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -387,13 +388,10 @@ def write_flame_model(path: str | Path, model: dict | FlameModel) -> Path:
             out[key] = arr.astype(np.float64) if arr.dtype.kind == "f" else arr
         else:
             out[key] = value
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        pickle.dump(out, fh, protocol=2)
-    tmp.replace(path)
-    return path
+    buffer = io.BytesIO()
+    pickle.dump(out, buffer, protocol=2)
+    storage.atomic_write_bytes(str(path), buffer.getvalue())  # local file or object store
+    return storage.as_path(path)
 
 
 # --------------------------------------------------------------------------- landmark embeddings
@@ -466,7 +464,7 @@ def load_landmark_embedding(path: str | Path) -> LandmarkEmbedding:
 
     Accepts a pickle, an ``.npy`` holding a dict (object array) or an ``.npz``.
     """
-    path = Path(path)
+    path = storage.as_path(path)  # a local path or a URI
     d = _embedding_dict(path)
     for key in ("lmk_face_idx", "lmk_b_coords"):
         if key not in d:
@@ -493,13 +491,13 @@ def write_landmark_embedding(path: str | Path, lmk_face_idx: np.ndarray, lmk_b_c
          "lmk_b_coords": np.asarray(lmk_b_coords, dtype=np.float64), **{k: np.asarray(v) for k, v in extras.items()}}
     if landmark_indices is not None:
         d["landmark_indices"] = np.asarray(landmark_indices, dtype=np.int64)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = storage.as_path(path)
+    buffer = io.BytesIO()
     if path.suffix == ".npz":
-        np.savez(path, **d)
+        np.savez(buffer, **d)
     else:
-        with open(path, "wb") as fh:
-            pickle.dump(d, fh, protocol=2)
+        pickle.dump(d, buffer, protocol=2)
+    storage.atomic_write_bytes(str(path), buffer.getvalue())  # local file or object store
     return path
 
 

@@ -231,7 +231,7 @@ def _read_rows(path: Path) -> list[dict]:
 def read_library(path: str | Path) -> list[LibraryEntry]:
     """Read and validate a library manifest (see the module docstring); raises FormatError naming
     the file, the row and the field."""
-    path = Path(path).resolve()
+    path = storage.absolute(path)  # a local path or a URI
     base = path.parent
     entries: list[LibraryEntry] = []
     seen: dict[str, int] = {}
@@ -298,7 +298,7 @@ def write_library(rows: Sequence[dict | LibraryEntry], path: str | Path) -> str:
     """Write a library manifest (format by extension: .csv, .yaml/.yml or .parquet)."""
     import pyarrow as pa
 
-    path = Path(path)
+    path = storage.as_path(path)
     plain = []
     for r in rows:
         d = asdict(r) if isinstance(r, LibraryEntry) else dict(r)
@@ -342,13 +342,13 @@ def write_capture_library(frames_manifest: str, splits: str, split: str = "test"
     if split not in table:
         raise FormatError(spath, split, f"no such split; known: {sorted(table)}")
     wanted = set(table[split])
-    frames_manifest = str(Path(frames_manifest).resolve())
+    frames_manifest = str(storage.absolute(frames_manifest))
     frames = storage.read_parquet(frames_manifest).select(["subject", "sequence"]).to_pylist()
     sequences: dict[str, set[str]] = {}
     for r in frames:
         if r["subject"] in wanted:
             sequences.setdefault(r["subject"], set()).add(r["sequence"])
-    tracking = Path(frames_manifest).parent.parent / "tracking" / "tracking.parquet"
+    tracking = storage.as_path(frames_manifest).parent.parent / "tracking" / "tracking.parquet"
     tracked: dict[str, set[str]] = {}
     if tracking.exists():
         for r in storage.read_parquet(str(tracking)).select(["subject", "sequence"]).to_pylist():
@@ -917,9 +917,9 @@ class Preparer:
         import cv2
 
         frames_manifest = entry.source
-        frames_dir = str(Path(frames_manifest).parent)
-        priors_manifest = entry.priors or str(Path(frames_dir).parent / "priors" / "priors.parquet")
-        tracking_manifest = entry.tracking or str(Path(frames_dir).parent / "tracking" / "tracking.parquet")
+        frames_dir = str(storage.as_path(frames_manifest).parent)
+        priors_manifest = entry.priors or str(storage.as_path(frames_dir).parent / "priors" / "priors.parquet")
+        tracking_manifest = entry.tracking or str(storage.as_path(frames_dir).parent / "tracking" / "tracking.parquet")
         for p, what in ((frames_manifest, "frames manifest"), (priors_manifest, "priors manifest")):
             if not storage.exists(p):
                 raise AvatarInputError(p, f"{what} not found")
@@ -950,7 +950,7 @@ class Preparer:
         centers = -np.einsum("nji,nj->ni", w2c[:, :3, :3], w2c[:, :3, 3])
         picks = farthest_views(centers, self.config.num_views, groups=np.array([int(r["frame"]) for r in rows]))
         chosen = [rows[i] for i in picks]
-        priors_dir = str(Path(priors_manifest).parent)
+        priors_dir = str(storage.as_path(priors_manifest).parent)
         S = self.image_size
         images, cams, pos, conf, feats, views = [], [], [], [], [], []
         for i, r in zip(picks, chosen):

@@ -1,9 +1,15 @@
 """One filesystem layer for local paths and remote URIs (``s3://``, ``gs://``, ``memory://`` ...).
 
 Everything that writes a manifest or a media file goes through here, so a run works unchanged
-against object storage once data outgrows a disk. Writes are atomic: write to a temporary name
-in the same directory, then rename; a killed writer leaves at worst a ``.tmp-*`` file that no
-reader looks at.
+against object storage once data outgrows a disk. Writes are atomic: locally, write to a
+temporary name in the same directory, then rename (a killed writer leaves at worst a ``.tmp-*``
+file that no reader looks at); on an object store, one upload under the final key (see
+:func:`atomic_write_bytes`).
+
+Object storage: ``s3://bucket/prefix`` through s3fs. Endpoint and credentials come from the
+standard variables: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (or a profile,
+``AWS_PROFILE``), ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) for an S3-compatible server,
+and fsspec's ``FSSPEC_S3_<ARGUMENT>`` for any s3fs argument (``FSSPEC_S3_ENDPOINT_URL`` ...).
 """
 
 from __future__ import annotations
@@ -37,6 +43,24 @@ def url_to_fs(uri: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def as_path(uri: str | Path):
+    """A pathlib-style handle on ``uri``: a :class:`~pathlib.Path` for a local path, a ``UPath``
+    (universal_pathlib: the same API over fsspec, ``str()`` keeps the ``s3://``) for a URI, so
+    code that walks a directory tree (capture layouts) walks a bucket the same way."""
+    text = str(uri)
+    if "://" in text and not text.startswith("file://"):
+        from upath import UPath
+
+        return UPath(text)
+    return Path(text.removeprefix("file://"))
+
+
+def absolute(uri: str | Path):
+    """:func:`as_path`, made absolute when local (a URI is absolute already)."""
+    path = as_path(uri)
+    return path.resolve() if isinstance(path, Path) and "://" not in str(uri) else path
+
+
 def join(base: str | Path, *parts: str) -> str:
     base = str(base).rstrip("/")
     return "/".join([base, *[p.strip("/") for p in parts if p]])
@@ -53,11 +77,21 @@ def makedirs(uri: str | Path) -> None:
 
 
 def atomic_write_bytes(uri: str | Path, data: bytes) -> int:
-    """Write ``data`` to ``uri`` atomically (temp file + rename); returns the byte count."""
+    """Write ``data`` to ``uri`` atomically; returns the byte count.
+
+    A local file: temp file in the same directory, then rename. An object store (``s3://`` ...)
+    has no rename (s3fs's ``mv`` is copy + delete), but an object appears only when its upload
+    completes, whole, under its final key: so the object is written once, under its own name, and
+    a killed writer leaves nothing (an unfinished upload is never listed). The runner's commit
+    protocol (media first, then the item's fragment as the completion marker) holds on both.
+    """
     fs, path = url_to_fs(uri)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
         fs.makedirs(parent, exist_ok=True)
+    if not _is_local(fs):
+        fs.pipe_file(path, data)
+        return len(data)
     name = path.rsplit("/", 1)[-1]
     tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}" if parent else f".tmp-{uuid.uuid4().hex}-{name}"
     try:
@@ -77,6 +111,12 @@ def atomic_write_bytes(uri: str | Path, data: bytes) -> int:
 def is_disk_full(exc: BaseException) -> bool:
     """``exc`` is the filesystem saying it has no room (no space, or over quota)."""
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
 
 
 def sha256(uri: str | Path) -> str:
@@ -110,6 +150,9 @@ def read_parquet(uri: str | Path) -> pa.Table:
 def list_files(uri: str | Path, suffix: str = "") -> list[str]:
     """Full URIs/paths of the files directly under ``uri`` ending in ``suffix`` (skips temp files)."""
     fs, path = url_to_fs(uri)
+    # an object store's listing is cached per process (s3fs): what other processes committed since
+    # (workers, an earlier run) must be seen
+    fs.invalidate_cache(path)
     if not fs.exists(path):
         return []
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
@@ -132,10 +175,8 @@ def remove(uri: str | Path) -> None:
 def local_path(uri: str | Path) -> str | None:
     """The operating-system path of ``uri`` when it is on the local filesystem, else None (for
     readers that let a library open local files themselves, reading only what they need)."""
-    from fsspec.implementations.local import LocalFileSystem
-
     fs, path = url_to_fs(uri)
-    return path if isinstance(fs, LocalFileSystem) else None
+    return path if _is_local(fs) else None
 
 
 def local_files_named_in(value) -> list[str]:

@@ -38,7 +38,8 @@ stage_app = typer.Typer(help="Run one stage; inspect its failures and throughput
 app.add_typer(stage_app, name="stage")
 console = Console()
 
-RayAddress = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (e.g. auto, ray://head:10001). Default: start Ray locally.")
+RayAddress = typer.Option(None, "--ray-address", help="Join an existing Ray cluster: HOST:PORT (127.0.0.1:PORT for one bound to loopback), auto, "
+                          "or ray://head:10001. Default: start Ray locally, listening on 127.0.0.1 only.")
 Executor = typer.Option("ray", "--executor", envvar="AVAT3R_EXECUTOR",
                         help="ray (fan out on Ray) or local (inline, for debugging).")
 ParamsPath = typer.Option("params.yaml", "--params", help="The params file DVC tracks.")
@@ -49,6 +50,7 @@ def _run(fn, *args, **kwargs):
     """Map the project's errors to exit codes with a one-line message naming what failed."""
     from avat3r_core.errors import FormatError
     from avat3r_core.storage import OutputLocked
+    from stages.ray_runtime import RayConnectError
     from stages.runner import DiskFull, ErrorBudgetExceeded
 
     try:
@@ -68,6 +70,9 @@ def _run(fn, *args, **kwargs):
     except ErrorBudgetExceeded as exc:
         console.print(f"[bold red]error budget exceeded:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_ERROR_BUDGET) from exc
+    except RayConnectError as exc:  # nothing answers --ray-address: name it, no traceback
+        console.print(f"[bold red]ray:[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_FAILURE) from exc
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -112,7 +117,7 @@ def synth(
     gt = ground_truth or root / "ground_truth" / out.name
     model_dir = face_model or root / "models" / "studio_head"
     if executor == "ray":
-        ensure_ray(ray_address)
+        _run(ensure_ray, ray_address)
     summary = _run(run_synth, config, str(out), str(gt), str(model_dir), executor=executor)
     _print_summaries([summary.to_dict()])
     console.print(f"capture: {out}\nground truth: {gt}\nface model: {model_dir}")
@@ -241,8 +246,9 @@ def _metadata_table(name: str, path: str, subjects: list[str]) -> tuple[str, Tab
 
 @app.command()
 def extract(
-    capture: Path = typer.Option(Path("data/raw/synthetic"), "--capture", help="Capture root (NeRSemble layout or transforms.json folders)."),
-    out: Path = typer.Option(Path("data/frames"), "--out", help="Output directory (frames.parquet + images/ + alpha/)."),
+    # str, not Path: a URI (s3://bucket/...) must keep its "//"
+    capture: str = typer.Option("data/raw/synthetic", "--capture", help="Capture root (NeRSemble layout or transforms.json folders); a local path or a URI (s3://...)."),
+    out: str = typer.Option("data/frames", "--out", help="Output directory (frames.parquet + images/ + alpha/); a local path or a URI."),
     preset: str = typer.Option("demo", "--preset", help="tiny, demo or paper (512 px crops)."),
     resolution: Optional[int] = typer.Option(None, "--resolution", min=16, help="Square crop size in pixels."),
     frame_step: Optional[int] = typer.Option(None, "--frame-step", min=1, help="Every k-th frame."),
@@ -264,7 +270,7 @@ def extract(
         values["color_correction"] = False
     config = _run(build, ExtractConfig, values, preset=preset, source="command line")
     if executor == "ray":
-        ensure_ray(ray_address)
+        _run(ensure_ray, ray_address)
     centers, frames = _run(run_extract, config, str(capture), str(out), layout=layout, executor=executor)
     _print_summaries([centers.to_dict(), frames.to_dict()])
 
@@ -296,6 +302,62 @@ def shards_stats(shards_dir: Path = typer.Argument(Path("data/shards"), help="Di
     from avat3r_core.dataset.pack import shard_stats
 
     console.print_json(json.dumps(_run(shard_stats, str(shards_dir)), default=str))
+
+
+# --------------------------------------------------------------------------- capacity
+@app.command()
+def plan(
+    dataset: str = typer.Option("nersemble_v2", "--dataset", help="nersemble_v2 or ava256 (override any field below)."),
+    participants: Optional[int] = typer.Option(None, "--participants", min=1),
+    sequences: Optional[int] = typer.Option(None, "--sequences", min=1, help="Per participant."),
+    cameras: Optional[int] = typer.Option(None, "--cameras", min=1),
+    frames: Optional[int] = typer.Option(None, "--frames", min=1, help="Source frames per sequence."),
+    frame_step: Optional[int] = typer.Option(None, "--frame-step", min=1),
+    frames_per_sequence: Optional[int] = typer.Option(None, "--frames-per-sequence", min=0),
+    resolution: Optional[int] = typer.Option(None, "--resolution", min=16, help="Crop size of the planned run."),
+    nodes: int = typer.Option(1, "--nodes", min=1, help="Machines (K)."),
+    cpus_per_node: int = typer.Option(2, "--cpus-per-node", min=1),
+    gpus_per_node: int = typer.Option(0, "--gpus-per-node", min=0),
+    params: str = ParamsPath,
+    data_root: str = DataRoot,
+    run_slots: int = typer.Option(1, "--run-slots", min=1, help="Items the measured run had in flight at once "
+                                  "(1 for --executor local; its Ray CPUs otherwise)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+):
+    """CPU-hours, GPU-hours, bytes and wall time per stage for a whole dataset on K nodes, from
+    the per-item costs measured by a run under --data-root (its stats files)."""
+    from dataclasses import replace
+
+    from avat3r_core.capacity import DATASETS, measured_costs
+    from avat3r_core.capacity import plan as make_plan
+    from avat3r_core.config import load_params, section
+    from avat3r_core.extract import ExtractConfig
+    from pipelines.flows import DataLayout, _resources
+
+    if dataset not in DATASETS:
+        console.print(f"[red]unknown dataset {dataset!r}; known: {', '.join(DATASETS)}[/]")
+        raise typer.Exit(EXIT_USAGE)
+    described = replace(DATASETS[dataset], **{k: v for k, v in dict(
+        participants=participants, sequences=sequences, cameras=cameras, frames=frames, frame_step=frame_step,
+        frames_per_sequence=frames_per_sequence, resolution=resolution).items() if v is not None})
+    values = _run(load_params, params)
+    measured_res = _run(section, values, "extract", ExtractConfig, params).resolution
+    resources = {s: vars(_resources(values, s)) for s in ("extract", "track", "priors", "pack")}
+    resources["head_centers"] = resources["extract"]
+    measured = _run(measured_costs, DataLayout(data_root).root, measured_res, resources, run_slots)
+    result = make_plan(measured, described, nodes, cpus_per_node, gpus_per_node)
+    if json_out:
+        console.print_json(json.dumps(result))
+        return
+    table = Table(title=f"{described.name}: {described.views:,} views on {nodes} node(s) x {cpus_per_node} CPUs "
+                        f"(measured: {measured.views} views at {measured_res} px)")
+    for col in ("stage", "CPU-h", "GPU-h", "GB", "wall h"):
+        table.add_column(col)
+    for row in result["stages"] + [{"stage": "total", **result["total"]}]:
+        table.add_row(row["stage"], f"{row['cpu_hours']:.1f}", f"{row['gpu_hours']:.1f}", f"{row['bytes'] / 1e9:.1f}",
+                      f"{row['wall_hours']:.2f}")
+    console.print(table)
+    console.print(f"assumptions: {result['assumptions']}")
 
 
 # --------------------------------------------------------------------------- model
@@ -438,14 +500,22 @@ def _print_summaries(summaries: list[dict]) -> None:
 @stage_app.command("run")
 def stage_run(name: str = typer.Argument(..., help="Stage to run (synth, ...)."), params: str = ParamsPath,
               data_root: str = DataRoot, ray_address: Optional[str] = RayAddress, executor: str = Executor):
-    """Run one stage from params.yaml without Prefect (this is what dvc.yaml calls)."""
+    """Run one stage from params.yaml without Prefect (this is what dvc.yaml calls); outside
+    ``dvc repro``, its outputs are recorded in dvc.lock as dvc repro would."""
     from pipelines.flows import STAGES, DataLayout
 
     if name not in STAGES:
         console.print(f"[red]unknown stage {name!r}; known: {', '.join(STAGES)}[/]")
         raise typer.Exit(EXIT_USAGE)
+    from pipelines.versioning import record_stages
+
     summary = _run(STAGES[name], params, DataLayout(data_root), ray_address, executor)
     _print_summaries([summary])
+    version = record_stages([name], params, data_root)  # dvc.lock, unless dvc repro runs us (it records)
+    if version.recorded:
+        console.print(f"recorded in dvc.lock (sha256 {version.dvc_lock_sha256[:12]}, git {version.git_commit[:12]})")
+    elif version.note:
+        console.print(f"dvc.lock: {escape(version.note)}")
 
 
 @stage_app.command("errors")
@@ -555,7 +625,7 @@ def reconstruct(
         values["dust3r_checkpoint"] = str(dust3r_checkpoint)
     config = _run(build, ReconstructConfig, values, preset=preset, source="command line")
     if executor == "ray":
-        ensure_ray(ray_address)
+        _run(ensure_ray, ray_address)
     summary = _run(run_reconstruct, config, str(inputs), str(checkpoint), str(out.resolve()), executor=executor)
     _print_summaries([summary.to_dict()])
     console.print(f"avatars: {out}\nindex: {summary.manifest}")

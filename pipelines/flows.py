@@ -19,9 +19,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.concurrency.sync import concurrency
 
+from avat3r_core import storage
 from avat3r_core.config import load_params, section
 from pipelines.caching import outputs_present, stage_cache_key
 from pipelines.schedules import TRAINING_LIMIT
+from pipelines.versioning import record_stages
 
 log = logging.getLogger("avat3r.flows")
 
@@ -33,11 +35,13 @@ class DataLayout:
     root: str = "data"
 
     def __post_init__(self) -> None:
-        # absolute, so Ray workers (whose working directory is not ours) find the same files
-        self.root = str(Path(self.root).resolve())
+        # absolute, so Ray workers (whose working directory is not ours) find the same files; a URI
+        # (s3://bucket/prefix) is one already
+        if "://" not in str(self.root):
+            self.root = str(Path(self.root).resolve())
 
     def path(self, *parts: str) -> str:
-        return str(Path(self.root, *parts))
+        return storage.join(self.root, *parts)
 
     @property
     def raw(self) -> str:
@@ -57,11 +61,11 @@ class DataLayout:
 
     @property
     def frames_manifest(self) -> str:
-        return str(Path(self.frames, "frames.parquet"))
+        return storage.join(self.frames, "frames.parquet")
 
     @property
     def raw_manifest(self) -> str:
-        return str(Path(self.raw, "synth.parquet"))
+        return storage.join(self.raw, "synth.parquet")
 
     @property
     def tracking(self) -> str:
@@ -69,7 +73,7 @@ class DataLayout:
 
     @property
     def tracking_manifest(self) -> str:
-        return str(Path(self.tracking, "tracking.parquet"))
+        return storage.join(self.tracking, "tracking.parquet")
 
     @property
     def priors(self) -> str:
@@ -81,15 +85,15 @@ class DataLayout:
 
     @property
     def priors_manifest(self) -> str:
-        return str(Path(self.priors, "priors.parquet"))
+        return storage.join(self.priors, "priors.parquet")
 
     @property
     def shards_index(self) -> str:
-        return str(Path(self.shards, "index.parquet"))
+        return storage.join(self.shards, "index.parquet")
 
     @property
     def train_metrics(self) -> str:
-        return str(Path(self.train, "metrics.json"))
+        return storage.join(self.train, "metrics.json")
 
     @property
     def evaluation(self) -> str:
@@ -97,7 +101,7 @@ class DataLayout:
 
     @property
     def evaluation_metrics(self) -> str:
-        return str(Path(self.evaluation, "metrics.json"))
+        return storage.join(self.evaluation, "metrics.json")
 
     @property
     def avatars(self) -> str:
@@ -105,7 +109,7 @@ class DataLayout:
 
     @property
     def avatars_index(self) -> str:
-        return str(Path(self.avatars, "index.parquet"))
+        return storage.join(self.avatars, "index.parquet")
 
     @property
     def gallery(self) -> str:
@@ -193,11 +197,11 @@ def run_priors_stage(params_path: str, layout: DataLayout, ray_address: str | No
 
     params = load_params(params_path)
     values = dict(params.get("priors") or {})
-    if values.get("position_source", "auto") in ("auto", "ground_truth") and Path(layout.ground_truth).exists():
+    if values.get("position_source", "auto") in ("auto", "ground_truth") and storage.exists(layout.ground_truth):
         values.setdefault("ground_truth_root", layout.ground_truth)
     config = build(PriorsConfig, values, source=f"{params_path}:priors")
     _start_ray(executor, ray_address)
-    tracking = layout.tracking_manifest if Path(layout.tracking_manifest).exists() else None
+    tracking = layout.tracking_manifest if storage.exists(layout.tracking_manifest) else None
     summary = run_priors(config, layout.frames_manifest, layout.priors, resources=_resources(params, "priors"),
                          executor=executor, tracking_manifest=tracking, face_model_paths=face_model_paths(layout.face_model))
     return summary.to_dict()
@@ -281,7 +285,7 @@ def run_reconstruct_stage(params_path: str, layout: DataLayout, ray_address: str
     config = build(ReconstructConfig, values, source=f"{params_path}:reconstruct")
     if library is None:
         library = write_capture_library(layout.frames_manifest, layout.shards, split,
-                                        str(Path(layout.avatars, f"library_{split}.parquet")))
+                                        storage.join(layout.avatars, f"library_{split}.parquet"))
     _start_ray(executor, ray_address)
     summary = run_reconstruct(config, library, layout.checkpoint, layout.avatars,
                               resources=_resources(params, "reconstruct"), executor=executor)
@@ -404,6 +408,15 @@ def _publish_stage_table(summaries: list[dict], key: str) -> None:
     create_table_artifact(key=key, table=rows, description="Stage counts, errors and throughput")
 
 
+def _record_version(stages: list[str], params_path: str, layout: DataLayout, key: str) -> dict:
+    """Record what the flow ran in ``dvc.lock`` (:mod:`pipelines.versioning`) and publish the
+    version the run belongs to: git commit and ``dvc.lock`` digest."""
+    version = record_stages(stages, params_path, layout.root).to_dict()
+    rows = [{"field": k, "value": ", ".join(v) if isinstance(v, list) else str(v)} for k, v in version.items()]
+    create_table_artifact(key=key, table=rows, description="The git commit and dvc.lock digest this run belongs to")
+    return version
+
+
 @flow(name="preprocess", log_prints=True)
 def preprocess_flow(params_path: str = "params.yaml", data_root: str = "data", ray_address: str | None = None,
                     executor: str = "ray") -> list[dict]:
@@ -411,6 +424,7 @@ def preprocess_flow(params_path: str = "params.yaml", data_root: str = "data", r
     layout = DataLayout(data_root)
     summaries = [run_stage_cached(name, params_path, layout, ray_address, executor) for name in PREPROCESS]
     _publish_stage_table(summaries, "preprocess-stages")
+    _record_version(list(PREPROCESS), params_path, layout, "preprocess-version")
     return summaries
 
 
@@ -423,6 +437,7 @@ def train_flow(params_path: str = "params.yaml", data_root: str = "data", ray_ad
     summary = run_stage_cached("train", params_path, layout, ray_address, executor)
     _publish_stage_table([summary], "train-stage")
     _publish_training(layout)
+    _record_version(["train"], params_path, layout, "train-version")
     return summary
 
 
@@ -497,6 +512,7 @@ def reconstruct_flow(params_path: str = "params.yaml", data_root: str = "data", 
     layout = DataLayout(data_root)
     summaries = [run_stage_cached(name, params_path, layout, ray_address, executor) for name in RECONSTRUCT]
     _publish_stage_table(summaries, "reconstruct-stages")
+    _record_version(list(RECONSTRUCT), params_path, layout, "reconstruct-version")
     _publish_avatars(layout)
     _publish_gallery(layout)
     _publish_evaluation(layout)

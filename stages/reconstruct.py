@@ -131,12 +131,14 @@ def with_data_defaults(values: dict, face_model_dir: str | Path, priors_dir: str
     its landmark embedding) the tracking used, and the priors' ``feature_projection.npz`` (pictures
     must get the same feature channels the model was trained on)."""
     out = dict(values)
-    model, embedding = Path(face_model_dir) / "head_model.pkl", Path(face_model_dir) / "head_landmark_embedding.pkl"
+    # local paths (made absolute) or URIs
+    face_model_dir, priors_dir = storage.absolute(face_model_dir), storage.absolute(priors_dir)
+    model, embedding = face_model_dir / "head_model.pkl", face_model_dir / "head_landmark_embedding.pkl"
     if not out.get("face_model") and model.exists():
-        out["face_model"], out["landmark_embedding"] = str(model.resolve()), str(embedding.resolve())
-    projection = Path(priors_dir) / "feature_projection.npz"
+        out["face_model"], out["landmark_embedding"] = str(model), str(embedding)
+    projection = priors_dir / "feature_projection.npz"
     if not out.get("feature_projection") and projection.exists():
-        out["feature_projection"] = str(projection.resolve())
+        out["feature_projection"] = str(projection)
     return out
 
 

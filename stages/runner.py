@@ -14,6 +14,9 @@ A stage is a class with ``setup()`` (once per actor: load models) and ``process(
   every local file it names). A committed item whose key no longer matches (a new stage version,
   other settings, changed input) is redone, not skipped; so a stage's items should carry what
   they depend on (e.g. a digest of the manifest rows they read);
+* on Ray, an item whose worker was lost with a node that left the cluster is run again on the
+  nodes still there (at most :data:`NODE_LOSS_RETRIES` times; a worker dying on a live node is the
+  item's own failure and is not retried); the stats name each retry and the node each item ran on;
 * a failing item is written to ``_errors/<id>.json`` (id, stage, message, traceback) and the run
   goes on until the error budget is exceeded; then it drains in-flight items (their work is kept),
   writes the manifests and raises :class:`ErrorBudgetExceeded`;
@@ -27,6 +30,8 @@ import json
 import hashlib
 import logging
 import os
+import statistics
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -49,6 +54,8 @@ ITEM_KEY = b"avat3r.item_key"
 ITEM_FILES = b"avat3r.item_files"
 #: where the driver hands an item's key to the worker that commits it
 _KEY_FIELD = "__item_key__"
+#: how often one item is run again after losing its node (see :func:`_run_on_ray`)
+NODE_LOSS_RETRIES = 2
 
 
 class StageError(RuntimeError):
@@ -133,6 +140,13 @@ class ItemResult:
     seconds: float = 0.0
     message: str = ""
     disk_full: bool = False  # the item stopped on a full disk: the run stops too
+    node: str = "local"  # the Ray node id it ran on ("local": the inline executor)
+
+
+def _node_id() -> str:
+    """The Ray node this process runs on, or ``local`` outside Ray."""
+    ray = sys.modules.get("ray")  # imported by every Ray worker; never imported here for the local executor
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else "local"
 
 
 @dataclass
@@ -153,6 +167,15 @@ class StageSummary:
     items_per_s: float
     bytes_per_s: float
     extra: dict = field(default_factory=dict)
+    #: seconds items of this run spent in their stage (summed over items: the per-item cost)
+    busy_seconds: float = 0.0
+    #: the median of those per-item seconds: the steady cost of an item, without the one-off
+    #: warm-up (imports, JIT compilation) the first items on a fresh worker pay
+    item_seconds_median: float = 0.0
+    #: node id → items of this run done there
+    nodes: dict = field(default_factory=dict)
+    #: items run again after their node left the cluster: id, the error, the attempt
+    retried: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -212,7 +235,7 @@ def _execute_item(stage: Stage, item: dict, out_dir: str) -> ItemResult:
         for row in rows:
             row.setdefault("item_id", item_id)
         commit_fragment(out_dir, item_id, rows, key, ctx.files)
-        return ItemResult(item_id, True, len(rows), ctx.bytes_written, time.perf_counter() - start)
+        return ItemResult(item_id, True, len(rows), ctx.bytes_written, time.perf_counter() - start, node=_node_id())
     except Exception as exc:  # a bad item must not stop the others
         message = f"{type(exc).__name__}: {exc}"
         if storage.is_disk_full(exc):
@@ -245,7 +268,7 @@ def _fail_item(out_dir: str, stage_name: str, item: dict, message: str, tracebac
     runner's key) and return its result."""
     commit_error(out_dir, stage_name, item["id"], message, traceback_text,
                  json.dumps({k: v for k, v in item.items() if k != _KEY_FIELD}, default=str))
-    return ItemResult(item["id"], False, 0, bytes_written, seconds, message, disk_full)
+    return ItemResult(item["id"], False, 0, bytes_written, seconds, message, disk_full, node=_node_id())
 
 
 class _LocalWorker:
@@ -388,6 +411,7 @@ def run_stage(
 
         start = time.perf_counter()
         results: list[ItemResult] = []
+        retried: list[dict] = []
         budget_hit: StageError | None = None
 
         def over_budget() -> StageError | None:
@@ -421,7 +445,7 @@ def run_stage(
                         break
             elif todo and executor == "ray":
                 budget_hit = _run_on_ray(factory, stage_name, todo, out_dir, resources, results, over_budget, progress, task,
-                                         as_tasks=probe.cheap_setup)
+                                         as_tasks=probe.cheap_setup, retried=retried)
             elif todo:
                 raise StageError(f"unknown executor {executor!r} (use 'ray' or 'local')")
         finally:
@@ -454,6 +478,10 @@ def run_stage(
             seconds=round(seconds, 3),
             items_per_s=round(done_now / seconds, 3) if seconds > 0 else 0.0,
             bytes_per_s=round(bytes_written / seconds, 1) if seconds > 0 else 0.0,
+            busy_seconds=round(sum(r.seconds for r in results if r.ok), 3),
+            item_seconds_median=round(statistics.median([r.seconds for r in results if r.ok] or [0.0]), 4),
+            nodes=_count_by_node(results),
+            retried=retried,
         )
         storage.atomic_write_bytes(
             storage.join(out_dir, f"{manifest_name}.stats.json"), json.dumps(summary.to_dict(), indent=2).encode()
@@ -479,6 +507,14 @@ def disk_full_error(stage_name: str, out_dir: str, manifest: str | None, results
     return DiskFull(f"stage {stage_name}: disk full writing {out_dir} ({first}); stopped: {kept} "
                     f"({sum(r.ok for r in results)} finished in this run); the partial files of {len(lost)} unfinished "
                     f"item(s) were removed; free space and rerun to do the other {n_items - committed} of {n_items}")
+
+
+def _count_by_node(results: list[ItemResult]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in results:
+        if r.ok:
+            counts[r.node] = counts.get(r.node, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 _STAGE_ACTOR: Any = None
@@ -533,11 +569,37 @@ def _pool_size(resources: StageResources, cluster: dict[str, float]) -> int:
     return n_slots
 
 
+def _alive_nodes() -> set[str]:
+    import ray
+
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+
+def _lost_node(exc: Exception, nodes_at_start: set[str]) -> str | None:
+    """The node whose loss killed this item's worker, or None when its node is still there (the
+    worker itself died: the item's own failure). Ray says so for a task (``NodeDiedError``, naming
+    the node) and for an actor (its death cause); the cluster's node table is the fallback."""
+    import re
+
+    import ray
+
+    text = str(exc)
+    if isinstance(exc, ray.exceptions.NodeDiedError) or "node has died" in text or "node it was running on is dead" in text:
+        named = re.search(r"node ID: ([0-9a-f]{16,})", text)
+        return named.group(1) if named else "unknown"
+    lost = nodes_at_start - _alive_nodes()
+    return sorted(lost)[0] if lost else None
+
+
 def _run_on_ray(factory, stage_name, todo, out_dir, resources, results, over_budget, progress, task,
-                as_tasks: bool = False) -> str | None:
+                as_tasks: bool = False, retried: list | None = None) -> "StageError | None":
     """Items on Ray, one in flight per slot: a slot is an actor hosting the stage, or with
     ``as_tasks`` a share of the cluster for one task at a time (the in-flight count is what
-    bounds a task stage's concurrency, so it stays one per slot)."""
+    bounds a task stage's concurrency, so it stays one per slot).
+
+    An item whose worker died with its node (:func:`_lost_node`) is queued again (appended to ``retried``), up to :data:`NODE_LOSS_RETRIES` times: the item did
+    nothing wrong, and its fragment is committed atomically under its id, so a run that had
+    committed it before the node went is overwritten by the same rows, never doubled."""
     import ray
 
     from stages.ray_runtime import ensure_ray
@@ -569,6 +631,9 @@ def _run_on_ray(factory, stage_name, todo, out_dir, resources, results, over_bud
     queue = list(reversed(todo))
     in_flight: dict[Any, Any] = {}
     budget_hit = None
+    nodes_at_start = _alive_nodes()
+    attempts: dict[str, int] = {}
+    retried = retried if retried is not None else []
 
     def submit(slot) -> None:
         item = queue.pop()
@@ -584,9 +649,21 @@ def _run_on_ray(factory, stage_name, todo, out_dir, resources, results, over_bud
             slot, item = in_flight.pop(ref)
             try:
                 result = ray.get(ref)
-            except ray.exceptions.RayError as exc:  # the worker itself died (OOM, segfault...)
-                result = _record_worker_death(stage_name, item, out_dir, exc)
+            except ray.exceptions.RayError as exc:  # the worker itself died (OOM, segfault, its node...)
                 slot = replace(slot)
+                lost = _lost_node(exc, nodes_at_start)
+                if lost and attempts.get(item["id"], 0) < NODE_LOSS_RETRIES:
+                    attempts[item["id"]] = attempts.get(item["id"], 0) + 1
+                    first_line = str(exc).splitlines()[0] if str(exc) else ""
+                    retried.append({"id": item["id"], "attempt": attempts[item["id"]] + 1,
+                                    "error": f"{type(exc).__name__}: {first_line[:300]}", "node_lost": lost})
+                    log.warning("stage %s: item %s lost its worker with node %s; running it again", stage_name,
+                                item["id"], lost)
+                    queue.append(item)
+                    if budget_hit is None:
+                        submit(slot)
+                    continue
+                result = _record_worker_death(stage_name, item, out_dir, exc)
             results.append(result)
             if progress:
                 progress.update(task, advance=1, status=f"errors={sum(not r.ok for r in results)}")

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+from avat3r_core import storage
 from avat3r_core.config import Presets, build
 from avat3r_core.dataset.loader import LoaderConfig, make_loader
 from avat3r_core.training import (
@@ -251,9 +252,16 @@ def train_on_shards(config: TrainConfig, data: TrainDataConfig, shards_dir: str 
     """Train on packed shards: the model is sized from the data (explicit ``config.model`` values
     win), validation runs on ``data.val_split``, and the final checkpoint is copied to
     ``<out_dir>/checkpoint`` (a stable path for reconstruction and DVC)."""
-    shards_dir = Path(shards_dir).resolve()
-    if not (shards_dir / "index.parquet").exists():
-        raise FileNotFoundError(f"no shards index at {shards_dir / 'index.parquet'} (run the pack stage first)")
+    # shards may be streamed from object storage (s3://...); what training writes (checkpoints,
+    # TensorBoard, Ray Train's storage) is local files
+    shards_dir = storage.as_path(shards_dir)
+    if isinstance(shards_dir, Path):
+        shards_dir = shards_dir.resolve()
+    if "://" in str(out_dir):
+        raise ValueError(f"train: the output directory must be local (checkpoints, TensorBoard and Ray Train's "
+                         f"storage are local files), got {out_dir}; the shards may be on object storage")
+    if not storage.exists(storage.join(str(shards_dir), "index.parquet")):
+        raise FileNotFoundError(f"no shards index at {storage.join(str(shards_dir), 'index.parquet')} (run the pack stage first)")
     inferred = {**model_overrides_from_shards(shards_dir), "frame": data.loader.frame}
     config = replace(config, model={**inferred, **config.model})
     log.info("model sized from %s: %s", shards_dir, inferred)

@@ -80,3 +80,56 @@ def test_repro_push_pull_and_experiments(dvc_repo):
     exp = sh("dvc", "exp", "run", "-S", "train.steps=3", cwd=repo, env=env)
     assert "Running stage 'train'" in exp and "Running stage 'extract'" not in exp, exp
     assert json.loads((repo / "data/train/metrics.json").read_text())["steps"] == 3
+
+
+PIPELINE_RUN = ("synth", "extract", "track", "priors", "pack", "train")
+
+
+def test_flow_and_stage_runs_are_recorded_in_the_lock(prefect_harness, tmp_path):
+    """The preprocess flow (Prefect) and `avat3r stage run train` outside `dvc repro`: both end up
+    in dvc.lock, so DVC finds them up to date, a push and a pull on a fresh clone restore them, and
+    the flow's artifact names the git commit and the lock digest."""
+    import hashlib
+
+    from prefect.artifacts import Artifact
+
+    from pipelines.flows import preprocess_flow
+
+    env = {**os.environ, "AVAT3R_EXECUTOR": "local", "PYTHONPATH": str(REPO),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    repo = tmp_path / "repo"
+    sh("git", "clone", "-q", str(REPO), str(repo), cwd=tmp_path, env=env)
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    # a few fit iterations: what is tested is what gets recorded, not the fit
+    fast_track = {**MINI_PARAMS["track"], "fit": {"rigid_iters": 5, "adam_iters": 10, "lbfgs_iters": 2}}
+    (repo / "params.yaml").write_text(yaml.safe_dump({**MINI_PARAMS, "track": fast_track}))
+    (repo / "dvc.lock").unlink(missing_ok=True)
+    sh("git", "add", "-A", cwd=repo, env=env)
+    sh("git", "commit", "-qm", "mini params", "--allow-empty", cwd=repo, env=env)
+    commit = sh("git", "rev-parse", "HEAD", cwd=repo, env=env).strip()
+
+    preprocess_flow(params_path=str(repo / "params.yaml"), data_root=str(repo / "data"), executor="local")
+    artifact = Artifact.get("preprocess-version")
+    fields = {row["field"]: row["value"] for row in json.loads(artifact.data)}
+    assert fields["git_commit"] == commit and fields["recorded"] == "synth, extract, track, priors, pack", fields
+    assert fields["dvc_lock_sha256"] == hashlib.sha256((repo / "dvc.lock").read_bytes()).hexdigest()
+    out = sh(sys.executable, "-m", "pipelines.cli", "stage", "run", "train", "--params", str(repo / "params.yaml"),
+             "--data-root", str(repo / "data"), "--executor", "local", cwd=REPO, env=env)  # (-m: this tree's code)
+    assert "recorded in dvc.lock" in out, out
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert set(PIPELINE_RUN) <= set(lock), sorted(lock)
+    assert "up to date" in sh("dvc", "status", *PIPELINE_RUN, cwd=repo, env=env)
+    assert "Running stage" not in sh("dvc", "repro", "train", cwd=repo, env=env)  # a rerun is a no-op
+
+    # push; a fresh clone pulls the same data and finds it up to date
+    sh("dvc", "remote", "add", "-d", "local", str(tmp_path / "remote"), cwd=repo, env=env)
+    sh("git", "add", "-A", cwd=repo, env=env)
+    sh("git", "commit", "-qm", "the run's version", cwd=repo, env=env)
+    sh("dvc", "push", cwd=repo, env=env)
+    fresh = tmp_path / "fresh"
+    sh("git", "clone", "-q", str(repo), str(fresh), cwd=tmp_path, env=env)
+    sh("dvc", "pull", *PIPELINE_RUN, cwd=fresh, env=env)
+    assert (fresh / "data/shards/index.parquet").read_bytes() == (repo / "data/shards/index.parquet").read_bytes()
+    assert (fresh / "data/train/checkpoint/checkpoint.pt").is_file()
+    assert "up to date" in sh("dvc", "status", *PIPELINE_RUN, cwd=fresh, env=env)

@@ -20,6 +20,7 @@ import torch
 
 from avat3r_core.cameras import Cameras, image_size, read_nersemble_calibration, read_transforms_json
 from avat3r_core.color import read_color_calibration
+from avat3r_core import storage
 from avat3r_core.errors import FormatError
 from avat3r_core.video import VideoInfo, probe_video
 
@@ -192,7 +193,7 @@ class NersembleReader:
     def scan(self, root: Path, probe: bool = True, decode: bool = True) -> CaptureIndex:
         """``probe`` reads each video's size and frame count; ``decode`` counts frames by decoding
         (finds truncated files before processing, at the cost of a full decode)."""
-        root = Path(root)
+        root = storage.as_path(root)  # a local path or a URI (s3://...)
         index = CaptureIndex(self.name, str(root))
         if not root.exists():
             index.problems.append(Problem("", None, None, str(root), "dataset root does not exist"))
@@ -494,7 +495,7 @@ class TransformsJsonReader:
         return any(root.glob("transforms.json")) or any(root.glob("*/transforms.json")) or any(root.glob("*/*/transforms.json"))
 
     def scan(self, root: Path, probe: bool = True, decode: bool = True) -> CaptureIndex:
-        root = Path(root)
+        root = storage.as_path(root)  # a local path or a URI (s3://...)
         index = CaptureIndex(self.name, str(root))
         files = sorted(root.glob("*/transforms.json")) + sorted(root.glob("*/*/transforms.json"))
         if (root / "transforms.json").exists():
@@ -516,7 +517,7 @@ class TransformsJsonReader:
             sequence = CaptureSequence(subject_name, sequence_name)
             for serial, members in zip(serials, groups):
                 images = [str((path.parent / file_paths[i]).resolve()) for i in members]
-                missing = [p for p in images if not Path(p).exists()]
+                missing = [p for p in images if not storage.exists(p)]
                 for p in missing:
                     index.problems.append(Problem(subject_name, sequence_name, serial, p, "image file missing"))
                 images = [p for p in images if p not in missing]
@@ -544,7 +545,7 @@ READERS: list[CaptureReader] = [NersembleV1Reader(), NersembleReader(), Transfor
 
 def scan_capture(root: str | Path, layout: str = "auto", probe: bool = True, decode: bool = True) -> CaptureIndex:
     """Index a capture dataset with the named reader, or the first that recognises ``root``."""
-    root = Path(root)
+    root = storage.as_path(root)
     for reader in READERS:
         if layout == reader.name or (layout == "auto" and reader.detect(root)):
             return reader.scan(root, probe=probe, decode=decode)

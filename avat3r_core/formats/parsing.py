@@ -52,8 +52,11 @@ def parse_yaml(text: str, path: str | Path | None) -> Any:
 
 
 def read_text(path: str | Path, max_bytes: int = MAX_BYTES) -> str:
-    """A metadata file's UTF-8 text, refusing files over ``max_bytes`` (checked before reading)."""
-    path = Path(path)
+    """A metadata file's UTF-8 text, refusing files over ``max_bytes`` (checked before reading);
+    ``path`` may be a URI (``s3://...``) or a UPath."""
+    from avat3r_core import storage
+
+    path = storage.as_path(path) if isinstance(path, str) else path
     size = path.stat().st_size
     if size > max_bytes:
         raise FormatError(path, None, f"{size} bytes, more than the {max_bytes} a metadata file may have")

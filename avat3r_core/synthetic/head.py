@@ -655,7 +655,9 @@ def build_head_model(seed: int = 0) -> dict:
 
 def write_head_model(directory: str | Path, seed: int = 0, model: dict | None = None) -> tuple[Path, Path]:
     """Write ``head_model.pkl`` (FLAME layout) and ``head_landmark_embedding.npy`` into ``directory``."""
-    directory = Path(directory)
+    from avat3r_core import storage
+
+    directory = storage.as_path(directory)  # a local path or a URI
     model = build_head_model(seed) if model is None else model
     model_path = write_flame_model(directory / "head_model.pkl", model)
     emb_path = write_landmark_embedding(directory / "head_landmark_embedding.pkl", model["lmk_face_idx"],

@@ -262,22 +262,22 @@ def write_face_model(face_model_dir: str, seed: int) -> tuple[str, str]:
     so real photos fit with MediaPipe's points; without the model file that step is skipped (logged).
     """
     import logging
-    from pathlib import Path
 
+    from avat3r_core import storage
     from avat3r_core.synthetic.head import write_head_model
     from avat3r_core.tracking.landmarks import MEDIAPIPE_EMBEDDING_FILE, find_mediapipe_model, write_mediapipe_embedding
 
     model_path, embedding_path = face_model_paths(face_model_dir)
-    if not (Path(model_path).exists() and Path(embedding_path).exists()):
+    if not (storage.exists(model_path) and storage.exists(embedding_path)):
         write_head_model(face_model_dir, seed=seed)
-    mp_path = Path(face_model_dir) / MEDIAPIPE_EMBEDDING_FILE
-    if not mp_path.exists():
+    mp_path = storage.join(face_model_dir, MEDIAPIPE_EMBEDDING_FILE)
+    if not storage.exists(mp_path):
         try:
             task = find_mediapipe_model()
         except FileNotFoundError as exc:
             logging.getLogger("avat3r.synth").warning("no MediaPipe embedding for the studio head: %s", exc)
         else:
-            write_mediapipe_embedding(model_path, embedding_path, str(mp_path), task)
+            write_mediapipe_embedding(model_path, embedding_path, mp_path, task)
     return model_path, embedding_path
 
 
