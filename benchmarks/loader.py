@@ -44,6 +44,16 @@ from avat3r_core.formats.manifests import PRIORS_SCHEMA  # noqa: E402
 from avat3r_core.ids import make_id  # noqa: E402
 
 
+def random_head_to_world(rng: np.random.Generator) -> list[float]:
+    """A small random rigid transform (row-major 4x4), like a tracked head's motion."""
+    from scipy.spatial.transform import Rotation
+
+    m = np.eye(4)
+    m[:3, :3] = Rotation.from_rotvec(rng.normal(0.0, 0.1, 3)).as_matrix()
+    m[:3, 3] = rng.normal(0.0, 0.01, 3)
+    return m.reshape(-1).tolist()
+
+
 def make_side_manifests(frames_dir: Path, tracking_dir: Path, priors_dir: Path, feature_dim: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     rows = storage.read_parquet(str(frames_dir / "frames.parquet")).to_pylist()
@@ -51,7 +61,10 @@ def make_side_manifests(frames_dir: Path, tracking_dir: Path, priors_dir: Path, 
     for r in rows:
         k = (r["subject"], r["sequence"], r["frame"])
         tracking.setdefault(k, {"id": make_id(*k), "subject": k[0], "sequence": k[1], "frame": k[2],
-                                "expression_code": rng.normal(size=135).tolist(), "jaw": [0.0] * 3})
+                                "expression_code": rng.normal(size=135).tolist(), "jaw": [0.0] * 3,
+                                # the loader's default works in each frame's head frame: give every
+                                # frame a rigid head motion, as the track stage does
+                                "head_to_world": random_head_to_world(rng)})
         H, W = r["height"], r["width"]
         yy, xx = np.mgrid[0:H, 0:W] / max(H, W)
         position = np.stack([xx, yy, 0.1 * rng.normal(size=(H, W))], -1).astype(np.float16)
@@ -145,7 +158,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--passes", type=int, default=4, help="passes over the data per measurement (epoch length)")
     ap.add_argument("--keep", default="", help="build the data here (reused when present)")
+    ap.add_argument("--smoke", action="store_true", help="seconds-long run on tiny data (the test suite runs it)")
     args = ap.parse_args()
+    if args.smoke:
+        args.subjects, args.frames, args.cameras, args.render, args.crop = 1, 2, 4, 96, 64
+        args.feature_dim, args.repeat, args.passes = 8, 1, 1
 
     import cv2
 

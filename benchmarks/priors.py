@@ -62,7 +62,10 @@ def main() -> None:
     parser.add_argument("--cameras", type=int, default=4)
     parser.add_argument("--frames", type=int, default=3)
     parser.add_argument("--k", type=int, default=32, help="projected feature channels")
+    parser.add_argument("--smoke", action="store_true", help="seconds-long run on tiny data (the test suite runs it)")
     args = parser.parse_args()
+    if args.smoke:
+        args.size, args.cameras, args.frames, args.k = 64, 2, 2, 8
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

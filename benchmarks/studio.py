@@ -48,12 +48,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subjects", type=int, default=2, help="subjects per measured run (≥ 2 for 2 workers)")
     parser.add_argument("--preset", default="demo")
+    parser.add_argument("--smoke", action="store_true", help="seconds-long run on tiny data (the test suite runs it)")
     args = parser.parse_args()
 
     import ray
 
     full = build(StudioConfig, {}, preset=args.preset)
     config = replace(full, subjects=args.subjects, preview=False)
+    if args.smoke:
+        config = replace(config, sequences=1, frames=2, cameras=2, resolution=64)
     per_subject = config.sequences * config.frames * config.cameras
     work = Path(tempfile.mkdtemp(prefix="avat3r-bench-studio-"))
     try:

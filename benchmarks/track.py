@@ -48,7 +48,12 @@ def main() -> None:
     ap.add_argument("--preset", default="default")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads during the fit")
+    ap.add_argument("--smoke", action="store_true", help="seconds-long run on tiny data (the test suite runs it)")
     args = ap.parse_args()
+    if args.smoke:
+        args.cameras, args.frames, args.resolution, args.repeats, args.preset = 4, 2, 96, 1, "tiny"
+    # a smoke run only has to go through every step of the fit, not converge
+    iterations = dict(rigid_iters=10, adam_iters=20, lbfgs_iters=5) if args.smoke else {}
 
     import numpy as np
     import torch
@@ -77,7 +82,7 @@ def main() -> None:
 
     results = {}
     for mode, fpb in (("batched", 0), ("per_frame", 1)):
-        fit_cfg = FitConfig.preset(args.preset, frames_per_batch=fpb, num_threads=args.threads)
+        fit_cfg = FitConfig.preset(args.preset, frames_per_batch=fpb, num_threads=args.threads, **iterations)
         times, res = [], None
         for _ in range(args.repeats):
             start = time.perf_counter()
@@ -95,7 +100,7 @@ def main() -> None:
         "benchmark": "track", "device": "cpu", "cpu_count": os.cpu_count(), "torch_threads": args.threads,
         "python": platform.python_version(), "torch": torch.__version__,
         "cameras": args.cameras, "frames": args.frames, "resolution": [cfg.width, cfg.height], "landmarks": 68,
-        "noise_px": 1.0, "fit_preset": args.preset, "iterations": {k: getattr(FitConfig.preset(args.preset), k)
+        "noise_px": 1.0, "fit_preset": args.preset, "iterations": {k: getattr(FitConfig.preset(args.preset, **iterations), k)
                                                                   for k in ("rigid_iters", "adam_iters", "lbfgs_iters")},
         "repeats": args.repeats, **results,
         "speedup_batched_vs_per_frame": round(results["per_frame"]["seconds"] / results["batched"]["seconds"], 2),

@@ -49,7 +49,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--reference-2cpu", action=argparse.BooleanOptionalAction, default=True,
                     help="also run 1 worker with 2 CPUs (2 torch threads): one process using the whole box")
+    ap.add_argument("--smoke", action="store_true", help="seconds-long run on tiny data (the test suite runs it)")
     args = ap.parse_args()
+    if args.smoke:
+        args.steps, args.warmup, args.size, args.inputs, args.targets, args.samples = 4, 1, 32, 2, 2, 2
+        args.workers, args.reference_2cpu = [2], False  # the DDP path, the one most likely to rot
 
     ensure_ray(num_cpus=max(2, max(args.workers)), dashboard=False)
     out: dict = {"preset": "tiny", "device": "cpu", "image_size": args.size, "input_views": args.inputs,

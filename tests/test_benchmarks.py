@@ -1,0 +1,55 @@
+"""Every benchmark the README quotes runs on a clean clone: each one's ``--smoke`` size, end to end.
+
+The smoke sizes measure nothing worth quoting; they keep the scripts from rotting (the loader
+benchmark once crashed on its own shards after the loader's default frame changed, and nobody
+noticed until a user tried to reproduce the README). Each run must print one JSON object whose
+measured figures are positive numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# benchmark -> (path into its JSON to a measured figure that must be a positive number, ...)
+FIGURES = {
+    "loader": (("raw_loop", "samples_per_s"), ("loader_0_workers", "items_per_s"), ("ratio_2_workers",)),
+    "priors": (("backends", "ground_truth", "images_per_s"), ("stage", "images_per_s")),
+    "render": (("results", 0, "cpu", "median_s"), ("results", 0, "speedup_baseline_over_cpu")),
+    "studio": (("render_only_camera_frames_per_s",), ("ratio_2_workers_vs_1",)),
+    "track": (("batched", "frames_per_s"), ("speedup_batched_vs_per_frame",)),
+    "train": (("workers_2", "samples_per_s"), ("workers_2", "final_train_loss")),
+}
+
+
+def run_smoke(name: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--smoke"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"benchmarks/{name}.py --smoke failed:\n{proc.stderr[-4000:]}"
+    start = proc.stdout.index("{")  # anything before the JSON object is a library's chatter
+    return json.loads(proc.stdout[start:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FIGURES))
+def test_benchmark_smoke_prints_measured_figures(name):
+    result = run_smoke(name)
+    for path in FIGURES[name]:
+        value = result
+        for key in path:
+            value = value[key]
+        assert isinstance(value, (int, float)) and value > 0, f"{name}: {path} = {value!r}"
+
+
+def test_every_benchmark_has_a_smoke_run():
+    scripts = {p.stem for p in (REPO / "benchmarks").glob("*.py")}
+    for name in scripts:
+        assert "--smoke" in (REPO / "benchmarks" / f"{name}.py").read_text(), f"benchmarks/{name}.py has no --smoke"
