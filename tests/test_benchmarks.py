@@ -48,8 +48,3 @@ def test_benchmark_smoke_prints_measured_figures(name):
             value = value[key]
         assert isinstance(value, (int, float)) and value > 0, f"{name}: {path} = {value!r}"
 
-
-def test_every_benchmark_has_a_smoke_run():
-    scripts = {p.stem for p in (REPO / "benchmarks").glob("*.py")}
-    for name in scripts:
-        assert "--smoke" in (REPO / "benchmarks" / f"{name}.py").read_text(), f"benchmarks/{name}.py has no --smoke"
