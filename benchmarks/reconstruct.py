@@ -161,6 +161,7 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     import pyarrow.parquet as pq
 
+    from avat3r_core.library import BUILTIN_KEYS
     from stages.reconstruct import ReconstructConfig, run_reconstruct
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,7 +194,7 @@ def main() -> None:
             "executor": args.executor,
             "preset": "tiny",
             "render": {"size": config.render_size, "turntable_frames": config.turntable_frames,
-                       "animation_frames": 6 * config.frames_per_key},
+                       "animation_frames": (len(BUILTIN_KEYS) - 1) * config.frames_per_key},
             "avatars": summary.items_done, "failed": summary.items_failed, "seconds": summary.seconds,
             "avatars_per_minute": round(60.0 * summary.items_done / summary.seconds, 2),
             "per_mode": per_mode,
