@@ -12,9 +12,14 @@ Prints JSON:
   norm the optimiser saw (after clipping, which scales all parts alike), its RMS per parameter and
   the relative change of the weights ``‖θ_end − θ_0‖ / ‖θ_0‖`` — the reference is the rest of
   the network measured in the same run.
-* ``sensitivity``: validation PSNR with the target's code vs the inputs' code after the run.
+* ``gradients.validation``: validation PSNR with the target's code vs the inputs' / a neutral
+  code during the run.
+* ``evaluation`` (with ``--frames`` and ``--ground-truth``): the evaluation's expression
+  sensitivity of the final model on ``--split`` (mouth / eye boxes from the ground-truth landmarks,
+  MediaPipe lip gap per sequence), :func:`stages.evaluate.run_evaluate` with ``--eval-samples``.
 
-    python benchmarks/expression_path.py --shards data/shards --steps 150 [--model '{"...": ...}']
+    python benchmarks/expression_path.py --shards data/shards --steps 150 [--model '{"...": ...}'] \
+        [--frames data/frames/frames.parquet --ground-truth data/ground_truth/synthetic]
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ def component(name: str) -> str:
     return "other"
 
 
-def gradient_run(config: TrainConfig, data: TrainDataConfig, shards: str) -> dict:
+def gradient_run(config: TrainConfig, data: TrainDataConfig, shards: str, evaluate: dict | None = None) -> dict:
     norms: dict[str, list[float]] = defaultdict(list)
     state: dict = {}
 
@@ -110,6 +115,16 @@ def gradient_run(config: TrainConfig, data: TrainDataConfig, shards: str) -> dic
             metrics = train_loop(config, ShardSource(shards, data, config.batch_size, seed=config.seed), tmp,
                                  val_source=ShardSource(shards, data, 1, split=data.val_split, validation=True))
             val = list(csv_rows(Path(tmp) / "plots" / "val.csv"))
+            evaluation = None
+            if evaluate:
+                from avat3r_core.evaluation import EvalConfig
+                from stages.evaluate import run_evaluate
+
+                m = run_evaluate(Path(tmp) / "checkpoints", shards, Path(tmp) / "eval", evaluate["split"],
+                                 frames_manifest=evaluate["frames"], ground_truth=evaluate["ground_truth"],
+                                 config=EvalConfig(max_samples=evaluate["samples"], target_views=4))
+                evaluation = {"psnr": m["ours"]["psnr"], "baseline_psnr": m["baseline"]["psnr"],
+                              "expression_sensitivity": m["expression_sensitivity"]}
     finally:
         training.build_model, torch.optim.Adam = original_build, original_adam
     model = state["model"]
@@ -124,6 +139,7 @@ def gradient_run(config: TrainConfig, data: TrainDataConfig, shards: str) -> dic
         "grad_rms_per_parameter_mean": {k[:-4]: float(np.mean(v)) for k, v in norms.items() if k.endswith("_rms")},
         "relative_weight_change": {k: (a / b) ** 0.5 if b > 0 else None for k, (a, b) in change.items()},
         "validation": val,
+        "evaluation": evaluation,
     }
 
 
@@ -143,15 +159,21 @@ def main() -> None:
     ap.add_argument("--model", default="{}", help="Avat3rConfig overrides (JSON)")
     ap.add_argument("--train", default="{}", help="TrainConfig overrides (JSON)")
     ap.add_argument("--val-samples", type=int, default=8)
+    ap.add_argument("--frames", default="", help="frames.parquet (with --ground-truth: evaluate the final model)")
+    ap.add_argument("--ground-truth", default="")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--eval-samples", type=int, default=20)
     args = ap.parse_args()
     torch.set_num_threads(2)
     data = build(TrainDataConfig, {"preset": "demo", "val_samples": args.val_samples})
     model = {**model_overrides_from_shards(args.shards), "frame": data.loader.frame, **json.loads(args.model)}
     config = build(TrainConfig, {"preset": "tiny", "steps": args.steps, "validate_every": max(1, args.steps // 3),
                                  "checkpoint_every": args.steps, "model": model, **json.loads(args.train)})
+    evaluate = ({"frames": args.frames, "ground_truth": args.ground_truth, "split": args.split,
+                 "samples": args.eval_samples} if args.frames and args.ground_truth else None)
     out = {"config": {"steps": args.steps, "model": model, "train": json.loads(args.train)},
            "codes": code_statistics(args.shards, data, args.samples),
-           "gradients": gradient_run(config, data, args.shards)}
+           "gradients": gradient_run(config, data, args.shards, evaluate)}
     print(json.dumps(out, indent=1))
 
 

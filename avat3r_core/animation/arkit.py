@@ -31,7 +31,7 @@ from avat3r_core.errors import FormatError
 from avat3r_core.tracking import expression_code as ec
 
 __all__ = ["ARKIT52", "LIVE_LINK_ROTATIONS", "ArkitMapping", "fit_arkit_mapping", "mediapipe_to_arkit",
-           "read_live_link_csv"]
+           "read_live_link_csv", "studio_pairs"]
 
 ARKIT52 = (
     "EyeBlinkLeft", "EyeLookDownLeft", "EyeLookInLeft", "EyeLookOutLeft", "EyeLookUpLeft", "EyeSquintLeft",
@@ -197,3 +197,47 @@ def fit_arkit_mapping(scores: np.ndarray, codes: np.ndarray, ridge: float = 1e-2
              "fitted_rms": rms(scores[fit], target[fit])}
     w, b = solve(scores, target)
     return ArkitMapping(w.astype(np.float32), b.astype(np.float32), error, face_model_sha256)
+
+
+def studio_pairs(frames_manifest: str | Path, ground_truth_root: str | Path, detector, cameras: int = 4,
+                 upscale: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(scores (N, 52), codes (N, 135)) for fitting the map: MediaPipe blendshape scores of the
+    extracted studio crops (the ``cameras`` most frontal per frame — the crop camera looking most
+    nearly along the head's forward axis — upscaled ``upscale``×, as evaluation's detector does)
+    against the studio's ground-truth codes of those frames (``flame_params.npz``). ``detector``:
+    a :class:`~avat3r_core.tracking.landmarks.MediaPipeLandmarks`."""
+    from PIL import Image
+
+    frames_manifest = str(frames_manifest)
+    root = str(Path(frames_manifest).parent)
+    rows = storage.read_parquet(frames_manifest).to_pylist()
+    by_frame: dict[tuple, list[dict]] = {}
+    for r in rows:
+        by_frame.setdefault((r["subject"], r["sequence"], int(r["frame"])), []).append(r)
+    params_cache: dict[tuple, dict] = {}
+    scores, codes = [], []
+    for (subject, sequence, frame), views in sorted(by_frame.items()):
+        key = (subject, sequence)
+        if key not in params_cache:
+            gt = f"{ground_truth_root}/{subject}/sequences/{sequence}/flame_params.npz"
+            if not storage.exists(gt):
+                raise FormatError(gt, None, "ground-truth FLAME parameters not found")
+            z = np.load(io.BytesIO(storage.read_bytes(gt)), allow_pickle=False)
+            params_cache[key] = {k: z[k] for k in ("expression", "jaw", "neck", "eyes", "frames")}
+        p = params_cache[key]
+        t = int(np.flatnonzero(p["frames"] == frame)[0])
+        code = ec.encode({k: p[k][t:t + 1] for k in ("expression", "jaw", "neck", "eyes")})[0]
+        # most frontal: the camera's optical axis most nearly opposite the world +z the studio's heads face
+        views = sorted(views, key=lambda r: np.asarray(r["world_to_cam"], np.float64).reshape(4, 4)[2, 2])[:cameras]
+        images = []
+        for r in views:
+            im = Image.open(io.BytesIO(storage.read_bytes(f"{root}/{r['image']}"))).convert("RGB")
+            images.append(np.asarray(im.resize((im.width * upscale, im.height * upscale), Image.BICUBIC)))
+        det = detector.detect(np.stack(images))
+        names = det.extras.get("blendshape_names", [])
+        for i in np.flatnonzero(det.found):
+            scores.append(mediapipe_to_arkit(names, det.extras["blendshapes"][i:i + 1])[0])
+            codes.append(code)
+    if not scores:
+        raise FormatError(frames_manifest, None, "MediaPipe found no face on any studio crop: no pairs to fit the map")
+    return np.asarray(scores, np.float32), np.asarray(codes, np.float64)
