@@ -78,8 +78,9 @@ def test_fit_recovers_a_linear_map_and_reports_held_out_error(tmp_path):
     codes[5, :] = np.nan  # a frame without a code is left out
     mapping = fit_arkit_mapping(scores, codes, ridge=1e-6, face_model_sha256="abc")
     err = mapping.fit_error
-    assert err["pairs"] == 199 and err["held_out_rms"]["expr"] < 0.01
-    assert err["held_out_rms"]["jaw"] < 0.01 < err["held_out_rms"]["code_std"]["jaw"]
+    held = err["held_out_rms"]
+    assert err["pairs"] == 199 and held["expr"]["rms"] < 0.01 < held["expr"]["rms_mean_only"]
+    assert held["jaw"]["rms"] < 0.01 < held["jaw"]["rms_mean_only"] and held["jaw_angle_correlation"] > 0.99
     path = tmp_path / "arkit_mapping.npz"
     mapping.save(path)
     again = ArkitMapping.load(path, face_model_sha256="abc")
@@ -94,3 +95,21 @@ def test_fit_recovers_a_linear_map_and_reports_held_out_error(tmp_path):
     with pytest.raises(FormatError, match="expected \\(T, 52\\)"):
         again.codes(np.zeros((3, 51)))
     assert out.shape == (2, ec.DIM) and len(DRIVEN) == ec.HEAD_POSE.start
+
+
+def test_csv_driver_codes_follow_jaw_open_with_the_head_at_the_reference(tmp_path):
+    from avat3r_core.animation.drivers import csv_driver
+
+    w = np.zeros((52, len(DRIVEN)))
+    w[ARKIT52.index("JawOpen"), ec.EXPR.start] = 2.0
+    rest = ec.encode({"expression": np.zeros((1, 100))})[0, DRIVEN]  # identity rotations at zero scores
+    ArkitMapping(w.astype(np.float32), rest.astype(np.float32), {}, "").save(tmp_path / "map.npz")
+    take = tmp_path / "take.csv"
+    take.write_text("\n".join([HEADER, _row("00:00:00:00.000", 0.0), _row("00:00:00:01.000", 0.5)]) + "\n")
+    d = csv_driver(take, tmp_path / "map.npz")
+    codes = d.codes({"rotation": np.array([0.0, 0.2, 0.0]), "translation": np.zeros(3)})
+    params = ec.decode(codes.astype(np.float64))
+    np.testing.assert_allclose(params["expression"][:, 0], [0.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(params["rotation"][:, 1], [0.2, 0.2], atol=1e-6)
+    assert np.abs(params["jaw"]).max() < 1e-6
+    assert "2 frames" in d.description and d.side_by_side([np.zeros((4, 4, 3))])[0].shape == (4, 4, 3)

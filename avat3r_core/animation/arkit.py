@@ -189,14 +189,29 @@ def fit_arkit_mapping(scores: np.ndarray, codes: np.ndarray, ridge: float = 1e-2
     parts = {"expr": ec.EXPR, "eyes": ec.EYES, "eyelids": ec.EYELIDS, "neck": ec.NECK, "jaw": ec.JAW}
 
     def rms(x, y):
+        """Per part: RMS of the residual beside the RMS of predicting every code by the fitted pairs'
+        mean (what a map that ignored the scores would score), and the jaw angle's correlation."""
         r = x @ w + b - y
-        return {k: float(np.sqrt((r[:, s] ** 2).mean())) for k, s in parts.items()} | {
-            "code_std": {k: float(y[:, s].std(0).mean()) for k, s in parts.items()}}
+        r0 = target[fit].mean(0) - y
+        out = {k: {"rms": float(np.sqrt((r[:, s] ** 2).mean())), "rms_mean_only": float(np.sqrt((r0[:, s] ** 2).mean()))}
+               for k, s in parts.items()}
+        jaw_true = np.linalg.norm(ec.decode(_full(y))["jaw"], axis=1)
+        jaw_pred = np.linalg.norm(ec.decode(_full(x @ w + b))["jaw"], axis=1)
+        out["jaw_angle_correlation"] = (float(np.corrcoef(jaw_true, jaw_pred)[0, 1])
+                                        if jaw_true.std() > 0 and jaw_pred.std() > 0 else None)
+        return out
 
     error = {"pairs": int(len(scores)), "held_out": int(n_hold), "held_out_rms": rms(scores[hold], target[hold]),
              "fitted_rms": rms(scores[fit], target[fit])}
     w, b = solve(scores, target)
     return ArkitMapping(w.astype(np.float32), b.astype(np.float32), error, face_model_sha256)
+
+
+def _full(driven: np.ndarray) -> np.ndarray:
+    """Driven dims (N, len(DRIVEN)) → (N, 135) codes with the head at rest (for decoding)."""
+    code = np.tile(ec.encode({"expression": np.zeros((1, ec.N_EXPR))})[0], (len(driven), 1))
+    code[:, DRIVEN] = driven
+    return code
 
 
 def studio_pairs(frames_manifest: str | Path, ground_truth_root: str | Path, detector, cameras: int = 4,

@@ -151,7 +151,7 @@ def csv_driver(path: str | Path, mapping_path: str | Path, face_model_sha256: st
     mapping = ArkitMapping.load(mapping_path, face_model_sha256)
     held = mapping.fit_error.get("held_out_rms", {})
     desc = (f"ARKit CSV {path}: {len(scores)} frames ({timecodes[0]} – {timecodes[-1]}) through {mapping_path} "
-            f"(held-out fit RMS: expr {held.get('expr', float('nan')):.3f}, jaw {held.get('jaw', float('nan')):.3f})")
+            f"(held-out jaw-angle correlation {held.get('jaw_angle_correlation')})")
     return Driver(None, desc, fixed_codes=mapping.codes(scores))
 
 
