@@ -97,6 +97,9 @@ class TrainConfig(Presets):
     validate_every: int = 100  #: 0 = only at the end
     log_every: int = 1  #: CSV/TensorBoard row every N steps
     max_skipped: int = 100  #: more skipped (non-finite) batches than this stops the run
+    #: learning-rate multiplier of the expression path (expression MLP + cross-attention layers);
+    #: 1 = one rate for the whole network
+    expr_lr_scale: float = 1.0
     model_preset: str = "tiny"  #: Avat3rConfig preset
     model: dict = field(default_factory=dict)  #: Avat3rConfig overrides on top of the preset
     loss: LossConfig = field(default_factory=LossConfig)
@@ -134,8 +137,16 @@ def build_model(config: TrainConfig) -> Avat3r:
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig):
-    """Adam + warm-up/cosine ``LambdaLR`` (its ``last_epoch`` is the step)."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=tuple(config.adam_betas),
+    """Adam + warm-up/cosine ``LambdaLR`` (its ``last_epoch`` is the step); the expression path in
+    its own parameter group at ``lr · expr_lr_scale`` when that is not 1."""
+    params = list(model.parameters())
+    if config.expr_lr_scale != 1.0:
+        t = unwrap(model).transformer
+        expr = {id(p) for m in (t.expression, t.cross) for p in m.parameters()}
+        params = [{"params": [p for p in params if id(p) not in expr]},
+                  {"params": [p for p in params if id(p) in expr], "lr": config.lr * config.expr_lr_scale,
+                   "lr_scale": config.expr_lr_scale}]
+    optimizer = torch.optim.Adam(params, lr=config.lr, betas=tuple(config.adam_betas),
                                  weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(config))
     return optimizer, scheduler
@@ -242,7 +253,7 @@ def train_step(model, batch: Avat3rBatch, optimizer: torch.optim.Optimizer, loss
         return StepResult(skipped=True, reason="non-finite inputs")
     if scheduler is None:
         for group in optimizer.param_groups:
-            group["lr"] = config.lr_at(step)
+            group["lr"] = config.lr_at(step) * group.get("lr_scale", 1.0)
     lr = optimizer.param_groups[0]["lr"]
     background = torch.tensor(config.background, dtype=torch.float32, device=device)
     t0 = time.perf_counter()
