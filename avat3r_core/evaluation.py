@@ -354,6 +354,9 @@ class EvalReport:
     samples: int = 0
     grid: np.ndarray | None = None
     context: dict = field(default_factory=dict)  #: split, checkpoint, step, data description
+    #: :class:`avat3r_core.animation.sensitivity.ExpressionProbe` summary and table (None: not measured)
+    expression: dict | None = None
+    expression_markdown: str = ""
 
     # -- summaries
     def method_rows(self, method: str) -> list[dict]:
@@ -398,6 +401,7 @@ class EvalReport:
                                            else f"unavailable: {self.akd_status or self.akd_gt_status}"),
             "akd_detector": self.detector_name or None,
             "csim_status": f"unavailable: {CSIM_UNAVAILABLE}",
+            "expression_sensitivity": self.expression,
             "published_context": {"note": "published Avat3r numbers (paper, via AVAT3R.md): different data and "
                                   "resolution (512² crops); not comparable", "rows": [dict(r) for r in PUBLISHED]},
         }
@@ -468,7 +472,7 @@ class EvalReport:
         notes.append("- Published rows: Avat3r as published (4 input views; Ava-256 and NeRSemble at 512² crops, "
                      "their own AKD detector), from ../shared/AVAT3R.md — different data and resolution, shown for "
                      "context only, not comparable with the rows above.")
-        return "\n".join(lines + notes) + "\n"
+        return "\n".join(lines + notes) + "\n" + self.expression_markdown
 
     # -- CSV
     def to_csv(self) -> str:
@@ -499,7 +503,7 @@ def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapp
                     detector=None, detector_status: str = "", ground_truth_status: str = "",
                     lpips_model=None, lpips_status: str = LPIPS_NOT_COMPUTED, bf16: bool = True,
                     grid_samples: int = 4, grid_views: int = 2, max_samples: int = 0,
-                    context: Mapping[str, Any] | None = None) -> EvalReport:
+                    context: Mapping[str, Any] | None = None, expression_probe=None) -> EvalReport:
     """Evaluate methods on ``batches`` (one pass; every method sees the same samples).
 
     ``methods``: name → a network (rendered through :func:`avat3r_core.training.predict_images`),
@@ -509,7 +513,9 @@ def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapp
     ``views`` + ``ground_truth``: target view → frames row → ground-truth landmarks (AKD vs ground
     truth and its floor); ``detector``: a 68-point detector on images (e.g. :class:`MediaPipe68`);
     without it AKD is unavailable and ``detector_status`` says why. ``lpips_model``: a loaded LPIPS
-    (None → not computed, ``lpips_status``).
+    (None → not computed, ``lpips_status``). ``expression_probe``: an
+    :class:`~avat3r_core.animation.sensitivity.ExpressionProbe` of the ``ours`` network, fed every
+    batch with the ground-truth landmarks of its target views (its summary lands in the report).
     """
     from avat3r_core.training import grid_rows, predict_images, targets_on_background
 
@@ -602,6 +608,10 @@ def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapp
                         "face_found": bool(found[i]), "target_face_found": bool(tgt_found[i]) if tgt_found is not None else False,
                         "akd_floor": float(floor[i]), "akd_floor_inner": float(floor_inner[i]),
                     })
+        if expression_probe is not None:
+            if gt_pts is None and ground_truth is not None and views is not None:
+                gt_pts, gt_vis = ground_truth.landmarks(rows)
+            expression_probe.add(batch, targets, rows, gt_pts, gt_vis, preds.get("ours"))
         if len(sheet_rows) < grid_samples * grid_views:
             sheet_rows += grid_rows(batch, preds, bg, batch.batch_size, grid_views, targets)
         report.samples += B
@@ -616,4 +626,6 @@ def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapp
     if views is not None and unmatched:
         log.warning("%d target view(s) had no matching frames-manifest row (no ground-truth landmarks for them)", unmatched)
         report.context["views_without_frames_row"] = unmatched
+    if expression_probe is not None:
+        report.expression, report.expression_markdown = expression_probe.summary(), expression_probe.to_markdown()
     return report

@@ -1213,17 +1213,20 @@ class Preparer:
 
 
 # ====================================================================== expressions
-#: the built-in expression set: (label, FLAME parameters of the key). ``expression_<k>`` moves
-#: component k of the face model's expression basis by the given number of standard deviations
-#: (FLAME coefficients are in sigma units; on the studio head component 1 is "smile", 3
-#: "brow_raise", 8 "pucker"); ``jaw_open`` rotates the jaw joint.
+#: the built-in expression set: (label, FLAME parameters of the key), covering jaw open, smile,
+#: pucker, brows up and down and eyes closed. ``expression`` moves component k of the face model's
+#: expression basis by the given number of standard deviations (FLAME coefficients are in sigma
+#: units; on the studio head (``synthetic.head.EXPRESSION_NAMES``) 0 is the jaw-open corrective,
+#: 1 "smile", 3 "brow_raise", 4 "brow_furrow", 5/6 the blinks (closed at +2), 8 "pucker");
+#: ``jaw`` rotates the jaw joint. 7 transitions: at the demo's 11 frames per key and 24 fps, 3.2 s.
 BUILTIN_KEYS: tuple[tuple[str, dict], ...] = (
     ("neutral", {}),
-    ("expression_1_plus", {"expression": {1: 2.0}}),
-    ("jaw_open", {"jaw": (0.3, 0.0, 0.0)}),
-    ("expression_3_plus", {"expression": {3: 2.0}}),
-    ("expression_8_plus", {"expression": {8: 2.0}}),
-    ("expression_0_plus_jaw", {"expression": {0: 1.5}, "jaw": (0.15, 0.0, 0.0)}),
+    ("jaw_open", {"expression": {0: 1.5}, "jaw": (0.3, 0.0, 0.0)}),
+    ("smile", {"expression": {1: 2.0}}),
+    ("pucker", {"expression": {8: 2.0}}),
+    ("brows_up", {"expression": {3: 2.0}}),
+    ("brows_down", {"expression": {4: 2.0}}),
+    ("eyes_closed", {"expression": {5: 2.0, 6: 2.0}}),
     ("neutral", {}),
 )
 
@@ -1502,8 +1505,11 @@ def drive_without_cache(model, prepared: PreparedAvatar, codes: np.ndarray, came
 
 def animate_avatar(avatar_dir: str | Path, expressions: str | None, out: str | Path, checkpoint: str | Path | None = None,
                    size: int | None = None, fps: float | None = None, device: str = "auto",
-                   drive_head_pose: bool = False) -> dict:
+                   drive_head_pose: bool = False, driver=None) -> dict:
     """Drive a built avatar (its ``meta.json`` + encoder cache) with an expression track → MP4.
+
+    ``driver``: an :class:`avat3r_core.animation.drivers.Driver` (a tracked video or an ARKit CSV)
+    instead of ``expressions``; the video shows ``driver | avatar`` when the driver has frames.
 
     Only the decoder runs per frame. ``checkpoint`` defaults to the one the avatar was built with
     (recorded in ``meta.json``); the cache is read with the weights-only loader.
@@ -1525,8 +1531,11 @@ def animate_avatar(avatar_dir: str | Path, expressions: str | None, out: str | P
     model, _, _ = load_trained_model(checkpoint or meta["checkpoint"], dev)
     encoded = load_encoded(avatar_dir / CACHE_FILE, dev)
     reference = {k: np.asarray(v) for k, v in meta.get("reference", {}).items()}
-    codes, described = load_expression_track(expressions, reference, drive_head_pose=drive_head_pose)
-    motion = head_motion_for(model.config.frame, expressions, drive_head_pose)
+    if driver is not None:
+        codes, described, motion = driver.codes(reference), driver.description, None
+    else:
+        codes, described = load_expression_track(expressions, reference, drive_head_pose=drive_head_pose)
+        motion = head_motion_for(model.config.frame, expressions, drive_head_pose)
     size = int(size or meta.get("render", {}).get("size", 256))
     fps = float(fps or meta.get("render", {}).get("fps", 24.0))
     camera = view_orbit(framing["center"], framing["radius"], framing["front"], framing["up"], frames=1, size=size,
@@ -1534,7 +1543,7 @@ def animate_avatar(avatar_dir: str | Path, expressions: str | None, out: str | P
     start = time.perf_counter()
     frames = animation_frames(model, encoded, torch.as_tensor(codes, device=dev), camera, motion=motion)
     seconds = time.perf_counter() - start
-    data = encode_video(list(frames), fps=fps)
+    data = encode_video(driver.side_by_side(list(frames)) if driver is not None else list(frames), fps=fps)
     storage.atomic_write_bytes(str(out), data)
     return {"out": str(out), "frames": int(len(frames)), "expressions": described, "seconds": round(seconds, 3),
             "frames_per_s": round(len(frames) / seconds, 2) if seconds > 0 else None, "bytes": len(data)}

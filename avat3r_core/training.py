@@ -97,6 +97,9 @@ class TrainConfig(Presets):
     validate_every: int = 100  #: 0 = only at the end
     log_every: int = 1  #: CSV/TensorBoard row every N steps
     max_skipped: int = 100  #: more skipped (non-finite) batches than this stops the run
+    #: learning-rate multiplier of the expression path (expression MLP + cross-attention layers);
+    #: 1 = one rate for the whole network
+    expr_lr_scale: float = 1.0
     model_preset: str = "tiny"  #: Avat3rConfig preset
     model: dict = field(default_factory=dict)  #: Avat3rConfig overrides on top of the preset
     loss: LossConfig = field(default_factory=LossConfig)
@@ -134,8 +137,16 @@ def build_model(config: TrainConfig) -> Avat3r:
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig):
-    """Adam + warm-up/cosine ``LambdaLR`` (its ``last_epoch`` is the step)."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=tuple(config.adam_betas),
+    """Adam + warm-up/cosine ``LambdaLR`` (its ``last_epoch`` is the step); the expression path in
+    its own parameter group at ``lr · expr_lr_scale`` when that is not 1."""
+    params = list(model.parameters())
+    if config.expr_lr_scale != 1.0:
+        t = unwrap(model).transformer
+        expr = {id(p) for m in (t.expression, t.cross) for p in m.parameters()}
+        params = [{"params": [p for p in params if id(p) not in expr]},
+                  {"params": [p for p in params if id(p) in expr], "lr": config.lr * config.expr_lr_scale,
+                   "lr_scale": config.expr_lr_scale}]
+    optimizer = torch.optim.Adam(params, lr=config.lr, betas=tuple(config.adam_betas),
                                  weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(config))
     return optimizer, scheduler
@@ -242,7 +253,7 @@ def train_step(model, batch: Avat3rBatch, optimizer: torch.optim.Optimizer, loss
         return StepResult(skipped=True, reason="non-finite inputs")
     if scheduler is None:
         for group in optimizer.param_groups:
-            group["lr"] = config.lr_at(step)
+            group["lr"] = config.lr_at(step) * group.get("lr_scale", 1.0)
     lr = optimizer.param_groups[0]["lr"]
     background = torch.tensor(config.background, dtype=torch.float32, device=device)
     t0 = time.perf_counter()
@@ -492,7 +503,8 @@ def collate(samples: list[Avat3rBatch]) -> Avat3rBatch:
         target_cameras=Cameras.cat([s.target_cameras for s in samples]), expression=cat("expression"),
         keys=[k for s in samples for k in s.keys], input_frames=cat("input_frames"), target_frames=cat("target_frames"),
         target_head_to_world=None if any(s.target_head_to_world is None for s in samples) else cat("target_head_to_world"),
-        input_head_to_world=None if any(s.input_head_to_world is None for s in samples) else cat("input_head_to_world"))
+        input_head_to_world=None if any(s.input_head_to_world is None for s in samples) else cat("input_head_to_world"),
+        input_expressions=None if any(s.input_expressions is None for s in samples) else cat("input_expressions"))
 
 
 def synthetic_sample(index: int, size: int = 32, num_inputs: int = 2, num_targets: int = 2, seed: int = 0,
@@ -680,7 +692,10 @@ class TrainLogger:
 
     TRAIN_FIELDS = ["step", "epoch", "loss", "l1", "ssim", "lpips", "lr", "grad_norm", "data_s", "forward_s",
                     "render_s", "backward_s", "step_s", "samples_per_s", "skipped_total"]
-    VAL_FIELDS = ["step", "psnr", "ssim", "baseline_psnr", "baseline_ssim"]
+    #: psnr_inputs_code / psnr_neutral_code: the same validation views rendered with the input frames'
+    #: mean code / a neutral code (:mod:`avat3r_core.animation.sensitivity`); psnr above them is what
+    #: the expression path earns
+    VAL_FIELDS = ["step", "psnr", "ssim", "baseline_psnr", "baseline_ssim", "psnr_inputs_code", "psnr_neutral_code"]
 
     def __init__(self, out_dir: Path, resume_step: int = 0, tensorboard: bool = True):
         self.out_dir = Path(out_dir)
@@ -726,7 +741,8 @@ class TrainLogger:
         self._append("val", row)
         if self.writer is not None:
             for key in self.VAL_FIELDS[1:]:
-                self.writer.add_scalar(f"val/{key}", row[key], row["step"])
+                if isinstance(row.get(key), (int, float)):
+                    self.writer.add_scalar(f"val/{key}", row[key], row["step"])
 
     def finish(self) -> None:
         # plots/train.csv: the loss curve for DVC (step, loss terms, lr)
@@ -747,7 +763,8 @@ def _validate(step: int, model, val_batches: list[Avat3rBatch], baseline: dict, 
     raw = unwrap(model)
     result = evaluate(val_batches, raw, config.background)
     row = {"step": step, "psnr": result["psnr"], "ssim": result["ssim"],
-           "baseline_psnr": baseline["psnr"], "baseline_ssim": baseline["ssim"]}
+           "baseline_psnr": baseline["psnr"], "baseline_ssim": baseline["ssim"],
+           **_expression_psnrs(raw, val_batches, config)}
     if logger is not None:
         logger.val(row)
     first = val_batches[0]
@@ -761,6 +778,25 @@ def _validate(step: int, model, val_batches: list[Avat3rBatch], baseline: dict, 
     log.info("step %d: val PSNR %.2f SSIM %.4f (baseline %.2f / %.4f)", step, row["psnr"], row["ssim"],
              baseline["psnr"], baseline["ssim"])
     return row
+
+
+def _expression_psnrs(model, val_batches: list[Avat3rBatch], config: TrainConfig) -> dict:
+    """Validation PSNR with the input frames' code and a neutral code (empty for batches without
+    input codes): a run shows when the expression path starts to matter."""
+    from avat3r_core.animation.sensitivity import ExpressionProbe
+
+    if not val_batches or any(b.input_expressions is None for b in val_batches):
+        return {}
+    probe = ExpressionProbe(model, config.background, config.bf16)
+    bg = torch.tensor(config.background, dtype=torch.float32, device=val_batches[0].images.device)
+    model.eval()
+    try:
+        for b in val_batches:
+            probe.add(b, targets_on_background(b, bg).float().clamp(0, 1))
+    finally:
+        model.train()
+    codes = probe.summary()["codes"]
+    return {"psnr_inputs_code": codes["inputs"]["psnr"], "psnr_neutral_code": codes["neutral"]["psnr"]}
 
 
 def train_loop(config: TrainConfig, source: BatchSource, out_dir: str | Path, session: TrainSession | None = None,

@@ -34,6 +34,12 @@ the same person from one photo: a stand-in for a real photo set), one ``photos``
 person, ``--subjects`` times over. ``per_mode.photos.prepare_timings`` says where preparation time
 goes (read + detect, fit, crops + matte, position maps, features; means per avatar) and
 ``build_timings`` the model side (encode, decode, turntable, fidelity renders + dlib, animation).
+
+* ``--driving-limits 128,256`` (alone: no reconstruction run): for each size, frames/s of driving
+  from the encoder cache (decode + render, as ``avat3r animate``) beside rendering the very same
+  Gaussians alone (decoded once beforehand, rendered to uint8 frames: the limit for driving) and
+  the decoder alone; ``per_frame_ms.other`` is the rest (taking the valid Gaussians out of the
+  dense maps). Medians of ``--repeats`` interleaved runs.
 """
 
 from __future__ import annotations
@@ -185,6 +191,62 @@ def drive(data: dict, frames: int, size: int, repeats: int = 3) -> dict:
     return out
 
 
+def driving_limits(data: dict, sizes: list[int], frames: int, repeats: int = 3) -> dict:
+    """Per render size: cached driving vs rendering the same Gaussians alone (module docstring)."""
+    import torch
+
+    from avat3r_core.avatar import animation_frames, render_frames, view_orbit
+    from avat3r_core.library import LibraryEntry, PrepareConfig, Preparer, load_expression_track
+    from avat3r_core.training import load_trained_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, train_cfg, _ = load_trained_model(data["checkpoint"])
+    mc = train_cfg.model_config()
+    prepared = Preparer(PrepareConfig(feature_projection=data["projection"]), mc.image_size, mc.feature_dim,
+                        mc.features_enabled).prepare(LibraryEntry("d", "capture", data["frames"], subject="001",
+                                                                  priors=data["priors"]))
+    codes, _ = load_expression_track("builtin", prepared.reference, frames_per_key=max(1, frames // 7 + 1))
+    c = torch.as_tensor(codes[:frames])
+    out: dict = {"frames": int(len(c)), "repeats": repeats, "chunk": 4}
+    with torch.no_grad():
+        encoded = model.encode(prepared.inputs())
+        outputs = [model.decode(encoded.expand(len(c[i:i + 4])), c[i:i + 4]) for i in range(0, len(c), 4)]
+        gaussians = [o.gaussians(b) for o in outputs for b in range(o.batch_size)]
+        out["gaussians_per_frame"] = int(gaussians[0].means.shape[0])
+        for size in sizes:
+            cam = view_orbit(prepared.center, prepared.radius, prepared.front, prepared.up, frames=1, size=size)
+
+            def driven():
+                animation_frames(model, encoded, c, cam)
+
+            def render_only():
+                for g in gaussians:
+                    render_frames(g, cam, (1.0, 1.0, 1.0))
+
+            def decode_only():
+                for i in range(0, len(c), 4):
+                    model.decode(encoded.expand(len(c[i:i + 4])), c[i:i + 4])
+
+            driven(), render_only()  # warm-up (numba kernels, allocator)
+            times: dict[str, list[float]] = {"driven": [], "render_only": [], "decode_only": []}
+            for _ in range(repeats):
+                for key, fn in (("driven", driven), ("render_only", render_only), ("decode_only", decode_only)):
+                    t0 = time.perf_counter()
+                    fn()
+                    times[key].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            n = len(c)
+            out[f"{size}"] = {
+                "driven_frames_per_s": round(n / med["driven"], 2),
+                "render_only_frames_per_s": round(n / med["render_only"], 2),
+                "ratio_driven_vs_render_only": round(med["render_only"] / med["driven"], 3),
+                "per_frame_ms": {"driven": round(1e3 * med["driven"] / n, 2), "render": round(1e3 * med["render_only"] / n, 2),
+                                 "decode": round(1e3 * med["decode_only"] / n, 2),
+                                 "other": round(1e3 * (med["driven"] - med["render_only"] - med["decode_only"]) / n, 2)},
+            }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--subjects", type=int, default=4)
@@ -195,13 +257,25 @@ def main() -> None:
     parser.add_argument("--landmarks", default="file", choices=("file", "mediapipe"),
                         help="photos avatars: studio frames + landmark files, or real photos + MediaPipe")
     parser.add_argument("--no-drive", action="store_true", help="skip the driving measurement")
+
+    parser.add_argument("--driving-limits", default="", help="e.g. 128,256: only the driving-limit measurement")
     args = parser.parse_args()
+    if args.driving_limits:
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
+            data = setup(Path(tmp), 1)
+            result = driving_limits(data, [int(s) for s in args.driving_limits.split(",")], args.drive_frames,
+                                    args.repeats)
+        result.update(benchmark="reconstruct_driving_limits", machine={
+            "cpus": os.cpu_count(), "load_average_1min_at_end": round(os.getloadavg()[0], 2)})
+        print(json.dumps(result, indent=1))
+        return
 
     import logging
 
     logging.basicConfig(level=logging.ERROR)
     import pyarrow.parquet as pq
 
+    from avat3r_core.library import BUILTIN_KEYS
     from stages.reconstruct import ReconstructConfig, run_reconstruct
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -244,7 +318,7 @@ def main() -> None:
             "executor": args.executor,
             "preset": "tiny",
             "render": {"size": config.render_size, "turntable_frames": config.turntable_frames,
-                       "animation_frames": 6 * config.frames_per_key},
+                       "animation_frames": (len(BUILTIN_KEYS) - 1) * config.frames_per_key},
             "avatars": summary.items_done, "failed": summary.items_failed, "seconds": summary.seconds,
             "avatars_per_minute": round(60.0 * summary.items_done / summary.seconds, 2),
             "per_mode": per_mode,

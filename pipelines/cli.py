@@ -642,12 +642,18 @@ def animate(
     size: Optional[int] = typer.Option(None, "--size", min=16, help="Frame size (default: as built)."),
     fps: Optional[float] = typer.Option(None, "--fps", min=1.0, help="Frame rate (default: as built)."),
     head_pose: bool = typer.Option(False, "--head-pose", help="Also replay a tracked sequence's head motion."),
+    driver: Optional[Path] = typer.Option(None, "--driver", help="A video of any face (tracked; output driver | avatar) "
+                                          "or a Live Link Face ARKit-52 .csv; replaces --expressions."),
+    face_model: Path = typer.Option(Path("data/models/studio_head"), "--face-model",
+                                    help="Face model directory (head_model.pkl, its landmark embedding, arkit_mapping.npz)."),
 ):
     """Drive a built avatar with an expression track from its encoder cache (decoder only per frame)."""
+    from avat3r_core.animation.drivers import make_driver
     from avat3r_core.library import animate_avatar
 
+    drive = _run(make_driver, driver, face_model) if driver is not None else None
     result = _run(animate_avatar, avatar_dir, expressions, out, checkpoint=checkpoint, size=size, fps=fps,
-                  drive_head_pose=head_pose)
+                  drive_head_pose=head_pose, driver=drive)
     console.print_json(json.dumps(result))
 
 

@@ -118,6 +118,9 @@ def run_evaluate(checkpoint: str | Path, shards_dir: str | Path, out_dir: str | 
                "target_views_per_sample": config.target_views, "input_views": config.input_views, "seed": config.seed,
                "frame": model.config.frame, "index_samples": sum(int(r["count"]) for r in index),
                "samples_skipped": sum(s["samples"] for s in skipped), "skipped_shards": skipped}
+    from avat3r_core.animation.sensitivity import ExpressionProbe
+
+    probe = ExpressionProbe(model, config.background, config.bf16, detector, detector_status)
     try:
         report = evaluate_report(
             loader, model, labels={"ours": f"ours ({info['model_preset']}, step {step}; this data)",
@@ -125,7 +128,8 @@ def run_evaluate(checkpoint: str | Path, shards_dir: str | Path, out_dir: str | 
             background=config.background, views=views, ground_truth=gt, detector=detector,
             detector_status=detector_status, ground_truth_status=gt_status, lpips_model=lpips_model,
             lpips_status=lpips_status, bf16=config.bf16, grid_samples=config.grid_samples,
-            grid_views=config.grid_views, max_samples=config.max_samples, context=context)
+            grid_views=config.grid_views, max_samples=config.max_samples, context=context,
+            expression_probe=probe)
     finally:
         if detector is not None:
             detector.close()

@@ -97,7 +97,7 @@ class ReconstructConfig(PrepareConfig):
     PRESETS: ClassVar[dict] = {
         "tiny": dict(turntable_frames=6, render_size=64, preview_views=3, frames_per_key=2, video_fit_frames=6,
                      fit=dict(rigid_iters=20, adam_iters=150, lbfgs_iters=0), device="cpu"),
-        "demo": dict(turntable_frames=36, render_size=192, preview_views=4, frames_per_key=10),
+        "demo": dict(turntable_frames=36, render_size=192, preview_views=4, frames_per_key=11),
         "paper": dict(turntable_frames=96, render_size=512, preview_views=6, frames_per_key=16, fit_preset="default"),
     }
 

@@ -318,3 +318,22 @@ def test_flops_estimate_scaling():
     # paper model: ~1 TFLOP per forward, dominated by the transformer
     assert 0.5e12 < f1["total"] < 2e12
     assert flops_estimate(tiny())["total"] < flops_estimate(build(Avat3rConfig, preset="small"))["total"] < f1["total"]
+
+
+def test_layout_expression_normalisation_drops_head_pose_in_the_head_frame_and_keeps_checkpoints():
+    import numpy as np
+
+    from avat3r_core.tracking import expression_code as ec
+
+    cfg = build(Avat3rConfig, {"expr_normalization": "layout", "frame": "head"}, preset="tiny")
+    enc = Avat3r(cfg).transformer.expression
+    code = lambda **p: torch.as_tensor(ec.encode({"expression": np.zeros((1, 100)), **p}), dtype=torch.float32)  # noqa: E731
+    posed = code(rotation=[[0.3, -0.2, 0.1]], translation=[[0.02, 0.0, 0.5]])
+    z = (posed - enc.shift) * enc.gain
+    assert z.abs().max() == 0  # a neutral face with any head pose is the rest input in the head frame
+    jaw = (code(jaw=[[0.1, 0.0, 0.0]]) - enc.shift) * enc.gain
+    assert jaw[0, ec.JAW].abs().max() == pytest.approx(10 * np.sin(0.1), rel=1e-4)  # 0.1 rad → ~1
+    world = Avat3r(build(Avat3rConfig, {"expr_normalization": "layout"}, preset="tiny")).transformer.expression
+    assert world.gain[ec.HEAD_ROT].min() > 0  # in the world frame the pose stays an input
+    raw = Avat3r(build(Avat3rConfig, {}, preset="tiny"))
+    assert raw.state_dict().keys() == Avat3r(cfg).state_dict().keys()  # buffers are not persistent

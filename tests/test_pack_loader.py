@@ -180,6 +180,17 @@ def test_inputs_come_from_other_timesteps(data):
         centres = {tuple(np.round(np.linalg.inv(w)[:3, 3], 5)) for w in it["world_to_cam"]}
         assert len(centres) == 4  # k-farthest over a 4-camera rig: every camera once
         assert it["target_images"].shape[0] == 4  # T=8 but only 4 cameras
+    # each input view carries its own timestep's code (the one that timestep has as a target)
+    code_of = {(it["key"].rsplit("_", 1)[0], int(it["target_frame"])): it["expression"] for it in items}
+    checked = 0
+    for it in items:
+        for frame, code in zip(it["input_frames"], it["input_expressions"]):
+            ref = code_of.get((it["key"].rsplit("_", 1)[0], int(frame)))
+            if ref is not None:
+                np.testing.assert_array_equal(code, ref)
+                checked += 1
+            assert not np.array_equal(code, it["expression"])  # another timestep, another (random) code
+    assert checked > 0
     ablation = LoaderConfig(resampled=False, shuffle_buffer=0, random_timestep_inputs=False)
     items = list(Avat3rDataset(shards, ablation, seed=1).items())
     assert len(items) == 4 and all((it["input_frames"] == it["target_frame"]).all() for it in items)
@@ -280,6 +291,7 @@ def test_batch_shapes(data):
     assert b.target_images.shape == (B, T, 3, H, H) and b.target_alphas.shape == (B, T, 1, H, H)
     assert len(b.target_cameras) == B * T and b.expression.shape == (B, 135)
     assert b.input_frames.shape == (B, V) and b.target_frames.shape == (B,) and len(b.keys) == B
+    assert b.input_expressions.shape == (B, V, 135)
     assert b.is_finite() and 0 <= float(b.images.min()) and float(b.images.max()) <= 1
     assert all("." not in k for k in b.keys)
 

@@ -21,7 +21,7 @@ import torch
 
 from avat3r_core.dataset.loader import farthest_views
 from avat3r_core.errors import FormatError
-from avat3r_core.library import (LANDMARKS_SUFFIX, AvatarInputError, LibraryEntry, NoFaceError, Preparer, TooFewFramesError,
+from avat3r_core.library import (BUILTIN_KEYS, LANDMARKS_SUFFIX, AvatarInputError, LibraryEntry, NoFaceError, Preparer, TooFewFramesError,
                                  UnreadableInputError,
                                  load_expression_track, pick_diverse_poses, read_library, write_capture_library,
                                  write_library)
@@ -302,7 +302,7 @@ def test_stage_builds_every_mode_names_failures_and_resumes(tmp_path, studio, ra
         assert names <= {f.name for f in d.iterdir()}, avatar_id
         assert len(list(read_frames(d / "turntable.mp4"))) == cfg_t.turntable_frames
         frames = list(read_frames(d / "animation.mp4"))
-        assert len(frames) == 6 * cfg_t.frames_per_key and frames[0].shape == (cfg_t.render_size, cfg_t.render_size, 3)
+        assert len(frames) == (len(BUILTIN_KEYS) - 1) * cfg_t.frames_per_key and frames[0].shape == (cfg_t.render_size, cfg_t.render_size, 3)
         meta = json.loads((d / "meta.json").read_text())
         assert meta["expressions"] == "builtin" and meta["checkpoint"].endswith("checkpoint.pt")
     # the .ply is a standard 3DGS file

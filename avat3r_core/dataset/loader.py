@@ -399,7 +399,7 @@ def decode_item(plan: ItemPlan, decoder: str) -> dict[str, Any]:
     alphas = np.empty((V, H, W), np.uint8)
     pos, conf, feats = [], [], []
     have_feats = all(ts.has_features[c] for ts, c in plan.inputs)  # features only if every input has them
-    w2c, K, frames, heads = [], [], [], []
+    w2c, K, frames, heads, codes = [], [], [], [], []
     for i, (ts, c) in enumerate(plan.inputs):
         s = ts.serials[c]
         if (ts.width, ts.height) != (W, H):
@@ -418,6 +418,7 @@ def decode_item(plan: ItemPlan, decoder: str) -> dict[str, Any]:
         w2c.append(ts.world_to_cam[c])
         K.append(ts.K[c])
         frames.append(ts.frame)
+        codes.append(ts.expression)
         heads.append(ts.head_to_world if ts.head_to_world is not None else np.eye(4))
     timgs = np.empty((T, 3, H, W), np.uint8)
     talphas = np.empty((T, H, W), np.uint8)
@@ -441,6 +442,7 @@ def decode_item(plan: ItemPlan, decoder: str) -> dict[str, Any]:
         "target_head_to_world": t.head_to_world if t.head_to_world is not None else np.eye(4),
         "input_head_to_world": np.stack(heads),
         "expression": t.expression,
+        "input_expressions": np.stack(codes),
         "input_frames": np.array(frames, dtype=np.int64),
         "target_frame": t.frame,
         "width": t.width,
@@ -467,6 +469,7 @@ def _batch_layout(items: list[dict[str, Any]]) -> tuple[list[tuple[str, tuple[in
         ("target_world_to_cam", (B * T, 4, 4), f32), ("target_K", (B * T, 3, 3), f32),
         ("target_head_to_world", (B, 4, 4), f32), ("input_head_to_world", (B, V, 4, 4), f32),
         ("expression", (B,) + first["expression"].shape, f32),
+        ("input_expressions", (B, V) + first["expression"].shape, f32),
         ("input_frames", (B, V), np.int64), ("target_frames", (B,), np.int64),
     ]
     if all(it["features"] is not None for it in items):
@@ -495,6 +498,7 @@ def _fill(arrays: dict[str, np.ndarray], items: list[dict[str, Any]], T: int) ->
         arrays["target_head_to_world"][b] = it["target_head_to_world"]
         arrays["input_head_to_world"][b] = it["input_head_to_world"]
         arrays["expression"][b] = it["expression"]
+        arrays["input_expressions"][b] = it["input_expressions"]
         arrays["input_frames"][b] = it["input_frames"]
         arrays["target_frames"][b] = it["target_frame"]
 
@@ -528,7 +532,7 @@ def _to_batch(arrays: dict[str, np.ndarray], keys: list[str], width: int, height
         target_images=t(arrays["target_images"]), target_alphas=t(arrays["target_alphas"]),
         target_cameras=Cameras(t(arrays["target_world_to_cam"]), t(arrays["target_K"]), width, height),
         expression=t(arrays["expression"]), keys=keys, target_head_to_world=t(arrays["target_head_to_world"]),
-        input_head_to_world=t(arrays["input_head_to_world"]),
+        input_head_to_world=t(arrays["input_head_to_world"]), input_expressions=t(arrays["input_expressions"]),
         input_frames=t(arrays["input_frames"]), target_frames=t(arrays["target_frames"]),
     )
 

@@ -38,6 +38,9 @@ class Avat3rBatch:
     target_head_to_world: Tensor | None = None
     #: (B, V, 4, 4) the same for each input view's own timestep
     input_head_to_world: Tensor | None = None
+    #: (B, V, 135) the expression code of each input view's own timestep: what the inputs show,
+    #: the reference an expression-sensitivity measurement replaces the target's code with
+    input_expressions: Tensor | None = None
 
     @property
     def batch_size(self) -> int:

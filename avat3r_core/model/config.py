@@ -55,6 +55,13 @@ class Avat3rConfig:
     mlp_ratio: float = 4.0
     num_expr_tokens: int = 4  #: S, expression tokens the MLP maps z_exp to
     expr_hidden_dim: int = 0  #: hidden width of the expression MLP (0 = dim)
+    #: how z_exp enters the expression MLP (:class:`~avat3r_core.model.transformer.ExpressionEncoder`):
+    #: "none" = the raw code; "layout" = relative to the rest code, 6D rotation dims × ``expr_rotation_gain``
+    #: (a jaw opening of 0.1 rad then moves its dims by about as much as one sigma of a FLAME
+    #: expression coefficient), and with ``frame="head"`` the head-pose dims dropped (the inputs and
+    #: cameras are already in the head's frame: they carry no appearance there)
+    expr_normalization: str = "none"
+    expr_rotation_gain: float = 10.0
     # ---------------------------------------------------------------- upsampler / head
     upsample_dim: int = 32  #: channels per pixel after linear + pixel-shuffle
     refine_layers: int = 1  #: 3x3 conv layers at full resolution (they also see the input RGB)
@@ -107,6 +114,8 @@ class Avat3rConfig:
                 raise FormatError(_SOURCE, name, f"expected a non-negative integer, got {value!r}")
         if self.refine_layers and self.refine_dim <= 0:
             raise FormatError(_SOURCE, "refine_dim", f"must be positive, got {self.refine_dim}")
+        if self.expr_normalization not in ("none", "layout"):
+            raise FormatError(_SOURCE, "expr_normalization", f"must be none or layout, got {self.expr_normalization!r}")
         if self.frame not in ("head", "world"):
             raise FormatError(_SOURCE, "frame", f"must be head or world, got {self.frame!r}")
         if self.image_size % self.patch_size:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avat3r_core.model.config import Avat3rConfig
+from avat3r_core.tracking import expression_code as ec
 
 __all__ = ["SelfAttention", "CrossAttention", "Mlp", "Block", "ExpressionEncoder", "Transformer"]
 
@@ -93,16 +94,32 @@ class CrossAttention(nn.Module):
 
 
 class ExpressionEncoder(nn.Module):
-    """``z_exp`` (B, D_exp) → S expression tokens (B, S, D)."""
+    """``z_exp`` (B, D_exp) → S expression tokens (B, S, D).
 
-    def __init__(self, expr_dim: int, hidden: int, dim: int, num_tokens: int):
+    The code first becomes ``(z − shift) · gain`` (non-persistent buffers from the config's
+    ``expr_normalization``; identity for ``"none"`` or a code that is not the 135-d layout), so
+    checkpoints hold the same tensors either way."""
+
+    def __init__(self, expr_dim: int, hidden: int, dim: int, num_tokens: int, normalization: str = "none",
+                 rotation_gain: float = 10.0, frame: str = "world"):
         super().__init__()
         self.num_tokens, self.dim = num_tokens, dim
         self.fc1 = nn.Linear(expr_dim, hidden)
         self.fc2 = nn.Linear(hidden, num_tokens * dim)
         self.token_embed = nn.Parameter(torch.zeros(1, num_tokens, dim))
+        shift, gain = torch.zeros(expr_dim), torch.ones(expr_dim)
+        if normalization == "layout" and expr_dim == ec.DIM:
+            for part in (ec.EYE_LEFT, ec.EYE_RIGHT, ec.NECK, ec.JAW, ec.HEAD_ROT):
+                shift[part] = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])  # 6D of the identity rotation
+                gain[part] = rotation_gain
+            gain[ec.HEAD_TRANS] = rotation_gain  # metres: 0.1 m ~ 1
+            if frame == "head":
+                gain[ec.HEAD_POSE] = 0.0
+        self.register_buffer("shift", shift, persistent=False)
+        self.register_buffer("gain", gain, persistent=False)
 
     def forward(self, z: Tensor) -> Tensor:
+        z = (z - self.shift.to(z.dtype)) * self.gain.to(z.dtype)
         e = self.fc2(F.gelu(self.fc1(z))).view(z.shape[0], self.num_tokens, self.dim)
         return e + self.token_embed
 
@@ -114,7 +131,8 @@ class Transformer(nn.Module):
         eps = 1e-6
         self.blocks = nn.ModuleList(Block(c.dim, c.num_heads, c.mlp_hidden, eps) for _ in range(c.depth))
         self.cross = nn.ModuleList(CrossAttention(c.dim, c.num_heads, eps) for _ in range(c.cross_attn_layers))
-        self.expression = ExpressionEncoder(c.expr_dim, c.expr_hidden, c.dim, c.num_expr_tokens)
+        self.expression = ExpressionEncoder(c.expr_dim, c.expr_hidden, c.dim, c.num_expr_tokens, c.expr_normalization,
+                                            c.expr_rotation_gain, c.frame)
         self.norm = nn.LayerNorm(c.dim, eps=eps)
         # block index → cross-attention layer that follows it
         self._cross_of = {i: k for k, i in enumerate(c.cross_after)}

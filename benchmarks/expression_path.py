@@ -1,0 +1,181 @@
+"""Why the expression path does (not) learn: the data it sees and the gradients it gets, in one run.
+
+Prints JSON:
+
+* ``codes``: over the training split's samples, the spread of each part of the 135-d code
+  (std of the dims, mean over the part), how much a target's code differs from its inputs' mean
+  code per part (the change the network is asked to produce), the jaw opening (decoded angle)
+  change target vs inputs and the share of samples where it exceeds 0.05 rad, and how well
+  expression dim 0 tracks the jaw angle.
+* ``gradients``: a short training run of the given config on the shards, per component
+  (tokenizer, self-attention blocks, cross-attention, expression MLP, head): the mean gradient
+  norm the optimiser saw (after clipping, which scales all parts alike), its RMS per parameter and
+  the relative change of the weights ``‖θ_end − θ_0‖ / ‖θ_0‖`` — the reference is the rest of
+  the network measured in the same run.
+* ``gradients.validation``: validation PSNR with the target's code vs the inputs' / a neutral
+  code during the run.
+* ``evaluation`` (with ``--frames`` and ``--ground-truth``): the evaluation's expression
+  sensitivity of the final model on ``--split`` (mouth / eye boxes from the ground-truth landmarks,
+  MediaPipe lip gap per sequence), :func:`stages.evaluate.run_evaluate` with ``--eval-samples``.
+
+    python benchmarks/expression_path.py --shards data/shards --steps 150 [--model '{"...": ...}'] \
+        [--frames data/frames/frames.parquet --ground-truth data/ground_truth/synthetic]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from avat3r_core.config import build  # noqa: E402
+from avat3r_core.tracking import expression_code as ec  # noqa: E402
+from avat3r_core.training import TrainConfig, train_loop  # noqa: E402
+from stages.train import ShardSource, TrainDataConfig, model_overrides_from_shards  # noqa: E402
+
+PARTS = {"expr": ec.EXPR, "eyes": ec.EYES, "neck": ec.NECK, "jaw": ec.JAW, "head_rot": ec.HEAD_ROT,
+         "head_trans": ec.HEAD_TRANS}
+
+
+def jaw_angle(codes: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(ec.decode(codes.reshape(-1, ec.DIM))["jaw"], axis=-1).reshape(codes.shape[:-1])
+
+
+def code_statistics(shards: str, data: TrainDataConfig, samples: int) -> dict:
+    source = ShardSource(shards, data, 1, split="train", validation=True)
+    source.data = TrainDataConfig(loader=data.loader, epoch_length=data.epoch_length, val_samples=samples)
+    targets, inputs = [], []
+    for batch in source():
+        targets.append(batch.expression.numpy())
+        inputs.append(batch.input_expressions.numpy())
+    t, i = np.concatenate(targets), np.concatenate(inputs)  # (N, 135), (N, V, 135)
+    delta = t - i.mean(1)
+    jt, ji = jaw_angle(t), jaw_angle(i).mean(1)
+    return {
+        "samples": len(t),
+        "std_per_dim": {k: float(t[:, s].std(0).mean()) for k, s in PARTS.items()},
+        "target_minus_inputs_abs_per_dim": {k: float(np.abs(delta[:, s]).mean()) for k, s in PARTS.items()},
+        "jaw_angle_rad": {"min": float(jt.min()), "max": float(jt.max()),
+                          "mean_abs_change_target_vs_inputs": float(np.abs(jt - ji).mean()),
+                          "share_change_over_0.05": float((np.abs(jt - ji) > 0.05).mean())},
+        "corr_expr0_vs_jaw_angle": float(np.corrcoef(t[:, 0], jt)[0, 1]) if t[:, 0].std() > 0 else None,
+    }
+
+
+def component(name: str) -> str:
+    for prefix, part in (("tokenizer.", "tokenizer"), ("transformer.blocks.", "self_attention"),
+                         ("transformer.cross.", "cross_attention"), ("transformer.expression.", "expression_mlp"),
+                         ("head.", "head")):
+        if name.startswith(prefix):
+            return part
+    return "other"
+
+
+def gradient_run(config: TrainConfig, data: TrainDataConfig, shards: str, evaluate: dict | None = None) -> dict:
+    norms: dict[str, list[float]] = defaultdict(list)
+    state: dict = {}
+
+    original_adam = torch.optim.Adam
+
+    class RecordingAdam(original_adam):  # the optimiser train_loop builds, recording what each part gets
+        def step(self, closure=None):
+            model = state["model"]
+            sq: dict[str, float] = defaultdict(float)
+            count: dict[str, int] = defaultdict(int)
+            for n, p in model.named_parameters():
+                if p.grad is not None:
+                    sq[component(n)] += float(p.grad.detach().pow(2).sum())
+                    count[component(n)] += p.numel()
+            for k in sq:
+                norms[k].append(sq[k] ** 0.5)
+                norms[k + "_rms"].append((sq[k] / count[k]) ** 0.5)
+            return super().step(closure)
+
+    from avat3r_core import training
+
+    original_build = training.build_model
+
+    def build_and_keep(cfg):
+        model = original_build(cfg)
+        state["model"] = model
+        state["initial"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return model
+
+    training.build_model, torch.optim.Adam = build_and_keep, RecordingAdam
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            metrics = train_loop(config, ShardSource(shards, data, config.batch_size, seed=config.seed), tmp,
+                                 val_source=ShardSource(shards, data, 1, split=data.val_split, validation=True))
+            val = list(csv_rows(Path(tmp) / "plots" / "val.csv"))
+            evaluation = None
+            if evaluate:
+                from avat3r_core.evaluation import EvalConfig
+                from stages.evaluate import run_evaluate
+
+                m = run_evaluate(Path(tmp) / "checkpoints", shards, Path(tmp) / "eval", evaluate["split"],
+                                 frames_manifest=evaluate["frames"], ground_truth=evaluate["ground_truth"],
+                                 config=EvalConfig(max_samples=evaluate["samples"], target_views=4))
+                evaluation = {"psnr": m["ours"]["psnr"], "baseline_psnr": m["baseline"]["psnr"],
+                              "expression_sensitivity": m["expression_sensitivity"]}
+    finally:
+        training.build_model, torch.optim.Adam = original_build, original_adam
+    model = state["model"]
+    change: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for n, p in model.named_parameters():
+        c = component(n)
+        change[c][0] += float((p.detach() - state["initial"][n]).pow(2).sum())
+        change[c][1] += float(state["initial"][n].pow(2).sum())
+    return {
+        "steps": metrics["steps"],
+        "grad_norm_mean": {k: float(np.mean(v)) for k, v in norms.items() if not k.endswith("_rms")},
+        "grad_rms_per_parameter_mean": {k[:-4]: float(np.mean(v)) for k, v in norms.items() if k.endswith("_rms")},
+        "relative_weight_change": {k: (a / b) ** 0.5 if b > 0 else None for k, (a, b) in change.items()},
+        "validation": val,
+        "evaluation": evaluation,
+    }
+
+
+def csv_rows(path: Path):
+    import csv
+
+    with path.open(newline="") as f:
+        for r in csv.DictReader(f):
+            yield {k: (float(v) if v not in ("", None) else None) for k, v in r.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shards", default="data/shards")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--samples", type=int, default=64, help="training samples for the code statistics")
+    ap.add_argument("--model", default="{}", help="Avat3rConfig overrides (JSON)")
+    ap.add_argument("--train", default="{}", help="TrainConfig overrides (JSON)")
+    ap.add_argument("--val-samples", type=int, default=8)
+    ap.add_argument("--frames", default="", help="frames.parquet (with --ground-truth: evaluate the final model)")
+    ap.add_argument("--ground-truth", default="")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--eval-samples", type=int, default=20)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    data = build(TrainDataConfig, {"preset": "demo", "val_samples": args.val_samples})
+    model = {**model_overrides_from_shards(args.shards), "frame": data.loader.frame, **json.loads(args.model)}
+    config = build(TrainConfig, {"preset": "tiny", "steps": args.steps, "validate_every": max(1, args.steps // 3),
+                                 "checkpoint_every": args.steps, "model": model, **json.loads(args.train)})
+    evaluate = ({"frames": args.frames, "ground_truth": args.ground_truth, "split": args.split,
+                 "samples": args.eval_samples} if args.frames and args.ground_truth else None)
+    out = {"config": {"steps": args.steps, "model": model, "train": json.loads(args.train)},
+           "codes": code_statistics(args.shards, data, args.samples),
+           "gradients": gradient_run(config, data, args.shards, evaluate)}
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
