@@ -105,7 +105,8 @@ def video_driver(path: str | Path, face_model: str | Path, landmark_embedding: s
     from avat3r_core.tracking.landmarks import MediaPipeLandmarks
 
     path = str(path)
-    frames = read_video_frames(path, max_frames if max_frames > 0 else 1 << 30)
+    # frames shrunk to 2048 px at most; landmarks and the fit live in those pixels
+    frames, _ = read_video_frames(path, max_frames if max_frames > 0 else 1 << 30)
     embedding = load_landmark_embedding(str(landmark_embedding))
     layer = FlameLayer(load_flame_model(str(face_model)), landmarks=embedding, dtype=torch.float64).eval()
     with MediaPipeLandmarks(mediapipe_model) as detector:
