@@ -165,6 +165,22 @@ def _read_calibration(pid: str, path: Path, problems: list[Problem]) -> tuple[li
         return [], None
 
 
+def _scan_subject_folders(reader, root: str | Path, probe: bool, decode: bool) -> CaptureIndex:
+    """The scan both NeRSemble layouts share: ``root`` (a local path or a URI), its ``metadata_*.csv``,
+    and one :class:`CaptureSubject` per subject folder from the reader's ``_scan_subject``."""
+    root = storage.as_path(root)
+    index = CaptureIndex(reader.name, str(root))
+    if not root.exists():
+        index.problems.append(Problem("", None, None, str(root), "dataset root does not exist"))
+        return index
+    index.metadata = _metadata_files(root)
+    for subject_dir in reader._subject_dirs(root):
+        index.subjects[subject_dir.name] = reader._scan_subject(subject_dir, index.problems, probe, decode)
+    if not index.subjects:
+        index.problems.append(Problem("", None, None, str(root), "no subject directories (<pid:03d>/) found"))
+    return index
+
+
 class NersembleReader:
     """NeRSemble v2 raw release: ``<root>/<pid:03d>/calibration/camera_params.json`` +
     ``sequences/<SEQ>/images/cam_<serial>.mp4``.
@@ -193,17 +209,7 @@ class NersembleReader:
     def scan(self, root: Path, probe: bool = True, decode: bool = True) -> CaptureIndex:
         """``probe`` reads each video's size and frame count; ``decode`` counts frames by decoding
         (finds truncated files before processing, at the cost of a full decode)."""
-        root = storage.as_path(root)  # a local path or a URI (s3://...)
-        index = CaptureIndex(self.name, str(root))
-        if not root.exists():
-            index.problems.append(Problem("", None, None, str(root), "dataset root does not exist"))
-            return index
-        index.metadata = _metadata_files(root)
-        for subject_dir in self._subject_dirs(root):
-            index.subjects[subject_dir.name] = self._scan_subject(subject_dir, index.problems, probe, decode)
-        if not index.subjects:
-            index.problems.append(Problem("", None, None, str(root), "no subject directories (<pid:03d>/) found"))
-        return index
+        return _scan_subject_folders(self, root, probe, decode)
 
     def _scan_subject(self, subject_dir: Path, problems: list[Problem], probe: bool, decode: bool) -> CaptureSubject:
         pid = subject_dir.name
@@ -386,19 +392,10 @@ class NersembleV1Reader:
     def scan(self, root: Path, probe: bool = True, decode: bool = True) -> CaptureIndex:
         """``probe`` reads each camera's image size (from its first PNG's header); ``decode`` is
         unused (images are checked for presence and size; extract decodes them)."""
-        root = Path(root)
-        index = CaptureIndex(self.name, str(root))
-        if not root.exists():
-            index.problems.append(Problem("", None, None, str(root), "dataset root does not exist"))
-            return index
-        index.metadata = _metadata_files(root)
-        for subject_dir in self._subject_dirs(root):
-            index.subjects[subject_dir.name] = self._scan_subject(subject_dir, index.problems, probe)
-        if not index.subjects:
-            index.problems.append(Problem("", None, None, str(root), "no subject directories (<pid:03d>/) found"))
-        return index
+        return _scan_subject_folders(self, root, probe, decode)
 
-    def _scan_subject(self, subject_dir: Path, problems: list[Problem], probe: bool) -> CaptureSubject:
+    def _scan_subject(self, subject_dir: Path, problems: list[Problem], probe: bool, decode: bool) -> CaptureSubject:
+        del decode  # images are checked for presence and size only; extract decodes them
         pid = subject_dir.name
         calib_path = subject_dir / "camera_params.json"
         serials, cams = _read_calibration(pid, calib_path, problems)
