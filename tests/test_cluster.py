@@ -19,21 +19,11 @@ import pytest
 import yaml
 
 from stages.runner import Stage
+from tests.mini_params import mini_params
 
 REPO = Path(__file__).resolve().parents[1]
 
-MINI = {
-    "synth": {"preset": "tiny", "seed": 3, "preview": False, "subjects": 3, "frames": 2, "cameras": 3},
-    "extract": {"preset": "tiny"},
-    # a few fit iterations: what is tested here is where items run, not the fit
-    "track": {"preset": "tiny", "backend": "ground_truth", "overlay_frames": 1,
-              "fit": {"rigid_iters": 5, "adam_iters": 10, "lbfgs_iters": 2}},
-    "priors": {"preset": "tiny"},
-    "pack": {"preset": "tiny", "split_fractions": [0.34, 0.33, 0.33]},
-    "train": {"preset": "tiny", "steps": 2, "validate_every": 0, "checkpoint_every": 2, "cpus_per_worker": 1,
-              "data": {"preset": "tiny"}},
-    "runtime": {"resources": {"default": {"num_cpus": 1, "max_errors": 2}}},
-}
+MINI = mini_params(seed=3)
 
 
 @pytest.fixture(scope="module")
