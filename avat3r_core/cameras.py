@@ -1,4 +1,4 @@
-"""Batched pinhole cameras (OpenCV convention) and the calibration files we read and write.
+"""Batched pinhole cameras (OpenCV convention): the :class:`Cameras` type.
 
 Conventions
 -----------
@@ -14,92 +14,27 @@ Conventions
 Geometry (``project``, ``unproject``, ``rays``, ``plucker``, ``crop``/``resize``) is plain torch
 and differentiable with respect to the points, the poses and the intrinsics.
 
-Files
------
-* NeRSemble ``camera_params.json``: ``{"world_2_cam": {serial: 4x4}, "intrinsics": 3x3}``, OpenCV
-  world-to-camera, one intrinsics matrix shared by all cameras (or ``{serial: 3x3}``, one per camera)
-  at full resolution; the file holds no image size.
-* nerfstudio ``transforms.json``: per frame a camera-to-world ``transform_matrix`` in the
-  OpenGL/Blender camera convention (x right, y up, z backward) and pinhole intrinsics
-  ``fl_x, fl_y, cx, cy, w, h`` at top level and/or per frame (per frame wins). nerfstudio uses the
-  same pixel-centre +0.5 convention, so ``cx``/``cy`` are taken over unchanged.
-
-Every reader raises :class:`~avat3r_core.errors.FormatError` naming the file and the field.
+The calibration files (NeRSemble ``camera_params.json``, nerfstudio ``transforms.json``) are read and
+written by :mod:`avat3r_core.formats.calibration`; numpy geometry lives in :mod:`avat3r_core.geometry`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from avat3r_core import storage
-from avat3r_core.errors import FormatError, check_finite
-from avat3r_core.formats.parsing import read_json
+from avat3r_core.errors import FormatError, check_finite, check_size, is_int
+from avat3r_core.geometry import RIGID_TOL, rigid_errors
 
-__all__ = [
-    "Cameras",
-    "to_head_frame",
-    "NERSEMBLE_FULL_SIZE",
-    "read_nersemble_calibration",
-    "write_nersemble_calibration",
-    "read_transforms_json",
-    "write_transforms_json",
-    "image_size",
-    "OPENGL_TO_OPENCV",
-]
+__all__ = ["Cameras"]
 
-#: Full-resolution NeRSemble frame size as the dataset documents it ("3208x2200"); which side is
-#: the width is resolved from the principal point when the caller does not say (see
-#: :func:`read_nersemble_calibration`).
-NERSEMBLE_FULL_SIZE = (3208, 2200)
-
-#: Flips camera axes between OpenGL/Blender (x right, y up, z back) and OpenCV (x right, y down,
-#: z forward). It is its own inverse: ``c2w_cv = c2w_gl @ OPENGL_TO_OPENCV``.
-OPENGL_TO_OPENCV = np.diag([1.0, -1.0, -1.0, 1.0])
 
 _IN_MEMORY = "Cameras"
-# Tolerance of the rigidity checks (R R^T = I, last row [0, 0, 0, 1]); loose enough for float32
-# data and calibration files written with ~6 significant digits.
-_RIGID_TOL = 1e-3
-# Distortion keys nerfstudio (and COLMAP-derived exporters) write.
-_DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "k5", "k6", "p1", "p2")
-_PINHOLE_MODELS = ("OPENCV", "PINHOLE", "SIMPLE_PINHOLE", "SIMPLE_RADIAL", "RADIAL")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _check_size(value: Any, path: Any, field: str) -> int:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not _is_int(value):
-        raise FormatError(path, field, f"expected a positive integer, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise FormatError(path, field, f"expected a positive integer, got {value}")
-    return int(value)
-
-
-def _batched_rigid_errors(world_to_cam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-camera (last-row error, orthonormality error, det(R)) of (B, 4, 4) matrices."""
-    with torch.no_grad():
-        m = world_to_cam.detach().double()
-        last = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=m.dtype, device=m.device)
-        last_err = (m[:, 3, :] - last).abs().amax(dim=-1)
-        r = m[:, :3, :3]
-        eye = torch.eye(3, dtype=m.dtype, device=m.device)
-        ortho_err = (r @ r.transpose(-1, -2) - eye).abs().amax(dim=(-1, -2))
-        # the triple product: elementwise, far cheaper than a batched LU for 3x3 blocks
-        det = (torch.linalg.cross(r[:, 0], r[:, 1], dim=-1) * r[:, 2]).sum(-1)
-    return last_err, ortho_err, det
 
 
 def _as_float_tensor(value: Any, name: str) -> Tensor:
@@ -137,16 +72,16 @@ class Cameras:
             raise FormatError(_IN_MEMORY, "K", f"expected a floating dtype, got {K.dtype}")
         if K.dtype != w2c.dtype or K.device != w2c.device:
             self.K = K = K.to(device=w2c.device, dtype=w2c.dtype)
-        self.width = _check_size(self.width, _IN_MEMORY, "width")
-        self.height = _check_size(self.height, _IN_MEMORY, "height")
+        self.width = check_size(self.width, _IN_MEMORY, "width")
+        self.height = check_size(self.height, _IN_MEMORY, "height")
         check_finite(w2c.detach(), _IN_MEMORY, "world_to_cam")
         check_finite(K.detach(), _IN_MEMORY, "K")
         if len(w2c) == 0:
             return
-        last_err, ortho_err, det = _batched_rigid_errors(w2c)
+        last_err, ortho_err, det = rigid_errors(w2c)
         for name, bad, msg in (
-            ("world_to_cam", last_err > _RIGID_TOL, "last row must be [0, 0, 0, 1]"),
-            ("world_to_cam", ortho_err > _RIGID_TOL, "rotation block is not orthonormal"),
+            ("world_to_cam", last_err > RIGID_TOL, "last row must be [0, 0, 0, 1]"),
+            ("world_to_cam", ortho_err > RIGID_TOL, "rotation block is not orthonormal"),
             ("world_to_cam", det <= 0, "rotation block has det <= 0 (a reflection)"),
         ):
             if bool(bad.any()):
@@ -179,7 +114,7 @@ class Cameras:
 
     def __getitem__(self, index: int | slice | Tensor | Sequence[int]) -> Cameras:
         """Select cameras; an int keeps a batch dimension of 1."""
-        if _is_int(index):
+        if is_int(index):
             i = int(index)
             n = len(self)
             if not -n <= i < n:
@@ -390,16 +325,16 @@ class Cameras:
         """Crop to the box with top-left corner (x0, y0) (pixels; scalars or per-camera (B,)) and
         size w x h. The box may extend beyond the image. A point projecting to (u, v) projects to
         (u - x0, v - y0) in the crop."""
-        w = _check_size(w, _IN_MEMORY, "crop.w")
-        h = _check_size(h, _IN_MEMORY, "crop.h")
+        w = check_size(w, _IN_MEMORY, "crop.w")
+        h = check_size(h, _IN_MEMORY, "crop.h")
         ones = torch.ones(len(self), dtype=self.dtype, device=self.device)
         return self._with_affine(ones, ones, self._per_camera(x0, "x0"), self._per_camera(y0, "y0"), w, h)
 
     def resize(self, width: int, height: int) -> Cameras:
         """Resize the image to width x height. Continuous coordinates scale by (W'/W, H'/H), so with
         the pixel-centre +0.5 convention ``cx' = cx * W'/W`` exactly."""
-        width = _check_size(width, _IN_MEMORY, "resize.width")
-        height = _check_size(height, _IN_MEMORY, "resize.height")
+        width = check_size(width, _IN_MEMORY, "resize.width")
+        height = check_size(height, _IN_MEMORY, "resize.height")
         sx = torch.full((len(self),), width / self.width, dtype=self.dtype, device=self.device)
         sy = torch.full((len(self),), height / self.height, dtype=self.dtype, device=self.device)
         zero = torch.zeros_like(sx)
@@ -411,10 +346,10 @@ class Cameras:
         ``boxes``: (B, 4) ``(x0, y0, w, h)`` in pixels (may extend beyond the image; w, h > 0 may be
         fractional). ``size``: ``(width, height)`` of the output, or an int for a square.
         """
-        if _is_int(size):
+        if is_int(size):
             size = (int(size), int(size))
-        out_w = _check_size(size[0], _IN_MEMORY, "crop_resize.size[0]")
-        out_h = _check_size(size[1], _IN_MEMORY, "crop_resize.size[1]")
+        out_w = check_size(size[0], _IN_MEMORY, "crop_resize.size[0]")
+        out_h = check_size(size[1], _IN_MEMORY, "crop_resize.size[1]")
         b = torch.as_tensor(boxes, dtype=self.dtype, device=self.device)
         if b.ndim == 1:
             b = b.expand(len(self), 4)
@@ -518,7 +453,7 @@ class Cameras:
         the remainder) and spread evenly over ``yaw_range_deg`` within a row (yaw 0 = straight in
         front, positive yaw towards +x). Row order first, then increasing yaw.
         """
-        n = _check_size(n, _IN_MEMORY, "rig_arc.n")
+        n = check_size(n, _IN_MEMORY, "rig_arc.n")
         levels = list(pitch_deg_levels)
         if not levels:
             raise ValueError("rig_arc: pitch_deg_levels must not be empty")
@@ -541,322 +476,3 @@ class Cameras:
         eye = tgt + radius * offset
         cams = cls.look_at(eye, tgt, up=up, fov_deg=fov_deg, width=width, height=height, dtype=torch.float64)
         return cams.to(device=device, dtype=dtype)
-
-
-# ====================================================================== JSON helpers
-
-
-def _require(obj: Any, key: str, path: Path, field: str) -> Any:
-    if not isinstance(obj, dict):
-        raise FormatError(path, field, f"expected an object holding {key!r}, got {type(obj).__name__}")
-    if key not in obj:
-        raise FormatError(path, field, "missing")
-    return obj[key]
-
-
-def _number(value: Any, path: Path, field: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise FormatError(path, field, f"expected a number, got {type(value).__name__} {value!r}")
-    out = float(value)
-    if not math.isfinite(out):
-        raise FormatError(path, field, f"non-finite value {value!r}")
-    return out
-
-
-def _matrix(value: Any, rows: int, cols: int, path: Path, field: str) -> np.ndarray:
-    """A JSON nested list → float64 (rows, cols) array, with messages naming the bad entry."""
-    if not isinstance(value, list) or not all(isinstance(r, list) for r in value):
-        kind = type(value).__name__
-        raise FormatError(path, field, f"expected a {rows}x{cols} matrix (list of lists), got {kind}")
-    lengths = {len(r) for r in value}
-    if len(lengths) > 1:
-        raise FormatError(path, field, f"expected a {rows}x{cols} matrix, got ragged rows of lengths {sorted(lengths)}")
-    got = (len(value), lengths.pop() if lengths else 0)
-    if got != (rows, cols):
-        raise FormatError(path, field, f"expected a {rows}x{cols} matrix, got {got[0]}x{got[1]}")
-    out = np.empty((rows, cols), dtype=np.float64)
-    for i, row in enumerate(value):
-        for j, x in enumerate(row):
-            if isinstance(x, bool) or not isinstance(x, (int, float)):
-                raise FormatError(path, field, f"expected a number at [{i}][{j}], got {type(x).__name__} {x!r}")
-            out[i, j] = float(x)
-    check_finite(out, path, field)
-    return out
-
-
-def _check_rigid(m: np.ndarray, path: Path, field: str) -> None:
-    if np.abs(m[3] - np.array([0.0, 0.0, 0.0, 1.0])).max() > _RIGID_TOL:
-        raise FormatError(path, field, f"last row must be [0, 0, 0, 1], got {m[3].tolist()}")
-    r = m[:3, :3]
-    err = np.abs(r @ r.T - np.eye(3)).max()
-    if err > _RIGID_TOL:
-        raise FormatError(path, field, f"rotation block is not orthonormal (max |R R^T - I| = {err:.3g})")
-    if np.linalg.det(r) <= 0:
-        raise FormatError(path, field, "rotation block has det <= 0 (a reflection)")
-
-
-def _check_intrinsics(k: np.ndarray, path: Path, field: str) -> None:
-    if np.abs(k[2] - np.array([0.0, 0.0, 1.0])).max() > 1e-6 or abs(k[1, 0]) > 1e-6:
-        raise FormatError(path, field, f"expected [[fx, s, cx], [0, fy, cy], [0, 0, 1]], got {k.tolist()}")
-    if k[0, 0] <= 0 or k[1, 1] <= 0:
-        raise FormatError(path, field, f"focal lengths must be positive, got fx={k[0, 0]}, fy={k[1, 1]}")
-
-
-def image_size(image: str | Path) -> tuple[int, int]:
-    """(width, height) from an image file's header; FormatError naming the file otherwise."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(image) as im:
-            return im.size
-    except FileNotFoundError:
-        raise FormatError(image, None, "image file missing") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise FormatError(image, None, f"unreadable image ({exc})") from None
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-
-
-def not_rigid(transforms: Any) -> np.ndarray:
-    """Indices of the entries of ``transforms`` (16 values or a 4x4 each) that are not finite
-    rigid transforms, by the rule :class:`Cameras` applies to ``world_to_cam``. Every reader of a
-    tracked ``head_to_world`` checks it with this: a bad one would silently move every camera and
-    position map of its frame."""
-    H = np.asarray(transforms, np.float64).reshape(-1, 4, 4)
-    finite = np.isfinite(H).all(axis=(1, 2))
-    last_err, ortho_err, det = _batched_rigid_errors(torch.from_numpy(np.where(finite[:, None, None], H, np.eye(4))))
-    rigid = finite & (last_err <= _RIGID_TOL).numpy() & (ortho_err <= _RIGID_TOL).numpy() & (det > 0).numpy()
-    return np.flatnonzero(~rigid)
-
-
-def is_rigid(values: Any) -> bool:
-    """Whether ``values`` (16 numbers, flat or 4x4) are one finite rigid transform (:func:`not_rigid`)."""
-    H = np.asarray(values, np.float64)
-    return H.size == 16 and not len(not_rigid(H))
-
-
-def to_head_frame(points: np.ndarray, head_to_world: np.ndarray) -> np.ndarray:
-    """World points (..., 3) in a rigid frame given by its (4, 4) frame-to-world transform (e.g. a
-    tracked head frame): ``R^T (p - t)``, in float32 (position maps' working precision)."""
-    R, t = head_to_world[:3, :3].astype(np.float32), head_to_world[:3, 3].astype(np.float32)
-    return (np.asarray(points, np.float32) - t) @ R
-
-
-# ====================================================================== NeRSemble
-
-
-def read_nersemble_calibration(
-    path: str | Path,
-    width: int | None = None,
-    height: int | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[list[str], Cameras]:
-    """Read a NeRSemble ``camera_params.json``; returns (sorted serials, Cameras).
-
-    ``intrinsics`` is one 3x3 matrix shared by all cameras, or ``{serial: 3x3}`` per camera.
-
-    The file holds no image size. Give ``width``/``height`` of the frames the intrinsics belong to
-    (the full-resolution ones; scale the cameras with :meth:`Cameras.resize` for downscaled frames).
-    When both are omitted the documented full size 3208x2200 is used, oriented (landscape or
-    portrait) so that the principal point lies nearest the image centre.
-    """
-    path = storage.as_path(path)  # a local path or a URI
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise FormatError(path, None, f"expected a JSON object, got {type(data).__name__}")
-    w2c_map = _require(data, "world_2_cam", path, "world_2_cam")
-    if not isinstance(w2c_map, dict):
-        kind = type(w2c_map).__name__
-        raise FormatError(path, "world_2_cam", f"expected an object {{serial: 4x4}}, got {kind}")
-    if not w2c_map:
-        raise FormatError(path, "world_2_cam", "no cameras")
-    serials = sorted(w2c_map)
-    intrinsics = _require(data, "intrinsics", path, "intrinsics")
-    if isinstance(intrinsics, dict):  # one matrix per serial (the benchmark release's variant)
-        absent = [s for s in serials if s not in intrinsics]
-        if absent:
-            raise FormatError(path, f"intrinsics.{absent[0]}", f"missing for {len(absent)} camera(s) of world_2_cam: {absent}")
-        Ks = [_matrix(intrinsics[s], 3, 3, path, f"intrinsics.{s}") for s in serials]
-        for s, k in zip(serials, Ks):
-            _check_intrinsics(k, path, f"intrinsics.{s}")
-    else:
-        K = _matrix(intrinsics, 3, 3, path, "intrinsics")
-        _check_intrinsics(K, path, "intrinsics")
-        Ks = [K] * len(serials)
-    mats = []
-    for s in serials:
-        field = f"world_2_cam.{s}"
-        m = _matrix(w2c_map[s], 4, 4, path, field)
-        _check_rigid(m, path, field)
-        mats.append(m)
-    if width is None and height is None:
-        a, b = NERSEMBLE_FULL_SIZE
-        cx, cy = np.mean([k[0, 2] for k in Ks]), np.mean([k[1, 2] for k in Ks])
-        landscape = abs(cx - a / 2) + abs(cy - b / 2)
-        portrait = abs(cx - b / 2) + abs(cy - a / 2)
-        width, height = (a, b) if landscape <= portrait else (b, a)
-    elif width is None or height is None:
-        raise ValueError("read_nersemble_calibration: give both width and height, or neither")
-    width = _check_size(width, path, "width")
-    height = _check_size(height, path, "height")
-    w2c = torch.as_tensor(np.stack(mats)).to(dtype)
-    return serials, Cameras(w2c, torch.as_tensor(np.stack(Ks)).to(dtype), width, height)
-
-
-def write_nersemble_calibration(path: str | Path, serials: Sequence[str], cams: Cameras) -> None:
-    """Write ``camera_params.json`` in NeRSemble's layout (image size is not stored).
-
-    The format shares one intrinsics matrix: raises FormatError (field ``intrinsics``) if the
-    cameras' K differ (beyond 1e-6 relative).
-    """
-    path = storage.as_path(path)  # a local path or a URI
-    serials = [str(s) for s in serials]
-    if len(serials) != len(cams):
-        raise ValueError(f"{len(serials)} serials for {len(cams)} cameras")
-    if len(set(serials)) != len(serials):
-        raise ValueError("serials must be unique")
-    if len(cams) == 0:
-        raise ValueError("no cameras to write")
-    K = cams.K.detach().double().cpu()
-    if not torch.allclose(K, K[:1].expand_as(K), rtol=1e-6, atol=1e-9):
-        i = int(((K - K[:1]).abs().amax(dim=(1, 2)) > 1e-9).nonzero()[0, 0])
-        raise FormatError(
-            path, "intrinsics", f"NeRSemble shares one intrinsics matrix, but camera {serials[i]} has a different K"
-        )
-    w2c = cams.world_to_cam.detach().double().cpu()
-    obj = {
-        "world_2_cam": {s: w2c[i].tolist() for i, s in enumerate(serials)},
-        "intrinsics": K[0].tolist(),
-    }
-    _write_json(path, obj)
-
-
-# ====================================================================== nerfstudio transforms.json
-
-
-def _intrinsic_value(frame: dict, top: dict, key: str, path: Path, i: int) -> tuple[Any, str]:
-    """A per-frame intrinsic value (frame wins over top level) and the field it came from."""
-    if key in frame:
-        return frame[key], f"frames[{i}].{key}"
-    if key in top:
-        return top[key], key
-    raise FormatError(path, f"frames[{i}].{key}", "missing (neither in the frame nor at top level)")
-
-
-def read_transforms_json(
-    path: str | Path, dtype: torch.dtype = torch.float32
-) -> tuple[list[str], Cameras]:
-    """Read a nerfstudio ``transforms.json``; returns (file paths as written, Cameras).
-
-    Poses are converted from OpenGL camera-to-world to OpenCV world-to-camera. All frames must share
-    one image size; without ``w``/``h`` (frame or top level) it is read from each frame's image. Nonzero distortion coefficients and non-pinhole camera models are rejected
-    (we do not undistort).
-    """
-    path = storage.as_path(path)  # a local path or a URI
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise FormatError(path, None, f"expected a JSON object, got {type(data).__name__}")
-    model = data.get("camera_model")
-    if model is not None and model not in _PINHOLE_MODELS:
-        raise FormatError(path, "camera_model", f"unsupported camera model {model!r} (pinhole only)")
-    for key in _DISTORTION_KEYS:
-        if key in data and _number(data[key], path, key) != 0.0:
-            raise FormatError(path, key, f"nonzero distortion {data[key]!r}; undistort the images first")
-    frames = _require(data, "frames", path, "frames")
-    if not isinstance(frames, list):
-        raise FormatError(path, "frames", f"expected a list, got {type(frames).__name__}")
-    if not frames:
-        raise FormatError(path, "frames", "no frames")
-    files: list[str] = []
-    w2cs, Ks = [], []
-    size: tuple[int, int] | None = None
-    size_field = ""
-    for i, frame in enumerate(frames):
-        if not isinstance(frame, dict):
-            raise FormatError(path, f"frames[{i}]", f"expected an object, got {type(frame).__name__}")
-        fp = _require(frame, "file_path", path, f"frames[{i}].file_path")
-        if not isinstance(fp, str):
-            raise FormatError(path, f"frames[{i}].file_path", f"expected a string, got {type(fp).__name__}")
-        fmodel = frame.get("camera_model")
-        if fmodel is not None and fmodel not in _PINHOLE_MODELS:
-            raise FormatError(
-                path, f"frames[{i}].camera_model", f"unsupported camera model {fmodel!r} (pinhole only)"
-            )
-        for key in _DISTORTION_KEYS:
-            if key in frame and _number(frame[key], path, f"frames[{i}].{key}") != 0.0:
-                raise FormatError(
-                    path, f"frames[{i}].{key}", f"nonzero distortion {frame[key]!r}; undistort the images first"
-                )
-        field = f"frames[{i}].transform_matrix"
-        c2w_gl = _matrix(_require(frame, "transform_matrix", path, field), 4, 4, path, field)
-        _check_rigid(c2w_gl, path, field)
-        c2w_cv = c2w_gl @ OPENGL_TO_OPENCV
-        r = c2w_cv[:3, :3]
-        w2c = np.eye(4)
-        w2c[:3, :3] = r.T
-        w2c[:3, 3] = -r.T @ c2w_cv[:3, 3]
-        vals = {}
-        for key in ("fl_x", "fl_y", "cx", "cy"):
-            v, f = _intrinsic_value(frame, data, key, path, i)
-            vals[key] = _number(v, path, f)
-            if key.startswith("fl") and vals[key] <= 0:
-                raise FormatError(path, f, f"focal length must be positive, got {vals[key]}")
-        if any(k in frame or k in data for k in ("w", "h")):
-            wh = []
-            for key in ("w", "h"):
-                v, f = _intrinsic_value(frame, data, key, path, i)
-                wh.append(_check_size(v, path, f))
-        else:  # no size in the file: the image decides (never a placeholder)
-            try:
-                wh = list(image_size(path.parent / fp))
-            except FormatError as exc:
-                raise FormatError(path, f"frames[{i}].file_path", f"no w/h in the file and {exc}") from None
-        if size is None:
-            size, size_field = (wh[0], wh[1]), f"frames[{i}]"
-        elif tuple(wh) != size:
-            raise FormatError(
-                path, f"frames[{i}].w", f"image size {wh[0]}x{wh[1]} differs from {size_field}'s {size[0]}x{size[1]}"
-            )
-        K = np.array([[vals["fl_x"], 0.0, vals["cx"]], [0.0, vals["fl_y"], vals["cy"]], [0.0, 0.0, 1.0]])
-        files.append(fp)
-        w2cs.append(w2c)
-        Ks.append(K)
-    assert size is not None
-    cams = Cameras(torch.as_tensor(np.stack(w2cs)).to(dtype), torch.as_tensor(np.stack(Ks)).to(dtype), *size)
-    return files, cams
-
-
-def write_transforms_json(path: str | Path, file_paths: Sequence[str], cams: Cameras) -> None:
-    """Write a nerfstudio ``transforms.json`` (``camera_model`` PINHOLE, no distortion).
-
-    Intrinsics go at top level when all cameras share them, otherwise per frame. Raises
-    FormatError (field ``K``) for a skewed K, which the format cannot hold.
-    """
-    path = storage.as_path(path)  # a local path or a URI
-    file_paths = [str(p) for p in file_paths]
-    if len(file_paths) != len(cams):
-        raise ValueError(f"{len(file_paths)} file paths for {len(cams)} cameras")
-    K = cams.K.detach().double().cpu()
-    if bool((K[:, 0, 1].abs() > 1e-9).any()):
-        raise FormatError(path, "K", "transforms.json cannot store a skewed K (K[0,1] != 0)")
-    c2w_cv = cams.cam_to_world.detach().double().cpu().numpy()
-    c2w_gl = c2w_cv @ OPENGL_TO_OPENCV
-
-    def intr(k: Tensor) -> dict[str, float]:
-        return {"fl_x": float(k[0, 0]), "fl_y": float(k[1, 1]), "cx": float(k[0, 2]), "cy": float(k[1, 2])}
-
-    shared = len(cams) > 0 and bool(torch.equal(K, K[:1].expand_as(K)))
-    obj: dict[str, Any] = {"camera_model": "PINHOLE", "w": cams.width, "h": cams.height}
-    if shared:
-        obj.update(intr(K[0]))
-    frames = []
-    for i, fp in enumerate(file_paths):
-        frame: dict[str, Any] = {"file_path": fp, "transform_matrix": c2w_gl[i].tolist()}
-        if not shared:
-            frame.update(intr(K[i]))
-        frames.append(frame)
-    obj["frames"] = frames
-    _write_json(path, obj)

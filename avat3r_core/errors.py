@@ -7,6 +7,9 @@ fault, so a log line points a data engineer straight at the broken input.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 
 class Avat3rError(Exception):
@@ -48,3 +51,17 @@ def check_finite(value, path: str | Path | None, field: str) -> None:
         total = arr.size
     if bad:
         raise NonFiniteError(path, field, f"{bad} of {total} values are NaN or Inf")
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_size(value: Any, path: Any, field: str) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not is_int(value):
+        raise FormatError(path, field, f"expected a positive integer, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise FormatError(path, field, f"expected a positive integer, got {value}")
+    return int(value)

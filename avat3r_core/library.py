@@ -79,7 +79,8 @@ from avat3r_core.avatar import (
     render_frames,
     view_orbit,
 )
-from avat3r_core.cameras import Cameras, is_rigid, to_head_frame
+from avat3r_core.cameras import Cameras
+from avat3r_core.geometry import is_rigid, to_head_frame
 from avat3r_core.config import Presets, pick_device
 from avat3r_core.dataset.loader import farthest_views
 from avat3r_core.errors import Avat3rError, FormatError, check_finite

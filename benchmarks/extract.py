@@ -95,7 +95,7 @@ def upscale_capture(raw: Path, height: int) -> None:
     import cv2
     import torch
 
-    from avat3r_core.cameras import read_nersemble_calibration, write_nersemble_calibration
+    from avat3r_core.formats.calibration import read_nersemble_calibration, write_nersemble_calibration
 
     for calib in raw.glob("*/calibration/camera_params.json"):
         serials, cams = read_nersemble_calibration(calib, width=2, height=2, dtype=torch.float64)

@@ -58,7 +58,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from avat3r_core.cameras import read_nersemble_calibration
+    from avat3r_core.formats.calibration import read_nersemble_calibration
     from avat3r_core.flame import FlameLayer, load_flame_model, load_landmark_embedding
     from avat3r_core.synthetic.studio import StudioConfig, face_model_paths
     from avat3r_core.tracking.fit import FitConfig, fit_sequence, flame_params_to_full

@@ -58,7 +58,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from avat3r_core.cameras import read_nersemble_calibration
+    from avat3r_core.formats.calibration import read_nersemble_calibration
     from avat3r_core.evaluation import mediapipe_to_ibug68
     from avat3r_core.flame import FlameLayer, load_flame_model, load_landmark_embedding
     from avat3r_core.synthetic.head import EXPRESSION_NAMES

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from avat3r_core import storage
-from avat3r_core.cameras import write_nersemble_calibration
+from avat3r_core.formats.calibration import write_nersemble_calibration
 from avat3r_core.color import color_calibration_json
 from avat3r_core.synthetic import studio
 from avat3r_core.synthetic.studio import BACKGROUND, StudioConfig

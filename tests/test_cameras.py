@@ -9,15 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from avat3r_core.cameras import (
-    Cameras,
-    is_rigid,
-    not_rigid,
+from avat3r_core.cameras import Cameras
+from avat3r_core.formats.calibration import (
     read_nersemble_calibration,
     read_transforms_json,
     write_nersemble_calibration,
     write_transforms_json,
 )
+from avat3r_core.geometry import is_rigid, not_rigid
 from avat3r_core.errors import FormatError
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from avat3r_core.cameras import Cameras, write_nersemble_calibration, write_transforms_json
+from avat3r_core.cameras import Cameras
+from avat3r_core.formats.calibration import write_nersemble_calibration, write_transforms_json
 from avat3r_core.formats.capture import scan_capture
 from avat3r_core.errors import FormatError
 from avat3r_core.video import VideoInfo, encode_video, probe_video, read_frames

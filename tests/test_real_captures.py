@@ -368,7 +368,7 @@ def test_v1_frame_folders_extract_with_alpha_maps_and_colour_correction(v1_captu
 
 # --------------------------------------------------------------------------- calibration variants
 def test_calibration_variants(tmp_path):
-    from avat3r_core.cameras import read_nersemble_calibration, read_transforms_json
+    from avat3r_core.formats.calibration import read_nersemble_calibration, read_transforms_json
 
     w2c = rig(2)
     path = tmp_path / "camera_params.json"

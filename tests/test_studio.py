@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.spatial import cKDTree
 
-from avat3r_core.cameras import read_nersemble_calibration
+from avat3r_core.formats.calibration import read_nersemble_calibration
 from avat3r_core.color import apply_ccm, read_color_calibration
 from avat3r_core.formats.capture import scan_capture
 from avat3r_core.synthetic import studio

@@ -28,7 +28,7 @@ def _frames_manifest(raw: Path, out: Path, config) -> Path:
     """A frames.parquet built from the studio's videos: crop = the full frame, camera = calibration."""
     from PIL import Image
 
-    from avat3r_core.cameras import read_nersemble_calibration
+    from avat3r_core.formats.calibration import read_nersemble_calibration
     from avat3r_core.formats.manifests import FRAMES_SCHEMA, cameras_to_columns
     from avat3r_core.ids import make_id
     from avat3r_core.video import read_frames
@@ -216,7 +216,7 @@ def _gt_params(studio_run) -> dict:
 
 def test_fit_uncalibrated_recovers_relative_cameras(studio_run, head):
     """Four 'photos' (four cameras at one frame) with no calibration: one camera pose each."""
-    from avat3r_core.cameras import read_nersemble_calibration
+    from avat3r_core.formats.calibration import read_nersemble_calibration
 
     model, layer = head
     cfg = studio_run["config"]
@@ -260,7 +260,7 @@ def _metrics(table: pa.Table, studio_run, layer) -> dict:
     size = float((vg[0].max(0).values - vg[0].min(0).values).norm())
     vertex_err = float((vg - vf).norm(dim=-1).mean()) / size
     # landmark error against the noise-free ground-truth projections (visible points)
-    from avat3r_core.cameras import read_nersemble_calibration
+    from avat3r_core.formats.calibration import read_nersemble_calibration
 
     cfg = studio_run["config"]
     _, cams = read_nersemble_calibration(studio_run["root"] / "raw/001/calibration/camera_params.json",

@@ -73,7 +73,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from avat3r_core import storage
 from avat3r_core.config import Presets
-from avat3r_core.cameras import Cameras, is_rigid, to_head_frame
+from avat3r_core.cameras import Cameras
+from avat3r_core.geometry import is_rigid, to_head_frame
 from avat3r_core.dataset.pack import EXPRESSION_DIM, sample_fields, shard_urls
 from avat3r_core.formats.batch import Avat3rBatch
 

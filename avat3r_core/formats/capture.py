@@ -18,7 +18,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from avat3r_core.cameras import Cameras, image_size, read_nersemble_calibration, read_transforms_json
+from avat3r_core.cameras import Cameras
+from avat3r_core.formats.calibration import image_size, read_nersemble_calibration, read_transforms_json
 from avat3r_core.color import read_color_calibration
 from avat3r_core import storage
 from avat3r_core.errors import FormatError
