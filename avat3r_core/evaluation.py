@@ -8,8 +8,8 @@ timesteps of that sequence (other expressions) and T target views at the target 
 
 * **PSNR / SSIM** (:mod:`avat3r_core.metrics`: ``10·log10(1/MSE)``, Gaussian-window SSIM with
   "valid" filtering) against the target composited on the evaluation background, exactly as
-  :func:`avat3r_core.training.evaluate` does. Identical images have PSNR ``+inf`` per view; means
-  cap each view at :data:`PSNR_CAP` dB (training.evaluate's cap), so a mean is always finite.
+  :func:`avat3r_core.inference.predict.evaluate` does. Identical images have PSNR ``+inf`` per view; means
+  cap each view at :data:`PSNR_CAP` dB (inference.predict.evaluate's cap), so a mean is always finite.
 * **LPIPS** (v0.1, :mod:`avat3r_core.lpips`) only when the user supplies its weight files;
   otherwise the report says ``LPIPS: not computed (no weights file supplied)``.
 * **AKD** (pixels at the evaluated resolution): a real image-based landmark detector (the tracking
@@ -76,7 +76,7 @@ __all__ = [
     "make_detector68", "mediapipe_to_ibug68",
 ]
 
-#: Per-view PSNR is capped here before averaging (``+inf`` for identical images), as in training.evaluate.
+#: Per-view PSNR is capped here before averaging (``+inf`` for identical images), as in inference.predict.evaluate.
 PSNR_CAP = 100.0
 LPIPS_NOT_COMPUTED = "LPIPS: not computed (no weights file supplied)"
 #: iBUG indices of the inner points (brows, nose, eyes, mouth): everything but the jaw contour 0–16.
@@ -506,7 +506,7 @@ def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapp
                     context: Mapping[str, Any] | None = None, expression_probe=None) -> EvalReport:
     """Evaluate methods on ``batches`` (one pass; every method sees the same samples).
 
-    ``methods``: name → a network (rendered through :func:`avat3r_core.training.predict_images`),
+    ``methods``: name → a network (rendered through :func:`avat3r_core.inference.predict.predict_images`),
     ``None`` (the non-learned baseline, the same call with ``model=None``) or a callable
     ``batch -> (B·T, 3, H, W)`` images in [0, 1]. Default: ``{"ours": model, "baseline": None}``
     (just the baseline when ``model`` is None).
@@ -517,7 +517,8 @@ def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapp
     :class:`~avat3r_core.animation.sensitivity.ExpressionProbe` of the ``ours`` network, fed every
     batch with the ground-truth landmarks of its target views (its summary lands in the report).
     """
-    from avat3r_core.training import grid_rows, predict_images, targets_on_background
+    from avat3r_core.inference.predict import predict_images, targets_on_background
+    from avat3r_core.inference.visuals import grid_rows
 
     if methods is None:
         methods = {"ours": model, "baseline": None} if model is not None else {"baseline": None}

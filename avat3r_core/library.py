@@ -1527,7 +1527,7 @@ def animate_avatar(avatar_dir: str | Path, expressions: str | None, out: str | P
     except (KeyError, TypeError) as exc:
         raise FormatError(meta_path, str(exc), "unreadable avatar metadata") from None
     dev = pick_device(device)
-    from avat3r_core.training import load_trained_model
+    from avat3r_core.inference.checkpoint import load_trained_model
 
     model, _, _ = load_trained_model(checkpoint or meta["checkpoint"], dev)
     encoded = load_encoded(avatar_dir / CACHE_FILE, dev)

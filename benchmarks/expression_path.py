@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avat3r_core.config import build  # noqa: E402
 from avat3r_core.tracking import expression_code as ec  # noqa: E402
-from avat3r_core.training import TrainConfig, train_loop  # noqa: E402
+from avat3r_core.train.config import TrainConfig
+from avat3r_core.train.loop import train_loop
 from stages.train import ShardSource, TrainDataConfig, model_overrides_from_shards  # noqa: E402
 
 PARTS = {"expr": ec.EXPR, "eyes": ec.EYES, "neck": ec.NECK, "jaw": ec.JAW, "head_rot": ec.HEAD_ROT,
@@ -99,9 +100,10 @@ def gradient_run(config: TrainConfig, data: TrainDataConfig, shards: str, evalua
                 norms[k + "_rms"].append((sq[k] / count[k]) ** 0.5)
             return super().step(closure)
 
-    from avat3r_core import training
+    # train_loop builds its network through the name it imported
+    from avat3r_core.train import loop as training_loop
 
-    original_build = training.build_model
+    original_build = training_loop.build_model
 
     def build_and_keep(cfg):
         model = original_build(cfg)
@@ -109,7 +111,7 @@ def gradient_run(config: TrainConfig, data: TrainDataConfig, shards: str, evalua
         state["initial"] = {n: p.detach().clone() for n, p in model.named_parameters()}
         return model
 
-    training.build_model, torch.optim.Adam = build_and_keep, RecordingAdam
+    training_loop.build_model, torch.optim.Adam = build_and_keep, RecordingAdam
     try:
         with tempfile.TemporaryDirectory() as tmp:
             metrics = train_loop(config, ShardSource(shards, data, config.batch_size, seed=config.seed), tmp,
@@ -126,7 +128,7 @@ def gradient_run(config: TrainConfig, data: TrainDataConfig, shards: str, evalua
                 evaluation = {"psnr": m["ours"]["psnr"], "baseline_psnr": m["baseline"]["psnr"],
                               "expression_sensitivity": m["expression_sensitivity"]}
     finally:
-        training.build_model, torch.optim.Adam = original_build, original_adam
+        training_loop.build_model, torch.optim.Adam = original_build, original_adam
     model = state["model"]
     change: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for n, p in model.named_parameters():

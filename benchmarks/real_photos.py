@@ -58,7 +58,8 @@ def main() -> None:
     from avat3r_core.identity import NETWORK, FaceIdentity, cosine
     from avat3r_core.library import read_picture, write_library
     from avat3r_core.synthetic.studio import face_model_paths, write_face_model
-    from avat3r_core.training import TrainConfig, build_model, save_checkpoint
+    from avat3r_core.train.config import TrainConfig, build_model
+    from avat3r_core.train.state import save_checkpoint
     from stages.reconstruct import ReconstructConfig, run_reconstruct
 
     logging.basicConfig(level=logging.ERROR)

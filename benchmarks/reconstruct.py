@@ -94,7 +94,8 @@ def setup(root: Path, subjects: int, landmarks: str = "file") -> dict:
     from avat3r_core.extract import ExtractConfig
     from avat3r_core.library import LANDMARKS_SUFFIX, write_library
     from avat3r_core.synthetic.studio import StudioConfig, face_model_paths
-    from avat3r_core.training import TrainConfig, build_model, save_checkpoint
+    from avat3r_core.train.config import TrainConfig, build_model
+    from avat3r_core.train.state import save_checkpoint
     from avat3r_core.video import read_frames
     from stages.extract import run_extract
     from stages.priors import PriorsConfig, run_priors
@@ -142,11 +143,10 @@ def drive(data: dict, frames: int, size: int, repeats: int = 3) -> dict:
     from avat3r_core.library import (LibraryEntry, PrepareConfig, Preparer, drive_without_cache,
                                      load_expression_track)
     from avat3r_core.avatar import view_orbit
-    from avat3r_core.training import load_trained_model
+    from avat3r_core.inference.checkpoint import load_trained_model
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model, train_cfg, _ = load_trained_model(data["checkpoint"])
-    mc = train_cfg.model_config()
+    model, mc, _ = load_trained_model(data["checkpoint"])
     prepared = Preparer(PrepareConfig(feature_projection=data["projection"]), mc.image_size, mc.feature_dim, mc.features_enabled).prepare(
         LibraryEntry("d", "capture", data["frames"], subject="001", priors=data["priors"]))
     codes, _ = load_expression_track("builtin", prepared.reference, frames_per_key=max(1, frames // 6 + 1))
@@ -197,11 +197,10 @@ def driving_limits(data: dict, sizes: list[int], frames: int, repeats: int = 3) 
 
     from avat3r_core.avatar import animation_frames, render_frames, view_orbit
     from avat3r_core.library import LibraryEntry, PrepareConfig, Preparer, load_expression_track
-    from avat3r_core.training import load_trained_model
+    from avat3r_core.inference.checkpoint import load_trained_model
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model, train_cfg, _ = load_trained_model(data["checkpoint"])
-    mc = train_cfg.model_config()
+    model, mc, _ = load_trained_model(data["checkpoint"])
     prepared = Preparer(PrepareConfig(feature_projection=data["projection"]), mc.image_size, mc.feature_dim,
                         mc.features_enabled).prepare(LibraryEntry("d", "capture", data["frames"], subject="001",
                                                                   priors=data["priors"]))

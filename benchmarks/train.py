@@ -11,7 +11,7 @@ Prints one JSON object:
 * ``workers_1_cpus_2``: reference, 1 worker given both CPUs (2 torch threads);
 * ``speedup_2_vs_1``: samples/s of 2 workers / 1 worker (1 CPU each).
 
-Data: the in-memory synthetic source (:class:`avat3r_core.training.SyntheticSource`): random
+Data: the in-memory synthetic source (:class:`avat3r_core.train.synthetic.SyntheticSource`): random
 Gaussian-blob "heads" rendered at ``--size``², ``--inputs`` input views with exact position maps
 and a random stand-in feature map (the tiny model's 32 channels), ``--targets`` target views.
 
@@ -33,7 +33,9 @@ sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from avat3r_core.training import SyntheticSource, TrainConfig, step_time_summary  # noqa: E402
+from avat3r_core.train.config import TrainConfig
+from avat3r_core.train.loop import step_time_summary
+from avat3r_core.train.synthetic import SyntheticSource
 from stages.ray_runtime import ensure_ray  # noqa: E402
 from stages.train import run_train  # noqa: E402
 

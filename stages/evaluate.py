@@ -12,7 +12,7 @@ renders every target view with the model and with the baseline, and writes into 
 * ``grid.png`` — inputs | target | ours | baseline for a few samples.
 
 A plain process: the work is one model over a few hundred views, not worth a Ray pool. The
-checkpoint is read only through the weights-only loader (:func:`avat3r_core.training.load_trained_model`);
+checkpoint is read only through the weights-only loader (:func:`avat3r_core.inference.checkpoint.load_trained_model`);
 a missing or ill-formed checkpoint directory raises :class:`~avat3r_core.errors.FormatError`
 naming it (the CLI maps it to exit code 3).
 
@@ -38,7 +38,7 @@ from avat3r_core.evaluation import (
     evaluate_report,
     make_detector68,
 )
-from avat3r_core.training import load_trained_model
+from avat3r_core.inference.checkpoint import load_trained_model
 
 log = logging.getLogger("avat3r.stages.evaluate")
 

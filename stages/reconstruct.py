@@ -61,7 +61,7 @@ from avat3r_core.library import (
     read_library,
     write_capture_library,
 )
-from avat3r_core.training import load_trained_model, resolve_checkpoint
+from avat3r_core.inference.checkpoint import load_trained_model, resolve_checkpoint
 from stages.runner import (
     ERRORS,
     DiskFull,
@@ -185,7 +185,7 @@ class _AvatarWorker:
         self.checkpoint = checkpoint
         self.out_dir = out_dir
         self.device = pick_device(config.device)
-        self.model, self.train_config, info = load_trained_model(checkpoint, self.device)
+        self.model, self.model_config, info = load_trained_model(checkpoint, self.device)
         self.checkpoint_sha256 = info["sha256"]
         from avat3r_core.identity import FaceIdentity
 
@@ -227,7 +227,7 @@ class _AvatarWorker:
                             identity=self.identity)
         build_s = time.perf_counter() - start
         meta = prepared.meta
-        model_cfg = self.train_config.model_config()
+        model_cfg = self.model_config
         info = {
             "id": entry.avatar_id, "mode": entry.mode, "source": entry.source, "library": entry.library,
             "library_row": entry.row, "subject": entry.subject, "sequence": entry.sequence, "frame": entry.frame,
@@ -370,8 +370,7 @@ def run_reconstruct(config: ReconstructConfig, library_path: str, checkpoint: st
     out_dir = str(out_dir)
     entries = read_library(library_path)
     ckpt = str(resolve_checkpoint(checkpoint).resolve())
-    _, train_config, ckpt_info = load_trained_model(ckpt)  # a bad checkpoint fails before any work
-    model_cfg = train_config.model_config()
+    _, model_cfg, ckpt_info = load_trained_model(ckpt)  # a bad checkpoint fails before any work
     # one writer per output: a second run on it is refused, naming the first (held to the end)
     with storage.output_lock(out_dir):
         # an avatar is rebuilt when its library row, the settings or the weights changed (a retrained

@@ -1,4 +1,4 @@
-"""The training stage: Ray Train (``TorchTrainer``, DDP) around :func:`avat3r_core.training.train_loop`.
+"""The training stage: Ray Train (``TorchTrainer``, DDP) around :func:`avat3r_core.train.loop.train_loop`.
 
 ``run_train(config, batch_source_factory, out_dir)`` starts (or joins) Ray and runs
 ``config.num_workers`` workers (``ScalingConfig(num_workers, use_gpu)``; Ray sets up the process
@@ -33,14 +33,10 @@ from typing import Any, ClassVar
 from avat3r_core import storage
 from avat3r_core.config import Presets, build
 from avat3r_core.dataset.loader import LoaderConfig, make_loader
-from avat3r_core.training import (
-    CHECKPOINT_FILE,
-    BatchSource,
-    LocalSession,
-    SyntheticSource,
-    TrainConfig,
-    train_loop,
-)
+from avat3r_core.inference.checkpoint import CHECKPOINT_FILE
+from avat3r_core.train.config import TrainConfig
+from avat3r_core.train.loop import BatchSource, LocalSession, train_loop
+from avat3r_core.train.synthetic import SyntheticSource
 
 log = logging.getLogger("avat3r.stages.train")
 
@@ -89,7 +85,7 @@ class TrainDataConfig(Presets):
 
 
 class ShardSource:
-    """:data:`~avat3r_core.training.BatchSource` over packed shards: ``(rank, world_size, epoch)`` →
+    """:data:`~avat3r_core.train.loop.BatchSource` over packed shards: ``(rank, world_size, epoch)`` →
     that rank's batches of the epoch. ``validation=True``: no resampling, no shuffling, at most
     ``max_samples`` samples. Picklable (Ray ships it to the workers; each builds its own loader)."""
 
@@ -134,7 +130,7 @@ def model_overrides_from_shards(shards_dir: str | Path, split: str = "train") ->
 
 
 class RayTrainSession:
-    """:class:`avat3r_core.training.TrainSession` inside a Ray Train worker."""
+    """:class:`avat3r_core.train.loop.TrainSession` inside a Ray Train worker."""
 
     def __init__(self, resume_from: str | None = None, find_unused_parameters: bool = False,
                  cpu_threads: int | None = None):

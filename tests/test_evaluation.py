@@ -13,7 +13,7 @@ import torch
 
 from avat3r_core.dataset.loader import make_loader
 from avat3r_core.errors import FormatError
-from avat3r_core.training import load_trained_model
+from avat3r_core.inference.checkpoint import load_trained_model
 from avat3r_core.evaluation import (
     LPIPS_NOT_COMPUTED,
     MEDIAPIPE_TO_IBUG68,
@@ -34,7 +34,8 @@ SIZE = 32
 def data(tmp_path_factory):
     from avat3r_core.extract import ExtractConfig
     from avat3r_core.synthetic.studio import StudioConfig
-    from avat3r_core.training import TrainConfig, build_model, build_optimizer, save_checkpoint
+    from avat3r_core.train.config import TrainConfig, build_model, build_optimizer
+    from avat3r_core.train.state import save_checkpoint
     from stages.extract import run_extract
     from avat3r_core.dataset.pack import PackConfig
     from stages.pack import run_pack
@@ -61,7 +62,7 @@ def data(tmp_path_factory):
 
 def _oracle(batch):
     """A 'method' whose renders are exactly the targets on the white background."""
-    from avat3r_core.training import targets_on_background
+    from avat3r_core.inference.predict import targets_on_background
 
     return targets_on_background(batch, torch.ones(3)).clamp(0, 1)
 
@@ -72,7 +73,7 @@ def test_identical_images_psnr_inf_per_view_and_capped_in_the_mean(data):
     assert rows and all(math.isinf(r["psnr"]) and r["psnr"] > 0 for r in rows)  # metrics.psnr: +inf
     assert all(r["ssim"] == pytest.approx(1.0, abs=1e-5) for r in rows)
     summary = report.summary("oracle")
-    assert summary["psnr"] == PSNR_CAP  # capped like training.evaluate
+    assert summary["psnr"] == PSNR_CAP  # capped like inference.predict.evaluate
     assert json.loads(json.dumps(report.metrics(), allow_nan=False))["oracle"]["psnr"] == PSNR_CAP
     assert "inf" in report.to_csv().splitlines()[1]
 
@@ -106,7 +107,7 @@ def test_ground_truth_akd_against_itself_is_zero(data):
 
 
 def test_baseline_equals_training_evaluate(data):
-    from avat3r_core.training import evaluate
+    from avat3r_core.inference.predict import evaluate
 
     expected = evaluate(data["batches"], None)
     report = evaluate_report(data["batches"], None)
@@ -142,7 +143,7 @@ def test_lpips_computed_when_weight_files_are_given(data, tmp_path):
     lp = load_lpips("alex", tmp_path / "alex_backbone.pth", tmp_path / "alex.pth")
     batch = data["batches"][0]
     report = evaluate_report([batch], None, lpips_model=lp, lpips_status="LPIPS: computed (test)")
-    from avat3r_core.training import predict_images, targets_on_background
+    from avat3r_core.inference.predict import predict_images, targets_on_background
 
     expected = lpips_metric(predict_images(batch, None), targets_on_background(batch, torch.ones(3)).clamp(0, 1), model=lp)
     got = [r["lpips"] for r in report.method_rows("baseline")]

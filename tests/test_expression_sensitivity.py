@@ -12,7 +12,8 @@ from avat3r_core.config import build
 from avat3r_core.model import Avat3r
 from avat3r_core.model.config import Avat3rConfig
 from avat3r_core.tracking import expression_code as ec
-from avat3r_core.training import synthetic_sample, targets_on_background
+from avat3r_core.inference.predict import targets_on_background
+from avat3r_core.train.synthetic import synthetic_sample
 
 
 def _face68(gap: float, eye_dist: float = 40.0, cx: float = 64.0, cy: float = 64.0) -> np.ndarray:

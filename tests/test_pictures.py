@@ -365,7 +365,8 @@ def test_real_photos_become_avatars_with_the_defaults(tmp_path, head):
 
     from avat3r_core.identity import FaceIdentity
     from avat3r_core.library import write_library
-    from avat3r_core.training import TrainConfig, build_model, save_checkpoint
+    from avat3r_core.train.config import TrainConfig, build_model
+    from avat3r_core.train.state import save_checkpoint
     from stages.reconstruct import ReconstructConfig, run_reconstruct
 
     S = 64

@@ -25,7 +25,7 @@ from avat3r_core.library import (BUILTIN_KEYS, LANDMARKS_SUFFIX, AvatarInputErro
                                  UnreadableInputError,
                                  load_expression_track, pick_diverse_poses, read_library, write_capture_library,
                                  write_library)
-from avat3r_core.training import load_trained_model
+from avat3r_core.inference.checkpoint import load_trained_model
 from stages.reconstruct import ReconstructConfig, run_reconstruct
 
 S = 32
@@ -39,7 +39,8 @@ def studio(tmp_path_factory):
 
     from avat3r_core.extract import ExtractConfig
     from avat3r_core.synthetic.studio import StudioConfig, face_model_paths
-    from avat3r_core.training import TrainConfig, build_model, save_checkpoint
+    from avat3r_core.train.config import TrainConfig, build_model
+    from avat3r_core.train.state import save_checkpoint
     from avat3r_core.video import encode_video, read_frames
     from stages.extract import run_extract
     from stages.priors import PriorsConfig, run_priors

@@ -313,7 +313,7 @@ class _Payload:
 def test_checkpoint_refusals_name_the_blocked_global_and_never_suggest_the_unsafe_switch(tmp_path, kind, blocked):
     import torch
 
-    from avat3r_core.training import load_trained_model
+    from avat3r_core.inference.checkpoint import load_trained_model
 
     path = tmp_path / "checkpoint.pt"
     # a pickled os.system call, and a pickled module object (torch words the two refusals differently)

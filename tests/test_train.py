@@ -11,14 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from avat3r_core.training import (
-    SyntheticSource,
-    TrainConfig,
-    evaluate,
-    image_grid,
-    predict_images,
-    synthetic_sample,
-)
+from avat3r_core.inference.predict import evaluate, predict_images
+from avat3r_core.inference.visuals import image_grid
+from avat3r_core.train.config import TrainConfig
+from avat3r_core.train.synthetic import SyntheticSource, synthetic_sample
 from stages.train import run_train
 
 SIZE = 32

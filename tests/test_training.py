@@ -13,7 +13,10 @@ from avat3r_core.gaussians import Gaussians
 from avat3r_core.losses import Avat3rLoss
 from avat3r_core.model import Avat3r, Avat3rConfig
 from avat3r_core.render import render
-from avat3r_core.training import TrainConfig, evaluate, load_checkpoint, save_checkpoint, train_step
+from avat3r_core.inference.predict import evaluate
+from avat3r_core.train.config import TrainConfig
+from avat3r_core.train.loop import train_step
+from avat3r_core.train.state import load_checkpoint, save_checkpoint
 
 SIZE = 32
 

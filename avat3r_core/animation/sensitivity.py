@@ -155,7 +155,7 @@ class ExpressionProbe:
         self.code_distance: list[float] = []  # per sample: mean |target − inputs| over expression + jaw dims
 
     def _render(self, batch: Avat3rBatch, code: Tensor) -> Tensor:
-        from avat3r_core.training import predict_images
+        from avat3r_core.inference.predict import predict_images
 
         return predict_images(dataclasses.replace(batch, expression=code), self.model, self.background,
                               self.bf16).float().clamp(0, 1)

@@ -57,3 +57,21 @@ class Avat3rBatch:
         """False if any float tensor holds NaN/Inf (the trainer skips such batches)."""
         tensors = [getattr(self, f.name) for f in fields(self)]
         return all(bool(torch.isfinite(t).all()) for t in tensors if isinstance(t, Tensor) and t.is_floating_point())
+
+
+# --------------------------------------------------------------------------- data
+def cat_batches(samples: list[Avat3rBatch]) -> Avat3rBatch:
+    """Concatenate batches along the sample axis."""
+    if len(samples) == 1:
+        return samples[0]
+    cat = lambda name: torch.cat([getattr(s, name) for s in samples])  # noqa: E731
+    return Avat3rBatch(
+        images=cat("images"), alphas=cat("alphas"), cameras=Cameras.cat([s.cameras for s in samples]),
+        position_maps=cat("position_maps"), confidence=cat("confidence"),
+        features=None if samples[0].features is None else cat("features"),
+        target_images=cat("target_images"), target_alphas=cat("target_alphas"),
+        target_cameras=Cameras.cat([s.target_cameras for s in samples]), expression=cat("expression"),
+        keys=[k for s in samples for k in s.keys], input_frames=cat("input_frames"), target_frames=cat("target_frames"),
+        target_head_to_world=None if any(s.target_head_to_world is None for s in samples) else cat("target_head_to_world"),
+        input_head_to_world=None if any(s.input_head_to_world is None for s in samples) else cat("input_head_to_world"),
+        input_expressions=None if any(s.input_expressions is None for s in samples) else cat("input_expressions"))

@@ -1,0 +1,107 @@
+"""The training recipe (:class:`TrainConfig`), its learning-rate schedule, and the network and
+optimiser it builds."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from avat3r_core.config import Presets, build
+from avat3r_core.losses import LossConfig
+from avat3r_core.model.avat3r import Avat3r
+from avat3r_core.model.config import Avat3rConfig
+from avat3r_core.train.collectives import unwrap
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class TrainConfig(Presets):
+    """Training recipe. ``tiny``: a CPU demo of a few hundred steps on the tiny model; ``paper``:
+    the published recipe (Adam 5e-5, batch 1 per GPU on 8 GPUs, bf16, 3.5 M steps, LPIPS from 3 M
+    when its weight files are given). Warm-up length, cosine decay and the clip value are not
+    published; they are our choices."""
+
+    PRESETS: ClassVar[dict] = {
+        "tiny": dict(steps=300, lr=1e-3, warmup_steps=10, model_preset="tiny", num_workers=1, use_gpu=False,
+                     checkpoint_every=100, validate_every=100),
+        "paper": dict(steps=3_500_000, lr=5e-5, warmup_steps=2000, min_lr_fraction=1.0, model_preset="paper",
+                      num_workers=8, use_gpu=True, batch_size=1, bf16=True, checkpoint_every=5000,
+                      keep_checkpoints=5, validate_every=10_000, log_every=50,
+                      loss=dict(use_lpips=True, lpips_start_step=3_000_000, lpips_net="vgg")),
+    }
+
+    steps: int = 300  #: optimiser steps (skipped batches do not count)
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    min_lr_fraction: float = 0.1  #: cosine decay down to this fraction of lr (1.0 = constant)
+    grad_clip: float = 1.0  #: max global grad norm (0 = no clipping)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    seed: int = 0
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    batch_size: int = 1  #: samples per worker per step (the batch source honours it)
+    num_workers: int = 1  #: Ray Train workers (DDP ranks)
+    use_gpu: bool = False
+    cpus_per_worker: int = 1  #: CPUs Ray reserves per worker; on CPU also torch's intra-op threads
+    bf16: bool = True  #: bf16 autocast of the network on CUDA (ignored on CPU)
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    validate_every: int = 100  #: 0 = only at the end
+    log_every: int = 1  #: CSV/TensorBoard row every N steps
+    max_skipped: int = 100  #: more skipped (non-finite) batches than this stops the run
+    #: learning-rate multiplier of the expression path (expression MLP + cross-attention layers);
+    #: 1 = one rate for the whole network
+    expr_lr_scale: float = 1.0
+    model_preset: str = "tiny"  #: Avat3rConfig preset
+    model: dict = field(default_factory=dict)  #: Avat3rConfig overrides on top of the preset
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to ``min_lr_fraction``."""
+        return self.lr * self.lr_factor(step)
+
+    def lr_factor(self, step: int) -> float:
+        return LRSchedule(self)(step)
+
+    def model_config(self) -> Avat3rConfig:
+        return build(Avat3rConfig, dict(self.model), preset=self.model_preset, source="TrainConfig.model")
+
+
+class LRSchedule:
+    """``LambdaLR`` factor of :class:`TrainConfig`: linear warm-up, then cosine decay to
+    ``min_lr_fraction``. Holds plain numbers only (``LambdaLR.state_dict`` stores its ``__dict__``
+    and checkpoints are read by the weights-only loader)."""
+
+    def __init__(self, config: TrainConfig):
+        self.warmup_steps = int(config.warmup_steps)
+        self.steps = int(config.steps)
+        self.min_lr_fraction = float(config.min_lr_fraction)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
+        return self.min_lr_fraction + (1 - self.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_model(config: TrainConfig) -> Avat3r:
+    return Avat3r(config.model_config())
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig):
+    """Adam + warm-up/cosine ``LambdaLR`` (its ``last_epoch`` is the step); the expression path in
+    its own parameter group at ``lr · expr_lr_scale`` when that is not 1."""
+    params = list(model.parameters())
+    if config.expr_lr_scale != 1.0:
+        t = unwrap(model).transformer
+        expr = {id(p) for m in (t.expression, t.cross) for p in m.parameters()}
+        params = [{"params": [p for p in params if id(p) not in expr]},
+                  {"params": [p for p in params if id(p) in expr], "lr": config.lr * config.expr_lr_scale,
+                   "lr_scale": config.expr_lr_scale}]
+    optimizer = torch.optim.Adam(params, lr=config.lr, betas=tuple(config.adam_betas),
+                                 weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(config))
+    return optimizer, scheduler
