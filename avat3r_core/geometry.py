@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-
 # Tolerance of the rigidity checks (R R^T = I, last row [0, 0, 0, 1]); loose enough for float32
 # data and calibration files written with ~6 significant digits.
 RIGID_TOL = 1e-3

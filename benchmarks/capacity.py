@@ -2,7 +2,7 @@
 default the middle scale), predict the others (per-stage and total wall time, bytes), run them,
 and print predicted / measured.
 
-    python benchmarks/capacity.py [--subjects 2 4 8] [--calibrate 4] [--out DIR]
+    python benchmarks/capacity.py [--subjects 2 4 8] [--calibrate 4] [--out DIR] [--smoke]
 
 (With ``--out``, a scale already run there is reused, not run again.)
 
@@ -24,25 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from avat3r_core.capacity import STAGE_STATS, Dataset, measured_costs, plan  # noqa: E402
+from benchmarks.studio_data import studio_params, write_params  # noqa: E402
 
 CAMERAS, FRAMES = 4, 4
-
-
-def params(subjects: int) -> dict:
-    return {"synth": {"preset": "tiny", "seed": 1, "preview": False, "subjects": subjects, "cameras": CAMERAS,
-                      "frames": FRAMES},
-            "extract": {"preset": "tiny"},
-            "track": {"preset": "tiny", "backend": "ground_truth", "overlay_frames": 1,
-                      "fit": {"rigid_iters": 5, "adam_iters": 20, "lbfgs_iters": 2}},
-            "priors": {"preset": "tiny"},
-            "pack": {"preset": "tiny", "split_fractions": [0.5, 0.25, 0.25]},
-            "runtime": {"resources": {"default": {"num_cpus": 1, "max_errors": 2}}}}
 
 
 def run_scale(subjects: int, root: Path) -> dict:
@@ -53,12 +42,9 @@ def run_scale(subjects: int, root: Path) -> dict:
     layout = DataLayout(str(root / "data"))
     t0 = time.perf_counter()
     if not (Path(layout.root) / STAGE_STATS["pack"][0]).is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "params.yaml").write_text(yaml.safe_dump(params(subjects)))
-        code = ("import sys; from pipelines.flows import STAGES, DataLayout; "
-                "[STAGES[s](sys.argv[1], DataLayout(sys.argv[2]), None, 'local') "
-                "for s in ('synth', 'extract', 'track', 'priors', 'pack')]")
-        subprocess.run([sys.executable, "-c", code, str(root / "params.yaml"), layout.root], check=True,
+        params_path = write_params(root / "params.yaml", studio_params(subjects, seed=1, cameras=CAMERAS, frames=FRAMES))
+        code = "import sys; from benchmarks.studio_data import preprocess; preprocess(sys.argv[1], sys.argv[2])"
+        subprocess.run([sys.executable, "-c", code, str(params_path), layout.root], check=True,
                        cwd=REPO, capture_output=True)
     stats = {s: json.loads((Path(layout.root) / rel).read_text()) for s, (rel, _) in STAGE_STATS.items()}
     return {"root": layout.root, "total_s": time.perf_counter() - t0,
@@ -71,7 +57,11 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--calibrate", type=int, default=None, help="the scale the plan is built from")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest run: calibrate on 1 person, predict 2 (the test suite runs it)")
     args = parser.parse_args()
+    if args.smoke:
+        args.subjects, args.calibrate = [1, 2], 1
     from avat3r_core.config import build
     from avat3r_core.extract import ExtractConfig
 

@@ -5,6 +5,7 @@ Usage::
 
     python benchmarks/gallery.py                 # 20k and 100k Gaussians, 3 page loads each
     python benchmarks/gallery.py --sizes 20000 --repeats 1
+    python benchmarks/gallery.py --smoke         # 2k Gaussians, one load: the test suite's run
 
 Prints one JSON object on stdout.
 
@@ -99,7 +100,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="seconds-long run: one small avatar, one load (the test suite runs it)")
     args = parser.parse_args()
+    if args.smoke:
+        args.sizes, args.repeats = [2000], 1
 
     from avat3r_core.gallery.browser import CHROMIUM, CHROMIUM_FLAGS, browser_unavailable, chromium, serve, webgl_renderer
     from avat3r_core.gallery.site import build_gallery

@@ -56,7 +56,8 @@ def main() -> None:
     import torch
 
     from avat3r_core.identity import NETWORK, FaceIdentity, cosine
-    from avat3r_core.library import read_picture, write_library
+    from avat3r_core.reconstruct.library import write_library
+    from avat3r_core.reconstruct.pictures import read_picture
     from avat3r_core.synthetic.studio import face_model_paths, write_face_model
     from avat3r_core.train.config import TrainConfig, build_model
     from avat3r_core.train.state import save_checkpoint

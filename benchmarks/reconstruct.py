@@ -92,7 +92,8 @@ def setup(root: Path, subjects: int, landmarks: str = "file") -> dict:
     from PIL import Image
 
     from avat3r_core.extract import ExtractConfig
-    from avat3r_core.library import LANDMARKS_SUFFIX, write_library
+    from avat3r_core.reconstruct.library import write_library
+    from avat3r_core.reconstruct.pictures import LANDMARKS_SUFFIX
     from avat3r_core.synthetic.studio import StudioConfig, face_model_paths
     from avat3r_core.train.config import TrainConfig, build_model
     from avat3r_core.train.state import save_checkpoint
@@ -139,10 +140,13 @@ def setup(root: Path, subjects: int, landmarks: str = "file") -> dict:
 def drive(data: dict, frames: int, size: int, repeats: int = 3) -> dict:
     import torch
 
-    from avat3r_core.avatar import animation_frames
-    from avat3r_core.library import (LibraryEntry, PrepareConfig, Preparer, drive_without_cache,
-                                     load_expression_track)
-    from avat3r_core.avatar import view_orbit
+    from avat3r_core.inference.drive import animation_frames
+    from avat3r_core.reconstruct.build import drive_without_cache
+    from avat3r_core.reconstruct.expressions import load_expression_track
+    from avat3r_core.reconstruct.library import LibraryEntry
+    from avat3r_core.reconstruct.prepare import Preparer
+    from avat3r_core.reconstruct.prepared import PrepareConfig
+    from avat3r_core.inference.drive import view_orbit
     from avat3r_core.inference.checkpoint import load_trained_model
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -195,8 +199,11 @@ def driving_limits(data: dict, sizes: list[int], frames: int, repeats: int = 3) 
     """Per render size: cached driving vs rendering the same Gaussians alone (module docstring)."""
     import torch
 
-    from avat3r_core.avatar import animation_frames, render_frames, view_orbit
-    from avat3r_core.library import LibraryEntry, PrepareConfig, Preparer, load_expression_track
+    from avat3r_core.inference.drive import animation_frames, render_frames, view_orbit
+    from avat3r_core.reconstruct.expressions import load_expression_track
+    from avat3r_core.reconstruct.library import LibraryEntry
+    from avat3r_core.reconstruct.prepare import Preparer
+    from avat3r_core.reconstruct.prepared import PrepareConfig
     from avat3r_core.inference.checkpoint import load_trained_model
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -274,7 +281,7 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     import pyarrow.parquet as pq
 
-    from avat3r_core.library import BUILTIN_KEYS
+    from avat3r_core.reconstruct.expressions import BUILTIN_KEYS
     from stages.reconstruct import ReconstructConfig, run_reconstruct
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,7 @@
 """Beyond one machine, measured here: a 2-node loopback Ray cluster vs one node, dvc push/pull to
 an s3:// remote, and the loader streaming shards from s3:// vs local disk. Prints one JSON object.
 
-    python benchmarks/scale_out.py [--subjects 4] [--out DIR]
+    python benchmarks/scale_out.py [--subjects 4] [--out DIR] [--smoke]
 
 * ``cluster``: the studio (``--subjects`` people, 4 cameras, 4 frames) preprocessed once on local
   files; then extract and priors (a fresh output each time, same inputs) run through
@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -36,25 +35,11 @@ os.environ.setdefault("AVAT3R_RAY_DASHBOARD", "0")
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 
-def params(subjects: int) -> dict:
-    return {"synth": {"preset": "tiny", "seed": 2, "preview": False, "subjects": subjects, "cameras": 4, "frames": 4},
-            "extract": {"preset": "tiny"},
-            "track": {"preset": "tiny", "backend": "ground_truth", "overlay_frames": 1,
-                      "fit": {"rigid_iters": 5, "adam_iters": 20, "lbfgs_iters": 2}},
-            "priors": {"preset": "tiny"},
-            "pack": {"preset": "tiny", "split_fractions": [0.5, 0.25, 0.25]},
-            "runtime": {"resources": {"default": {"num_cpus": 1, "max_errors": 2}}}}
-
-
 def prepare(out: Path, subjects: int) -> tuple[Path, Path]:
-    from pipelines.flows import STAGES, DataLayout
+    from benchmarks.studio_data import preprocess, studio_params, write_params
 
-    params_path = out / "params.yaml"
-    params_path.write_text(yaml.safe_dump(params(subjects)))
-    layout = DataLayout(str(out / "data"))
-    for name in ("synth", "extract", "track", "priors", "pack"):
-        STAGES[name](str(params_path), layout, None, "local")
-    return params_path, Path(layout.root)
+    params_path = write_params(out / "params.yaml", studio_params(subjects, seed=2))
+    return params_path, Path(preprocess(str(params_path), str(out / "data")))
 
 
 def start_cluster(work: Path, second_node: bool) -> tuple[subprocess.Popen, dict]:
@@ -168,7 +153,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--subjects", type=int, default=4)
     ap.add_argument("--out", default="")
+    ap.add_argument("--smoke", action="store_true", help="the smallest run: 2 people, one loader pass (the test suite runs it)")
     args = ap.parse_args()
+    if args.smoke:
+        args.subjects = 2
+    repeat = 1 if args.smoke else 3
     out = Path(args.out or tempfile.mkdtemp(prefix="scale-out-", dir="/tmp"))
     out.mkdir(parents=True, exist_ok=True)
     params_path, data = prepare(out, args.subjects)
@@ -185,7 +174,7 @@ def main() -> None:
         report["dvc_s3"] = dvc_s3(data, out, endpoint, fs)
         fs.mkdir("shards")
         fs.put(str(data / "shards"), "shards/run", recursive=True)
-        local, remote = loader_rate(str(data / "shards")), loader_rate("s3://shards/run")
+        local, remote = loader_rate(str(data / "shards"), repeat), loader_rate("s3://shards/run", repeat)
         report["loader_s3"] = {"local_samples_per_s": round(local, 2), "s3_samples_per_s": round(remote, 2),
                                "ratio_s3_vs_local": round(remote / local, 3)}
     finally:

@@ -649,7 +649,7 @@ def animate(
 ):
     """Drive a built avatar with an expression track from its encoder cache (decoder only per frame)."""
     from avat3r_core.animation.drivers import make_driver
-    from avat3r_core.library import animate_avatar
+    from avat3r_core.reconstruct.build import animate_avatar
 
     drive = _run(make_driver, driver, face_model) if driver is not None else None
     result = _run(animate_avatar, avatar_dir, expressions, out, checkpoint=checkpoint, size=size, fps=fps,

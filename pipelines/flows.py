@@ -274,7 +274,7 @@ def run_reconstruct_stage(params_path: str, layout: DataLayout, ray_address: str
     """Build an avatar library with the trained checkpoint. ``reconstruct.library`` names a library
     manifest; empty: the held-out subjects of the preprocessed capture (``reconstruct.split``)."""
     from avat3r_core.config import build
-    from avat3r_core.library import write_capture_library
+    from avat3r_core.reconstruct.library import write_capture_library
     from stages.reconstruct import ReconstructConfig, run_reconstruct, with_data_defaults
 
     params = load_params(params_path)

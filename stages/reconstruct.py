@@ -1,6 +1,6 @@
 """The reconstruct stage: a library of people → avatars (Ray Data, model actors, resumable).
 
-Input: a library manifest (:func:`avat3r_core.library.read_library`: one row per avatar, modes
+Input: a library manifest (:func:`avat3r_core.reconstruct.library.read_library`: one row per avatar, modes
 ``capture`` / ``photos`` / ``image`` / ``video``) and a training checkpoint. Output under
 ``out_dir`` (``data/avatars/``)::
 
@@ -44,23 +44,19 @@ import pyarrow as pa
 
 from avat3r_core import storage
 from avat3r_core.config import pick_device
-from avat3r_core.library import (
+from avat3r_core.reconstruct.build import (
     ANIMATION_FILE,
     CACHE_FILE,
     META_FILE,
     PLY_FILE,
     PREVIEW_FILE,
     TURNTABLE_FILE,
-    LibraryEntry,
-    PrepareConfig,
-    PreparedAvatar,
-    Preparer,
     build_avatar,
-    head_motion_for,
-    load_expression_track,
-    read_library,
-    write_capture_library,
 )
+from avat3r_core.reconstruct.expressions import head_motion_for, load_expression_track
+from avat3r_core.reconstruct.library import LibraryEntry, read_library, write_capture_library
+from avat3r_core.reconstruct.prepare import Preparer
+from avat3r_core.reconstruct.prepared import PrepareConfig, PreparedAvatar
 from avat3r_core.inference.checkpoint import load_trained_model, resolve_checkpoint
 from stages.runner import (
     ERRORS,
@@ -88,7 +84,7 @@ VERSION = "2"  # 2: views in the tracked head frame
 
 @dataclass
 class ReconstructConfig(PrepareConfig):
-    """Preparation settings (:class:`~avat3r_core.library.PrepareConfig`) plus what is rendered.
+    """Preparation settings (:class:`~avat3r_core.reconstruct.prepared.PrepareConfig`) plus what is rendered.
 
     ``tiny``: CPU tests (small renders, short fits); ``demo``: the demo flow; ``paper``: full-size
     renders and the default fit.
@@ -275,9 +271,9 @@ class _AvatarWorker:
 
 
 def _fidelity_columns(fidelity: dict | None) -> dict:
-    """Index columns of :func:`~avat3r_core.library.picture_fidelity` (NaN for capture avatars or
+    """Index columns of :func:`~avat3r_core.reconstruct.build.picture_fidelity` (NaN for capture avatars or
     where dlib found no face): input-view PSNR in the matte, identity similarity per yaw."""
-    from avat3r_core.library import IDENTITY_YAWS, yaw_key
+    from avat3r_core.reconstruct.build import IDENTITY_YAWS, yaw_key
 
     nan = float("nan")
     fidelity = fidelity or {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from avat3r_core.avatar import animation_frames, encoded_bytes, load_encoded, render_frames, view_orbit
+from avat3r_core.inference.drive import animation_frames, encoded_bytes, load_encoded, render_frames, view_orbit
 from avat3r_core.cameras import Cameras
 from avat3r_core.config import build
 from avat3r_core.gaussians import Gaussians

@@ -69,7 +69,7 @@ PIPELINE = textwrap.dedent("""
     print("steps", metrics["steps"])
     # avatars of the held-out subject, written to the bucket, with the (local) trained checkpoint
     from avat3r_core.config import build
-    from avat3r_core.library import write_capture_library
+    from avat3r_core.reconstruct.library import write_capture_library
     from stages.reconstruct import ReconstructConfig, run_reconstruct, with_data_defaults
     layout = DataLayout(root)
     values = with_data_defaults({"turntable_frames": 2}, layout.face_model, layout.priors)

@@ -27,8 +27,11 @@ import pytest
 
 from avat3r_core.evaluation import MEDIAPIPE_TO_IBUG68, mediapipe_to_ibug68
 from avat3r_core.flame import LandmarkEmbedding, closest_points_on_mesh, load_flame_model, load_landmark_embedding
-from avat3r_core.library import (FaceTooSmallError, LibraryEntry, NoFaceError, PrepareConfig, Preparer,
-                                 UnreadableInputError, read_picture)
+from avat3r_core.reconstruct.errors import FaceTooSmallError, NoFaceError, UnreadableInputError
+from avat3r_core.reconstruct.library import LibraryEntry
+from avat3r_core.reconstruct.pictures import read_picture
+from avat3r_core.reconstruct.prepare import Preparer
+from avat3r_core.reconstruct.prepared import PrepareConfig
 from avat3r_core.tracking.landmarks import (CANONICAL_MESH_ENTRY, MEDIAPIPE_EMBEDDING_FILE, find_mediapipe_model,
                                             points_for_embedding, read_canonical_face_mesh)
 from avat3r_core.errors import FormatError
@@ -364,7 +367,7 @@ def test_real_photos_become_avatars_with_the_defaults(tmp_path, head):
     import torch
 
     from avat3r_core.identity import FaceIdentity
-    from avat3r_core.library import write_library
+    from avat3r_core.reconstruct.library import write_library
     from avat3r_core.train.config import TrainConfig, build_model
     from avat3r_core.train.state import save_checkpoint
     from stages.reconstruct import ReconstructConfig, run_reconstruct
@@ -411,7 +414,7 @@ def test_real_photos_become_avatars_with_the_defaults(tmp_path, head):
 def test_matte_fallback_is_labelled_and_extreme_poses_are_named(tmp_path, head, monkeypatch):
     import sys
 
-    from avat3r_core.library import ExtremePoseError
+    from avat3r_core.reconstruct.errors import ExtremePoseError
     from avat3r_core.priors import matte as matte_module
 
     with pytest.raises(FormatError, match="nothing.tflite.*segmentation model file not found"):

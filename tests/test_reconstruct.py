@@ -21,10 +21,12 @@ import torch
 
 from avat3r_core.dataset.loader import farthest_views
 from avat3r_core.errors import FormatError
-from avat3r_core.library import (BUILTIN_KEYS, LANDMARKS_SUFFIX, AvatarInputError, LibraryEntry, NoFaceError, Preparer, TooFewFramesError,
-                                 UnreadableInputError,
-                                 load_expression_track, pick_diverse_poses, read_library, write_capture_library,
-                                 write_library)
+from avat3r_core.reconstruct.errors import AvatarInputError, NoFaceError, TooFewFramesError, UnreadableInputError
+from avat3r_core.reconstruct.expressions import BUILTIN_KEYS, load_expression_track
+from avat3r_core.reconstruct.library import LibraryEntry, read_library, write_capture_library, write_library
+from avat3r_core.reconstruct.pictures import LANDMARKS_SUFFIX
+from avat3r_core.reconstruct.prepare import Preparer
+from avat3r_core.reconstruct.prepared import pick_diverse_poses
 from avat3r_core.inference.checkpoint import load_trained_model
 from stages.reconstruct import ReconstructConfig, run_reconstruct
 
@@ -347,8 +349,8 @@ def test_stage_builds_every_mode_names_failures_and_resumes(tmp_path, studio, ra
 def test_head_motion_replayed_by_the_camera(studio, tmp_path):
     """A tracked track's head motion relative to its first frame, replayed by moving the camera:
     identity motion renders exactly the fixed-camera frames, the tracked motion other frames."""
-    from avat3r_core.avatar import animation_frames, view_orbit
-    from avat3r_core.library import head_motion_for, load_head_motion
+    from avat3r_core.inference.drive import animation_frames, view_orbit
+    from avat3r_core.reconstruct.expressions import head_motion_for, load_head_motion
 
     spec = f"{studio['tracking']}#001/{SEQ}"
     motion = load_head_motion(spec)
@@ -380,9 +382,9 @@ def test_head_motion_replayed_by_the_camera(studio, tmp_path):
 
 def test_driving_through_the_cache_matches_full_forward(tmp_path, studio):
     """Decoder-only driving from the saved cache renders the same frames as encode + decode per frame."""
-    from avat3r_core.avatar import animation_frames, encoded_bytes, load_encoded
-    from avat3r_core.avatar import view_orbit
-    from avat3r_core.library import drive_without_cache
+    from avat3r_core.inference.drive import animation_frames, encoded_bytes, load_encoded
+    from avat3r_core.inference.drive import view_orbit
+    from avat3r_core.reconstruct.build import drive_without_cache
 
     model, _, _ = load_trained_model(studio["checkpoint"])
     prepared = Preparer(config(studio), image_size=S).prepare(

@@ -163,7 +163,7 @@ def test_a_deeply_nested_calibration_is_one_named_problem_and_the_other_subjects
                                         ("library.json", "[" * 200_000)])
 def test_untrusted_json_and_yaml_never_raise_a_bare_recursion_error(tmp_path, name, text):
     from avat3r_core.formats.parsing import read_json, read_yaml
-    from avat3r_core.library import read_library
+    from avat3r_core.reconstruct.library import read_library
 
     path = tmp_path / name
     path.write_text(text)
@@ -224,7 +224,7 @@ def test_object_storage_lock_refuses_a_live_holder_and_takes_over_a_stale_one():
 
 # --------------------------------------------------------------------------- ids and error records
 def test_over_long_ids_are_refused_by_name(tmp_path):
-    from avat3r_core.library import read_library
+    from avat3r_core.reconstruct.library import read_library
 
     library = tmp_path / "library.csv"
     library.write_text(f"avatar_id,mode,source\n{'a' * 300},image,face.png\n")

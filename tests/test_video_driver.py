@@ -92,7 +92,7 @@ def test_video_of_a_real_photo_with_faceless_frames(tmp_path, caplog):
 
 @needs_mediapipe
 def test_video_without_any_face_is_named(tmp_path):
-    from avat3r_core.library import NoFaceError
+    from avat3r_core.reconstruct.errors import NoFaceError
     from avat3r_core.synthetic.studio import write_face_model
 
     video = tmp_path / "wall.mp4"

@@ -100,7 +100,8 @@ def video_driver(path: str | Path, face_model: str | Path, landmark_embedding: s
 
     from avat3r_core.evaluation import mediapipe_to_ibug68
     from avat3r_core.flame import FlameLayer, load_flame_model, load_landmark_embedding
-    from avat3r_core.library import NoFaceError, TooFewFramesError, read_video_frames
+    from avat3r_core.reconstruct.errors import NoFaceError, TooFewFramesError
+    from avat3r_core.reconstruct.pictures import read_video_frames
     from avat3r_core.tracking.fit import FitConfig, fit_uncalibrated
     from avat3r_core.tracking.landmarks import MediaPipeLandmarks
 

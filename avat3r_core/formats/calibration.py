@@ -29,7 +29,6 @@ from avat3r_core.errors import FormatError, check_finite, check_size
 from avat3r_core.formats.parsing import read_json
 from avat3r_core.geometry import RIGID_TOL
 
-
 #: Full-resolution NeRSemble frame size as the dataset documents it ("3208x2200"); which side is
 #: the width is resolved from the principal point when the caller does not say (see
 #: :func:`read_nersemble_calibration`).

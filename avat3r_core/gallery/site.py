@@ -34,11 +34,11 @@ from typing import Any
 from avat3r_core import storage
 from avat3r_core.errors import Avat3rError, FormatError
 from avat3r_core.gallery.splat import SPLAT_SUFFIX, write_splat
-from avat3r_core.library import ANIMATION_FILE as ANIMATION
-from avat3r_core.library import META_FILE as META
-from avat3r_core.library import PLY_FILE as PLY
-from avat3r_core.library import PREVIEW_FILE as PREVIEW
-from avat3r_core.library import TURNTABLE_FILE as TURNTABLE
+from avat3r_core.reconstruct.build import ANIMATION_FILE as ANIMATION
+from avat3r_core.reconstruct.build import META_FILE as META
+from avat3r_core.reconstruct.build import PLY_FILE as PLY
+from avat3r_core.reconstruct.build import PREVIEW_FILE as PREVIEW
+from avat3r_core.reconstruct.build import TURNTABLE_FILE as TURNTABLE
 
 __all__ = ["GalleryConfig", "GalleryError", "build_gallery", "VENDOR_FILES", "SITE_ASSETS"]
 

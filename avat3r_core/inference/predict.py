@@ -5,7 +5,6 @@ under bf16 autocast (rendering stays float32); on CPU the same code runs in floa
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from avat3r_core.formats.batch import Avat3rBatch
-from avat3r_core.losses import composite
 from avat3r_core.inference.predict import targets_on_background
+from avat3r_core.losses import composite
 
 
 def grid_rows(batch: Avat3rBatch, predictions: dict[str, Tensor], background: Tensor, max_samples: int = 4,
@@ -45,3 +45,14 @@ def save_png(path: str | Path, image: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(path)
     return path
+
+
+def grid(images: list[np.ndarray], columns: int) -> np.ndarray:
+    """Tile equally sized images (H, W, 3) into one picture, white where the grid is short."""
+    h, w = images[0].shape[:2]
+    rows = (len(images) + columns - 1) // columns
+    canvas = np.full((rows * h, columns * w, 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
+    return canvas

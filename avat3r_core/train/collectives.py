@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 
-
 # --------------------------------------------------------------------------- collectives (no-ops alone)
 def _dist() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()

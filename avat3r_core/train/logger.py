@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import csv
-import math
 import logging
+import math
 from pathlib import Path
-
-
 
 log = logging.getLogger("avat3r.training")
 

@@ -39,10 +39,16 @@ from typing import Protocol
 import torch
 
 from avat3r_core.formats.batch import Avat3rBatch
-from avat3r_core.losses import Avat3rLoss
 from avat3r_core.inference.checkpoint import CHECKPOINT_FILE
-from avat3r_core.inference.predict import evaluate, predict_gaussians, predict_images, render_predictions, targets_on_background
+from avat3r_core.inference.predict import (
+    evaluate,
+    predict_gaussians,
+    predict_images,
+    render_predictions,
+    targets_on_background,
+)
 from avat3r_core.inference.visuals import image_grid, save_png
+from avat3r_core.losses import Avat3rLoss
 from avat3r_core.train.collectives import all_ranks_agree, gather_objects, parameter_checksum, unwrap
 from avat3r_core.train.config import TrainConfig, build_model, build_optimizer
 from avat3r_core.train.logger import TrainLogger

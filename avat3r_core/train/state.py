@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from avat3r_core.weights import safe_torch_load
 from avat3r_core.inference.checkpoint import CHECKPOINT_FILE
 from avat3r_core.train.collectives import unwrap
 from avat3r_core.train.config import TrainConfig
+from avat3r_core.weights import safe_torch_load
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -10,10 +10,9 @@ from collections.abc import Iterator
 import torch
 
 from avat3r_core.cameras import Cameras
-from avat3r_core.formats.batch import Avat3rBatch
+from avat3r_core.formats.batch import Avat3rBatch, cat_batches
 from avat3r_core.gaussians import Gaussians
 from avat3r_core.render import render
-from avat3r_core.formats.batch import cat_batches
 
 
 def synthetic_sample(index: int, size: int = 32, num_inputs: int = 2, num_targets: int = 2, seed: int = 0,

@@ -68,7 +68,6 @@ def view_orbit(center, radius: float, front, up, frames: int = 24, yaw_deg: floa
                            height=size, dtype=torch.float32, device=device)
 
 
-
 # --------------------------------------------------------------------------- pictures
 @torch.no_grad()
 def render_frames(gaussians: Gaussians, cameras: Cameras, background: tuple[float, float, float] = (1.0, 1.0, 1.0),
@@ -105,14 +104,3 @@ def animation_frames(model, encoded: EncodedAvatar, codes: Tensor, camera: Camer
                 cam = Cameras(camera.world_to_cam @ m, camera.K, camera.width, camera.height)
             frames.append(render_frames(output.gaussians(b), cam, background)[0])
     return np.stack(frames)
-
-
-def grid(images: list[np.ndarray], columns: int) -> np.ndarray:
-    """Tile equally sized images (H, W, 3) into one picture, white where the grid is short."""
-    h, w = images[0].shape[:2]
-    rows = (len(images) + columns - 1) // columns
-    canvas = np.full((rows * h, columns * w, 3), 255, np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
-    return canvas

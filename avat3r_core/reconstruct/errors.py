@@ -1,0 +1,43 @@
+"""The named failures of one avatar's inputs; each carries the path at fault and the reason, so
+the error manifest says which file of which avatar was at fault."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from avat3r_core.errors import Avat3rError
+
+
+class AvatarInputError(Avat3rError):
+    """An avatar's input cannot be used; ``path`` is the file at fault, ``reason`` says why."""
+
+    kind = "bad input"
+
+    def __init__(self, path: str | Path | None, reason: str):
+        self.path = str(path) if path is not None else None
+        self.reason = reason
+        super().__init__(f"{self.path or '<input>'}: {self.kind}: {reason}")
+
+
+class NoFaceError(AvatarInputError):
+    kind = "no face detected"
+
+
+class UnreadableInputError(AvatarInputError):
+    kind = "unreadable"
+
+
+class TooFewFramesError(AvatarInputError):
+    kind = "too few frames"
+
+
+class FitFailedError(AvatarInputError):
+    kind = "face-model fit failed"
+
+
+class FaceTooSmallError(AvatarInputError):
+    kind = "face too small"
+
+
+class ExtremePoseError(AvatarInputError):
+    kind = "head turned too far"
