@@ -15,7 +15,7 @@ timesteps of that sequence (other expressions) and T target views at the target 
 * **AKD** (pixels at the evaluated resolution): a real image-based landmark detector (the tracking
   stage's ``mediapipe`` backend, :class:`~avat3r_core.tracking.landmarks.MediaPipeLandmarks`) runs
   on the rendered image; its 478 points are mapped to the 68 iBUG points
-  (:data:`MEDIAPIPE_TO_IBUG68`) and compared with the studio's ground-truth landmarks of that
+  (:data:`~avat3r_core.tracking.landmarks.MEDIAPIPE_TO_IBUG68`) and compared with the studio's ground-truth landmarks of that
   target view (the tracking stage's ``ground_truth`` backend,
   :class:`~avat3r_core.tracking.landmarks.GroundTruthLandmarks`, mapped into the crop), over the
   points visible in that view. Views where the detector finds no face have no AKD; the report
@@ -71,9 +71,9 @@ from avat3r_core.metrics import CSIM_UNAVAILABLE, lpips_metric, psnr, ssim
 log = logging.getLogger("avat3r.evaluation")
 
 __all__ = [
-    "AKD_NOTE", "EvalConfig", "EvalReport", "GroundTruth68", "LPIPS_NOT_COMPUTED", "MEDIAPIPE_TO_IBUG68",
+    "AKD_NOTE", "EvalConfig", "EvalReport", "GroundTruth68", "LPIPS_NOT_COMPUTED",
     "MediaPipe68", "PSNR_CAP", "PUBLISHED", "TargetViewIndex", "eval_loader_config", "evaluate_report",
-    "make_detector68", "mediapipe_to_ibug68",
+    "make_detector68",
 ]
 
 #: Per-view PSNR is capped here before averaging (``+inf`` for identical images), as in inference.predict.evaluate.
@@ -82,26 +82,6 @@ LPIPS_NOT_COMPUTED = "LPIPS: not computed (no weights file supplied)"
 #: iBUG indices of the inner points (brows, nose, eyes, mouth): everything but the jaw contour 0–16.
 INNER = slice(17, 68)
 
-#: MediaPipe FaceLandmarker (canonical face mesh) vertex ids for each of the 68 iBUG / dlib points,
-#: in iBUG order (0–16 jaw from the subject's right, 17–26 brows, 27–35 nose, 36–47 eyes, 48–67
-#: mouth); two ids → their midpoint. The correspondence follows the public MediaPipe→dlib-68 table
-#: of Peizhi Yan (github.com/PeizhiYan/Mediapipe_2_Dlib_Landmarks). Being a correspondence between
-#: two different landmark definitions it has a floor of its own, which the AKD floor measures.
-MEDIAPIPE_TO_IBUG68: tuple[tuple[int, ...], ...] = (
-    # jaw 0-16
-    (127,), (234,), (93,), (132, 58), (58, 172), (136,), (150,), (176,), (152,), (400,), (379,), (365,),
-    (397, 288), (361,), (323,), (454,), (356,),
-    # brows 17-26
-    (70,), (63,), (105,), (66,), (107,), (336,), (296,), (334,), (293,), (300,),
-    # nose 27-35
-    (168, 6), (197, 195), (5,), (4,), (75,), (97,), (2,), (326,), (305,),
-    # eyes 36-47
-    (33,), (160,), (158,), (133,), (153,), (144,), (362,), (385,), (387,), (263,), (373,), (380,),
-    # outer lips 48-59
-    (61,), (39,), (37,), (0,), (267,), (269,), (291,), (321,), (314,), (17,), (84,), (91,),
-    # inner lips 60-67
-    (78,), (82,), (13,), (312,), (308,), (317,), (14,), (87,),
-)
 
 #: Published Avat3r results (4 input views, novel view and novel expression), from the paper as
 #: summarised in ../shared/AVAT3R.md. Different data (Ava-256, NeRSemble) and resolution (512²
@@ -210,13 +190,6 @@ def _world_centers(cameras, head_to_world: Tensor | None, B: int, N: int) -> Ten
     return torch.einsum("bnij,bnj->bni", H[..., :3, :3], centers) + H[..., :3, 3]
 
 
-# --------------------------------------------------------------------------- landmarks
-def mediapipe_to_ibug68(points: np.ndarray) -> np.ndarray:
-    """(..., 478, 2) MediaPipe points → (..., 68, 2) iBUG points (:data:`MEDIAPIPE_TO_IBUG68`)."""
-    p = np.asarray(points, np.float64)
-    return np.stack([p[..., list(ids), :].mean(axis=-2) for ids in MEDIAPIPE_TO_IBUG68], axis=-2)
-
-
 def to_uint8(images: Tensor) -> np.ndarray:
     """(N, 3, H, W) in [0, 1] → uint8 (N, H, W, 3)."""
     return (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
@@ -237,6 +210,8 @@ class MediaPipe68:
 
     def __call__(self, images: np.ndarray, rows: Sequence[dict | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         import cv2
+
+        from avat3r_core.tracking.landmarks import mediapipe_to_ibug68
 
         images = np.asarray(images)
         if self.upscale > 1:

@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from avat3r_core.color import cheung2004_terms, linear_to_srgb, srgb_to_linear
+from avat3r_core.geometry import camera_centers
 
 if TYPE_CHECKING:  # torch (via Cameras) is imported only where cameras are projected: the extract
     # workers never do, and a worker process without torch starts ~0.9 s sooner
@@ -150,7 +151,7 @@ def triangulate(world_to_cam: np.ndarray, K: np.ndarray, points: np.ndarray, val
     points = np.asarray(points, np.float64)[valid]
     w2c, K = np.asarray(world_to_cam, np.float64)[valid], np.asarray(K, np.float64)[valid]
     R = w2c[:, :3, :3]
-    origins = -np.einsum("cji,cj->ci", R, w2c[:, :3, 3])  # camera centres: -R^T t
+    origins = camera_centers(w2c)
     y = (points[:, 1] - K[:, 1, 2]) / K[:, 1, 1]
     x = (points[:, 0] - K[:, 0, 2] - K[:, 0, 1] * y) / K[:, 0, 0]
     dirs = x[:, None] * R[:, 0] + y[:, None] * R[:, 1] + R[:, 2]  # R^T (x, y, 1)
@@ -162,17 +163,6 @@ def triangulate(world_to_cam: np.ndarray, K: np.ndarray, points: np.ndarray, val
         A += P
         b += P @ o
     return np.linalg.solve(A, b)
-
-
-def spread_views(centers: np.ndarray, k: int) -> list[int]:
-    """Indices of ``k`` camera centres (N, 3) chosen by farthest-point sampling (widest baselines)."""
-    k = min(k, len(centers))
-    chosen = [int(np.argmin(np.linalg.norm(centers - centers.mean(0), axis=1)))]
-    distance = np.linalg.norm(centers - centers[chosen[0]], axis=1)
-    while len(chosen) < k:
-        chosen.append(int(np.argmax(distance)))
-        distance = np.minimum(distance, np.linalg.norm(centers - centers[chosen[-1]], axis=1))
-    return sorted(chosen)
 
 
 def frame_boxes(camera: Cameras, centers: np.ndarray, extent: float) -> np.ndarray:

@@ -163,8 +163,9 @@ def main() -> None:
     params_path, data = prepare(out, args.subjects)
     report: dict = {"subjects": args.subjects, "cpus": os.cpu_count()}
 
-    one = cluster_run(params_path, data, out / "one-node", second_node=False)
-    two = cluster_run(params_path, data, out / "two-nodes", second_node=True)
+    # short folder names: Ray's socket paths below them must stay within AF_UNIX's 107 bytes
+    one = cluster_run(params_path, data, out / "n1", second_node=False)
+    two = cluster_run(params_path, data, out / "n2", second_node=True)
     report["cluster"] = {"one_node": one, "two_nodes": two,
                          "ratio_items_per_s_2_vs_1": {s: round(two[s]["items_per_s"] / max(one[s]["items_per_s"], 1e-9), 3)
                                                       for s in one}}

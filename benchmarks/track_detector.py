@@ -59,7 +59,7 @@ def main() -> None:
     import torch
 
     from avat3r_core.formats.calibration import read_nersemble_calibration
-    from avat3r_core.evaluation import mediapipe_to_ibug68
+    from avat3r_core.tracking.landmarks import mediapipe_to_ibug68
     from avat3r_core.flame import FlameLayer, load_flame_model, load_landmark_embedding
     from avat3r_core.synthetic.head import EXPRESSION_NAMES
     from avat3r_core.synthetic.studio import StudioConfig, face_model_paths

@@ -33,9 +33,23 @@ import numpy as np
 
 from avat3r_core import storage
 from avat3r_core.errors import FormatError
-from avat3r_core.extract import (ExtractConfig, ImageSequence, VideoJob, encode_image, extract_video, frame_boxes,
-                                 PlateCenters, mask_center, median_plate, pick_frames, read_image, read_yuv420,
-                                 select_frames, spread_views, triangulate)
+from avat3r_core.extract import (
+    ExtractConfig,
+    ImageSequence,
+    VideoJob,
+    encode_image,
+    extract_video,
+    frame_boxes,
+    PlateCenters,
+    mask_center,
+    median_plate,
+    pick_frames,
+    read_image,
+    read_yuv420,
+    select_frames,
+    triangulate,
+)
+from avat3r_core.geometry import farthest_views
 from avat3r_core.ids import make_id
 from avat3r_core.video import read_frames
 from stages.runner import Stage, StageContext, StageResources, StageSummary, run_stage
@@ -337,8 +351,8 @@ def plan(index: CaptureIndex, config: ExtractConfig) -> tuple[list[dict], list[d
                                      "path": subject_problem.path if subject_problem else subject.root})
                 continue
             # the head centre needs a few well-spread views, not all: fewer mattes to decode twice
-            views = spread_views(subject.cameras[[subject.serials.index(v["camera_serial"]) for v in videos]]
-                                 .centers.numpy(), config.center_views) if videos else []
+            views = sorted(farthest_views(subject.cameras[[subject.serials.index(v["camera_serial"]) for v in videos]]
+                                 .centers.numpy(), config.center_views)) if videos else []
             center_items.append({"id": seq_id, "subject": pid, "sequence": seq_name, "frames": frames,
                                  "videos": [videos[i] for i in views]})
             for video in videos:

@@ -96,14 +96,7 @@ class PriorsConfig(Presets):
 
     def resolve(self, tracking_manifest: str | None = None, face_model_paths: Any = None) -> "PriorsConfig":
         """The config with ``auto`` replaced by the concrete sources; raises when a choice lacks its inputs."""
-        position = self.position_source
-        if position == "auto":
-            if self.dust3r_checkpoint:
-                position = "dust3r"
-            elif self.ground_truth_root:
-                position = "ground_truth"
-            else:
-                position = "face_model"
+        position = sources.choose_position_source(self.position_source, self.dust3r_checkpoint, self.ground_truth_root)
         if position == "face_model" and not (tracking_manifest and face_model_paths):
             raise ValueError(
                 "priors: no position-map source available. Give one of: dust3r_checkpoint (DUSt3R, the method), "
@@ -111,9 +104,7 @@ class PriorsConfig(Presets):
                 "from the track stage) together with face_model_paths (FLAME model + embedding) for the "
                 "'face_model' stand-in."
             )
-        feature = self.feature_source
-        if feature == "auto":
-            feature = "sapiens" if self.sapiens_model else "efficientnet"
+        feature = sources.choose_feature_source(self.feature_source, self.sapiens_model)
         return replace(self, position_source=position, feature_source=feature)
 
     def to_dict(self) -> dict:
@@ -190,8 +181,7 @@ class PriorsStage(Stage):
         self.features = feature_extractor(cfg, self.device)
         self.projection = None
         if self.projection_path:
-            with np.load(io.BytesIO(storage.read_bytes(self.projection_path))) as z:
-                self.projection = (torch.from_numpy(z["matrix"]), torch.from_numpy(z["mean"]))
+            self.projection = sources.read_feature_projection(self.projection_path)[:2]
 
     # ------------------------------------------------------------------ position sources
     def _ground_truth(self, row: dict, crop) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,15 +16,14 @@ from avat3r_core.errors import FormatError
 from avat3r_core.inference.checkpoint import load_trained_model
 from avat3r_core.evaluation import (
     LPIPS_NOT_COMPUTED,
-    MEDIAPIPE_TO_IBUG68,
     PSNR_CAP,
     EvalConfig,
     GroundTruth68,
     TargetViewIndex,
     eval_loader_config,
     evaluate_report,
-    mediapipe_to_ibug68,
 )
+from avat3r_core.tracking.landmarks import MEDIAPIPE_TO_IBUG68, mediapipe_to_ibug68
 from tests.test_pack_loader import FEATURE_DIM, make_priors_and_tracking
 
 SIZE = 32

@@ -228,8 +228,12 @@ def test_triangulate_recovers_a_point_seen_by_the_cameras(capture):
     assert triangulate(w2c, K, uv, np.arange(len(cams)) == 0) is None  # one view is not enough
 
 
-def test_spread_views_picks_wide_baselines():
-    from avat3r_core.extract import spread_views
+def test_head_centre_views_pick_wide_baselines():
+    """The head-centre pass's views: geometry.farthest_views, sorted (stages/extract.py)."""
+    from avat3r_core.geometry import farthest_views
+
+    def spread_views(centers, k):
+        return sorted(farthest_views(centers, k))
 
     line = np.array([[x, 0.0, 0.0] for x in range(9)])
     assert spread_views(line, 3) == [0, 4, 8]

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from avat3r_core import storage
-from avat3r_core.dataset.loader import Avat3rDataset, LoaderConfig, farthest_views, make_loader
+from avat3r_core.dataset.loader import Avat3rDataset, LoaderConfig, make_loader
+from avat3r_core.geometry import farthest_views
 from avat3r_core.dataset.pack import (PackConfig, build_samples, read_index, shard_stats, shard_urls, split_subjects,
                                       verify_shards)
 from avat3r_core.formats.manifests import PRIORS_SCHEMA

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from avat3r_core.evaluation import MEDIAPIPE_TO_IBUG68, mediapipe_to_ibug68
+from avat3r_core.tracking.landmarks import MEDIAPIPE_TO_IBUG68, mediapipe_to_ibug68
 from avat3r_core.flame import LandmarkEmbedding, closest_points_on_mesh, load_flame_model, load_landmark_embedding
 from avat3r_core.reconstruct.errors import FaceTooSmallError, NoFaceError, UnreadableInputError
 from avat3r_core.reconstruct.library import LibraryEntry

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from avat3r_core.dataset.loader import farthest_views
+from avat3r_core.geometry import farthest_views
 from avat3r_core.errors import FormatError
 from avat3r_core.reconstruct.errors import AvatarInputError, NoFaceError, TooFewFramesError, UnreadableInputError
 from avat3r_core.reconstruct.expressions import BUILTIN_KEYS, load_expression_track

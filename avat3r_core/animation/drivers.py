@@ -98,12 +98,11 @@ def video_driver(path: str | Path, face_model: str | Path, landmark_embedding: s
     """Track a monocular video (module docstring) into a :class:`Driver`."""
     import torch
 
-    from avat3r_core.evaluation import mediapipe_to_ibug68
     from avat3r_core.flame import FlameLayer, load_flame_model, load_landmark_embedding
     from avat3r_core.reconstruct.errors import NoFaceError, TooFewFramesError
     from avat3r_core.reconstruct.pictures import read_video_frames
     from avat3r_core.tracking.fit import FitConfig, fit_uncalibrated
-    from avat3r_core.tracking.landmarks import MediaPipeLandmarks
+    from avat3r_core.tracking.landmarks import MediaPipeLandmarks, points_for_embedding
 
     path = str(path)
     # frames shrunk to 2048 px at most; landmarks and the fit live in those pixels
@@ -115,11 +114,8 @@ def video_driver(path: str | Path, face_model: str | Path, landmark_embedding: s
     found = np.array([bool(d.found[0]) for d in dets])
     points = np.stack([d.points[0] for d in dets]).astype(np.float64)
     conf = np.stack([d.confidence[0] for d in dets]).astype(np.float64)
-    if embedding.landmark_indices is None:  # a 68-point embedding (iBUG order): map MediaPipe's points onto it
-        if layer.lmk_faces.shape[0] != 68:
-            raise FormatError(str(landmark_embedding), "landmark_indices", f"embeds {layer.lmk_faces.shape[0]} points "
-                              "and selects none: give FLAME's MediaPipe embedding or a 68-point one")
-        points, conf = mediapipe_to_ibug68(points), conf[:, :68]
+    # MediaPipe's points as the embedding takes them (478 → iBUG-68 for a 68-point one), as tracking does
+    points, conf = points_for_embedding(points, conf, embedding, where=str(landmark_embedding))
     if found.sum() < 2:
         if not found.any():
             raise NoFaceError(path, f"no face in any of the {len(frames)} frames of the driving video")

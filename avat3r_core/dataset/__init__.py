@@ -6,13 +6,13 @@
 """
 
 from avat3r_core.dataset.loader import (Avat3rDataset, Avat3rLoader, Avat3rSampler, LoaderConfig, collate,
-                                        farthest_views, make_loader)
+                                        make_loader)
 from avat3r_core.dataset.pack import (PackConfig, build_samples, encode_sample, pack, plan_pack, read_index,
                                       shard_stats, shard_urls, split_subjects, verify_shards, write_index,
                                       write_split)
 
 __all__ = [
-    "Avat3rDataset", "Avat3rLoader", "Avat3rSampler", "LoaderConfig", "collate", "farthest_views", "make_loader",
+    "Avat3rDataset", "Avat3rLoader", "Avat3rSampler", "LoaderConfig", "collate", "make_loader",
     "PackConfig", "build_samples", "encode_sample", "pack", "plan_pack", "read_index", "shard_stats", "shard_urls",
     "split_subjects", "verify_shards", "write_index", "write_split",
 ]

@@ -74,7 +74,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from avat3r_core import storage
 from avat3r_core.config import Presets
 from avat3r_core.cameras import Cameras
-from avat3r_core.geometry import is_rigid, to_head_frame
+from avat3r_core.geometry import HeadFrameError, camera_centers, farthest_views, head_frames, to_head_frame
 from avat3r_core.dataset.pack import EXPRESSION_DIM, sample_fields, shard_urls
 from avat3r_core.formats.batch import Avat3rBatch
 
@@ -194,14 +194,14 @@ class Timestep:
 
 def head_to_world_of(sample: dict[str, Any]) -> np.ndarray:
     """The (4, 4) rigid head-to-world transform in a sample's ``tracking.json``."""
-    values = json.loads(sample["tracking.json"]).get("head_to_world")
-    if values is None:
-        raise MissingHeadFrame(f"sample {sample.get('__key__')!r} has no head_to_world in tracking.json: its shards "
-                               "were packed from tracking without head frames; re-run track and pack "
-                               "(or read them with loader frame: world)")
-    if not is_rigid(values):
-        raise ValueError(f"sample {sample.get('__key__')!r}: head_to_world is not a rigid transform")
-    return np.asarray(values, np.float64).reshape(4, 4)
+    try:
+        return head_frames([json.loads(sample["tracking.json"]).get("head_to_world")])[0]
+    except HeadFrameError as bad:
+        if bad.first_missing:
+            raise MissingHeadFrame(f"sample {sample.get('__key__')!r} has no head_to_world in tracking.json: its shards "
+                                   "were packed from tracking without head frames; re-run track and pack "
+                                   "(or read them with loader frame: world)") from None
+        raise ValueError(f"sample {sample.get('__key__')!r}: head_to_world is not a rigid transform") from None
 
 
 def parse_sample(sample: dict[str, Any], frame: str = "world") -> Timestep:
@@ -222,7 +222,7 @@ def parse_sample(sample: dict[str, Any], frame: str = "world") -> Timestep:
     if head is not None:
         w2c = w2c @ head  # head → camera
     K = np.array([c["K"] for c in cams], dtype=np.float64).reshape(-1, 3, 3)
-    centers = -np.einsum("cji,cj->ci", w2c[:, :3, :3], w2c[:, :3, 3])
+    centers = camera_centers(w2c)
     expression = np.load(io.BytesIO(sample["expression.npy"]), allow_pickle=False).astype(np.float32).reshape(-1)
     if expression.shape != (EXPRESSION_DIM,):
         raise ValueError(f"sample {sample['__key__']!r}: expression has shape {expression.shape}")
@@ -232,41 +232,6 @@ def parse_sample(sample: dict[str, Any], frame: str = "world") -> Timestep:
                     width=int(width), height=int(height), centers=centers,
                     has_position=list(meta["has_position"]), has_features=list(meta["has_features"]),
                     expression=expression, raw=sample, head_to_world=head)
-
-
-# --------------------------------------------------------------------------- view selection
-def farthest_views(centers: np.ndarray, k: int, rng: random.Random | None = None, groups: np.ndarray | None = None,
-                   tol: float = 1e-6) -> list[int]:
-    """k-farthest viewpoint sampling: indices of ``k`` of the candidate ``centers`` (N, 3).
-
-    A first pick, then repeatedly the candidate farthest (Euclidean, camera centres) from every
-    pick so far; among near-ties, candidates whose ``groups`` label (the timestep) has not been
-    picked yet come first. With ``rng`` (training) the first pick and the tie-break are random;
-    without it the choice is deterministic — the camera nearest the mean centre first (the frontal
-    one of a frontal rig), ties to the lowest index — so a rebuilt avatar gets the same views.
-    Candidates are picked at most once, so ``k > N`` returns all N (in pick order).
-    """
-    centers = np.asarray(centers, np.float64)
-    n = len(centers)
-    if n == 0:
-        return []
-    if rng is not None:
-        picks = [rng.randrange(n)]
-    else:
-        picks = [int(np.argmin(np.linalg.norm(centers - centers.mean(0), axis=1)))]
-    dist = np.linalg.norm(centers - centers[picks[0]], axis=1)
-    dist[picks[0]] = -1.0
-    while len(picks) < min(k, n):
-        best = dist.max()
-        ties = np.flatnonzero(dist >= best - tol)
-        if groups is not None:
-            fresh = ties[~np.isin(groups[ties], groups[picks])]
-            ties = fresh if len(fresh) else ties
-        nxt = int(ties[rng.randrange(len(ties))]) if rng is not None else int(ties[0])
-        picks.append(nxt)
-        dist = np.minimum(dist, np.linalg.norm(centers - centers[nxt], axis=1))
-        dist[picks] = -1.0
-    return picks
 
 
 @dataclass

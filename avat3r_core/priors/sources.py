@@ -355,3 +355,42 @@ def features_to_store(features: Tensor, projection: tuple[Tensor, Tensor] | None
     if projection is not None:
         features = apply_projection(features, projection[0], projection[1])
     return to_fp16(features, "features").numpy()
+
+
+def read_feature_projection(path: str) -> tuple[Tensor, Tensor, dict]:
+    """The priors stage's ``feature_projection.npz`` → (matrix (C, k), mean (C,), meta) as float32
+    tensors: the one reader (the priors stage applies it, reconstruction projects pictures' features
+    with it). Errors name the file."""
+    import io
+    import json
+
+    from avat3r_core import storage
+    from avat3r_core.errors import FormatError
+
+    try:
+        with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as z:
+            matrix, mean = torch.from_numpy(z["matrix"]).float(), torch.from_numpy(z["mean"]).float()
+            meta = json.loads(str(z["meta"])) if "meta" in z else {}
+    except FileNotFoundError:
+        raise FormatError(path, None, "feature projection file not found") from None
+    except KeyError as exc:
+        raise FormatError(path, str(exc), "missing key in the feature projection") from None
+    return matrix, mean, meta
+
+
+def choose_position_source(requested: str, dust3r_checkpoint: str, ground_truth_root: str = "") -> str:
+    """What ``position_source: auto`` means, for the priors stage and for reconstruction alike:
+    DUSt3R when its checkpoint is given, else the studio's ground truth when given (the priors
+    stage only), else the face-model stand-in. A concrete choice is kept."""
+    if requested != "auto":
+        return requested
+    if dust3r_checkpoint:
+        return "dust3r"
+    return "ground_truth" if ground_truth_root else "face_model"
+
+
+def choose_feature_source(requested: str, sapiens_model: str) -> str:
+    """What ``feature_source: auto`` means: Sapiens when its model file is given, else EfficientNet."""
+    if requested != "auto":
+        return requested
+    return "sapiens" if sapiens_model else "efficientnet"

@@ -9,7 +9,7 @@ import numpy as np
 
 from avat3r_core import storage
 from avat3r_core.errors import FormatError
-from avat3r_core.geometry import is_rigid
+from avat3r_core.geometry import HeadFrameError, head_frames
 from avat3r_core.tracking import check_tracking_rows
 
 #: the built-in expression set: (label, FLAME parameters of the key), covering jaw open, smile,
@@ -97,14 +97,14 @@ def load_head_motion(spec: str | None) -> np.ndarray | None:
     if not spec or spec == "builtin" or spec.partition("#")[0].endswith(".npy"):
         return None
     rows = _tracked_rows(spec)
-    if any(r.get("head_to_world") is None for r in rows):
-        raise FormatError(spec.partition("#")[0], "head_to_world", "tracking without head frames (re-run the track "
-                          "stage) cannot drive the head pose")
-    bad = [r for r in rows if not is_rigid(r["head_to_world"])]
-    if bad:
-        raise FormatError(spec.partition("#")[0], f"frame {bad[0]['frame']}",
-                          f"head_to_world is not a rigid transform ({len(bad)} of {len(rows)} frames)")
-    H = np.array([r["head_to_world"] for r in rows], np.float64).reshape(-1, 4, 4)
+    try:
+        H = head_frames([r.get("head_to_world") for r in rows])
+    except HeadFrameError as bad:
+        if bad.missing:
+            raise FormatError(spec.partition("#")[0], "head_to_world", "tracking without head frames (re-run the track "
+                              "stage) cannot drive the head pose") from None
+        raise FormatError(spec.partition("#")[0], f"frame {rows[bad.not_rigid[0]]['frame']}",
+                          f"head_to_world is not a rigid transform ({len(bad.not_rigid)} of {len(rows)} frames)") from None
     return np.linalg.inv(H[0]) @ H
 
 

@@ -3,15 +3,13 @@ models); the capture path is :mod:`.prepare_capture`, the picture path :mod:`.pr
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import time
 
 import numpy as np
 import torch
 
-from avat3r_core import storage
+from avat3r_core.priors.sources import read_feature_projection
 from avat3r_core.config import pick_device
 from avat3r_core.errors import FormatError
 from avat3r_core.reconstruct.errors import NoFaceError
@@ -57,14 +55,8 @@ class Preparer(CapturePreparation, PicturePreparation):
         self._projection: tuple[torch.Tensor, torch.Tensor] | None = None
         if self.feature_source in ("efficientnet", "sapiens") and config.feature_projection:
             path = config.feature_projection
-            try:
-                with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as z:
-                    self._projection = (torch.from_numpy(z["matrix"]).float(), torch.from_numpy(z["mean"]).float())
-                    self.projection_meta = json.loads(str(z["meta"])) if "meta" in z else {}
-            except FileNotFoundError:
-                raise FormatError(path, None, "feature projection file not found") from None
-            except KeyError as exc:
-                raise FormatError(path, str(exc), "missing key in the feature projection") from None
+            matrix, mean, self.projection_meta = read_feature_projection(path)
+            self._projection = (matrix, mean)
             if self._projection[0].shape[1] != self.feature_dim:
                 raise FormatError(path, "matrix", f"projects to {self._projection[0].shape[1]} channels, the model "
                                   f"takes {self.feature_dim}")

@@ -11,9 +11,8 @@ import torch
 
 from avat3r_core import storage
 from avat3r_core.cameras import Cameras
-from avat3r_core.dataset.loader import farthest_views
+from avat3r_core.geometry import HeadFrameError, camera_centers, farthest_views, head_frames, to_head_frame
 from avat3r_core.errors import FormatError, check_finite
-from avat3r_core.geometry import is_rigid, to_head_frame
 from avat3r_core.reconstruct.errors import AvatarInputError
 from avat3r_core.reconstruct.library import LibraryEntry
 from avat3r_core.reconstruct.pictures import read_image
@@ -61,7 +60,7 @@ class CapturePreparation:
         w2c = np.array([r["world_to_cam"] for r in rows], np.float64).reshape(-1, 4, 4)
         if heads is not None:
             w2c = w2c @ heads
-        centers = -np.einsum("nji,nj->ni", w2c[:, :3, :3], w2c[:, :3, 3])
+        centers = camera_centers(w2c)
         picks = farthest_views(centers, self.config.num_views, groups=np.array([int(r["frame"]) for r in rows]))
         chosen = [rows[i] for i in picks]
         priors_dir = str(storage.as_path(priors_manifest).parent)
@@ -134,14 +133,13 @@ class CapturePreparation:
         if not tracked:
             raise AvatarInputError(tracking_manifest, "the model works in the tracked head frame, but there is no "
                                    "tracking for this subject (run the track stage, or give the entry's tracking)")
-        heads = []
-        for r in rows:
-            t = tracked.get((str(r["sequence"]), int(r["frame"])))
-            if t is None or t.get("head_to_world") is None:
+        found = [tracked.get((str(r["sequence"]), int(r["frame"]))) or {} for r in rows]
+        try:
+            return head_frames([t.get("head_to_world") for t in found])
+        except HeadFrameError as bad:
+            r = rows[bad.first]
+            if bad.first_missing:
                 raise AvatarInputError(tracking_manifest, f"no head_to_world for {r['subject']}/{r['sequence']} frame "
-                                       f"{r['frame']} (tracking from before head frames: re-run the track stage)")
-            if not is_rigid(t["head_to_world"]):
-                raise AvatarInputError(tracking_manifest, f"head_to_world of {r['subject']}/{r['sequence']} frame "
-                                       f"{r['frame']} is not a rigid transform: {list(t['head_to_world'])}")
-            heads.append(np.asarray(t["head_to_world"], np.float64).reshape(4, 4))
-        return np.stack(heads)
+                                       f"{r['frame']} (tracking from before head frames: re-run the track stage)") from None
+            raise AvatarInputError(tracking_manifest, f"head_to_world of {r['subject']}/{r['sequence']} frame "
+                                   f"{r['frame']} is not a rigid transform: {list(found[bad.first]['head_to_world'])}") from None

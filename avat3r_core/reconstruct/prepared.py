@@ -13,7 +13,8 @@ import torch
 
 from avat3r_core.cameras import Cameras
 from avat3r_core.config import Presets
-from avat3r_core.dataset.loader import farthest_views
+from avat3r_core.priors.sources import choose_feature_source, choose_position_source
+from avat3r_core.geometry import camera_centers, farthest_views
 from avat3r_core.errors import FormatError
 from avat3r_core.reconstruct.errors import AvatarInputError
 
@@ -25,7 +26,7 @@ def pick_diverse_poses(world_to_cam: np.ndarray, k: int) -> list[int]:
     the unit directions starts at the most frontal one (nearest the mean direction). Sorted.
     """
     w2c = np.asarray(world_to_cam, np.float64)
-    centers = -np.einsum("nji,nj->ni", w2c[:, :3, :3], w2c[:, :3, 3])
+    centers = camera_centers(w2c)
     dirs = centers / np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-12)
     return sorted(farthest_views(dirs, k))
 
@@ -37,7 +38,7 @@ def head_angles(world_to_cam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     a camera straight in front is at yaw 0, pitch 0; on the subject's left, yaw > 0; above, pitch > 0.
     """
     w2c = np.asarray(world_to_cam, np.float64)
-    c = -np.einsum("nji,nj->ni", w2c[:, :3, :3], w2c[:, :3, 3])
+    c = camera_centers(w2c)
     yaw = np.degrees(np.arctan2(c[:, 0], c[:, 2]))
     pitch = np.degrees(np.arctan2(c[:, 1], np.hypot(c[:, 0], c[:, 2])))
     return yaw, pitch
@@ -117,16 +118,12 @@ class PrepareConfig(Presets):
 
     @property
     def resolved_position_source(self) -> str:
-        if self.position_source == "auto":
-            return "dust3r" if self.dust3r_checkpoint else "face_model"
-        return self.position_source
+        return choose_position_source(self.position_source, self.dust3r_checkpoint)
 
     def resolved_feature_source(self, features_enabled: bool) -> str:
         if not features_enabled:
             return "none"
-        if self.feature_source == "auto":
-            return "sapiens" if self.sapiens_model else "efficientnet"
-        return self.feature_source
+        return choose_feature_source(self.feature_source, self.sapiens_model)
 
     def fit_config(self):
         from avat3r_core.tracking.fit import FitConfig
@@ -210,8 +207,8 @@ def _framing(position: np.ndarray, confidence: np.ndarray, world_to_cam: np.ndar
     if len(pts) < 16:
         raise AvatarInputError(source, f"only {len(pts)} confident position-map pixels over all views: nothing to build")
     center = np.median(pts.astype(np.float64), axis=0)
-    R, t = world_to_cam[:, :3, :3], world_to_cam[:, :3, 3]
-    cams = -np.einsum("nji,nj->ni", R, t)
+    R = world_to_cam[:, :3, :3]
+    cams = camera_centers(world_to_cam)
     radius = float(np.median(np.linalg.norm(cams - center, axis=1)))
     front = (cams - center).mean(0)
     front = front / max(np.linalg.norm(front), 1e-12)

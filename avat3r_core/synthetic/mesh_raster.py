@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import numba
 import numpy as np
+from avat3r_core.geometry import camera_centers
 
 __all__ = ["rasterize_mesh", "shade_mesh", "vertex_normals", "interpolate", "MeshRender"]
 
@@ -268,7 +269,7 @@ def shade_mesh(vertices, faces, world_to_cam, K, width: int, height: int, albedo
     col = np.zeros(face_id.shape + (3,), dtype=np.float64)
     if mask.any():
         cam_idx, rows, cols = np.nonzero(mask)
-        centers = -np.einsum("cji,cj->ci", w2c[:, :3, :3], w2c[:, :3, 3])  # camera centres
+        centers = camera_centers(w2c)
         L = np.asarray(light_dir, dtype=np.float64)
         L = L / np.linalg.norm(L)
         attrs = [np.asarray(albedo, dtype=np.float64)]

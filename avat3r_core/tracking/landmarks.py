@@ -43,7 +43,7 @@ Mapping detector points onto the face model is the job of a landmark embedding
   any FLAME-layout head from the canonical face mesh in ``face_landmarker.task``): the fitter
   selects those points;
 * a 68-point iBUG embedding (FLAME's standard one, the studio head's): the detections are first
-  mapped to 68 points with :func:`~avat3r_core.evaluation.mediapipe_to_ibug68` (the evaluation's
+  mapped to 68 points with :func:`mediapipe_to_ibug68` (the evaluation's
   table, one implementation) by :func:`points_for_embedding`.
 
 The canonical face mesh (:func:`read_canonical_face_mesh`) is read from the bundle's
@@ -546,8 +546,6 @@ def read_canonical_face_mesh(task_path: str | None = None) -> CanonicalFaceMesh:
 
 def _canonical_ibug68(mesh_vertices: np.ndarray) -> np.ndarray:
     """(68, 3): the canonical mesh's points for the 68 iBUG landmarks (the evaluation's table)."""
-    from avat3r_core.evaluation import mediapipe_to_ibug68
-
     return mediapipe_to_ibug68(mesh_vertices)
 
 
@@ -627,8 +625,6 @@ def points_for_embedding(points: np.ndarray, confidence: np.ndarray, embedding, 
     """Detections (N, L, 2) + (N, L) in the embedding's terms: as they are when the embedding selects
     ``landmark_indices`` from them or embeds L points; MediaPipe's 478 → iBUG-68 for a 68-point
     embedding; anything else is a named error."""
-    from avat3r_core.evaluation import mediapipe_to_ibug68
-
     L, n_emb = points.shape[1], len(embedding)
     if embedding.landmark_indices is not None:
         if int(np.max(embedding.landmark_indices)) >= L:
@@ -638,13 +634,38 @@ def points_for_embedding(points: np.ndarray, confidence: np.ndarray, embedding, 
     if L == n_emb:
         return points, confidence
     if L == MediaPipeLandmarks.n_landmarks and n_emb == 68:
-        conf68 = np.stack([confidence[..., list(ids)].min(-1) for ids in _ibug_table()], -1)
+        conf68 = np.stack([confidence[..., list(ids)].min(-1) for ids in MEDIAPIPE_TO_IBUG68], -1)
         return mediapipe_to_ibug68(points), conf68
     raise FormatError(where, "landmark_indices", f"the detector gives {L} points but the embedding embeds {n_emb} and "
                       "selects none (give an embedding with landmark_indices, or a 68-point one for MediaPipe)")
 
 
-def _ibug_table():
-    from avat3r_core.evaluation import MEDIAPIPE_TO_IBUG68
 
-    return MEDIAPIPE_TO_IBUG68
+
+#: MediaPipe FaceLandmarker (canonical face mesh) vertex ids for each of the 68 iBUG / dlib points,
+#: in iBUG order (0–16 jaw from the subject's right, 17–26 brows, 27–35 nose, 36–47 eyes, 48–67
+#: mouth); two ids → their midpoint. The correspondence follows the public MediaPipe→dlib-68 table
+#: of Peizhi Yan (github.com/PeizhiYan/Mediapipe_2_Dlib_Landmarks). Being a correspondence between
+#: two different landmark definitions it has a floor of its own, which the AKD floor measures.
+MEDIAPIPE_TO_IBUG68: tuple[tuple[int, ...], ...] = (
+    # jaw 0-16
+    (127,), (234,), (93,), (132, 58), (58, 172), (136,), (150,), (176,), (152,), (400,), (379,), (365,),
+    (397, 288), (361,), (323,), (454,), (356,),
+    # brows 17-26
+    (70,), (63,), (105,), (66,), (107,), (336,), (296,), (334,), (293,), (300,),
+    # nose 27-35
+    (168, 6), (197, 195), (5,), (4,), (75,), (97,), (2,), (326,), (305,),
+    # eyes 36-47
+    (33,), (160,), (158,), (133,), (153,), (144,), (362,), (385,), (387,), (263,), (373,), (380,),
+    # outer lips 48-59
+    (61,), (39,), (37,), (0,), (267,), (269,), (291,), (321,), (314,), (17,), (84,), (91,),
+    # inner lips 60-67
+    (78,), (82,), (13,), (312,), (308,), (317,), (14,), (87,),
+)
+
+
+# --------------------------------------------------------------------------- landmarks
+def mediapipe_to_ibug68(points: np.ndarray) -> np.ndarray:
+    """(..., 478, 2) MediaPipe points → (..., 68, 2) iBUG points (:data:`MEDIAPIPE_TO_IBUG68`)."""
+    p = np.asarray(points, np.float64)
+    return np.stack([p[..., list(ids), :].mean(axis=-2) for ids in MEDIAPIPE_TO_IBUG68], axis=-2)
