@@ -86,11 +86,6 @@ def _to_yuv420p(frame: np.ndarray, gray: bool) -> np.ndarray:
     return np.concatenate([planes[0], chroma], axis=0)
 
 
-def write_video(uri: str | Path, frames: Iterable[np.ndarray], fps: float = 24.0, crf: int = 16, gray: bool = False) -> int:
-    """Encode and write atomically; returns bytes written."""
-    return storage.atomic_write_bytes(uri, encode_video(frames, fps=fps, crf=crf, gray=gray))
-
-
 #: Codec options for FFmpeg's stream probe when only the header is wanted. Opening a container
 #: decodes its first frames to fill in stream details (11 ms a video at 2048 px); skipping non-key
 #: frames ends that probe at once (0.2 ms; `benchmarks/extract.py`). Size, frame count and rate

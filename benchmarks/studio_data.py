@@ -8,10 +8,6 @@ from pathlib import Path
 
 import yaml
 
-#: the stages that turn the studio into packed shards, in order
-PREPROCESS = ("synth", "extract", "track", "priors", "pack")
-
-
 def studio_params(subjects: int, seed: int, cameras: int = 4, frames: int = 4) -> dict:
     """Params of a tiny studio run with ``subjects`` people; tracking runs a short fit (these
     benchmarks are about the pipeline, not the fit)."""
@@ -32,9 +28,9 @@ def write_params(path: Path, params: dict) -> Path:
 
 
 def preprocess(params_path: str, data_root: str) -> str:
-    """Run :data:`PREPROCESS` in this process, one item at a time (``local``); the data root as
-    the stages resolved it."""
-    from pipelines.flows import STAGES, DataLayout
+    """Run the preprocessing stages (:data:`pipelines.flows.PREPROCESS`) in this process, one item
+    at a time (``local``); returns the data root as the stages resolved it."""
+    from pipelines.flows import PREPROCESS, STAGES, DataLayout
 
     layout = DataLayout(data_root)
     for name in PREPROCESS:

@@ -22,10 +22,13 @@ from prefect.concurrency.sync import concurrency
 from avat3r_core import storage
 from avat3r_core.config import load_params, section
 from pipelines.caching import outputs_present, stage_cache_key
-from pipelines.schedules import TRAINING_LIMIT
 from pipelines.versioning import record_stages
 
 log = logging.getLogger("avat3r.flows")
+
+#: the global concurrency limit a training run holds a slot of (one slot per GPU node:
+#: :func:`pipelines.schedules.ensure_training_limit`), so two trainings never share a GPU
+TRAINING_LIMIT = "avat3r-training"
 
 
 @dataclass

@@ -5,8 +5,8 @@ Two training runs must not share a GPU. Two guards do that:
 
 * each deployment has ``concurrency_limit=1``: a scheduled run that comes due while the previous
   one still trains waits (Prefect's deployment concurrency), it does not start beside it;
-* the train task holds a slot of the global concurrency limit :data:`TRAINING_LIMIT` while it
-  runs (see :mod:`pipelines.flows`), which :func:`ensure_training_limit` creates with one slot per
+* the train task holds a slot of the global concurrency limit
+  :data:`~pipelines.flows.TRAINING_LIMIT` while it runs (see :mod:`pipelines.flows`), which :func:`ensure_training_limit` creates with one slot per
   GPU node, so ad-hoc runs (``avat3r train``) and every deployment queue on the same GPUs.
 
 Pointing at other infrastructure is configuration, not code: ``PREFECT_API_URL`` selects the
@@ -18,12 +18,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TRAINING_LIMIT = "avat3r-training"
+from pipelines.flows import TRAINING_LIMIT, demo_flow, preprocess_flow, reconstruct_flow, train_flow
 
 
 def flows() -> dict:
-    from pipelines.flows import demo_flow, preprocess_flow, reconstruct_flow, train_flow
-
     return {"train": train_flow, "preprocess": preprocess_flow, "reconstruct": reconstruct_flow, "demo": demo_flow}
 
 

@@ -59,9 +59,7 @@ from avat3r_core.reconstruct.prepare import Preparer
 from avat3r_core.reconstruct.prepared import PrepareConfig, PreparedAvatar
 from avat3r_core.inference.checkpoint import load_trained_model, resolve_checkpoint
 from stages.runner import (
-    ERRORS,
     DiskFull,
-    ErrorBudgetExceeded,
     ItemResult,
     StageError,
     StageResources,
@@ -71,6 +69,8 @@ from stages.runner import (
     disk_full_error,
     merge_manifest,
     pending_items,
+    run_summary,
+    stop_reason,
 )
 
 __all__ = ["ReconstructConfig", "run_reconstruct", "write_capture_library", "MANIFEST"]
@@ -387,16 +387,7 @@ def run_reconstruct(config: ReconstructConfig, library_path: str, checkpoint: st
         budget_hit: StageError | None = None
 
         def over_budget() -> StageError | None:
-            if any(r.disk_full for r in results):
-                return DiskFull(STAGE)  # the message is made once the index is written
-            failed = sum(not r.ok for r in results)
-            if failed > resources.max_errors or failed > resources.max_error_fraction * len(entries):
-                return ErrorBudgetExceeded(
-                    f"stage {STAGE}: {failed} of {len(results)} attempted avatars failed, over the error budget "
-                    f"(max_errors={resources.max_errors}, max_error_fraction={resources.max_error_fraction}); stopped. "
-                    f"Finished avatars are committed in {out_dir}; failures are listed in "
-                    f"{storage.join(out_dir, MANIFEST + '.errors.parquet')}")
-            return None
+            return stop_reason(STAGE, results, len(entries), resources, out_dir, MANIFEST, noun="avatars")
 
         start = time.perf_counter()
         num_gpus = 0.0
@@ -425,13 +416,9 @@ def run_reconstruct(config: ReconstructConfig, library_path: str, checkpoint: st
             raise disk_full_error(STAGE, out_dir, manifest, results, len(entries))
         seconds = time.perf_counter() - start
         done_now = sum(r.ok for r in results)
-        bytes_written = sum(r.bytes for r in results)
-        n_failed = len(storage.list_files(storage.join(out_dir, ERRORS), ".json"))
-        summary = StageSummary(
-            stage=STAGE, version=VERSION, manifest=manifest, errors_manifest=errors_manifest, items_total=len(entries),
-            items_done=done_now, items_skipped=skipped, items_failed=n_failed, rows=n_ok, bytes_written=bytes_written,
-            seconds=round(seconds, 3), items_per_s=round(done_now / seconds, 4) if seconds > 0 else 0.0,
-            bytes_per_s=round(bytes_written / seconds, 1) if seconds > 0 else 0.0,
+        summary = run_summary(
+            STAGE, VERSION, manifest, errors_manifest, results, len(entries), skipped, n_ok, seconds, out_dir,
+            rate_digits=4,
             extra={"executor": executor, "checkpoint": ckpt, "library": str(library_path),
                    "avatars_per_minute": round(60.0 * done_now / seconds, 3) if seconds > 0 and done_now else 0.0,
                    "landmarks": config.landmarks, "position_source": config.resolved_position_source,
@@ -439,6 +426,7 @@ def run_reconstruct(config: ReconstructConfig, library_path: str, checkpoint: st
                    "model_image_size": model_cfg.image_size, "num_gpus_per_model_actor": num_gpus,
                    "config": _config_dict(config)},
         )
+        n_failed = summary.items_failed
         storage.atomic_write_bytes(storage.join(out_dir, f"{MANIFEST}.stats.json"),
                                    json.dumps(summary.to_dict(), indent=2, default=_plain).encode())
         if budget_hit:

@@ -349,10 +349,6 @@ def merge_manifest(out_dir: str, manifest_name: str) -> tuple[str, str, int]:
     return manifest, errors_manifest, table.num_rows
 
 
-def read_errors(out_dir: str, manifest_name: str) -> pa.Table:
-    return storage.read_parquet(storage.join(out_dir, f"{manifest_name}.errors.parquet"))
-
-
 # --------------------------------------------------------------------------- runner
 def _progress(total: int, description: str):
     from rich.console import Console
@@ -415,20 +411,7 @@ def run_stage(
         budget_hit: StageError | None = None
 
         def over_budget() -> StageError | None:
-            """Why the run must stop (no more items submitted; in-flight ones drain), or None."""
-            if any(r.disk_full for r in results):
-                return DiskFull(stage_name)  # the message is made once the manifests are written
-            failed = sum(not r.ok for r in results)
-            # both bounds count against the whole run, so a few bad items that happen to come
-            # first cannot stop a large run early
-            if failed > resources.max_errors or failed > resources.max_error_fraction * len(items):
-                return ErrorBudgetExceeded(
-                    f"stage {stage_name}: {failed} of {len(results)} attempted items failed, over the error budget "
-                    f"(max_errors={resources.max_errors}, max_error_fraction={resources.max_error_fraction}); "
-                    f"stopped. Everything finished is committed in {out_dir}; failures are listed in "
-                    f"{storage.join(out_dir, manifest_name + '.errors.parquet')}"
-                )
-            return None
+            return stop_reason(stage_name, results, len(items), resources, out_dir, manifest_name)
 
         progress, task = _progress(len(todo), f"{stage_name}") if (show_progress and todo) else (None, None)
         if progress:
@@ -460,29 +443,15 @@ def run_stage(
         if isinstance(budget_hit, DiskFull):
             raise disk_full_error(stage_name, out_dir, manifest, results, len(items))
 
-        seconds = time.perf_counter() - start
-        done_now = sum(r.ok for r in results)
-        bytes_written = sum(r.bytes for r in results)
-        n_failed = len(storage.list_files(storage.join(out_dir, ERRORS), ".json"))
-        summary = StageSummary(
-            stage=stage_name,
-            version=stage_version,
-            manifest=manifest,
-            errors_manifest=errors_manifest,
-            items_total=len(items),
-            items_done=done_now,
-            items_skipped=skipped,
-            items_failed=n_failed,
-            rows=n_rows,
-            bytes_written=bytes_written,
-            seconds=round(seconds, 3),
-            items_per_s=round(done_now / seconds, 3) if seconds > 0 else 0.0,
-            bytes_per_s=round(bytes_written / seconds, 1) if seconds > 0 else 0.0,
+        summary = run_summary(
+            stage_name, stage_version, manifest, errors_manifest, results, len(items), skipped, n_rows,
+            time.perf_counter() - start, out_dir,
             busy_seconds=round(sum(r.seconds for r in results if r.ok), 3),
             item_seconds_median=round(statistics.median([r.seconds for r in results if r.ok] or [0.0]), 4),
             nodes=_count_by_node(results),
             retried=retried,
         )
+        done_now, n_failed = summary.items_done, summary.items_failed
         storage.atomic_write_bytes(
             storage.join(out_dir, f"{manifest_name}.stats.json"), json.dumps(summary.to_dict(), indent=2).encode()
         )
@@ -493,6 +462,50 @@ def run_stage(
             stage_name, done_now, skipped, n_failed, summary.items_per_s, manifest,
         )
         return summary
+
+
+def run_summary(stage_name: str, version: str, manifest: str, errors_manifest: str, results: list[ItemResult],
+                total: int, skipped: int, rows: int, seconds: float, out_dir: str, rate_digits: int = 3,
+                **fields) -> StageSummary:
+    """The figures of a finished run (items, bytes, rates; ``fields``: the caller's own), from its
+    results and the error records left in ``out_dir``. The runner and the reconstruct stage share it."""
+    done_now = sum(r.ok for r in results)
+    bytes_written = sum(r.bytes for r in results)
+    return StageSummary(
+        stage=stage_name,
+        version=version,
+        manifest=manifest,
+        errors_manifest=errors_manifest,
+        items_total=total,
+        items_done=done_now,
+        items_skipped=skipped,
+        items_failed=len(storage.list_files(storage.join(out_dir, ERRORS), ".json")),
+        rows=rows,
+        bytes_written=bytes_written,
+        seconds=round(seconds, 3),
+        items_per_s=round(done_now / seconds, rate_digits) if seconds > 0 else 0.0,
+        bytes_per_s=round(bytes_written / seconds, 1) if seconds > 0 else 0.0,
+        **fields,
+    )
+
+
+def stop_reason(stage_name: str, results: list[ItemResult], total: int, resources: StageResources, out_dir: str,
+                manifest_name: str, noun: str = "items") -> StageError | None:
+    """Why a run must stop (no more items submitted; in-flight ones drain), or None: a full disk,
+    or more failures than the error budget allows. The runner and the reconstruct stage share it."""
+    if any(r.disk_full for r in results):
+        return DiskFull(stage_name)  # the message is made once the manifests are written
+    failed = sum(not r.ok for r in results)
+    # both bounds count against the whole run, so a few bad items that happen to come
+    # first cannot stop a large run early
+    if failed > resources.max_errors or failed > resources.max_error_fraction * total:
+        return ErrorBudgetExceeded(
+            f"stage {stage_name}: {failed} of {len(results)} attempted {noun} failed, over the error budget "
+            f"(max_errors={resources.max_errors}, max_error_fraction={resources.max_error_fraction}); "
+            f"stopped. Everything finished is committed in {out_dir}; failures are listed in "
+            f"{storage.join(out_dir, manifest_name + '.errors.parquet')}"
+        )
+    return None
 
 
 def disk_full_error(stage_name: str, out_dir: str, manifest: str | None, results: list[ItemResult],

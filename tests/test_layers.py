@@ -34,3 +34,24 @@ def test_stages_do_not_import_prefect_or_pipelines():
     roots = imported_roots("stages")
     for forbidden in ("prefect", "pipelines"):
         assert forbidden not in roots, f"stages import {forbidden}: {sorted(roots.get(forbidden, []))}"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every absolute module a file imports (``from a.b import c`` counts as ``a.b`` and ``a.b.c``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_inference_evaluation_and_reconstruction_never_import_training():
+    """The model's consumers share avat3r_core.inference; only training itself imports train/."""
+    consumers = [REPO / "avat3r_core" / "evaluation.py", *(REPO / "avat3r_core" / "inference").rglob("*.py"),
+                 *(REPO / "avat3r_core" / "reconstruct").rglob("*.py")]
+    for path in consumers:
+        bad = sorted(m for m in imported_modules(path) if m == "avat3r_core.train" or m.startswith("avat3r_core.train."))
+        assert not bad, f"{path.relative_to(REPO)} imports {bad}"

@@ -42,7 +42,8 @@ def test_training_limit_and_registration_with_a_work_pool(prefect_harness, param
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
 
-    from pipelines.schedules import TRAINING_LIMIT, ensure_training_limit, make_deployment, register
+    from pipelines.flows import TRAINING_LIMIT
+    from pipelines.schedules import ensure_training_limit, make_deployment, register
 
     ensure_training_limit(1)
     ensure_training_limit(2)  # resized, not duplicated

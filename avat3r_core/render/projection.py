@@ -15,7 +15,6 @@ Plain vectorised torch (autograd gives the backward). Conventions follow gsplat 
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -115,7 +114,3 @@ def project_gaussians(
         radii = torch.where(valid[..., None], radii, torch.zeros_like(radii)).to(torch.int32)
 
     return Projected(means2d, conics, z, radii)
-
-
-def tile_grid(width: int, height: int, tile_size: int) -> tuple[int, int]:
-    return math.ceil(width / tile_size), math.ceil(height / tile_size)
