@@ -460,17 +460,6 @@ class EvalReport:
         return buf.getvalue()
 
 
-def _labelled_grid(rows: list[Tensor], labels: list[str], tile: int) -> np.ndarray:
-    from PIL import Image, ImageDraw
-
-    grid = (torch.cat(rows, dim=1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-    head = Image.new("RGB", (grid.shape[1], 14), (255, 255, 255))
-    draw = ImageDraw.Draw(head)
-    for i, label in enumerate(labels):
-        draw.text((i * tile + 2, 1), label, fill=(0, 0, 0))
-    return np.concatenate([np.asarray(head), grid], axis=0)
-
-
 @torch.no_grad()
 def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapping[str, Any] | None = None,
                     labels: Mapping[str, str] | None = None, background: Sequence[float] = (1.0, 1.0, 1.0),
@@ -493,7 +482,7 @@ def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapp
     batch with the ground-truth landmarks of its target views (its summary lands in the report).
     """
     from avat3r_core.inference.predict import predict_images, targets_on_background
-    from avat3r_core.inference.visuals import grid_rows
+    from avat3r_core.inference.visuals import grid_rows, labelled_grid
 
     if methods is None:
         methods = {"ours": model, "baseline": None} if model is not None else {"baseline": None}
@@ -598,7 +587,7 @@ def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapp
     if sheet_rows:
         V = sheet_rows[0].shape[-1] // report.resolution[1] - 1 - len(predictors)
         names = [f"input {v + 1}" for v in range(V)] + ["target"] + list(predictors)
-        report.grid = _labelled_grid(sheet_rows[:grid_samples * grid_views], names, report.resolution[1])
+        report.grid = labelled_grid(sheet_rows[:grid_samples * grid_views], names, report.resolution[1])
     if views is not None and unmatched:
         log.warning("%d target view(s) had no matching frames-manifest row (no ground-truth landmarks for them)", unmatched)
         report.context["views_without_frames_row"] = unmatched

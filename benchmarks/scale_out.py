@@ -153,10 +153,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--subjects", type=int, default=4)
     ap.add_argument("--out", default="")
-    ap.add_argument("--smoke", action="store_true", help="the smallest run: 2 people, one loader pass (the test suite runs it)")
+    ap.add_argument("--smoke", action="store_true", help="the smallest run: 1 person, one loader pass (the test suite runs it)")
     args = ap.parse_args()
     if args.smoke:
-        args.subjects = 2
+        args.subjects = 1
     repeat = 1 if args.smoke else 3
     out = Path(args.out or tempfile.mkdtemp(prefix="scale-out-", dir="/tmp"))
     out.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import numpy as np
 
 from avat3r_core import storage
 from avat3r_core.formats.calibration import write_nersemble_calibration
+from avat3r_core.inference.visuals import png_bytes
 from avat3r_core.color import color_calibration_json
 from avat3r_core.synthetic import studio
 from avat3r_core.synthetic.studio import BACKGROUND, StudioConfig
@@ -85,7 +86,7 @@ class SynthStage(Stage):
             if cfg.preview and sequence == cfg.sequence_names[0]:
                 frontal = self.serials[int(np.argmin(np.abs(self.cams.centers[:, 0].numpy())))]
                 sheet = studio.contact_sheet(filmed, self.serials, frontal)
-                self._write(ctx, storage.join(self.gt_root, "previews", f"{pid}.png"), studio.png_bytes(sheet))
+                self._write(ctx, storage.join(self.gt_root, "previews", f"{pid}.png"), png_bytes(sheet))
         return rows
 
 

@@ -217,7 +217,8 @@ class TrackStage(Stage):
                 translation=p["translation"], scale=np.repeat(p["scale"].reshape(1, 1), T, 0)).numpy()
 
     def _write_overlay(self, ctx, pid, seq, frames, serials, present, cams, points, weights, result: FitResult) -> None:
-        from avat3r_core.tracking.overlay import overlay_grid, png_bytes
+        from avat3r_core.inference.visuals import png_bytes
+        from avat3r_core.tracking.overlay import overlay_grid
 
         cfg = self.config
         if cfg.overlay_frames <= 0 or cfg.overlay_cameras <= 0:

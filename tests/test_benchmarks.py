@@ -20,9 +20,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 # benchmark -> (path into its JSON to a measured figure that must be a positive number, ...)
 FIGURES = {
+    "capacity": (("calibrated_on", "views"), ("scales", "1", "total_predicted_s"), ("scales", "1", "total_ratio")),
+    "gallery": (("build_s",), ("avatars", 0, "first_frame_ms", "splat"), ("avatars", 0, "ply_vs_splat")),
     "loader": (("raw_loop", "samples_per_s"), ("loader_0_workers", "items_per_s"), ("ratio_2_workers",)),
     "priors": (("backends", "ground_truth", "images_per_s"), ("stage", "images_per_s")),
     "render": (("results", 0, "cpu", "median_s"), ("results", 0, "speedup_baseline_over_cpu")),
+    "scale_out": (("cluster", "ratio_items_per_s_2_vs_1", "extract"), ("dvc_s3", "push_MB_per_s"),
+                  ("loader_s3", "ratio_s3_vs_local")),
     "studio": (("render_only_camera_frames_per_s",), ("ratio_2_workers_vs_1",)),
     "track": (("batched", "frames_per_s"), ("speedup_batched_vs_per_frame",)),
     "train": (("workers_2", "samples_per_s"), ("workers_2", "final_train_loss")),
@@ -41,6 +45,11 @@ def run_smoke(name: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FIGURES))
 def test_benchmark_smoke_prints_measured_figures(name):
+    if name == "gallery":
+        from avat3r_core.gallery.browser import browser_unavailable
+
+        if reason := browser_unavailable():
+            pytest.skip(reason)
     result = run_smoke(name)
     for path in FIGURES[name]:
         value = result

@@ -3,7 +3,6 @@ fidelity) and animating a built one from its cache (``avat3r animate``)."""
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from avat3r_core.config import pick_device
 from avat3r_core.errors import FormatError
 from avat3r_core.formats.parsing import read_json
 from avat3r_core.inference.drive import animation_frames, encoded_bytes, load_encoded, render_frames, view_orbit
-from avat3r_core.inference.visuals import grid
+from avat3r_core.inference.visuals import png_bytes, tile_images
 from avat3r_core.reconstruct.expressions import head_motion_for, load_expression_track, neutral_code
 from avat3r_core.reconstruct.prepared import PreparedAvatar
 
@@ -110,7 +109,6 @@ def build_avatar(model, prepared: PreparedAvatar, codes: np.ndarray, turntable_f
     ``avat3r animate`` later drives it from the saved cache; ``motion`` (T, 4, 4): the head motion
     its camera replays (:func:`load_head_motion`).
     """
-    from PIL import Image
 
     from avat3r_core.video import encode_video
 
@@ -142,10 +140,8 @@ def build_avatar(model, prepared: PreparedAvatar, codes: np.ndarray, turntable_f
                                                 **orbit), background)
     top = [cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR) for img in prepared.images]
     cols = max(len(top), k)
-    sheet = grid(top + [np.full((size, size, 3), 255, np.uint8)] * (cols - len(top)) + list(views), cols)
-    buf = io.BytesIO()
-    Image.fromarray(sheet).save(buf, format="PNG")
-    files[PREVIEW_FILE] = buf.getvalue()
+    sheet = tile_images(top + [np.full((size, size, 3), 255, np.uint8)] * (cols - len(top)) + list(views), cols)
+    files[PREVIEW_FILE] = png_bytes(sheet)
     timings["turntable_s"] = time.perf_counter() - t0
     fidelity = None
     if prepared.meta.get("mode") in ("photos", "image", "video"):

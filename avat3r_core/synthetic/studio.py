@@ -36,6 +36,7 @@ import torch
 
 from avat3r_core.cameras import Cameras
 from avat3r_core.color import linear_to_srgb, srgb_to_linear
+from avat3r_core.inference.visuals import tile_images
 
 #: NeRSemble sequence names, used in order (BACKGROUND is always added).
 SEQUENCE_NAMES = (
@@ -370,23 +371,6 @@ def contact_sheet(sequence: FilmedSequence, serials: list[str], frontal: str, ma
     step = max(1, len(over_time) // max_cols)
     times = over_time[::step][:max_cols]
 
-    def grid(images: list[np.ndarray]) -> np.ndarray:
-        h, w = images[0].shape[:2]
-        rows = [images[i:i + max_cols] for i in range(0, len(images), max_cols)]
-        canvas = np.full((len(rows) * h, max_cols * w, 3), 255, np.uint8)
-        for r, row in enumerate(rows):
-            for c, image in enumerate(row):
-                canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
-        return canvas
-
-    top, bottom = grid(views), grid(times)
+    top, bottom = tile_images(views, max_cols), tile_images(times, max_cols)
     gap = np.full((8, top.shape[1], 3), 255, np.uint8)
     return np.concatenate([top, gap, bottom], axis=0)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()

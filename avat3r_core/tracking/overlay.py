@@ -3,16 +3,15 @@
 ``overlay_grid(images, cameras, vertices, faces, detected, fitted, visible)`` returns an RGB uint8
 grid (rows = frames, columns = cameras): each tile is the input image with the front-facing mesh
 edges (thin, light blue), detected landmarks (green dots; hollow where not visible / zero
-confidence) and fitted landmarks (red crosses). :func:`png_bytes` encodes it.
+confidence) and fitted landmarks (red crosses). :func:`avat3r_core.inference.visuals.png_bytes` encodes it.
 """
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 
-__all__ = ["overlay_tile", "overlay_grid", "png_bytes"]
+__all__ = ["overlay_tile", "overlay_grid"]
 
 _EDGE = (120, 200, 255)
 _DET = (40, 230, 60)
@@ -80,11 +79,3 @@ def overlay_grid(images: list[list[np.ndarray]], uv_vertices=None, depth=None, f
             y, x = i * (H + gap), j * (W + gap)
             canvas[y:y + tile.shape[0], x:x + tile.shape[1]] = tile
     return canvas
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
