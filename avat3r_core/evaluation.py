@@ -460,6 +460,8 @@ class EvalReport:
         return buf.getvalue()
 
 
+# Long (~130 lines): the per-batch accumulation of every metric for every method shares its
+# running state (rows, sheet rows, detector results); kept whole while issue 20 adds CSIM here.
 @torch.no_grad()
 def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapping[str, Any] | None = None,
                     labels: Mapping[str, str] | None = None, background: Sequence[float] = (1.0, 1.0, 1.0),

@@ -38,13 +38,12 @@ import pyarrow as pa
 from avat3r_core import storage
 from avat3r_core.config import Presets
 from avat3r_core.ids import make_id
-from avat3r_core.tracking import nonfinite_value
+from avat3r_core.tracking import EXPRESSION_DIM, nonfinite_value
 
 log = logging.getLogger("avat3r.dataset")
 
 SPLITS = ("train", "val", "test")
 INDEX_NAME = "index"  # shards/index.parquet
-EXPRESSION_DIM = 135
 #: tracking columns that are bookkeeping, not FLAME parameters (everything else goes to tracking.json)
 _TRACKING_BOOKKEEPING = {"id", "subject", "sequence", "frame", "expression_code", "item_id"}
 _SERIAL_OK = re.compile(r"^[a-z0-9-]+$")
@@ -196,6 +195,8 @@ def _nonfinite_map(prior: dict, priors_base: str) -> str | None:
     return None
 
 
+# Long (~85 lines): one pass joining three manifests, each exclusion recorded where it is decided;
+# split into helpers it would pass the half-built indices around.
 def build_samples(frames_manifest: str, tracking_manifest: str, priors_manifest: str | None,
                   subjects: Iterable[str] | None = None, require_priors: bool = True
                   ) -> tuple[list[SampleSpec], list[dict]]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from avat3r_core.errors import FormatError
+from avat3r_core.tracking import EXPRESSION_DIM
 
 __all__ = ["Avat3rConfig", "NUM_PLUCKER_CHANNELS", "NUM_INPUT_CHANNELS", "NUM_GAUSSIAN_CHANNELS"]
 
@@ -44,7 +45,7 @@ class Avat3rConfig:
     # ---------------------------------------------------------------- inputs
     image_size: int = 512  #: square input crops (H = W); any multiple of patch_size also runs
     num_views: int = 4  #: V, input views per sample (bookkeeping + FLOPs; the net takes any V)
-    expr_dim: int = 135  #: D_exp: FLAME expr 100 + eyes 12 + eyelids 2 + neck 6 + jaw 6 + pose 9
+    expr_dim: int = EXPRESSION_DIM  #: D_exp: FLAME expr 100 + eyes 12 + eyelids 2 + neck 6 + jaw 6 + pose 9
     feature_dim: int = 1024  #: channels of the feature map (Sapiens); 0 = no feature input
     # ---------------------------------------------------------------- transformer
     patch_size: int = 16

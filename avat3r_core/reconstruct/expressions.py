@@ -9,6 +9,7 @@ import numpy as np
 
 from avat3r_core import storage
 from avat3r_core.errors import FormatError
+from avat3r_core.tracking import EXPRESSION_DIM
 from avat3r_core.geometry import HeadFrameError, head_frames
 from avat3r_core.tracking import check_tracking_rows
 
@@ -129,8 +130,8 @@ def load_expression_track(spec: str | None, reference: dict | None = None, frame
             codes = np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
         except Exception as exc:
             raise FormatError(path, None, f"not a readable .npy of codes: {exc}") from None
-        if codes.ndim != 2 or codes.shape[1] != 135 or len(codes) == 0:
-            raise FormatError(path, None, f"expected (T, 135) expression codes, got {codes.shape}")
+        if codes.ndim != 2 or codes.shape[1] != EXPRESSION_DIM or len(codes) == 0:
+            raise FormatError(path, None, f"expected (T, {EXPRESSION_DIM}) expression codes, got {codes.shape}")
         if not np.isfinite(codes).all():
             raise FormatError(path, None, "codes hold NaN/Inf")
         return codes.astype(np.float32), spec

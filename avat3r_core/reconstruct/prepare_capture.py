@@ -25,6 +25,8 @@ class CapturePreparation:
     image size, frame and the lazily loaded models)."""
 
     # ------------------------------------------------------------------ capture mode
+    # Long (~90 lines): one linear path (rows → views → crops → priors → frame → framing), moved
+    # here whole from library.py so other branches' changes port; to split along those steps.
     def prepare_capture(self, entry: LibraryEntry) -> PreparedAvatar:
         """Farthest viewpoints of a preprocessed capture (frames + priors [+ tracking] manifests)."""
         import cv2

@@ -30,6 +30,8 @@ class PicturePreparation:
     image size, frame and the lazily loaded models)."""
 
     # ------------------------------------------------------------------ photos / image / video
+    # Long (~180 lines): the picture pipeline (read → landmarks → fit → views → crops → priors →
+    # matte) moved whole from library.py while issue 20 changes it; split along those steps after.
     def prepare_pictures(self, entry: LibraryEntry, pictures: list[str], frames: list[np.ndarray] | None = None,
                          frame_scale: float = 1.0) -> PreparedAvatar:
         """Landmarks → uncalibrated face-model fit → head crops → priors, for N pictures (or the

@@ -126,6 +126,8 @@ class _HeadBuilder:
 
     SH_ROWS, SH_COLS = 58, 84
 
+    # Long (~90 lines): builds the procedural head's fixed topology part by part (shell with its
+    # mouth slit, eyeballs, mouth cavity, ears); each part needs the vertex offsets of those before.
     def __init__(self, seed: int = 0):
         rng = np.random.default_rng(seed)
         # small per-seed jitter of the template's proportions (seed 0 is jittered too, deterministically)

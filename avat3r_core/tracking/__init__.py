@@ -10,6 +10,10 @@ from collections.abc import Iterable
 import numpy as np
 import pyarrow as pa
 
+#: width of the expression code (``expression_code``; layout in :mod:`avat3r_core.tracking.expression_code`):
+#: the one home of the number, read by the tracker, the packer and loader, the model config and reconstruction
+EXPRESSION_DIM = 135
+
 #: track → ``tracking/tracking.parquet``: one row per (subject, sequence, frame). Types are what the
 #: stage runner infers from the rows (float64 lists; the fixed widths are in the comments); the
 #: runner adds ``item_id`` (``<pid>_<seq>``).

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from avat3r_core.flame import batch_rodrigues
+from avat3r_core.tracking import EXPRESSION_DIM
 
 __all__ = [
     "DIM", "EXPR", "EYES", "EYE_LEFT", "EYE_RIGHT", "EYELIDS", "NECK", "JAW", "HEAD_POSE", "HEAD_ROT",
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 N_EXPR = 100
-DIM = 135
+DIM = EXPRESSION_DIM
 EXPR = slice(0, 100)
 EYES = slice(100, 112)
 EYE_LEFT = slice(100, 106)

@@ -246,6 +246,8 @@ def _expression_psnrs(model, val_batches: list[Avat3rBatch], config: TrainConfig
     return {"psnr_inputs_code": codes["inputs"]["psnr"], "psnr_neutral_code": codes["neutral"]["psnr"]}
 
 
+# Long (~105 lines): the loop's state (step, streams, skipped counts, logger, checkpoint cadence)
+# is shared by resume, step, validation and checkpointing; helpers (_validate, train_step) hold the rest.
 def train_loop(config: TrainConfig, source: BatchSource, out_dir: str | Path, session: TrainSession | None = None,
                val_source: BatchSource | None = None) -> dict:
     """Train ``config.steps`` optimiser steps from ``source`` (resuming from the session's latest

@@ -13,10 +13,11 @@ from avat3r_core.cameras import Cameras
 from avat3r_core.formats.batch import Avat3rBatch, cat_batches
 from avat3r_core.gaussians import Gaussians
 from avat3r_core.render import render
+from avat3r_core.tracking import EXPRESSION_DIM
 
 
 def synthetic_sample(index: int, size: int = 32, num_inputs: int = 2, num_targets: int = 2, seed: int = 0,
-                     num_points: int = 3000, expr_dim: int = 135, expression_scale: float = 0.0,
+                     num_points: int = 3000, expr_dim: int = EXPRESSION_DIM, expression_scale: float = 0.0,
                      feature_dim: int = 0) -> Avat3rBatch:
     """One sample (B = 1) of a synthetic scene: a random blob of Gaussians (the "head", fixed by
     ``seed + index``) rendered from ``num_inputs + num_targets`` cameras on an arc in front of it.
