@@ -37,7 +37,7 @@ from avat3r_core.train.config import TrainConfig
 from avat3r_core.train.loop import step_time_summary
 from avat3r_core.train.synthetic import SyntheticSource
 from stages.ray_runtime import ensure_ray  # noqa: E402
-from stages.train import run_train  # noqa: E402
+from stages.train import TrainScaling, run_train  # noqa: E402
 
 
 def main() -> None:
@@ -64,15 +64,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="avat3r-train-bench-") as tmp:
         runs = [(n, 1) for n in args.workers] + ([(1, 2)] if args.reference_2cpu else [])
         for n, cpus in runs:
-            config = TrainConfig.preset("tiny", steps=args.steps, num_workers=n, cpus_per_worker=cpus,
-                                        checkpoint_every=args.steps, validate_every=0,
+            config = TrainConfig.preset("tiny", steps=args.steps, checkpoint_every=args.steps, validate_every=0,
                                         model={"image_size": args.size, "num_views": args.inputs})
             source = SyntheticSource(num_samples=args.samples, size=args.size, num_inputs=args.inputs,
                                      num_targets=args.targets, feature_dim=config.model_config().feature_dim)
             key = f"workers_{n}" if cpus == 1 else f"workers_{n}_cpus_{cpus}"
             run_dir = Path(tmp) / key
             t0 = time.perf_counter()
-            metrics = run_train(config, source, run_dir, name=key)
+            metrics = run_train(config, source, run_dir, scaling=TrainScaling(num_workers=n, cpus_per_worker=cpus),
+                                name=key)
             fit_s = time.perf_counter() - t0
             split = step_time_summary(run_dir / "train_log.csv", skip_first=args.warmup)
             out[key] = {

@@ -234,9 +234,10 @@ def run_train_stage(params_path: str, layout: DataLayout, ray_address: str | Non
     from stages.train import VERSION, train_on_shards, train_stage_configs
 
     params = load_params(params_path)
-    config, data = train_stage_configs(params.get("train") or {}, source=f"{params_path}:train")
+    config, data, scaling = train_stage_configs(params.get("train") or {}, source=f"{params_path}:train")
     t0 = time.perf_counter()
-    metrics = train_on_shards(config, data, layout.shards, layout.train, executor=executor, ray_address=ray_address)
+    metrics = train_on_shards(config, data, layout.shards, layout.train, scaling=scaling, executor=executor,
+                              ray_address=ray_address)
     # the common stage summary (items = optimiser steps, rows = samples, failed = skipped batches)
     return StageSummary(
         stage="train", version=VERSION, manifest=layout.train_metrics, errors_manifest="", items_total=config.steps,

@@ -38,7 +38,7 @@ from avat3r_core.formats.manifests import cameras_from_rows
 from avat3r_core.ids import make_id
 from avat3r_core.tracking import expression_code
 from avat3r_core.tracking.fit import FitConfig, FitResult, fit_sequence, flame_params_to_full
-from avat3r_core.tracking.landmarks import make_detector, points_for_embedding
+from avat3r_core.tracking.landmarks import LANDMARK_BACKENDS, make_detector, points_for_embedding
 from stages.runner import Stage, StageContext, StageResources, StageSummary, run_stage
 
 __all__ = ["TrackConfig", "TrackStage", "TrackingDiverged", "run_track", "track_items"]
@@ -72,7 +72,7 @@ class TrackConfig(Presets):
     def __post_init__(self) -> None:
         if isinstance(self.fit, dict):
             self.fit = FitConfig(**self.fit)
-        if self.backend not in ("ground_truth", "file", "mediapipe"):
+        if self.backend not in LANDMARK_BACKENDS:
             raise ValueError(f"TrackConfig.backend must be ground_truth, file or mediapipe, got {self.backend!r}")
         if self.backend == "ground_truth" and not self.ground_truth_root:
             raise ValueError("TrackConfig: backend 'ground_truth' needs ground_truth_root (it is never guessed)")

@@ -1,7 +1,7 @@
 """The training stage: Ray Train (``TorchTrainer``, DDP) around :func:`avat3r_core.train.loop.train_loop`.
 
-``run_train(config, batch_source_factory, out_dir)`` starts (or joins) Ray and runs
-``config.num_workers`` workers (``ScalingConfig(num_workers, use_gpu)``; Ray sets up the process
+``run_train(config, batch_source_factory, out_dir, scaling=...)`` starts (or joins) Ray and runs
+``scaling.num_workers`` workers (:class:`TrainScaling` → ``ScalingConfig``; Ray sets up the process
 group: gloo on CPU, NCCL on GPU). Each worker builds the model, wraps it with
 ``ray.train.torch.prepare_model`` (DDP when there is more than one worker) and trains on its own
 shard: the batch source is called as ``factory(rank, world_size, epoch)``.
@@ -82,6 +82,22 @@ class TrainDataConfig(Presets):
     def __post_init__(self) -> None:
         if self.epoch_length < 1 or self.val_samples < 0 or self.loader_workers < 0:
             raise ValueError("epoch_length ≥ 1, val_samples ≥ 0 and loader_workers ≥ 0 are required")
+
+
+@dataclass
+class TrainScaling(Presets):
+    """How Ray Train runs the recipe (``params.yaml`` ``train.scaling``): the stage's concern, not
+    the recipe's (:class:`~avat3r_core.train.config.TrainConfig`). ``paper``: 8 GPU workers, batch 1
+    each (the published setup)."""
+
+    PRESETS: ClassVar[dict] = {
+        "tiny": dict(num_workers=1, use_gpu=False),
+        "paper": dict(num_workers=8, use_gpu=True),
+    }
+
+    num_workers: int = 1  #: Ray Train workers (DDP ranks)
+    use_gpu: bool = False
+    cpus_per_worker: int = 1  #: CPUs Ray reserves per worker; on CPU also torch's intra-op threads
 
 
 class ShardSource:
@@ -174,9 +190,9 @@ class RayTrainSession:
 def _worker(loop_config: dict) -> None:
     """The per-worker training function (runs in each Ray Train worker)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = loop_config["config"]
+    scaling = loop_config["scaling"]
     session = RayTrainSession(loop_config["resume_from"], loop_config.get("find_unused_parameters", False),
-                              cpu_threads=None if config.use_gpu else config.cpus_per_worker)
+                              cpu_threads=None if scaling.use_gpu else scaling.cpus_per_worker)
     train_loop(loop_config["config"], loop_config["source"], loop_config["out_dir"], session,
                loop_config["val_source"])
 
@@ -193,7 +209,8 @@ def _check_resume(resume_from: str | Path | None) -> str | None:
 
 
 def run_train(config: TrainConfig, batch_source_factory: BatchSource, out_dir: str | Path,
-              val_source_factory: BatchSource | None = None, *, resume_from: str | Path | None = None,
+              val_source_factory: BatchSource | None = None, *, scaling: TrainScaling | None = None,
+              resume_from: str | Path | None = None,
               storage_path: str | Path | None = None, name: str = "train", max_failures: int = 0,
               executor: str = "ray", ray_address: str | None = None,
               find_unused_parameters: bool = False) -> dict[str, Any]:
@@ -205,6 +222,7 @@ def run_train(config: TrainConfig, batch_source_factory: BatchSource, out_dir: s
     from (a missing one raises FileNotFoundError naming it). ``executor="local"``: no Ray, one
     process (checkpoints under ``<storage_path>/<name>/``).
     """
+    scaling = scaling or TrainScaling()
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     resume = _check_resume(resume_from)
@@ -226,10 +244,10 @@ def run_train(config: TrainConfig, batch_source_factory: BatchSource, out_dir: s
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"config": config, "source": batch_source_factory, "val_source": val_source_factory,
-                           "out_dir": str(out_dir), "resume_from": resume,
+                           "out_dir": str(out_dir), "resume_from": resume, "scaling": scaling,
                            "find_unused_parameters": find_unused_parameters},
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker}),
         run_config=RunConfig(storage_path=str(storage), name=name,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=max(1, config.keep_checkpoints))),
@@ -258,6 +276,11 @@ def train_on_shards(config: TrainConfig, data: TrainDataConfig, shards_dir: str 
                          f"storage are local files), got {out_dir}; the shards may be on object storage")
     if not storage.exists(storage.join(str(shards_dir), "index.parquet")):
         raise FileNotFoundError(f"no shards index at {storage.join(str(shards_dir), 'index.parquet')} (run the pack stage first)")
+    if data.loader.batch_size != config.batch_size:
+        # one home for the batch size: the recipe's (samples per worker per step); the loader's
+        # would be silently replaced (ShardSource), so a different value there is refused
+        raise ValueError(f"train.data.loader.batch_size = {data.loader.batch_size} is not used by training: batches "
+                         f"hold train.batch_size = {config.batch_size} samples per worker; set that one instead")
     inferred = {**model_overrides_from_shards(shards_dir), "frame": data.loader.frame}
     config = replace(config, model={**inferred, **config.model})
     log.info("model sized from %s: %s", shards_dir, inferred)
@@ -275,12 +298,17 @@ def train_on_shards(config: TrainConfig, data: TrainDataConfig, shards_dir: str 
     return metrics
 
 
-def train_stage_configs(values: dict, source: str = "params.yaml:train") -> tuple[TrainConfig, TrainDataConfig]:
+def train_stage_configs(values: dict, source: str = "params.yaml:train"
+                        ) -> tuple[TrainConfig, TrainDataConfig, TrainScaling]:
     """``params.yaml``'s ``train`` section: the :class:`TrainConfig` keys at the top (so
-    ``dvc exp run -S train.steps=...`` works) and the loader under ``data``."""
+    ``dvc exp run -S train.steps=...`` works), the loader under ``data`` and Ray Train's scaling
+    under ``scaling`` (its preset follows the recipe's when it has one of that name)."""
     values = dict(values or {})
     data = build(TrainDataConfig, values.pop("data", None) or {"preset": "demo"}, source=f"{source}.data")
-    return build(TrainConfig, values, source=source), data
+    preset = values.get("preset")
+    scaling = build(TrainScaling, values.pop("scaling", None) or {},
+                    preset=preset if preset in TrainScaling.PRESETS else None, source=f"{source}.scaling")
+    return build(TrainConfig, values, source=source), data, scaling
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -300,15 +328,16 @@ def main(argv: list[str] | None = None) -> None:
     overrides: dict = {"model": {"image_size": args.size}}
     if args.steps:
         overrides["steps"] = args.steps
-    if args.workers:
-        overrides["num_workers"] = args.workers
     config = TrainConfig.preset(args.preset, **overrides)
+    scaling = build(TrainScaling, {"num_workers": args.workers} if args.workers else {},
+                    preset=args.preset if args.preset in TrainScaling.PRESETS else None)
     mc = config.model_config()
     source = SyntheticSource(num_samples=16, size=args.size, num_inputs=mc.num_views, num_targets=4,
                              feature_dim=mc.feature_dim if mc.features_enabled else 0)
     val = SyntheticSource(num_samples=2, size=args.size, num_inputs=mc.num_views, num_targets=4, seed=1,
                           shuffle=False, feature_dim=mc.feature_dim if mc.features_enabled else 0)
-    metrics = run_train(config, source, args.out, val, resume_from=args.resume_from, executor=args.executor)
+    metrics = run_train(config, source, args.out, val, scaling=scaling, resume_from=args.resume_from,
+                        executor=args.executor)
     print(json.dumps(metrics, indent=1))
 
 

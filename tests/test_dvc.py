@@ -23,7 +23,7 @@ MINI_PARAMS = {
     "track": {"preset": "tiny", "backend": "ground_truth", "noise_px": 0.25},
     "priors": {"preset": "tiny"},
     "pack": {"preset": "tiny", "split_fractions": [0.34, 0.33, 0.33]},
-    "train": {"preset": "tiny", "steps": 2, "validate_every": 0, "checkpoint_every": 2, "cpus_per_worker": 1,
+    "train": {"preset": "tiny", "steps": 2, "validate_every": 0, "checkpoint_every": 2, "scaling": {"cpus_per_worker": 1},
               "data": {"preset": "tiny"}},
     "evaluate": {"preset": "tiny", "split": "test", "detector": "none"},
     "reconstruct": {"preset": "tiny", "split": "test", "turntable_frames": 2},

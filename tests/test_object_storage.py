@@ -64,8 +64,8 @@ PIPELINE = textwrap.dedent("""
     params, root, train_out = sys.argv[1:]
     for name in ("synth", "extract", "track", "priors", "pack"):
         STAGES[name](params, DataLayout(root), None, "local")
-    config, data = train_stage_configs(yaml.safe_load(open(params))["train"])
-    metrics = train_on_shards(config, data, root + "/shards", train_out, executor="local")
+    config, data, scaling = train_stage_configs(yaml.safe_load(open(params))["train"])
+    metrics = train_on_shards(config, data, root + "/shards", train_out, scaling=scaling, executor="local")
     print("steps", metrics["steps"])
     # avatars of the held-out subject, written to the bucket, with the (local) trained checkpoint
     from avat3r_core.config import build

@@ -15,7 +15,7 @@ from avat3r_core.inference.predict import evaluate, predict_images
 from avat3r_core.inference.visuals import image_grid
 from avat3r_core.train.config import TrainConfig
 from avat3r_core.train.synthetic import SyntheticSource, synthetic_sample
-from stages.train import run_train
+from stages.train import TrainScaling, run_train
 
 SIZE = 32
 MODEL = {"feature_dim": 0, "image_size": SIZE, "num_views": 2}
@@ -101,8 +101,8 @@ def test_two_worker_ray_train_keeps_ranks_identical_and_resumes(tmp_path, ray_se
     source = SyntheticSource(num_samples=4, size=SIZE)
     val = SyntheticSource(num_samples=1, size=SIZE, seed=7, shuffle=False)
     out = tmp_path / "ddp"
-    first = run_train(config(steps=3, num_workers=2, checkpoint_every=3, validate_every=0), source, out, val,
-                      name="ddp")
+    first = run_train(config(steps=3, checkpoint_every=3, validate_every=0), source, out, val,
+                      scaling=TrainScaling(num_workers=2), name="ddp")
     ranks = [json.loads((out / "ranks" / f"rank_{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["step"] == ranks[1]["step"] == 3
     assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"] == first["param_checksum"]
@@ -111,8 +111,8 @@ def test_two_worker_ray_train_keeps_ranks_identical_and_resumes(tmp_path, ray_se
     # rank 0 then dies at step 5 (after step 4, which was not checkpointed): FailureConfig restarts
     # the worker group, which resumes from step 3 again and finishes
     crashing = CrashOnce(source, tmp_path / "killed.marker", epoch=2, position=0)
-    second = run_train(config(steps=5, num_workers=2, checkpoint_every=3, validate_every=0), crashing, out, val,
-                       name="ddp", max_failures=1)
+    second = run_train(config(steps=5, checkpoint_every=3, validate_every=0), crashing, out, val,
+                       scaling=TrainScaling(num_workers=2), name="ddp", max_failures=1)
     assert (tmp_path / "killed.marker").exists()
     ranks = [json.loads((out / "ranks" / f"rank_{r}.json").read_text()) for r in (0, 1)]
     assert second["resumed_from_step"] == 3 and second["steps"] == 5 and second["samples"] == 10
@@ -132,9 +132,9 @@ def test_baseline_is_evaluated_by_the_same_code_and_shown_beside_the_model():
 
 def test_presets():
     paper = TrainConfig.preset("paper")
-    assert (paper.lr, paper.batch_size, paper.steps, paper.bf16, paper.use_gpu) == (5e-5, 1, 3_500_000, True, True)
+    assert (paper.lr, paper.batch_size, paper.steps, paper.bf16, TrainScaling.preset("paper").use_gpu) == (5e-5, 1, 3_500_000, True, True)
     assert paper.loss.use_lpips and paper.loss.lpips_start_step == 3_000_000
     assert paper.model_config().image_size == 512
     tiny = TrainConfig.preset("tiny")
-    assert tiny.steps <= 1000 and not tiny.use_gpu and tiny.model_config().dim == 128
+    assert tiny.steps <= 1000 and not TrainScaling.preset("tiny").use_gpu and tiny.model_config().dim == 128
     assert tiny.lr_at(0) < tiny.lr_at(tiny.warmup_steps) and tiny.lr_at(tiny.steps) < tiny.lr

@@ -18,26 +18,16 @@ class AvatarInputError(Avat3rError):
         self.reason = reason
         super().__init__(f"{self.path or '<input>'}: {self.kind}: {reason}")
 
-
-class NoFaceError(AvatarInputError):
-    kind = "no face detected"
-
-
-class UnreadableInputError(AvatarInputError):
-    kind = "unreadable"
+    def __init_subclass__(cls, kind: str = "", **kwargs):
+        super().__init_subclass__(**kwargs)
+        if kind:
+            cls.kind = kind
 
 
-class TooFewFramesError(AvatarInputError):
-    kind = "too few frames"
-
-
-class FitFailedError(AvatarInputError):
-    kind = "face-model fit failed"
-
-
-class FaceTooSmallError(AvatarInputError):
-    kind = "face too small"
-
-
-class ExtremePoseError(AvatarInputError):
-    kind = "head turned too far"
+# the named failures: one line each, the kind their message names
+class NoFaceError(AvatarInputError, kind="no face detected"): pass
+class UnreadableInputError(AvatarInputError, kind="unreadable"): pass
+class TooFewFramesError(AvatarInputError, kind="too few frames"): pass
+class FitFailedError(AvatarInputError, kind="face-model fit failed"): pass
+class FaceTooSmallError(AvatarInputError, kind="face too small"): pass
+class ExtremePoseError(AvatarInputError, kind="head turned too far"): pass

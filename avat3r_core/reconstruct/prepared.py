@@ -14,6 +14,7 @@ import torch
 from avat3r_core.cameras import Cameras
 from avat3r_core.config import Presets
 from avat3r_core.priors.sources import choose_feature_source, choose_position_source
+from avat3r_core.tracking.landmarks import PICTURE_LANDMARK_BACKENDS
 from avat3r_core.geometry import camera_centers, farthest_views
 from avat3r_core.errors import FormatError
 from avat3r_core.reconstruct.errors import AvatarInputError
@@ -98,7 +99,7 @@ class PrepareConfig(Presets):
     def __post_init__(self) -> None:
         self.sapiens_input_size = tuple(int(v) for v in self.sapiens_input_size)  # type: ignore[assignment]
         checks = {
-            "landmarks": self.landmarks in ("mediapipe", "file"),
+            "landmarks": self.landmarks in PICTURE_LANDMARK_BACKENDS,
             "position_source": self.position_source in ("auto", "dust3r", "face_model"),
             "feature_source": self.feature_source in ("auto", "sapiens", "efficientnet", "none"),
             "device": self.device in ("auto", "cpu", "cuda"),

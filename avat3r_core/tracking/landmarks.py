@@ -82,7 +82,8 @@ __all__ = [
     "Detections", "LandmarkDetector", "GroundTruthLandmarks", "FileLandmarks", "MediaPipeLandmarks",
     "crop_points", "read_landmark_file", "find_mediapipe_model", "mediapipe_available", "make_detector",
     "CanonicalFaceMesh", "read_canonical_face_mesh", "register_mediapipe_embedding", "points_for_embedding",
-    "MEDIAPIPE_MESH_POINTS", "MEDIAPIPE_EMBEDDING_FILE", "write_mediapipe_embedding",
+    "MEDIAPIPE_MESH_POINTS", "MEDIAPIPE_EMBEDDING_FILE", "write_mediapipe_embedding", "LANDMARK_BACKENDS",
+    "PICTURE_LANDMARK_BACKENDS", "MEDIAPIPE_TO_IBUG68", "mediapipe_to_ibug68",
 ]
 
 
@@ -395,6 +396,12 @@ class MediaPipeLandmarks(LandmarkDetector):
                                              "face_boxes": boxes})
 
 
+#: the landmark backends by name, for the track stage (``track.backend``) and for picture
+#: reconstruction (``reconstruct.landmarks``: the two without ground truth, which pictures lack)
+LANDMARK_BACKENDS = ("ground_truth", "file", "mediapipe")
+PICTURE_LANDMARK_BACKENDS = ("mediapipe", "file")
+
+
 def make_detector(backend: str, gt_root: str | None = None, landmarks_root: str | None = None,
                   mediapipe_model: str | None = None, noise_px: float = 0.0, seed: int = 0) -> LandmarkDetector:
     """Build a backend by name: ``ground_truth`` | ``file`` | ``mediapipe``."""
@@ -406,7 +413,7 @@ def make_detector(backend: str, gt_root: str | None = None, landmarks_root: str 
         return FileLandmarks(landmarks_root, noise_px=noise_px, seed=seed)
     if backend == "mediapipe":
         return MediaPipeLandmarks(mediapipe_model)
-    raise ValueError(f"unknown landmark backend {backend!r} (ground_truth, file, mediapipe)")
+    raise ValueError(f"unknown landmark backend {backend!r} ({', '.join(LANDMARK_BACKENDS)})")
 
 
 # --------------------------------------------------------------------------- the canonical face mesh

@@ -25,10 +25,10 @@ class TrainConfig(Presets):
     published; they are our choices."""
 
     PRESETS: ClassVar[dict] = {
-        "tiny": dict(steps=300, lr=1e-3, warmup_steps=10, model_preset="tiny", num_workers=1, use_gpu=False,
+        "tiny": dict(steps=300, lr=1e-3, warmup_steps=10, model_preset="tiny",
                      checkpoint_every=100, validate_every=100),
         "paper": dict(steps=3_500_000, lr=5e-5, warmup_steps=2000, min_lr_fraction=1.0, model_preset="paper",
-                      num_workers=8, use_gpu=True, batch_size=1, bf16=True, checkpoint_every=5000,
+                      batch_size=1, bf16=True, checkpoint_every=5000,
                       keep_checkpoints=5, validate_every=10_000, log_every=50,
                       loss=dict(use_lpips=True, lpips_start_step=3_000_000, lpips_net="vgg")),
     }
@@ -43,9 +43,6 @@ class TrainConfig(Presets):
     seed: int = 0
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
     batch_size: int = 1  #: samples per worker per step (the batch source honours it)
-    num_workers: int = 1  #: Ray Train workers (DDP ranks)
-    use_gpu: bool = False
-    cpus_per_worker: int = 1  #: CPUs Ray reserves per worker; on CPU also torch's intra-op threads
     bf16: bool = True  #: bf16 autocast of the network on CUDA (ignored on CPU)
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
