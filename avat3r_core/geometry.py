@@ -20,6 +20,13 @@ import numpy as np
 if TYPE_CHECKING:
     from torch import Tensor
 
+
+#: the coordinate frames views can be expressed in. The choice is the loader's (``LoaderConfig.frame``,
+#: default ``head``: each view in its timestep's tracked head frame); the trained model records it
+#: (``Avat3rConfig.frame``, whose default ``world`` is what checkpoints from before the record were),
+#: and evaluation and reconstruction follow the model's.
+FRAMES = ("head", "world")
+
 # Tolerance of the rigidity checks (R R^T = I, last row [0, 0, 0, 1]); loose enough for float32
 # data and calibration files written with ~6 significant digits.
 RIGID_TOL = 1e-3

@@ -74,7 +74,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from avat3r_core import storage
 from avat3r_core.config import Presets
 from avat3r_core.cameras import Cameras
-from avat3r_core.geometry import HeadFrameError, camera_centers, farthest_views, head_frames, to_head_frame
+from avat3r_core.geometry import FRAMES, HeadFrameError, camera_centers, farthest_views, head_frames, to_head_frame
 from avat3r_core.dataset.pack import sample_fields, shard_urls
 from avat3r_core.tracking import EXPRESSION_DIM
 from avat3r_core.formats.batch import Avat3rBatch
@@ -82,7 +82,6 @@ from avat3r_core.formats.batch import Avat3rBatch
 log = logging.getLogger("avat3r.dataset")
 
 #: coordinate frames a loader can express views in (see the module docstring)
-FRAMES = ("head", "world")
 
 
 class MissingHeadFrame(ValueError):

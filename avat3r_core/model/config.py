@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from avat3r_core.errors import FormatError
+from avat3r_core.geometry import FRAMES
 from avat3r_core.tracking import EXPRESSION_DIM
 
 __all__ = ["Avat3rConfig", "NUM_PLUCKER_CHANNELS", "NUM_INPUT_CHANNELS", "NUM_GAUSSIAN_CHANNELS"]
@@ -117,7 +118,7 @@ class Avat3rConfig:
             raise FormatError(_SOURCE, "refine_dim", f"must be positive, got {self.refine_dim}")
         if self.expr_normalization not in ("none", "layout"):
             raise FormatError(_SOURCE, "expr_normalization", f"must be none or layout, got {self.expr_normalization!r}")
-        if self.frame not in ("head", "world"):
+        if self.frame not in FRAMES:
             raise FormatError(_SOURCE, "frame", f"must be head or world, got {self.frame!r}")
         if self.image_size % self.patch_size:
             raise FormatError(_SOURCE, "image_size",

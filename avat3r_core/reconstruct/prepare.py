@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from avat3r_core.priors.sources import read_feature_projection
+from avat3r_core.geometry import FRAMES
 from avat3r_core.config import pick_device
 from avat3r_core.errors import FormatError
 from avat3r_core.reconstruct.errors import NoFaceError
@@ -36,7 +37,7 @@ class Preparer(CapturePreparation, PicturePreparation):
 
     def __init__(self, config: PrepareConfig, image_size: int, feature_dim: int = 0, features_enabled: bool = False,
                  frame: str = "world"):
-        if frame not in ("head", "world"):
+        if frame not in FRAMES:
             raise ValueError(f"frame must be head or world, got {frame!r}")
         self.frame = frame
         self.config = config
