@@ -64,7 +64,7 @@ from torch import Tensor
 from avat3r_core import storage
 from avat3r_core.config import Presets
 from avat3r_core.errors import FormatError
-from avat3r_core.formats.batch import Avat3rBatch
+from avat3r_core.batch import Avat3rBatch
 from avat3r_core.ids import make_id
 from avat3r_core.metrics import CSIM_UNAVAILABLE, lpips_metric, psnr, ssim
 

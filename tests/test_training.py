@@ -8,7 +8,7 @@ import torch
 
 from avat3r_core.cameras import Cameras
 from avat3r_core.config import build
-from avat3r_core.formats.batch import Avat3rBatch
+from avat3r_core.batch import Avat3rBatch
 from avat3r_core.gaussians import Gaussians
 from avat3r_core.losses import Avat3rLoss
 from avat3r_core.model import Avat3r, Avat3rConfig

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from avat3r_core.formats.batch import Avat3rBatch
+from avat3r_core.batch import Avat3rBatch
 from avat3r_core.metrics import psnr, ssim
 from avat3r_core.tracking import expression_code as ec
 

@@ -2,7 +2,7 @@
 
 * :mod:`avat3r_core.dataset.pack` — sample specs, subject split, shard writing, index, verification.
 * :mod:`avat3r_core.dataset.loader` — shard pipeline, Avat3r view sampler, collate to
-  :class:`~avat3r_core.formats.batch.Avat3rBatch`.
+  :class:`~avat3r_core.batch.Avat3rBatch`.
 """
 
 from avat3r_core.dataset.loader import (Avat3rDataset, Avat3rLoader, Avat3rSampler, LoaderConfig, collate,

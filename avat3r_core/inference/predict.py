@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from avat3r_core.formats.batch import Avat3rBatch
+from avat3r_core.batch import Avat3rBatch
 from avat3r_core.gaussians import Gaussians
 from avat3r_core.losses import composite
 from avat3r_core.metrics import psnr, ssim

@@ -19,7 +19,7 @@ import numpy as np
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from avat3r_core.formats.batch import Avat3rBatch
+    from avat3r_core.batch import Avat3rBatch
 
 
 def grid_rows(batch: Avat3rBatch, predictions: dict[str, Tensor], background: Tensor, max_samples: int = 4,

@@ -38,7 +38,7 @@ from typing import Protocol
 
 import torch
 
-from avat3r_core.formats.batch import Avat3rBatch
+from avat3r_core.batch import Avat3rBatch
 from avat3r_core.inference.checkpoint import CHECKPOINT_FILE
 from avat3r_core.inference.predict import (
     evaluate,

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 
 from avat3r_core.cameras import Cameras
-from avat3r_core.formats.batch import Avat3rBatch, cat_batches
+from avat3r_core.batch import Avat3rBatch, cat_batches
 from avat3r_core.gaussians import Gaussians
 from avat3r_core.render import render
 from avat3r_core.tracking import EXPRESSION_DIM
