@@ -61,7 +61,7 @@ re-encoded by OpenCV's mp4v (MPEG-4 Part 2), whose header has no size, so the pr
 frame.
 
 Usage: python benchmarks/extract.py [--subjects 2 --cameras 8 --frames 48 --source-height 2048]
-       [--layout studio|v2|v1]
+       [--layout studio|v2|v1] [--smoke]
        [--keep DIR: build the capture there once and reuse it]
 """
 
@@ -331,7 +331,12 @@ def main() -> None:
     parser.add_argument("--keep", default="", help="build the capture here (reused when present)")
     parser.add_argument("--out", default="", help="where the stage writes (default: beside the capture); "
                                                    "e.g. /dev/shm to take the disk out of the ratios")
+    parser.add_argument("--smoke", action="store_true", help="seconds-long run on a tiny capture, frames as "
+                        "rendered (the test suite runs it; its figures mean nothing)")
     args = parser.parse_args()
+    if args.smoke:
+        args.subjects, args.cameras, args.frames, args.resolution, args.crop, args.repeat = 1, 4, 4, 96, 64, 1
+        args.source_height, args.keep = args.resolution, ""
 
     import ray
 
