@@ -572,3 +572,37 @@ def test_plate_route_on_b_frames_centres_a_moving_head(tmp_path):
     rows = pq.read_table(frames.manifest).to_pylist()
     assert len(rows) == 4 * V2_FRAMES and {r["alpha_source"] for r in rows} == {"background_difference"}
     check_crops(rows, 0.25, alpha_dir=tmp_path / "frames", head=moving_head)
+
+
+# --------------------------------------------------------------------------- transforms.json with fg_mask_path
+def test_transforms_json_fg_masks_are_the_mattes(tmp_path):
+    """A VHAP-style export (nerfstudio transforms.json, OpenGL camera-to-world, per-frame
+    ``fg_mask_path`` as vhap/export_as_nerf_dataset.py writes it): the masks matte the crops
+    (``alpha_map``), crops centred on the head; a missing mask is a named error."""
+    root = tmp_path / "export" / "031"
+    serials, w2c, scale = SERIALS[:4], rig(4), 0.125
+    width, height = 275, 401
+    K = K_FULL * [[scale], [scale], [1]]
+    frames = []
+    for c in range(4):
+        image, mask = render(w2c[c], K, width, height, seed=c)
+        c2w = np.linalg.inv(w2c[c])
+        c2w[:3, 1:3] *= -1  # OpenCV -> OpenGL camera axes
+        for t in range(2):
+            name = f"{t:05d}_{c:02d}.png"
+            for folder, data in (("images", cv2.cvtColor(image, cv2.COLOR_RGB2BGR)), ("fg_masks", mask)):
+                (root / folder).mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(root / folder / name), data)
+            frames.append({"file_path": f"images/{name}", "fg_mask_path": f"fg_masks/{name}",
+                           "transform_matrix": c2w.tolist(), "timestep_index": t, "camera_index": c,
+                           "fl_x": K[0, 0], "fl_y": K[1, 1], "cx": K[0, 2], "cy": K[1, 2], "w": width, "h": height})
+    (root / "transforms.json").write_text(json.dumps({"frames": frames}))
+    (root / "fg_masks" / "00001_02.png").unlink()
+    index = scan_capture(tmp_path / "export")
+    assert index.layout == "transforms"
+    errors = [p for p in index.problems if p.severity == "error"]
+    assert len(errors) == 1 and "fg_mask_path" in errors[0].message and errors[0].path.endswith("00001_02.png")
+    _, out = extract(tmp_path / "export", tmp_path / "frames")
+    rows = pq.read_table(out.manifest).to_pylist()
+    assert len(rows) == 4 * 2 - 1 and {r["alpha_source"] for r in rows} == {"alpha_map"}
+    check_crops(rows, scale, alpha_dir=tmp_path / "frames")
