@@ -269,8 +269,9 @@ def head_tracks(center_items: list[dict], rows: list[dict]) -> dict[tuple[str, s
     cameras = {(i["subject"], i["sequence"], i["camera_serial"]): i for i in center_items if not i.get("problem")}
     found: dict[tuple[str, str], dict[str, dict[int, tuple[float, float]]]] = {}
     for row in rows:
-        found.setdefault((row["subject"], row["sequence"]), {}).setdefault(row["camera"], {})[row["frame"]] = (
-            row["u"], row["v"])
+        if (row["subject"], row["sequence"], row.get("camera")) in cameras:  # not rows of an earlier version's items
+            found.setdefault((row["subject"], row["sequence"]), {}).setdefault(row["camera"], {})[row["frame"]] = (
+                row["u"], row["v"])
     out: dict[tuple[str, str], dict[int, list[float]] | str] = {}
     for key in {(s, q) for s, q, _ in cameras}:
         by_camera = found.get(key, {})
@@ -446,7 +447,7 @@ def run_extract(config: ExtractConfig, capture_root: str, out_dir: str, layout: 
         centers = run_stage(lambda: HeadCenterStage(config), center_items, centers_dir, "head_centers",
                             resources=resources, executor=executor)
         rows = storage.read_parquet(centers.manifest).to_pylist() if storage.exists(centers.manifest) else []
-        tracks = head_tracks(center_items, [r for r in rows if "u" in r])
+        tracks = head_tracks(center_items, rows)
         ready = []
         for item in video_items:
             if item.get("problem"):
