@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 # benchmark -> (path into its JSON to a measured figure that must be a positive number, ...)
 FIGURES = {
     "extract": (("stage_frames_per_s", "1_worker"), ("decode_only_frames_per_s", "pyav"),
-                ("ratio_stage_1_worker_vs_decode_only",), ("ratio_2_workers_vs_1",)),
+                ("ratio_stage_1_worker_vs_decode_only",), ("ratio_2_workers_vs_1",),
+                ("ratio_stage_in_process_vs_decode_only_cpu",)),
     "loader": (("raw_loop", "samples_per_s"), ("loader_0_workers", "items_per_s"), ("ratio_2_workers",)),
     "priors": (("backends", "ground_truth", "images_per_s"), ("stage", "images_per_s")),
     "render": (("results", 0, "cpu", "median_s"), ("results", 0, "speedup_baseline_over_cpu")),
