@@ -238,9 +238,8 @@ class HeadCenterStage(_ExtractStageBase):
         return rows
 
 
-def head_track(frames: list[int], world_to_cam: np.ndarray, K: np.ndarray,
-               centers_2d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """3D head centre (T, 3) of each frame and its view count (T,), from 2D centres (T, C, 2; NaN
+def head_track(frames: list[int], world_to_cam: np.ndarray, K: np.ndarray, centers_2d: np.ndarray) -> np.ndarray:
+    """3D head centre (T, 3) of each frame from 2D centres (T, C, 2; NaN
     where a camera found none) of C cameras: triangulated per frame, frames without two views
     filled from their neighbours, then smoothed over time. ValueError if no frame has two views."""
     centers = np.full((len(frames), 3), np.nan)
@@ -259,8 +258,7 @@ def head_track(frames: list[int], world_to_cam: np.ndarray, K: np.ndarray,
     # pulled the first and last frames' centres towards the middle by 4/9 of a step)
     padded = np.pad(centers, ((2, 2), (0, 0)), **(dict(mode="reflect", reflect_type="odd")
                                                   if len(frames) > 1 else dict(mode="edge")))
-    smooth = np.stack([np.convolve(padded[:, d], kernel / kernel.sum(), mode="valid") for d in range(3)], 1)
-    return smooth, (~np.isnan(centers_2d[:, :, 0])).sum(1)
+    return np.stack([np.convolve(padded[:, d], kernel / kernel.sum(), mode="valid") for d in range(3)], 1)
 
 
 def head_tracks(center_items: list[dict], rows: list[dict]) -> dict[tuple[str, str], dict[int, list[float]] | str]:
@@ -286,7 +284,7 @@ def head_tracks(center_items: list[dict], rows: list[dict]) -> dict[tuple[str, s
         world_to_cam = np.array([i["camera"]["world_to_cam"] for i in items]).reshape(-1, 4, 4)
         K = np.array([i["camera"]["K"] for i in items]).reshape(-1, 3, 3)
         try:
-            smooth, _ = head_track(frames, world_to_cam, K, centers_2d)
+            smooth = head_track(frames, world_to_cam, K, centers_2d)
         except ValueError as exc:
             out[key] = f"no head centre for {key[0]}/{key[1]}: {exc}"
             continue
