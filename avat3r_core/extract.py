@@ -12,8 +12,9 @@ cropped image.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Iterator
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -341,14 +342,67 @@ _BT601_FULL_TO_RGB = np.hstack([_BT601_FULL_TO_RGB, -_BT601_FULL_TO_RGB @ [[0.0]
 _AVCOL_RANGE_JPEG = 2
 
 
+def _as_yuv420(frame) -> Yuv420Frame:
+    if frame.format.name not in ("yuv420p", "yuvj420p"):
+        frame = frame.reformat(format="yuv420p")
+    return Yuv420Frame(frame)
+
+
 def read_yuv420(uri, threads: int = 1) -> Iterator[Yuv420Frame]:
     """Decode a video with PyAV into :class:`Yuv420Frame` (no colour conversion of whole frames)."""
     from avat3r_core.video import decoded_frames
 
     for frame in decoded_frames(uri, threads):
-        if frame.format.name not in ("yuv420p", "yuvj420p"):
-            frame = frame.reformat(format="yuv420p")
-        yield Yuv420Frame(frame)
+        yield _as_yuv420(frame)
+
+
+def read_reference_yuv420(uri, threads: int = 1) -> Iterator[tuple[int, Yuv420Frame]]:
+    """(index, :class:`Yuv420Frame`) of the frames :func:`avat3r_core.video.reference_frames`
+    decodes: the frames other frames reference, the rest skipped by the decoder."""
+    from avat3r_core.video import reference_frames
+
+    for index, frame in reference_frames(uri, threads):
+        yield index, _as_yuv420(frame)
+
+
+def centers_of_sparse_frames(wanted: list[int], decoded: Iterable[tuple[int, object]],
+                             center: Callable[[object], np.ndarray | None]) -> dict[int, np.ndarray | None]:
+    """``center`` of each wanted frame from a decode that skipped some (:func:`read_reference_yuv420`):
+    a skipped wanted frame gets the centre linearly interpolated between the decoded frames either
+    side of it (the one side's at the ends; ``None`` where a side has no centre). Only wanted
+    frames and those neighbours are passed to ``center``; decoding stops after the last wanted frame."""
+    wanted = sorted(set(wanted))
+    if not wanted:
+        return {}
+    wanted_set, found, prev = set(wanted), {}, None
+    for index, frame in decoded:
+        # wanted frames the decoder skipped between the previous decoded frame and this one
+        gap = prev is not None and bisect.bisect_right(wanted, index - 1) > bisect.bisect_right(wanted, prev[0])
+        if gap and prev[0] not in found:
+            found[prev[0]] = center(prev[1])
+        if index in wanted_set or gap:
+            found[index] = center(frame)
+        prev = (index, frame)
+        if index >= wanted[-1]:
+            break
+    if prev is not None and prev[0] < wanted[-1] and prev[0] not in found:  # skipped frames at the end
+        found[prev[0]] = center(prev[1])
+    keys = sorted(found)
+    out: dict[int, np.ndarray | None] = {}
+    for w in wanted:
+        if w in found:
+            out[w] = found[w]
+            continue
+        i = bisect.bisect_left(keys, w)
+        left, right = (found[keys[i - 1]] if i > 0 else None), (found[keys[i]] if i < len(keys) else None)
+        if i == 0 or i == len(keys):
+            out[w] = right if i == 0 else left
+        elif left is None or right is None:
+            out[w] = None
+        else:
+            a = (w - keys[i - 1]) / (keys[i] - keys[i - 1])
+            out[w] = (1 - a) * left + a * right
+    return out
 
 
 #: sRGB → linear of every uint8 value: the same numbers apply_ccm computes per pixel, looked up
@@ -368,15 +422,19 @@ def correct_colors(image: np.ndarray, ccm: np.ndarray | None) -> np.ndarray:
 
 
 def affine_color_correct(image: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
-    """NeRSemble v1's colour correction of a uint8 RGB image: on RGB in [0, 1] (as stored, no
-    linearisation), ``rgb @ A[:3, :3] + A[:3, 3]`` (the row-vector convention of public NeRSemble
-    loaders; a 3x3 matrix has no offset), clipped back to uint8."""
+    """NeRSemble v1's colour correction of a uint8 RGB image, as the public
+    ``tobias-kirschstein/nersemble`` applies ``color_correction/<serial>.npy``
+    (``src/nersemble/nerfstudio/dataset/nersemble_dataset.py``, ``get_numpy_image``): on RGB as
+    stored scaled to [0, 1] (no linearisation), row vectors, ``rgb @ A[:3, :3] + A[:3, 3]``, clipped
+    to [0, 1], then ``* 255`` truncated to uint8 (not rounded), all in float64. Its files are 4x4
+    (or 3x4) affine matrices; a 3x3 one, which that loader could not read, is taken as having no
+    offset."""
     if matrix is None:
         return image
-    A = np.asarray(matrix, np.float32)
-    offset = A[:3, 3] if A.shape[1] == 4 else np.zeros(3, np.float32)
-    out = (image.astype(np.float32) / 255.0) @ A[:3, :3] + offset
-    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+    A = np.asarray(matrix, np.float64)
+    offset = A[:3, 3] if A.shape[1] == 4 else np.zeros(3)
+    out = (image / 255.0) @ A[:3, :3] + offset
+    return (np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def encode_image(image: np.ndarray, fmt: str, quality: int = 95) -> bytes:

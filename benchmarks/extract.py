@@ -28,6 +28,9 @@ Prints one JSON object:
   worker processes; later runs find them running (the extract passes run as Ray tasks on Ray's
   pooled workers, like every stage whose set-up loads nothing), as a flow's second pass and
   later stages do. Not part of the ratios;
+* ``cpu_seconds_best``: CPU seconds of this process for the references and for the whole stage
+  run in this process (``executor="local"``, one worker): ``ratio_stage_in_process_vs_decode_only_cpu``
+  is the per-worker ratio that load from other jobs on a shared machine does not move;
 * ratios of the best runs: stage with 1 worker / decode-only (goal ≥ 0.7), also / codec floor;
   2 workers / 1 worker (goal ≥ 1.7), for whole runs and for the crop pass alone. Every
   measurement runs ``--repeat`` times, interleaved with the others (all runs are listed), so
@@ -61,7 +64,7 @@ re-encoded by OpenCV's mp4v (MPEG-4 Part 2), whose header has no size, so the pr
 frame.
 
 Usage: python benchmarks/extract.py [--subjects 2 --cameras 8 --frames 48 --source-height 2048]
-       [--layout studio|v2|v1]
+       [--layout studio|v2|v1] [--smoke]
        [--keep DIR: build the capture there once and reuse it]
 """
 
@@ -279,6 +282,14 @@ def stage_run(raw: Path, out: Path, workers: int, config: ExtractConfig, n_frame
             "crop_pass_s": frames.seconds}
 
 
+def cpu_seconds(fn) -> float:
+    """CPU seconds this process spends in ``fn()``: what the work costs, whatever else the machine
+    runs (wall-clock ratios on a loaded, shared VM measure the scheduler as much as the code)."""
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
+
+
 def crop_costs(raw: Path, out: Path, size: int, frames: int = 16) -> dict:
     """ms per crop, on the first ``frames`` frames of one video with the boxes the stage used
     (``out``'s manifest): the stage's way (the region reduced on the 4:2:0 planes, then
@@ -331,7 +342,12 @@ def main() -> None:
     parser.add_argument("--keep", default="", help="build the capture here (reused when present)")
     parser.add_argument("--out", default="", help="where the stage writes (default: beside the capture); "
                                                    "e.g. /dev/shm to take the disk out of the ratios")
+    parser.add_argument("--smoke", action="store_true", help="seconds-long run on a tiny capture, frames as "
+                        "rendered (the test suite runs it; its figures mean nothing)")
     args = parser.parse_args()
+    if args.smoke:
+        args.subjects, args.cameras, args.frames, args.resolution, args.crop, args.repeat = 1, 4, 4, 96, 64, 1
+        args.source_height, args.keep = args.resolution, ""
 
     import ray
 
@@ -375,6 +391,9 @@ def main() -> None:
         # most: decoding, and creating files on the output disk (two per frame)
         machine: dict[str, dict[int, list[float]]] = {"decode": {1: [], 2: []}, "file_creation": {1: [], 2: []}}
         runs: dict[int, list[dict]] = {1: [], 2: []}
+        # the same stage run in this process (executor=local, one worker) and the references, in
+        # CPU seconds of this process: a per-worker ratio that load from other jobs does not move
+        cpu: dict[str, list[float]] = {**{backend: [] for backend in reference_backends}, "stage_in_process": []}
         with multiprocessing.get_context("spawn").Pool(2) as pool:  # spawn: a fork would copy Ray's threads
             pool.starmap(decode_videos, [(videos[:1], floor_backend)] * 2, chunksize=1)  # started, modules imported
             for _ in range(args.repeat):
@@ -387,6 +406,11 @@ def main() -> None:
                         parallel_create_rate(pool, out_root / "out_files", 2 * n_frames, processes))
                 for workers in runs:
                     runs[workers].append(stage_run(work / "raw", out_root / f"out{workers}", workers, config, n_frames))
+                for backend in reference_backends:
+                    cpu[backend].append(cpu_seconds(lambda: decode_videos(videos, backend)))
+                shutil.rmtree(out_root / "out_local", ignore_errors=True)
+                cpu["stage_in_process"].append(cpu_seconds(lambda: run_extract(
+                    config, str(work / "raw"), str(out_root / "out_local"), executor="local")))
         best = {backend: max(rates) for backend, rates in decode.items()}
         fastest = max(best, key=best.get)
         best_runs = {workers: max(r, key=lambda run: run["frames_per_s"]) for workers, r in runs.items()}
@@ -417,6 +441,9 @@ def main() -> None:
                 **{f"stage_{k}_worker{'s' if k > 1 else ''}": [round(run["frames_per_s"], 1) for run in r]
                    for k, r in runs.items()},
             },
+            "cpu_seconds_best": {k: round(min(v), 3) for k, v in cpu.items()},
+            "ratio_stage_in_process_vs_decode_only_cpu": round(
+                min(min(cpu[b]) for b in reference_backends) / min(cpu["stage_in_process"]), 3),
             "ratio_stage_1_worker_vs_decode_only": round(one / best[fastest], 3),
             "ratio_stage_1_worker_vs_codec_floor": round(one / max(floor), 3),
             "ratio_2_workers_vs_1": round(two / one, 3),

@@ -4,9 +4,11 @@ Two passes through the shared runner, both resumable. Their set-up loads nothing
 Ray tasks on Ray's pooled worker processes (``Stage.cheap_setup``): the second pass, and later
 runs and stages, find those processes started and their modules imported.
 
-1. ``head_centers`` — one item per (subject, sequence): decode the foreground of the selected
-   frames in every camera (the alpha video when there is one, else background differencing),
-   triangulate the head centre per frame across views and smooth it over time. Small output.
+1. ``head_centers`` — one item per camera of the few well-spread views of each (subject,
+   sequence): the 2D head centre of each selected frame from its foreground (the alpha video when
+   there is one, else background differencing on the frames the decoder does not skip). The
+   driver then triangulates the head centre per frame across those views and smooths it over
+   time (:func:`head_tracks`). Small output.
 2. ``frames`` — one item per video (sequential decode within a video): crop every selected frame
    around the projected head centre, write image + alpha, and one manifest row per frame.
 
@@ -33,25 +35,12 @@ import numpy as np
 
 from avat3r_core import storage
 from avat3r_core.errors import FormatError
-from avat3r_core.extract import (
-    ExtractConfig,
-    ImageSequence,
-    VideoJob,
-    encode_image,
-    extract_video,
-    frame_boxes,
-    PlateCenters,
-    mask_center,
-    median_plate,
-    pick_frames,
-    read_image,
-    read_yuv420,
-    select_frames,
-    triangulate,
-)
+from avat3r_core.extract import (ExtractConfig, ImageSequence, VideoJob, centers_of_sparse_frames, encode_image,
+                                 extract_video, frame_boxes, PlateCenters, mask_center, median_plate, pick_frames,
+                                 read_image, read_reference_yuv420, read_yuv420, select_frames, triangulate)
 from avat3r_core.geometry import farthest_views
 from avat3r_core.ids import make_id
-from avat3r_core.video import read_frames
+from avat3r_core.video import read_frames, reference_frames
 from stages.runner import Stage, StageContext, StageResources, StageSummary, run_stage
 
 if TYPE_CHECKING:  # the capture reader and the camera models import torch: driver side only
@@ -101,6 +90,16 @@ def _color_frames(item: dict, decoder: str, planes: bool):
     return read_frames(item["video"], backend=_rgb_backend(decoder), threads=1)
 
 
+def _reference_color_frames(video: str, decoder: str):
+    """(index, frame) of a colour video's reference frames (:func:`read_reference_yuv420`): as
+    :class:`Yuv420Frame` with the ``yuv`` decoder, else whole RGB arrays."""
+    if decoder == "yuv":
+        yield from read_reference_yuv420(video, threads=1)
+        return
+    for index, frame in reference_frames(video, threads=1):
+        yield index, frame.to_ndarray(format="rgb24")
+
+
 def _plate(item: dict, decoder: str) -> np.ndarray | None:
     """The background plate of a camera without alpha: its captured plate (a still or a video's
     first frame), else the temporal median of its frames at ``median_plate_frames``."""
@@ -146,7 +145,10 @@ def _mask_centers(item: dict, frames: list[int], decoder: str, threshold: float)
         if plate is None:
             raise FormatError(item["video"], None, "no alpha, no background plate and no frames for a median plate: cannot matte")
         center = PlateCenters(plate, threshold)
-        found = {index: center(frame) for index, frame in pick_frames(_color_frames(item, decoder, planes=True), usable)}
+        if item.get("images"):
+            found = {index: center(frame) for index, frame in pick_frames(ImageSequence(item["images"]), usable)}
+        else:  # the colour video is decoded twice (here and in the crop pass): here, its reference frames only
+            found = centers_of_sparse_frames(usable, _reference_color_frames(item["video"], decoder), center)
     for index in frames:
         yield index, found.get(index)
 
@@ -195,7 +197,7 @@ def _one_thread_per_worker() -> None:
 
 
 #: Bumped when the stage's output changes meaning; part of the flow task's cache key (pipelines/caching.py).
-VERSION = "5"  # 5: frame folders, JPEG plates, temporal-median plates, head centres odd-reflected at the ends; 4: full-range (yuvj420p, pc-tagged) streams convert as full range; 3: crops reduced on the planes
+VERSION = "6"  # 6: plate-route head centres from the reference frames (the others interpolated), the head-centre pass per camera; v1 colour correction truncated as nersemble does; 5: frame folders, JPEG plates, temporal-median plates, head centres odd-reflected at the ends; 4: full-range (yuvj420p, pc-tagged) streams convert as full range; 3: crops reduced on the planes
 
 
 class _ExtractStageBase(Stage):
@@ -216,42 +218,78 @@ class _ExtractStageBase(Stage):
 
 
 class HeadCenterStage(_ExtractStageBase):
-    """Per (subject, sequence): a triangulated, smoothed 3D head centre for every selected frame."""
+    """Per (subject, sequence, camera) of the views the head centre is triangulated from: the 2D
+    head centre of each selected frame in that camera (``u``, ``v``; NaN where no foreground).
+
+    One item per camera, not per sequence, so the pass spreads over the workers even for a single
+    sequence; the driver triangulates and smooths (:func:`head_track`), which costs nothing."""
 
     name = "head_centers"
     version = VERSION
 
     def process(self, item: dict, ctx: StageContext) -> list[dict]:
         self.raise_problem(item)
-        frames, videos = item["frames"], item["videos"]
-        world_to_cam = np.array([v["camera"]["world_to_cam"] for v in videos]).reshape(-1, 4, 4)
-        K = np.array([v["camera"]["K"] for v in videos]).reshape(-1, 3, 3)
-        centers_2d = np.full((len(frames), len(videos), 2), np.nan)
-        for c, video in enumerate(videos):
-            for t, (_, center) in enumerate(_mask_centers(video, frames, self.config.decoder, self.config.alpha_threshold)):
-                if center is not None:
-                    centers_2d[t, c] = center
-        centers = np.full((len(frames), 3), np.nan)
-        for t in range(len(frames)):
-            valid = ~np.isnan(centers_2d[t, :, 0])
-            point = triangulate(world_to_cam, K, np.nan_to_num(centers_2d[t]), valid)
-            if point is not None:
-                centers[t] = point
-        if np.isnan(centers).all():
-            raise ValueError(f"no foreground found in any camera of {item['subject']}/{item['sequence']}")
-        # fill frames without enough views from their neighbours, then smooth over time
-        good = ~np.isnan(centers[:, 0])
-        for d in range(3):
-            centers[:, d] = np.interp(np.arange(len(frames)), np.flatnonzero(good), centers[good, d])
-        kernel = np.array([1.0, 2.0, 3.0, 2.0, 1.0])
-        # odd reflection at the ends keeps a steadily moving head where it is (edge padding
-        # pulled the first and last frames' centres towards the middle by 4/9 of a step)
-        padded = np.pad(centers, ((2, 2), (0, 0)), **(dict(mode="reflect", reflect_type="odd")
-                                                      if len(frames) > 1 else dict(mode="edge")))
-        smooth = np.stack([np.convolve(padded[:, d], kernel / kernel.sum(), mode="valid") for d in range(3)], 1)
-        return [{"id": make_id(item["subject"], item["sequence"], f), "subject": item["subject"],
-                 "sequence": item["sequence"], "frame": f, "center": list(map(float, smooth[t])),
-                 "views": int((~np.isnan(centers_2d[t, :, 0])).sum())} for t, f in enumerate(frames)]
+        rows = []
+        for frame, center in _mask_centers(item, item["frames"], self.config.decoder, self.config.alpha_threshold):
+            u, v = (float(center[0]), float(center[1])) if center is not None else (float("nan"), float("nan"))
+            rows.append({"id": make_id(item["subject"], item["sequence"], frame, item["camera_serial"]),
+                         "subject": item["subject"], "sequence": item["sequence"], "camera": item["camera_serial"],
+                         "frame": frame, "u": u, "v": v})
+        return rows
+
+
+def head_track(frames: list[int], world_to_cam: np.ndarray, K: np.ndarray, centers_2d: np.ndarray) -> np.ndarray:
+    """3D head centre (T, 3) of each frame from 2D centres (T, C, 2; NaN
+    where a camera found none) of C cameras: triangulated per frame, frames without two views
+    filled from their neighbours, then smoothed over time. ValueError if no frame has two views."""
+    centers = np.full((len(frames), 3), np.nan)
+    for t in range(len(frames)):
+        valid = ~np.isnan(centers_2d[t, :, 0])
+        point = triangulate(world_to_cam, K, np.nan_to_num(centers_2d[t]), valid)
+        if point is not None:
+            centers[t] = point
+    if np.isnan(centers).all():
+        raise ValueError("no foreground found in two cameras of any frame")
+    good = ~np.isnan(centers[:, 0])
+    for d in range(3):
+        centers[:, d] = np.interp(np.arange(len(frames)), np.flatnonzero(good), centers[good, d])
+    kernel = np.array([1.0, 2.0, 3.0, 2.0, 1.0])
+    # odd reflection at the ends keeps a steadily moving head where it is (edge padding
+    # pulled the first and last frames' centres towards the middle by 4/9 of a step)
+    padded = np.pad(centers, ((2, 2), (0, 0)), **(dict(mode="reflect", reflect_type="odd")
+                                                  if len(frames) > 1 else dict(mode="edge")))
+    return np.stack([np.convolve(padded[:, d], kernel / kernel.sum(), mode="valid") for d in range(3)], 1)
+
+
+def head_tracks(center_items: list[dict], rows: list[dict]) -> dict[tuple[str, str], dict[int, list[float]] | str]:
+    """Per (subject, sequence): {frame: 3D head centre} from the head-centre pass's rows, or the
+    reason there is none (no camera's pass succeeded, or no foreground in two views)."""
+    cameras = {(i["subject"], i["sequence"], i["camera_serial"]): i for i in center_items if not i.get("problem")}
+    found: dict[tuple[str, str], dict[str, dict[int, tuple[float, float]]]] = {}
+    for row in rows:
+        if (row["subject"], row["sequence"], row.get("camera")) in cameras:  # not rows of an earlier version's items
+            found.setdefault((row["subject"], row["sequence"]), {}).setdefault(row["camera"], {})[row["frame"]] = (
+                row["u"], row["v"])
+    out: dict[tuple[str, str], dict[int, list[float]] | str] = {}
+    for key in {(s, q) for s, q, _ in cameras}:
+        by_camera = found.get(key, {})
+        if not by_camera:
+            out[key] = "no head centre: the head-centre pass failed for every camera (see head_centers.errors.parquet)"
+            continue
+        serials = sorted(by_camera)
+        items = [cameras[(*key, serial)] for serial in serials]
+        frames = items[0]["frames"]
+        centers_2d = np.array([[by_camera[serial].get(f, (np.nan, np.nan)) for serial in serials] for f in frames],
+                              np.float64).reshape(len(frames), len(serials), 2)
+        world_to_cam = np.array([i["camera"]["world_to_cam"] for i in items]).reshape(-1, 4, 4)
+        K = np.array([i["camera"]["K"] for i in items]).reshape(-1, 3, 3)
+        try:
+            smooth = head_track(frames, world_to_cam, K, centers_2d)
+        except ValueError as exc:
+            out[key] = f"no head centre for {key[0]}/{key[1]}: {exc}"
+            continue
+        out[key] = {f: list(map(float, smooth[t])) for t, f in enumerate(frames)}
+    return out
 
 
 # --------------------------------------------------------------------------- pass 2
@@ -350,11 +388,12 @@ def plan(index: CaptureIndex, config: ExtractConfig) -> tuple[list[dict], list[d
                 center_items.append({"id": seq_id, "problem": reason,
                                      "path": subject_problem.path if subject_problem else subject.root})
                 continue
-            # the head centre needs a few well-spread views, not all: fewer mattes to decode twice
+            # the head centre needs a few well-spread views, not all: fewer videos to decode twice
             views = sorted(farthest_views(subject.cameras[[subject.serials.index(v["camera_serial"]) for v in videos]]
                                  .centers.numpy(), config.center_views)) if videos else []
-            center_items.append({"id": seq_id, "subject": pid, "sequence": seq_name, "frames": frames,
-                                 "videos": [videos[i] for i in views]})
+            for i in views:
+                center_items.append({"id": make_id(pid, seq_name, videos[i]["camera_serial"]), "subject": pid,
+                                     "sequence": seq_name, **videos[i], "frames": frames})
             for video in videos:
                 video_items.append({"id": make_id(pid, seq_name, video["camera_serial"]), "subject": pid,
                                     "sequence": seq_name, **video,
@@ -405,19 +444,17 @@ def run_extract(config: ExtractConfig, capture_root: str, out_dir: str, layout: 
         centers_dir = storage.join(out_dir, "head_centers")
         centers = run_stage(lambda: HeadCenterStage(config), center_items, centers_dir, "head_centers",
                             resources=resources, executor=executor)
-        by_sequence: dict[tuple[str, str], dict[int, list[float]]] = {}
-        for row in storage.read_parquet(centers.manifest).to_pylist():
-            if "center" in row:
-                by_sequence.setdefault((row["subject"], row["sequence"]), {})[row["frame"]] = row["center"]
+        rows = storage.read_parquet(centers.manifest).to_pylist() if storage.exists(centers.manifest) else []
+        tracks = head_tracks(center_items, rows)
         ready = []
         for item in video_items:
             if item.get("problem"):
                 ready.append(item)
                 continue
-            found = by_sequence.get((item["subject"], item["sequence"]))
-            if found is None:
-                ready.append({"id": item["id"], "path": item["video"],
-                              "problem": "no head centre for this sequence (see head_centers.errors.parquet)"})
+            found = tracks.get((item["subject"], item["sequence"]),
+                               "no head centre for this sequence (see head_centers.errors.parquet)")
+            if isinstance(found, str):
+                ready.append({"id": item["id"], "path": item["video"], "problem": found})
             else:
                 ready.append(plan_crops(item, found, config))
         frames = run_stage(lambda: ExtractStage(config), ready, out_dir, "frames", resources=resources,

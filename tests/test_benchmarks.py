@@ -22,6 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 FIGURES = {
     "capacity": (("calibrated_on", "views"), ("scales", "1", "total_predicted_s"), ("scales", "1", "total_ratio")),
     "gallery": (("build_s",), ("avatars", 0, "first_frame_ms", "splat"), ("avatars", 0, "ply_vs_splat")),
+    "extract": (("stage_frames_per_s", "1_worker"), ("decode_only_frames_per_s", "pyav"),
+                ("ratio_stage_1_worker_vs_decode_only",), ("ratio_2_workers_vs_1",),
+                ("ratio_stage_in_process_vs_decode_only_cpu",)),
     "loader": (("raw_loop", "samples_per_s"), ("loader_0_workers", "items_per_s"), ("ratio_2_workers",)),
     "priors": (("backends", "ground_truth", "images_per_s"), ("stage", "images_per_s")),
     "render": (("results", 0, "cpu", "median_s"), ("results", 0, "speedup_baseline_over_cpu")),

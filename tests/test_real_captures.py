@@ -43,6 +43,8 @@ HEAD = np.array([0.02, -0.015, 0.03])  # the head's centre in the world (metres)
 HEAD_RADIUS = 0.06
 SERIALS = ["220700191", "221501007", "222200036", "222200037", "222200038", "222200039"]
 CROP = 128
+#: AV1 is tested where this FFmpeg build can encode it (PyAV's wheels have SVT-AV1)
+NO_AV1 = pytest.mark.skipif("libsvtav1" not in av.codecs_available, reason="this FFmpeg build has no AV1 encoder")
 
 
 def rig(n: int) -> np.ndarray:
@@ -299,7 +301,7 @@ def test_every_codec_probes_its_size_and_extracts_centred_crops(codec_capture, t
 
 
 # --------------------------------------------------------------------------- v1 frame folders
-#: v1 colour correction: an affine map of RGB in [0, 1] (rgb @ A[:3, :3] + A[:3, 3])
+#: v1 colour correction: an affine map of RGB in [0, 1] (rgb @ A[:3, :3] + A[:3, 3], nersemble's convention)
 AFFINE = np.array([[0.9, 0.02, 0.0], [0.0, 0.95, 0.03], [0.05, 0.0, 0.85]])
 
 
@@ -311,7 +313,8 @@ def v1_capture(tmp_path_factory) -> Path:
     K = K_FULL * [[scale], [scale], [1]]
     subject = root / "031"
     write_calibration(subject / "camera_params.json", serials, w2c)
-    affine = np.hstack([AFFINE, [[0.02], [-0.01], [0.0]]])  # 3x4 with an offset
+    affine = np.eye(4)  # 4x4 with an offset, as nersemble's loader indexes it ([:3, :3], [:3, 3])
+    affine[:3, :3], affine[:3, 3] = AFFINE, [0.02, -0.01, 0.0]
     for c, serial in enumerate(serials):
         frame, alpha = render(w2c[c], K, width, height, seed=c)
         for t in range(3):
@@ -336,7 +339,7 @@ def test_v1_frame_folders_are_detected_and_faults_named_per_frame(v1_capture):
     sequence = subject.sequences["EXP-1-head"]
     assert sequence.frames == 3 and sorted(sequence.media) == SERIALS[:4]
     assert (subject.cameras.width, subject.cameras.height) == (275, 401)
-    np.testing.assert_allclose(np.array(sequence.media[SERIALS[2]].color_correction)[:, :3], AFFINE)
+    np.testing.assert_allclose(np.array(sequence.media[SERIALS[2]].color_correction)[:3, :3], AFFINE)
     errors = {(p.camera, p.frame): p for p in index.problems if p.severity == "error"}
     assert set(errors) == {(SERIALS[0], 1), (SERIALS[1], 2)}
     assert "image is an empty file (0 bytes)" in errors[(SERIALS[0], 1)].message
@@ -364,6 +367,19 @@ def test_v1_frame_folders_extract_with_alpha_maps_and_colour_correction(v1_captu
     image = np.array(Image.open(tmp_path / "frames" / row["image"]))
     alpha = np.array(Image.open(tmp_path / "frames" / row["alpha"])) > 127
     assert np.abs(np.median(image[alpha], axis=0) - expected).max() < 8
+
+
+def test_v1_colour_correction_is_nersembles_own():
+    """The same uint8 values as tobias-kirschstein/nersemble's loader
+    (src/nersemble/nerfstudio/dataset/nersemble_dataset.py): [0, 1] row vectors, affine, clipped,
+    x255 truncated."""
+    from avat3r_core.extract import affine_color_correct
+
+    image = np.random.default_rng(0).integers(0, 256, (37, 41, 3), dtype=np.uint8)
+    A = np.eye(4)
+    A[:3, :3], A[:3, 3] = AFFINE * 1.2, [0.05, -0.03, 0.01]  # some values clip at both ends
+    theirs = np.clip(np.array(image, dtype="float") / 255 @ A[:3, :3] + A[np.newaxis, :3, 3], 0, 1)
+    np.testing.assert_array_equal(affine_color_correct(image, A), (theirs * 255).astype(np.uint8))
 
 
 # --------------------------------------------------------------------------- calibration variants
@@ -412,6 +428,8 @@ def test_principal_point_fitting_neither_size_is_a_named_warning(tmp_path):
     ("libx264", "yuv420p", "mp4"), ("libx264", "yuvj420p", "mp4"), ("libx264", "yuv444p", "mp4"),
     ("libx264", "yuv422p", "mp4"), ("libx264", "yuv420p10le", "mp4"), ("libx265", "yuv420p10le", "mp4"),
     ("mjpeg", "yuvj422p", "avi"), ("mjpeg", "yuvj444p", "avi"), ("libvpx-vp9", "yuv444p", "webm"),
+    pytest.param("libsvtav1", "yuv420p", "mkv", marks=NO_AV1),
+    pytest.param("libsvtav1", "yuv420p10le", "mp4", marks=NO_AV1),
 ])
 def test_decode_path_keeps_colours_for_every_pixel_format(tmp_path, codec, pix_fmt, container):
     """The stage's 4:2:0 path (read_yuv420 → Yuv420Frame) on streams that are not 4:2:0 8-bit
@@ -445,3 +463,146 @@ def test_decode_path_keeps_colours_for_every_pixel_format(tmp_path, codec, pix_f
         y, x = (i // 2) * 32 + 16, (i % 2) * 48 + 24
         patch = rgb[y - 8:y + 8, x - 12:x + 12].reshape(-1, 3).astype(float).mean(0)
         assert np.abs(patch - colour).max() < 6, (pix_fmt, colour, patch)
+
+
+# --------------------------------------------------------------------------- the head-centre pass's sparse decode
+def _write_clip(path: Path, codec: str, frames: list[np.ndarray]) -> None:
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        if codec == "libx265":
+            stream.options = {"x265-params": "log-level=error:bframes=2:frame-threads=1:pools=none"}  # see write_pyav
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def _ramp(n: int = 20) -> list[np.ndarray]:
+    """Frames that differ from each other (a brightness ramp and a moving bar)."""
+    frames = [np.full((64, 96, 3), 10 + 9 * i, np.uint8) for i in range(n)]
+    for i, frame in enumerate(frames):
+        frame[(3 * i) % 60:(3 * i) % 60 + 4] = 250
+    return frames
+
+
+@pytest.mark.parametrize("codec,container", [
+    ("libx264", "mp4"), ("libx264", "mkv"), ("libx265", "mp4"), ("libvpx-vp9", "webm"),
+    pytest.param("libsvtav1", "mp4", marks=NO_AV1),
+    pytest.param("libsvtav1", "webm", marks=NO_AV1),
+])
+def test_reference_frames_are_the_full_decodes_frames_at_their_index(tmp_path, codec, container):
+    """The head-centre pass decodes only the frames other frames reference: each one it yields is
+    the frame a full decode gives at that index; x264's and x265's B-frames are skipped."""
+    from avat3r_core.video import decoded_frames, reference_frames
+
+    path = tmp_path / f"clip.{container}"
+    _write_clip(path, codec, _ramp())
+    full = [f.to_ndarray(format="gray") for f in decoded_frames(path, threads=1)]
+    sparse = [(i, f.to_ndarray(format="gray")) for i, f in reference_frames(path)]
+    assert len(full) == 20 and sparse[0][0] == 0
+    assert [i for i, _ in sparse] == sorted({i for i, _ in sparse})
+    for i, frame in sparse:
+        np.testing.assert_array_equal(frame, full[i])
+    if codec in ("libx264", "libx265"):
+        assert len(sparse) < len(full)
+
+
+@pytest.mark.parametrize("codec,container", [
+    ("libvpx-vp9", "webm"), ("libx264", "mkv"),
+    pytest.param("libsvtav1", "webm", marks=NO_AV1),
+    pytest.param("libsvtav1", "mp4", marks=NO_AV1),
+])
+def test_frame_count_and_size_when_the_header_has_no_count(tmp_path, codec, container):
+    """WebM / Matroska headers carry no frame count (AV1 in MP4 does): the header-only probe then
+    counts by decoding, and the size is right for AV1 too."""
+    from avat3r_core.extract import read_yuv420
+
+    path = tmp_path / f"clip.{container}"
+    _write_clip(path, codec, _ramp(13))
+    with av.open(str(path)) as c:
+        header_count = c.streams.video[0].frames
+    assert (header_count == 0) == (container != "mp4")
+    info = probe_video(path, decode=False)
+    assert (info.frames, info.width, info.height) == (13, 96, 64)
+    assert len(list(read_yuv420(path))) == 13
+
+
+def test_sparse_centres_are_interpolated_between_decoded_neighbours():
+    from avat3r_core.extract import centers_of_sparse_frames
+
+    seen = []
+
+    def center(frame):
+        seen.append(frame)
+        return None if frame == 9 else np.array([10.0 * frame, 1.0])
+
+    decoded = [(i, i) for i in (0, 2, 4, 5, 7, 9, 11)]  # (index, "frame")
+    out = centers_of_sparse_frames([1, 2, 3, 6, 10, 12], iter(decoded), center)
+    np.testing.assert_allclose(out[1], [10.0, 1.0])  # between 0 and 2
+    np.testing.assert_allclose(out[2], [20.0, 1.0])
+    np.testing.assert_allclose(out[3], [30.0, 1.0])
+    np.testing.assert_allclose(out[6], [60.0, 1.0])
+    assert out[10] is None  # a neighbour without foreground: no centre made up
+    np.testing.assert_allclose(out[12], [110.0, 1.0])  # after the last decoded frame: its centre
+    assert seen == [0, 2, 4, 5, 7, 9, 11]  # wanted frames and their neighbours only
+
+
+def test_plate_route_on_b_frames_centres_a_moving_head(tmp_path):
+    """JPEG plates, no alpha, H.264 with B-frames (the head-centre pass skips those and
+    interpolates): crops still centred on a moving head within 1 px."""
+    root = tmp_path / "v2b"
+    serials, w2c, scale = SERIALS[:4], rig(4), 0.25
+    width, height = 550, 802
+    K = K_FULL * [[scale], [scale], [1]]
+    subject = root / "019"
+    write_calibration(subject / "calibration" / "camera_params.json", serials, w2c)
+    for c, serial in enumerate(serials):
+        video = [render(w2c[c], K, width, height, seed=c, at=moving_head(t))[0] for t in range(V2_FRAMES)]
+        write_pyav(subject / "sequences" / "EXP-1-head" / "images" / f"cam_{serial}.mp4", video, "libx264", "yuv420p")
+        plate, _ = render(w2c[c], K, width, height, seed=c, head=False)
+        (subject / "sequences" / "BACKGROUND").mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(subject / "sequences" / "BACKGROUND" / f"image_{serial}.jpg"), cv2.cvtColor(plate, cv2.COLOR_RGB2BGR))
+    from avat3r_core.video import reference_frames
+
+    video = subject / "sequences" / "EXP-1-head" / "images" / f"cam_{serials[0]}.mp4"
+    assert len(list(reference_frames(video))) < V2_FRAMES  # frames were skipped and interpolated
+    _, frames = extract(root, tmp_path / "frames")
+    rows = pq.read_table(frames.manifest).to_pylist()
+    assert len(rows) == 4 * V2_FRAMES and {r["alpha_source"] for r in rows} == {"background_difference"}
+    check_crops(rows, 0.25, alpha_dir=tmp_path / "frames", head=moving_head)
+
+
+# --------------------------------------------------------------------------- transforms.json with fg_mask_path
+def test_transforms_json_fg_masks_are_the_mattes(tmp_path):
+    """A VHAP-style export (nerfstudio transforms.json, OpenGL camera-to-world, per-frame
+    ``fg_mask_path`` as vhap/export_as_nerf_dataset.py writes it): the masks matte the crops
+    (``alpha_map``), crops centred on the head; a missing mask is a named error."""
+    root = tmp_path / "export" / "031"
+    serials, w2c, scale = SERIALS[:4], rig(4), 0.125
+    width, height = 275, 401
+    K = K_FULL * [[scale], [scale], [1]]
+    frames = []
+    for c in range(4):
+        image, mask = render(w2c[c], K, width, height, seed=c)
+        c2w = np.linalg.inv(w2c[c])
+        c2w[:3, 1:3] *= -1  # OpenCV -> OpenGL camera axes
+        for t in range(2):
+            name = f"{t:05d}_{c:02d}.png"
+            for folder, data in (("images", cv2.cvtColor(image, cv2.COLOR_RGB2BGR)), ("fg_masks", mask)):
+                (root / folder).mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(root / folder / name), data)
+            frames.append({"file_path": f"images/{name}", "fg_mask_path": f"fg_masks/{name}",
+                           "transform_matrix": c2w.tolist(), "timestep_index": t, "camera_index": c,
+                           "fl_x": K[0, 0], "fl_y": K[1, 1], "cx": K[0, 2], "cy": K[1, 2], "w": width, "h": height})
+    (root / "transforms.json").write_text(json.dumps({"frames": frames}))
+    (root / "fg_masks" / "00001_02.png").unlink()
+    index = scan_capture(tmp_path / "export")
+    assert index.layout == "transforms"
+    errors = [p for p in index.problems if p.severity == "error"]
+    assert len(errors) == 1 and "fg_mask_path" in errors[0].message and errors[0].path.endswith("00001_02.png")
+    _, out = extract(tmp_path / "export", tmp_path / "frames")
+    rows = pq.read_table(out.manifest).to_pylist()
+    assert len(rows) == 4 * 2 - 1 and {r["alpha_source"] for r in rows} == {"alpha_map"}
+    check_crops(rows, scale, alpha_dir=tmp_path / "frames")

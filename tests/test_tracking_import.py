@@ -6,10 +6,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
+import torch
 from scipy.spatial.transform import Rotation
 from typer.testing import CliRunner
 
-from avat3r_core.flame import write_flame_model
+from avat3r_core.flame import FlameLayer, load_flame_model, write_flame_model
 from avat3r_core.tracking import TRACKING_SCHEMA
 
 V, T = 40, 3
@@ -34,9 +35,11 @@ def flame_model(tmp_path):
 
 
 def nersemble_params(rng):
+    """As the NeRSemble benchmark stores them: ``rotation`` Euler XYZ angles, ``rotation_matrices``
+    their matrices (nersemble-benchmark ``models/flame.py``: ``Pose.from_euler(rotation, ..., 'XYZ')``)."""
     rotation = rng.normal(0, 0.3, (T, 3))
     return {"shape": rng.normal(0, 1, (1, 300)), "expression": rng.normal(0, 1, (T, 100)), "rotation": rotation,
-            "rotation_matrices": Rotation.from_rotvec(rotation).as_matrix(), "translation": rng.normal(0, 0.1, (T, 3)),
+            "rotation_matrices": Rotation.from_euler("XYZ", rotation).as_matrix(), "translation": rng.normal(0, 0.1, (T, 3)),
             "jaw": rng.normal(0, 0.1, (T, 3)), "neck": rng.normal(0, 0.2, (T, 3)), "eyes": rng.normal(0, 0.1, (T, 6)),
             "frames": np.array([10, 13, 16]), "scale": np.array([[1.1]])}
 
@@ -59,14 +62,23 @@ def test_nersemble_benchmark_tracking_becomes_rows(tmp_path, flame_model):
     rows = table.to_pylist()
     assert [r["frame"] for r in rows] == [10, 13, 16] and [r["id"] for r in rows][0] == "017_EXP-1-head_000010"
     assert {r["backend"] for r in rows} == {"import:nersemble"} and all(r["scale"] == 1.1 for r in rows)
+    layer = FlameLayer(load_flame_model(flame_model), dtype=torch.float64)
     for t, row in enumerate(rows):
         np.testing.assert_allclose(row["expression"], params["expression"][t])
         H = np.array(row["head_to_world"]).reshape(4, 4)
         # the head joint hangs below the root: its frame turns by the global then the neck rotation
-        expected = Rotation.from_rotvec(params["rotation"][t]).as_matrix() @ Rotation.from_rotvec(params["neck"][t]).as_matrix()
-        np.testing.assert_allclose(H[:3, :3], expected, atol=1e-9)
+        R = Rotation.from_euler("XYZ", params["rotation"][t]).as_matrix()
+        np.testing.assert_allclose(H[:3, :3], R @ Rotation.from_rotvec(params["neck"][t]).as_matrix(), atol=1e-9)
         np.testing.assert_allclose(H[3], [0, 0, 0, 1])
         assert len(row["expression_code"]) == 135
+        # the row's parameters in this project's convention pose the mesh where the benchmark's
+        # FlameProvider puts it: FLAME without global rotation, then v -> scale * R v + translation
+        pose = dict(shape=params["shape"], expr=params["expression"][[t]], neck=params["neck"][[t]],
+                    jaw=params["jaw"][[t]], eyes=params["eyes"][[t]])
+        with torch.no_grad():
+            theirs = 1.1 * layer(**pose).vertices[0].numpy() @ R.T + params["translation"][t]
+            ours = layer(**pose, rotation=[row["rotation"]], translation=[row["translation"]], scale=[row["scale"]])
+        np.testing.assert_allclose(ours.vertices[0].numpy(), theirs, atol=1e-9)
 
 
 def test_vhap_flame_params_become_rows_and_other_sequences_are_kept(tmp_path, flame_model):

@@ -484,7 +484,9 @@ class TransformsJsonReader:
     """``<root>/<subject>/[<sequence>/]transforms.json`` (nerfstudio) with its image files.
 
     Frames that share one camera (same pose and intrinsics) are one camera over time; a frame's
-    optional ``time``/``timestep`` orders it, else file order does.
+    optional ``time``/``timestep`` orders it, else file order does. Frames' ``fg_mask_path``
+    (VHAP / GaussianAvatars exports) are the mattes when every frame has one; a missing mask
+    file is an error for that frame's camera, as a missing image is.
     """
 
     name = "transforms"
@@ -513,18 +515,37 @@ class TransformsJsonReader:
                 subject = CaptureSubject(subject_name, str(path.parent), serials, cams[[g[0] for g in groups]])
                 index.subjects[subject_name] = subject
             sequence = CaptureSequence(subject_name, sequence_name)
+            masks = self._mask_paths(path)
             for serial, members in zip(serials, groups):
-                images = [str((path.parent / file_paths[i]).resolve()) for i in members]
-                missing = [p for p in images if not storage.exists(p)]
-                for p in missing:
-                    index.problems.append(Problem(subject_name, sequence_name, serial, p, "image file missing"))
-                images = [p for p in images if p not in missing]
-                if images:
-                    sequence.media[serial] = MediaSource(images[0], None, len(images), cams.width, cams.height, images)
+                pairs = [(str((path.parent / file_paths[i]).resolve()),
+                          str((path.parent / masks[i]).resolve()) if masks else None) for i in members]
+                # a missing file fails that frame of that camera only (frame = position in the camera's frames)
+                faults = [((image, "image file missing") if not storage.exists(image) else
+                           (mask, "foreground mask (fg_mask_path) missing") if mask and not storage.exists(mask)
+                           else None) for image, mask in pairs]
+                for t, fault in enumerate(faults):
+                    if fault:
+                        index.problems.append(Problem(subject_name, sequence_name, serial, fault[0],
+                                                      f"frame {t}: {fault[1]}", frame=t))
+                if not all(faults):
+                    images = [image for image, _ in pairs]
+                    sequence.media[serial] = MediaSource(images[0], None, len(images), cams.width, cams.height, images,
+                                                         alpha_images=[m for _, m in pairs] if masks else None)
             subject.sequences[sequence_name] = sequence
         if not index.subjects:
             index.problems.append(Problem("", None, None, str(root), "no transforms.json found"))
         return index
+
+    @staticmethod
+    def _mask_paths(path: Path) -> list[str] | None:
+        """Each frame's ``fg_mask_path`` (as VHAP's ``export_as_nerf_dataset.py`` writes one per
+        frame, ``fg_masks/<t>_<c>.png``), in frame order; ``None`` unless every frame has one (the
+        masks are then the mattes, ``alpha_source: alpha_map``)."""
+        from avat3r_core.formats.parsing import read_json
+
+        frames = read_json(path).get("frames", [])
+        masks = [f.get("fg_mask_path") if isinstance(f, dict) else None for f in frames]
+        return masks if masks and all(isinstance(m, str) and m for m in masks) else None
 
     @staticmethod
     def _group_cameras(cams: Cameras) -> tuple[list[str], list[list[int]]]:

@@ -4,16 +4,26 @@ sequence tracked elsewhere skips the track stage.
 * NeRSemble benchmark release, one npz per sequence (FLAME 2023): ``shape`` (1, 300),
   ``expression`` (T, 100), ``rotation`` (T, 3) (and optionally ``rotation_matrices`` (T, 3, 3),
   checked against it), ``translation``, ``jaw``, ``neck`` (T, 3), ``eyes`` (T, 6), ``frames`` (T,),
-  ``scale`` (1, 1).
+  ``scale`` (1, 1) — the keys and shapes of ``FlameTracking`` in the public
+  ``tobias-kirschstein/nersemble-benchmark`` (``src/nersemble_benchmark/data/benchmark_data.py``).
+  Its ``FlameProvider`` (``src/nersemble_benchmark/models/flame.py``) runs FLAME with a zero
+  global rotation and no translation and then maps the mesh to the world by
+  ``v ↦ scale · R · v + translation`` with ``R = Rotation.from_euler('XYZ', rotation)`` (dreifus'
+  ``Pose.from_euler``, scipy's intrinsic XYZ): ``rotation`` is Euler angles about the world
+  origin, not FLAME's axis-angle about the root joint. The import converts it to this project's
+  convention (``v = scale · LBS(rotation about the root joint J₀) + translation``, as the track
+  stage writes): the axis-angle of ``R`` and ``translation + scale · (R J₀ − J₀)``, with J₀ from
+  the user's FLAME model for the frame's shape and expression.
 * VHAP exports, ``flame_param/<t:05d>.npz`` per timestep (or one npz with all timesteps): ``shape``
   (300,), ``expr`` (1, 100), ``rotation``, ``neck_pose``, ``jaw_pose``, ``translation`` (1, 3),
   ``eyes_pose`` (1, 6); ``static_offset`` is not imported (per-vertex offsets move no joint, so
   not the head frame, and the schema has no column for them). The timestep is the frame.
 
 The head frame of each row (``head_to_world``) comes from the user's FLAME model
-(:meth:`FlameLayer.head_to_world`, the same as the track stage), with ``v = scale · LBS + t``:
-that the NeRSemble benchmark's scale and translation compose this way is from its description, not
-checked against its code. Files are read with ``allow_pickle=False``; every missing, misshaped or
+(:meth:`FlameLayer.head_to_world`, the same as the track stage). VHAP's ``rotation`` is FLAME's own
+global axis-angle and its ``translation`` is added after LBS (its ``FlameHead`` takes them as the
+global pose and translation; ``vhap/export_as_nerf_dataset.py`` writes the keys above, the
+translation shifted by the sequence's mean with the cameras): imported as they are. Files are read with ``allow_pickle=False``; every missing, misshaped or
 inconsistent field is a :class:`FormatError` naming the file and the field.
 """
 
@@ -47,6 +57,10 @@ class ImportedTrack:
     frames: list[int]
     source: str  # backend name in the rows: import:nersemble | import:vhap
     path: str
+    #: the rigid transform (rotation as axis-angle, translation, scale) maps the FLAME mesh posed
+    #: without global rotation about the world origin (NeRSemble's FlameProvider), not about the
+    #: root joint: :func:`tracking_rows` converts it
+    about_origin: bool = False
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -90,8 +104,6 @@ def _per_frame(data: dict, path: Path, fields: dict, frames: int | None) -> dict
 
 def read_nersemble_tracking(path: str | Path) -> ImportedTrack:
     """A NeRSemble benchmark FLAME tracking ``.npz`` (fields in the module docstring)."""
-    from avat3r_core.tracking.expression_code import axis_angle_to_matrix
-
     path = Path(path)
     data = _load_npz(path)
     params = _per_frame(data, path, NERSEMBLE_FIELDS, None)
@@ -107,24 +119,26 @@ def read_nersemble_tracking(path: str | Path) -> ImportedTrack:
         if s.size != 1 or not float(s.reshape(-1)[0]) > 0:
             raise FormatError(path, "scale", f"expected one positive number, got {s.reshape(-1)[:4].tolist()}")
         scale = float(s.reshape(-1)[0])
+    from scipy.spatial.transform import Rotation
+
+    euler = Rotation.from_euler("XYZ", params["rotation"])  # see the module docstring
     if "rotation_matrices" in data:
         R = _numeric(data["rotation_matrices"], path, "rotation_matrices")
         if R.shape != (T, 3, 3):
             raise FormatError(path, "rotation_matrices", f"expected ({T}, 3, 3), got {tuple(R.shape)}")
-        import torch
-
-        err = np.abs(axis_angle_to_matrix(torch.as_tensor(params["rotation"])).numpy() - R).max(axis=(1, 2))
+        err = np.abs(euler.as_matrix() - R).max(axis=(1, 2))
         if (err > 1e-4).any():
             t = int(np.argmax(err > 1e-4))
-            raise FormatError(path, "rotation_matrices", f"disagrees with rotation at frame index {t} "
+            raise FormatError(path, "rotation_matrices", f"disagrees with rotation (Euler XYZ) at frame index {t} "
                               f"(max difference {err[t]:.3g}): which one is meant?")
+    params["rotation"] = euler.as_rotvec()
     frames = list(range(T))
     if "frames" in data:
         f = data["frames"].reshape(-1)
         if f.shape[0] != T or not np.issubdtype(f.dtype, np.integer) or len(set(f.tolist())) != T or (f < 0).any():
             raise FormatError(path, "frames", f"expected {T} distinct frame indices ≥ 0, got {f.dtype} {tuple(f.shape)}")
         frames = [int(x) for x in f]
-    return ImportedTrack(params, shape.reshape(-1), scale, frames, "import:nersemble", str(path))
+    return ImportedTrack(params, shape.reshape(-1), scale, frames, "import:nersemble", str(path), about_origin=True)
 
 
 def read_vhap_tracking(path: str | Path) -> ImportedTrack:
@@ -169,9 +183,17 @@ def tracking_rows(track: ImportedTrack, subject: str, sequence: str, flame_model
         raise FormatError(track.path, "expression", f"{n_expr} components, but the FLAME model {flame_model_path} "
                           f"has {model.n_expr_total}")
     layer = FlameLayer(model, n_shape=n_shape, n_expr=n_expr, dtype=torch.float64)
-    p, T = track.params, len(track.frames)
+    p, T = dict(track.params), len(track.frames)
+    shapes = np.repeat(track.shape[None], T, 0)
+    if track.about_origin:  # R about the origin = R about the root joint J0 + translation (R J0 - J0)
+        from avat3r_core.tracking.expression_code import axis_angle_to_matrix
+
+        with torch.no_grad():
+            J0 = layer(shape=shapes, expr=p["expression"]).joints[:, 0].numpy()
+        R = axis_angle_to_matrix(torch.as_tensor(p["rotation"])).numpy()
+        p["translation"] = p["translation"] + track.scale * (np.einsum("tij,tj->ti", R, J0) - J0)
     with torch.no_grad():
-        head = layer.head_to_world(shape=np.repeat(track.shape[None], T, 0), expr=p["expression"],
+        head = layer.head_to_world(shape=shapes, expr=p["expression"],
                                    rotation=p["rotation"], neck=p["neck"], translation=p["translation"],
                                    scale=np.full((T, 1), track.scale)).numpy()
     codes = expression_code.encode(p)
