@@ -653,6 +653,7 @@ def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapp
         if detector is not None:
             tgt_pts, tgt_found = detector(to_uint8(targets), rows)
         tgt_emb = embed(targets) if identity is not None else [None] * (B * T)
+        # the person: the frames row's subject, else the sample key's first part (make_id's layout)
         target_ids += [(row["subject"] if row else batch.keys[i // T].split("_")[0], e)
                        for i, (row, e) in enumerate(zip(rows, tgt_emb)) if e is not None]
         floor = floor_inner = np.full(B * T, np.nan)
