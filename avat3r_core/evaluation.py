@@ -32,7 +32,15 @@ timesteps of that sequence (other expressions) and T target views at the target 
   with the ground-truth landmarks: no rendering can score below it on ``akd``/``akd_inner``.
   Without the detector (mediapipe not installed, no model file) or without ground-truth landmarks,
   the affected AKD numbers are reported as unavailable with the reason, never estimated.
-* **CSIM** is not available (:data:`avat3r_core.metrics.CSIM_UNAVAILABLE`).
+* **CSIM**: identity similarity with dlib's ResNet-128 face embedding
+  (:class:`~avat3r_core.identity.FaceIdentity`; **not** the paper's ArcFace, so not comparable with
+  the published CSIM column): per target view the cosine of the embeddings of the rendered view and
+  of its ground-truth target, both enlarged ``identity_upscale`` times for dlib's HOG face detector.
+  Views where dlib finds no face in the render or in the target have no CSIM; the report counts
+  faces found on renders and on targets. dlib's embedding space is not centred (different people
+  score high too), so the report gives a same-run reference: ``csim_other_people``, each target
+  view against the targets of the *other* held-out people (what "a different person" scores on
+  this data). Without dlib or its model files CSIM is reported unavailable with the reason.
 
 Each target view is matched to its ``frames.parquet`` row (subject, sequence, frame, camera serial,
 crop box) by sample key and camera extrinsics; the crop intrinsics must agree too. That row is what
@@ -66,14 +74,16 @@ from avat3r_core.config import Presets
 from avat3r_core.errors import FormatError
 from avat3r_core.batch import Avat3rBatch
 from avat3r_core.ids import make_id
-from avat3r_core.metrics import CSIM_UNAVAILABLE, lpips_metric, psnr, ssim
+from avat3r_core.identity import NETWORK as IDENTITY_NETWORK
+from avat3r_core.identity import FaceIdentity, similarities
+from avat3r_core.metrics import lpips_metric, psnr, ssim
 
 log = logging.getLogger("avat3r.evaluation")
 
 __all__ = [
     "AKD_NOTE", "EvalConfig", "EvalReport", "GroundTruth68", "LPIPS_NOT_COMPUTED",
     "MediaPipe68", "PSNR_CAP", "PUBLISHED", "TargetViewIndex", "eval_loader_config", "evaluate_report",
-    "make_detector68",
+    "make_detector68", "make_identity",
 ]
 
 #: Per-view PSNR is capped here before averaging (``+inf`` for identical images), as in inference.predict.evaluate.
@@ -115,14 +125,19 @@ class EvalConfig(Presets):
     lpips_net: str = "alex"
     detector: str = "mediapipe"  #: landmark detector on rendered images: mediapipe | none
     detector_upscale: int = 2  #: images are upscaled by this factor (bicubic) before detection
+    identity: str = "dlib"  #: CSIM's face-recognition network: dlib (ResNet-128) | none
+    identity_upscale: int = 2  #: images are enlarged by this factor (bicubic) for dlib's face detector
     grid_samples: int = 4  #: samples in the PNG grid
     grid_views: int = 2  #: target views per sample in the grid
 
     def __post_init__(self) -> None:
-        if min(self.input_views, self.target_views, self.detector_upscale) < 1 or self.max_samples < 0:
-            raise ValueError("input_views, target_views, detector_upscale ≥ 1 and max_samples ≥ 0 are required")
+        if min(self.input_views, self.target_views, self.detector_upscale, self.identity_upscale) < 1 or self.max_samples < 0:
+            raise ValueError("input_views, target_views, detector_upscale, identity_upscale ≥ 1 and max_samples ≥ 0 "
+                             "are required")
         if self.detector not in ("mediapipe", "none"):
             raise ValueError(f"EvalConfig.detector must be mediapipe or none, got {self.detector!r}")
+        if self.identity not in ("dlib", "none"):
+            raise ValueError(f"EvalConfig.identity must be dlib or none, got {self.identity!r}")
 
 
 def eval_loader_config(config: EvalConfig, frame: str = "head"):
@@ -280,6 +295,17 @@ def make_detector68(name: str = "mediapipe", model_path: str | None = None, upsc
     return det, det.name
 
 
+def make_identity(name: str = "dlib") -> tuple[FaceIdentity | None, str]:
+    """(identity network or None, status) for CSIM: ``dlib`` is unavailable (None, with the reason)
+    without dlib or its model files."""
+    if name == "none":
+        return None, "no identity network configured (identity: none)"
+    if name != "dlib":
+        raise ValueError(f"unknown identity network {name!r} (dlib, none)")
+    identity = FaceIdentity()
+    return (identity, IDENTITY_NETWORK) if identity.available else (None, identity.reason)
+
+
 def _akd(pred: np.ndarray, gt: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """(N,) mean distance over points with weight (NaN where none)."""
     d = np.linalg.norm(pred - gt, axis=-1)
@@ -294,7 +320,7 @@ Predictor = Callable[[Avat3rBatch], Tensor]
 
 _FIELDS = ["method", "key", "subject", "sequence", "frame", "camera", "view", "input_frames", "camera_in_inputs",
            "psnr", "ssim", "lpips", "akd", "akd_inner", "akd_det", "face_found", "target_face_found", "akd_floor",
-           "akd_floor_inner"]
+           "akd_floor_inner", "csim", "identity_distance", "identity_face_found", "identity_target_face_found"]
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
@@ -325,6 +351,9 @@ class EvalReport:
     akd_status: str = ""  #: "" = computed; else why AKD is unavailable
     akd_gt_status: str = ""  #: "" = ground-truth landmarks found; else why not
     detector_name: str = ""
+    csim_status: str = "no identity network given"  #: "" = computed; else why CSIM is unavailable
+    #: target view vs the targets of the other held-out people (see the module docstring)
+    csim_other_people: dict | None = None
     resolution: tuple[int, int] | None = None
     samples: int = 0
     grid: np.ndarray | None = None
@@ -352,6 +381,9 @@ class EvalReport:
             "novel_camera_views": len(novel),
             "psnr_novel_cameras": _mean(min(r["psnr"], PSNR_CAP) for r in novel),
             "ssim_novel_cameras": _mean(r["ssim"] for r in novel),
+            "csim": _mean(r["csim"] for r in rows), "identity_distance": _mean(r["identity_distance"] for r in rows),
+            "csim_views": sum(1 for r in rows if r["csim"] is not None and not math.isnan(r["csim"])),
+            "identity_faces_found": sum(1 for r in rows if r["identity_face_found"]),
         }
 
     def floor(self) -> dict:
@@ -359,6 +391,10 @@ class EvalReport:
         views = {(r["key"], r["view"]): r for r in self.rows}.values()
         return {"views": len(views), "faces_found": sum(1 for r in views if r["target_face_found"]),
                 "akd": _mean(r["akd_floor"] for r in views), "akd_inner": _mean(r["akd_floor_inner"] for r in views)}
+
+    def identity_target_faces(self) -> int:
+        """Ground-truth target views in which dlib found a face."""
+        return sum(1 for r in {(r["key"], r["view"]): r for r in self.rows}.values() if r["identity_target_face_found"])
 
     def metrics(self) -> dict:
         """JSON-ready metrics (DVC metric file): per method, the floor, statuses, published context."""
@@ -375,7 +411,10 @@ class EvalReport:
             "akd_vs_ground_truth_status": ("computed" if not (self.akd_status or self.akd_gt_status)
                                            else f"unavailable: {self.akd_status or self.akd_gt_status}"),
             "akd_detector": self.detector_name or None,
-            "csim_status": f"unavailable: {CSIM_UNAVAILABLE}",
+            "csim_status": (f"computed ({IDENTITY_NETWORK}; not ArcFace)" if not self.csim_status
+                            else f"unavailable: {self.csim_status}"),
+            "identity_target_faces_found": self.identity_target_faces() if not self.csim_status else None,
+            "csim_other_people": self.csim_other_people,
             "expression_sensitivity": self.expression,
             "published_context": {"note": "published Avat3r numbers (paper, via AVAT3R.md): different data and "
                                   "resolution (512² crops); not comparable", "rows": [dict(r) for r in PUBLISHED]},
@@ -392,10 +431,11 @@ class EvalReport:
         ctx = self.context
         data = f"{ctx.get('split', '?')} split, {res}"
         header = ["Method", "Data", "PSNR↑", "SSIM↑", "LPIPS↓", "AKD↓ (px)", "AKD inner-51↓", "AKD det-vs-det↓",
-                  "faces found", "CSIM↑"]
+                  "faces found", "CSIM↑ (dlib)", "dlib faces found"]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         akd_ok = not self.akd_status
         gt_ok = akd_ok and not self.akd_gt_status
+        csim_ok = not self.csim_status
         for m in self.methods:
             s = self.summary(m)
             lines.append("| " + " | ".join([
@@ -403,17 +443,24 @@ class EvalReport:
                 fmt(s["lpips"], "{:.4f}"),
                 fmt(s["akd"], "{:.2f}") if gt_ok else "unavailable", fmt(s["akd_inner"], "{:.2f}") if gt_ok else "unavailable",
                 fmt(s["akd_det"], "{:.2f}") if akd_ok else "unavailable",
-                f"{s['faces_found']}/{s['views']}" if akd_ok else "—", "n/a"]) + " |")
+                f"{s['faces_found']}/{s['views']}" if akd_ok else "—",
+                fmt(s["csim"], "{:.3f}") if csim_ok else "unavailable",
+                f"{s['identity_faces_found']}/{s['views']}" if csim_ok else "—"]) + " |")
         if gt_ok:
             f = self.floor()
             lines.append("| " + " | ".join([
                 "detector on the ground-truth targets (AKD floor)", data, "—", "—", "—", fmt(f["akd"], "{:.2f}"),
-                fmt(f["akd_inner"], "{:.2f}"), "0 by definition", f"{f['faces_found']}/{f['views']}", "—"]) + " |")
+                fmt(f["akd_inner"], "{:.2f}"), "0 by definition", f"{f['faces_found']}/{f['views']}", "—", "—"]) + " |")
+        if csim_ok and self.csim_other_people and self.csim_other_people.get("csim") is not None:
+            o = self.csim_other_people
+            lines.append("| " + " | ".join([
+                "ground-truth targets vs other held-out people (CSIM reference)", data, "—", "—", "—", "—", "—", "—",
+                "—", fmt(o["csim"], "{:.3f}"), f"{o['views']} targets, {o['people']} people"]) + " |")
         for p in PUBLISHED:
             lines.append("| " + " | ".join([
                 f"{p['method']} — published, different data and resolution", f"{p['dataset']}, 512² crops",
                 f"{p['psnr']:.1f}", f"{p['ssim']:.2f}", f"{p['lpips']:.2f}", f"{p['akd']:.1f}", "—", "—", "—",
-                f"{p['csim']:.2f}"]) + " |")
+                f"{p['csim']:.2f} (ArcFace)", "—"]) + " |")
         notes = [
             "",
             f"- Novel views at novel expressions: {self.samples} held-out samples × their target views "
@@ -443,7 +490,19 @@ class EvalReport:
                 notes.append(f"- AKD vs ground truth unavailable: {self.akd_gt_status}")
         else:
             notes.append(f"- AKD unavailable: {self.akd_status}")
-        notes.append(f"- CSIM n/a: {CSIM_UNAVAILABLE}.")
+        if csim_ok:
+            notes.append(f"- CSIM: cosine of {IDENTITY_NETWORK} embeddings of each rendered target view and its "
+                         "ground-truth target (dlib's HOG face detector on both, enlarged "
+                         f"{self.context.get('identity_upscale', '?')}x); views where dlib finds no face in either have "
+                         "no CSIM ('dlib faces found' counts faces on the renders; "
+                         f"{self.identity_target_faces()} of the {len({(r['key'], r['view']) for r in self.rows})} "
+                         "ground-truth targets have one). "
+                         "Not ArcFace: not comparable with the published CSIM. dlib's embedding space is not centred; "
+                         "read it against the reference row (targets vs the other held-out people"
+                         + (")." if self.csim_other_people and self.csim_other_people.get("csim") is not None
+                            else "; not measured: fewer than two held-out people with a face found)."))
+        else:
+            notes.append(f"- CSIM unavailable: {self.csim_status}.")
         notes.append("- Published rows: Avat3r as published (4 input views; Ava-256 and NeRSemble at 512² crops, "
                      "their own AKD detector), from ../shared/AVAT3R.md — different data and resolution, shown for "
                      "context only, not comparable with the rows above.")
@@ -460,6 +519,23 @@ class EvalReport:
         return buf.getvalue()
 
 
+def _other_people(target_ids: list[tuple[str, np.ndarray]]) -> dict:
+    """CSIM of each target view against every target view of the other held-out people: the level
+    "a different person" reaches on this data (views: target views with a face and someone else to
+    compare with)."""
+    if len({s for s, _ in target_ids}) < 2:
+        return {"csim": None, "identity_distance": None, "views": len(target_ids),
+                "note": "fewer than two held-out people with a face found"}
+    subjects = np.array([s for s, _ in target_ids])
+    emb = np.stack([e for _, e in target_ids])
+    unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    other = subjects[:, None] != subjects[None, :]
+    cos = unit @ unit.T
+    dist = np.linalg.norm(emb[:, None] - emb[None, :], axis=-1)
+    return {"csim": float(cos[other].mean()), "identity_distance": float(dist[other].mean()),
+            "views": len(target_ids), "people": int(len(set(subjects.tolist())))}
+
+
 # Long (~130 lines): the per-batch accumulation of every metric for every method shares its
 # running state (rows, sheet rows, detector results); kept whole while issue 20 adds CSIM here.
 @torch.no_grad()
@@ -469,7 +545,9 @@ def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapp
                     detector=None, detector_status: str = "", ground_truth_status: str = "",
                     lpips_model=None, lpips_status: str = LPIPS_NOT_COMPUTED, bf16: bool = True,
                     grid_samples: int = 4, grid_views: int = 2, max_samples: int = 0,
-                    context: Mapping[str, Any] | None = None, expression_probe=None) -> EvalReport:
+                    context: Mapping[str, Any] | None = None, expression_probe=None,
+                    identity: FaceIdentity | None = None, identity_status: str = "", identity_upscale: int = 2,
+                    ) -> EvalReport:
     """Evaluate methods on ``batches`` (one pass; every method sees the same samples).
 
     ``methods``: name → a network (rendered through :func:`avat3r_core.inference.predict.predict_images`),
@@ -482,6 +560,8 @@ def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapp
     (None → not computed, ``lpips_status``). ``expression_probe``: an
     :class:`~avat3r_core.animation.sensitivity.ExpressionProbe` of the ``ours`` network, fed every
     batch with the ground-truth landmarks of its target views (its summary lands in the report).
+    ``identity``: an available :class:`~avat3r_core.identity.FaceIdentity` for CSIM (images enlarged
+    ``identity_upscale`` times); without it CSIM is unavailable and ``identity_status`` says why.
     """
     from avat3r_core.inference.predict import predict_images, targets_on_background
     from avat3r_core.inference.visuals import grid_rows, labelled_grid
@@ -511,6 +591,16 @@ def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapp
                         lpips_status=lpips_status, akd_status="" if detector is not None else detector_status,
                         akd_gt_status=gt_status, detector_name=getattr(detector, "name", "") if detector is not None else "",
                         context=dict(context or {}))
+    if identity is not None and not identity.available:
+        identity_status, identity = identity_status or identity.reason, None
+    report.csim_status = "" if identity is not None else (identity_status or "no identity network given")
+    if identity is not None:
+        report.context["identity_upscale"] = identity_upscale
+    target_ids: list[tuple[str, np.ndarray]] = []  # (subject, embedding) of every target view with a face
+
+    def embed(images: Tensor) -> list:
+        return [identity.embed(im, identity_upscale) for im in to_uint8(images)]
+
     sheet_rows: list[Tensor] = []
     unmatched = 0
     for batch in batches:
@@ -529,6 +619,10 @@ def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapp
         tgt_pts = tgt_found = None
         if detector is not None:
             tgt_pts, tgt_found = detector(to_uint8(targets), rows)
+        tgt_emb = embed(targets) if identity is not None else [None] * (B * T)
+        # the person: the frames row's subject, else the sample key's first part (make_id's layout)
+        target_ids += [(row["subject"] if row else batch.keys[i // T].split("_")[0], e)
+                       for i, (row, e) in enumerate(zip(rows, tgt_emb)) if e is not None]
         floor = floor_inner = np.full(B * T, np.nan)
         if gt_pts is not None:
             ok = tgt_found[:, None] & gt_vis
@@ -552,6 +646,8 @@ def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapp
                   if lpips_model is not None else np.full(B * T, np.nan))
             akd = akd_inner = akd_det = np.full(B * T, np.nan)
             found = np.zeros(B * T, bool)
+            emb = embed(pred) if identity is not None else [None] * (B * T)
+            sim, dist = similarities(tgt_emb, emb)
             if detector is not None:
                 pts, found = detector(to_uint8(pred), rows)
                 both = (found & tgt_found)[:, None] & np.ones((1, 68), bool)
@@ -574,6 +670,8 @@ def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapp
                         "akd": float(akd[i]), "akd_inner": float(akd_inner[i]), "akd_det": float(akd_det[i]),
                         "face_found": bool(found[i]), "target_face_found": bool(tgt_found[i]) if tgt_found is not None else False,
                         "akd_floor": float(floor[i]), "akd_floor_inner": float(floor_inner[i]),
+                        "csim": float(sim[i]), "identity_distance": float(dist[i]),
+                        "identity_face_found": emb[i] is not None, "identity_target_face_found": tgt_emb[i] is not None,
                     })
         if expression_probe is not None:
             if gt_pts is None and ground_truth is not None and views is not None:
@@ -582,6 +680,8 @@ def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapp
         if len(sheet_rows) < grid_samples * grid_views:
             sheet_rows += grid_rows(batch, preds, bg, batch.batch_size, grid_views, targets)
         report.samples += B
+    if identity is not None:
+        report.csim_other_people = _other_people(target_ids)
     target_found = sum(1 for r in report.rows if r["target_face_found"]) if report.methods else 0
     if detector is not None and report.rows and target_found == 0:
         n = len({(r["key"], r["view"]) for r in report.rows})

@@ -16,7 +16,9 @@ Two figures per pair of pictures:
   means the same person (astronaut vs Grace Hopper: 0.70; the astronaut vs its mirror image: 0.19).
 
 Faces are found with dlib's HOG frontal detector (upsampling once); a picture in which it finds
-none has no embedding (``None``), which is itself a result for a rendered avatar.
+none has no embedding (``None``), which is itself a result for a rendered avatar. The HOG detector
+needs a face of roughly 80 px (40 px with its upsampling): small crops (the studio's 128²
+evaluation views) are enlarged first (``upscale``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 
 from avat3r_core.errors import FormatError
 
-__all__ = ["NETWORK", "find_identity_models", "FaceIdentity", "cosine"]
+__all__ = ["NETWORK", "find_identity_models", "FaceIdentity", "cosine", "similarities"]
 
 #: how figures name the network (never "ArcFace")
 NETWORK = "dlib ResNet-128 (dlib_face_recognition_resnet_model_v1)"
@@ -55,6 +57,18 @@ def find_identity_models(directory: str | None = None) -> tuple[str, str] | None
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+
+
+def similarities(references: list[np.ndarray | None], embeddings: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Pairwise (cosine similarity, dlib distance) of two equal-length embedding lists, NaN where
+    either side has no face: CSIM's per-image figure."""
+    if len(references) != len(embeddings):
+        raise ValueError(f"{len(references)} references for {len(embeddings)} embeddings")
+    sim, dist = np.full(len(references), np.nan), np.full(len(references), np.nan)
+    for i, (a, b) in enumerate(zip(references, embeddings)):
+        if a is not None and b is not None:
+            sim[i], dist[i] = cosine(a, b), float(np.linalg.norm(np.asarray(a) - np.asarray(b)))
+    return sim, dist
 
 
 class FaceIdentity:
@@ -84,12 +98,18 @@ class FaceIdentity:
                             dlib.face_recognition_model_v1(self.paths[0]))
         return self._models
 
-    def embed(self, image: np.ndarray) -> np.ndarray | None:
-        """(128,) embedding of the largest face dlib finds in a uint8 RGB picture, or None."""
+    def embed(self, image: np.ndarray, upscale: int = 1) -> np.ndarray | None:
+        """(128,) embedding of the largest face dlib finds in a uint8 RGB picture (enlarged
+        ``upscale`` times, bicubic, first), or None."""
         if not self.available:
             raise RuntimeError(f"identity network unavailable: {self.reason}")
         detector, shape, net = self._build()
         image = np.ascontiguousarray(image, dtype=np.uint8)
+        if upscale > 1:
+            import cv2
+
+            image = cv2.resize(image, (image.shape[1] * upscale, image.shape[0] * upscale),
+                               interpolation=cv2.INTER_CUBIC)
         faces = detector(image, 1)
         if not faces:
             return None

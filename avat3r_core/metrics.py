@@ -8,9 +8,10 @@ LPIPS ↓     :func:`lpips_metric` — LPIPS v0.1 AlexNet on [0, 1] images; ``No
             user-supplied weight files are absent (see :mod:`avat3r_core.lpips`).
 AKD ↓       :func:`akd` — mean Euclidean distance (pixels) between predicted and ground-truth
             2-D facial landmarks, over visible landmarks.
-CSIM ↑      :func:`csim` — not available: needs face-recognition (ArcFace) weights this project
-            does not have; it raises :class:`MetricUnavailable`, and :class:`MetricTable` shows
-            ``n/a``.
+CSIM ↑      :func:`csim` — cosine similarity of face-recognition embeddings, here dlib's
+            ResNet-128 (:mod:`avat3r_core.identity`; not the paper's ArcFace, so not comparable
+            with published CSIM); raises :class:`MetricUnavailable` with the reason without dlib
+            or its model files.
 ==========  =====================================================================================
 """
 
@@ -31,7 +32,6 @@ from avat3r_core.losses import ssim as _ssim
 from avat3r_core.lpips import LPIPS, try_load_lpips
 
 __all__ = [
-    "CSIM_UNAVAILABLE",
     "DEFAULT_METRICS",
     "HIGHER_IS_BETTER",
     "MetricTable",
@@ -42,12 +42,6 @@ __all__ = [
     "psnr",
     "ssim",
 ]
-
-#: Why CSIM cannot be computed here.
-CSIM_UNAVAILABLE = (
-    "CSIM needs a face-recognition network (the paper's protocol: cosine similarity of ArcFace "
-    "embeddings); no such weights are available to this project"
-)
 
 DEFAULT_METRICS = ("psnr", "ssim", "lpips", "akd", "csim")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "akd": False, "csim": True}
@@ -115,9 +109,24 @@ def akd(pred_landmarks: Tensor, gt_landmarks: Tensor, visible: Tensor | None = N
     return torch.where(n > 0, out, torch.full_like(out, float("nan")))
 
 
-def csim(*args: Any, **kwargs: Any) -> Tensor:
-    """Identity similarity (cosine of face-recognition embeddings). Always raises MetricUnavailable."""
-    raise MetricUnavailable(CSIM_UNAVAILABLE)
+def csim(pred: Tensor, target: Tensor, identity=None, upscale: int = 1) -> Tensor:
+    """(N,) identity similarity of (N, 3, H, W) images in [0, 1]: the cosine of dlib ResNet-128
+    embeddings (``identity``: a :class:`~avat3r_core.identity.FaceIdentity`, else one is loaded),
+    NaN where dlib finds no face in either image. Raises :class:`MetricUnavailable` (with the
+    reason) without dlib or its model files."""
+    from avat3r_core.identity import FaceIdentity, similarities
+
+    identity = identity if identity is not None else FaceIdentity()
+    if not identity.available:
+        raise MetricUnavailable(f"CSIM unavailable: {identity.reason}")
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+
+    def embed(images: Tensor) -> list:
+        u8 = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype("uint8")
+        return [identity.embed(im, upscale) for im in u8]
+
+    return torch.from_numpy(similarities(embed(target), embed(pred))[0])
 
 
 def _floats(value: Any) -> list[float]:
@@ -136,15 +145,15 @@ class MetricTable:
     records B samples at once. Means ignore NaN values (e.g. AKD with no visible landmark) and
     report how many samples each mean is over; ``+inf`` (identical images' PSNR) propagates.
 
-    A metric with no values for a method is shown as ``n/a``; metrics in ``unavailable``
-    (by default CSIM, with :data:`CSIM_UNAVAILABLE`) are always ``n/a`` and the reason is listed
+    A metric with no values for a method is shown as ``n/a``; metrics in ``unavailable`` (name →
+    reason, e.g. CSIM without the identity network) are always ``n/a`` and the reason is listed
     under the markdown table and in the dict.
     """
 
     def __init__(self, metrics: Sequence[str] = DEFAULT_METRICS,
                  unavailable: Mapping[str, str] | None = None):
         self.metrics = list(metrics)
-        self.unavailable = dict({"csim": CSIM_UNAVAILABLE} if unavailable is None else unavailable)
+        self.unavailable = dict(unavailable or {})
         self._values: dict[str, dict[str, list[float]]] = {}
         self._samples: list[dict[str, Any]] = []
 

@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/real_photos.py                   # image mode, 64 px random-init tiny model, 256 px renders
     python benchmarks/real_photos.py --image-size 128 --checkpoint data/models/checkpoints/demo
+    python benchmarks/real_photos.py --smoke           # seconds: 32 px network, 64 px renders (the tests)
 
 Prints one JSON object on stdout.
 
@@ -45,7 +46,11 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--render-size", type=int, default=256)
     ap.add_argument("--checkpoint", default="")
+    ap.add_argument("--smoke", action="store_true", help="seconds-long run: 32 px network, 64 px renders "
+                    "(the test suite runs it; too small for dlib to find faces in the renders)")
     args = ap.parse_args()
+    if args.smoke:
+        args.image_size, args.render_size = 32, 64
 
     import logging
 
@@ -108,7 +113,7 @@ def main() -> None:
     out = {
         "benchmark": "real_photos", "device": "cpu", "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "network": checkpoint if args.checkpoint else f"random-init tiny, {args.image_size} px",
-        "render_size": args.render_size, "identity_network": NETWORK, "avatars": summary.items_done,
+        "render_size": args.render_size, "smoke": args.smoke, "identity_network": NETWORK, "avatars": summary.items_done,
         "per_photo": per_photo,
         "reference": {
             "astronaut_vs_grace_hopper": {"similarity": round(cosine(emb["astronaut"], emb["grace_hopper"]), 4),

@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/track_detector.py                     # 8 cameras, 6 frames, 512 px, "tiny" fit
     python benchmarks/track_detector.py --frames 4 --cameras 4
+    python benchmarks/track_detector.py --smoke             # seconds: 2 cameras, 2 frames, a few fit steps (the tests)
 
 Prints one JSON object on stdout.
 
@@ -53,7 +54,12 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=6)
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--smoke", action="store_true", help="seconds-long run on tiny data (the test suite runs it)")
     args = ap.parse_args()
+    if args.smoke:
+        args.subjects, args.cameras, args.frames, args.resolution = 1, 2, 2, 384
+    # a smoke run only has to go through every step of the fit, not converge
+    iterations = dict(rigid_iters=10, adam_iters=20, lbfgs_iters=5) if args.smoke else {}
 
     import numpy as np
     import torch
@@ -112,7 +118,8 @@ def main() -> None:
                    "detected": round(float((mp_conf[..., 0] > 0).mean()), 3)}
             for name, (layer, pts, conf, idx) in sources.items():
                 t0 = time.perf_counter()
-                res = fit_sequence(layer, cams, pts, conf, FitConfig.preset(args.preset), landmark_indices=idx)
+                res = fit_sequence(layer, cams, pts, conf, FitConfig.preset(args.preset, **iterations),
+                                   landmark_indices=idx)
                 p = res.params
                 vf = flame_params_to_full(layer68, p)
                 lm68 = layer68.landmarks_from_vertices(vf)  # (T, 68, 3) world
@@ -138,7 +145,7 @@ def main() -> None:
     out = {
         "benchmark": "track_detector", "device": "cpu", "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "torch": torch.__version__, "subjects": args.subjects, "cameras": args.cameras, "frames": args.frames,
-        "resolution": [cfg.width, cfg.height], "fit_preset": args.preset, "mean": summary, "per_subject": per_subject,
+        "resolution": [cfg.width, cfg.height], "fit_preset": args.preset, "smoke": args.smoke, "mean": summary, "per_subject": per_subject,
         "ratio_landmark_err_mediapipe68_vs_gt": round(summary["mediapipe_ibug68"]["landmark_err_px"] /
                                                       max(summary["ground_truth"]["landmark_err_px"], 1e-9), 2),
     }

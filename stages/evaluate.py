@@ -4,7 +4,7 @@
 shard loader (inputs from other timesteps = novel expressions, target cameras = novel views),
 renders every target view with the model and with the baseline, and writes into ``out_dir``:
 
-* ``metrics.json`` — the DVC metric file (per method: PSNR, SSIM, LPIPS, AKD ×3, counts; the
+* ``metrics.json`` — the DVC metric file (per method: PSNR, SSIM, LPIPS, AKD ×3, CSIM (dlib), counts; the
   detector's AKD floor; statuses; the published numbers for context);
 * ``report.md`` — the Markdown table (this data's rows + the published rows, marked as different
   data and resolution) and its notes;
@@ -37,13 +37,14 @@ from avat3r_core.evaluation import (
     eval_loader_config,
     evaluate_report,
     make_detector68,
+    make_identity,
 )
 from avat3r_core.inference.checkpoint import load_trained_model
 
 log = logging.getLogger("avat3r.stages.evaluate")
 
 #: Bumped when the stage's output changes meaning; part of the flow task's cache key (pipelines/caching.py).
-VERSION = "3"  # 2: views in the tracked head frame; 3: rig cameras matched across timesteps in the world
+VERSION = "4"  # 2: views in the tracked head frame; 3: rig cameras matched across timesteps in the world; 4: CSIM
 
 OUTPUTS = ("metrics.json", "report.md", "per_view.csv", "grid.png")
 
@@ -95,6 +96,9 @@ def run_evaluate(checkpoint: str | Path, shards_dir: str | Path, out_dir: str | 
     detector, detector_status = make_detector68(config.detector, mediapipe_model, config.detector_upscale)
     if detector is None:
         log.warning("AKD unavailable: %s", detector_status)
+    identity, identity_status = make_identity(config.identity)
+    if identity is None:
+        log.warning("CSIM unavailable: %s", identity_status)
 
     from avat3r_core.dataset.loader import make_loader
     from avat3r_core.dataset.pack import check_shards, read_index
@@ -129,7 +133,8 @@ def run_evaluate(checkpoint: str | Path, shards_dir: str | Path, out_dir: str | 
             detector_status=detector_status, ground_truth_status=gt_status, lpips_model=lpips_model,
             lpips_status=lpips_status, bf16=config.bf16, grid_samples=config.grid_samples,
             grid_views=config.grid_views, max_samples=config.max_samples, context=context,
-            expression_probe=probe)
+            expression_probe=probe, identity=identity, identity_status=identity_status,
+            identity_upscale=config.identity_upscale)
     finally:
         if detector is not None:
             detector.close()

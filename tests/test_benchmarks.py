@@ -27,11 +27,15 @@ FIGURES = {
                 ("ratio_stage_in_process_vs_decode_only_cpu",)),
     "loader": (("raw_loop", "samples_per_s"), ("loader_0_workers", "items_per_s"), ("ratio_2_workers",)),
     "priors": (("backends", "ground_truth", "images_per_s"), ("stage", "images_per_s")),
+    "real_photos": (("avatars",), ("per_photo", "astronaut", "fit_residual_px"),
+                    ("per_photo", "grace_hopper", "prepare_s"), ("reference", "astronaut_vs_grace_hopper", "distance")),
     "render": (("results", 0, "cpu", "median_s"), ("results", 0, "speedup_baseline_over_cpu")),
     "scale_out": (("cluster", "ratio_items_per_s_2_vs_1", "extract"), ("dvc_s3", "push_MB_per_s"),
                   ("loader_s3", "ratio_s3_vs_local")),
     "studio": (("render_only_camera_frames_per_s",), ("ratio_2_workers_vs_1",)),
     "track": (("batched", "frames_per_s"), ("speedup_batched_vs_per_frame",)),
+    "track_detector": (("mean", "ground_truth", "landmark_err_px"), ("ratio_landmark_err_mediapipe68_vs_gt",),
+                       ("per_subject", 0, "detect_s")),
     "train": (("workers_2", "samples_per_s"), ("workers_2", "final_train_loss")),
 }
 

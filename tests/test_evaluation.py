@@ -128,6 +128,56 @@ def test_table_has_our_rows_and_the_published_rows(data):
     assert "| 20.5 | 0.75 | 0.33 | 3.7 |" in published[0] and "| 20.7 | 0.71 | 0.33 | 4.8 |" in published[1]
     assert LPIPS_NOT_COMPUTED in md
     assert "AKD unavailable: no landmark detector given" in md
+    assert "CSIM unavailable: no identity network given" in md
+    assert report.metrics()["csim_status"] == "unavailable: no identity network given"
+
+
+class _ColourIdentity:
+    """A stand-in identity network: the embedding is the image's mean colour (+1), so a render
+    identical to its target scores exactly 1; no face (None) on an all-white image."""
+
+    available, reason = True, ""
+
+    def embed(self, image, upscale=1):
+        if (image == 255).all():
+            return None
+        return np.r_[image.reshape(-1, 3).mean(axis=0) / 255.0, 1.0]
+
+
+def test_csim_per_view_counts_and_the_other_people_reference(data):
+    white = lambda b: torch.ones_like(_oracle(b))  # noqa: E731 - a "method" on which no face is found
+    # one held-out person: no "other people" reference, and the report says so
+    alone = evaluate_report(data["batches"], methods={"oracle": _oracle}, views=TargetViewIndex(data["frames"]),
+                            identity=_ColourIdentity())
+    assert alone.csim_other_people["csim"] is None and "fewer than two" in alone.csim_other_people["note"]
+    assert "not measured: fewer than two held-out people" in alone.to_markdown()
+    # every split's people (three) for the reference
+    batches = [b for split in ("train", "val", "test")
+               for b in make_loader(data["shards"], eval_loader_config(data["config"]), split=split)]
+    report = evaluate_report(batches, methods={"oracle": _oracle, "white": white},
+                             views=TargetViewIndex(data["frames"]), identity=_ColourIdentity(), identity_upscale=3)
+    oracle, blank = report.summary("oracle"), report.summary("white")
+    assert oracle["csim"] == pytest.approx(1.0) and oracle["identity_distance"] == pytest.approx(0.0, abs=1e-9)
+    assert oracle["csim_views"] == oracle["identity_faces_found"] == oracle["views"] > 0
+    assert blank["csim"] is None and blank["csim_views"] == blank["identity_faces_found"] == 0
+    # the reference: every target against the other held-out people's targets, by hand
+    embs = [(r["subject"], _ColourIdentity().embed(im)) for b in batches
+            for r, im in zip(TargetViewIndex(data["frames"]).rows_for(b),
+                             (_oracle(b).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8))]
+    from avat3r_core.identity import cosine
+
+    expected = np.mean([cosine(a, b) for i, (s, a) in enumerate(embs) for j, (t, b) in enumerate(embs) if s != t])
+    ref = report.csim_other_people
+    assert len({s for s, _ in embs}) >= 2 and ref["people"] == len({s for s, _ in embs})
+    assert ref["csim"] == pytest.approx(expected) and ref["views"] == len(embs)
+    metrics = report.metrics()
+    assert metrics["csim_status"].startswith("computed (dlib ResNet-128") and "not ArcFace" in metrics["csim_status"]
+    assert metrics["identity_target_faces_found"] == oracle["views"] and metrics["oracle"]["csim"] == pytest.approx(1.0)
+    md = report.to_markdown()
+    row = next(l for l in md.splitlines() if l.startswith("| oracle"))
+    assert row.endswith(f"| 1.000 | {oracle['views']}/{oracle['views']} |")
+    assert "CSIM reference" in md and "enlarged 3x" in md and "Not ArcFace" in md
+    assert "csim" in report.to_csv().splitlines()[0].split(",")
 
 
 def test_lpips_computed_when_weight_files_are_given(data, tmp_path):
@@ -192,6 +242,15 @@ def test_run_evaluate_writes_the_four_outputs(data, tmp_path):
     # AKD: either computed by the detector, or unavailable with its reason (never made up)
     if on_disk["akd_status"] != "computed":
         assert on_disk["akd_status"].startswith("unavailable: ") and on_disk["ours"]["akd"] is None
+    # CSIM with dlib's network (installed by make setup): computed, faces counted (a 32² synthetic
+    # crop enlarged 2x is below what dlib's detector finds, so the counts may be 0 and CSIM None)
+    assert on_disk["csim_status"].startswith("computed (dlib ResNet-128"), on_disk["csim_status"]
+    for m in ("ours", "baseline"):
+        s = on_disk[m]
+        assert 0 <= s["csim_views"] <= s["identity_faces_found"] <= s["views"]
+        assert (s["csim"] is None) == (s["csim_views"] == 0)
+        assert s["csim"] is None or -1.0 <= s["csim"] <= 1.0
+    assert "CSIM↑ (dlib)" in (out / "report.md").read_text()
     rows = list(csv.DictReader(io.StringIO((out / "per_view.csv").read_text())))
     assert len(rows) == 18 and {r["method"] for r in rows} == {"ours", "baseline"}
     assert all(r["camera"] for r in rows)

@@ -20,7 +20,7 @@ from avat3r_core.config import build
 from avat3r_core.errors import FormatError
 from avat3r_core.losses import Avat3rLoss, LossConfig, composite, psnr, ssim, ssim_map
 from avat3r_core.lpips import LPIPS, backbone_state_dict_keys, lin_state_dict_keys, load_lpips, try_load_lpips
-from avat3r_core.metrics import CSIM_UNAVAILABLE, MetricTable, MetricUnavailable, akd, csim, lpips_metric
+from avat3r_core.metrics import MetricTable, MetricUnavailable, akd, csim, lpips_metric
 from avat3r_core.metrics import ssim as metric_ssim
 
 # ---------------------------------------------------------------------------------- fixtures
@@ -406,14 +406,23 @@ def test_akd():
         akd(pred[..., :1], gt[..., :1])
 
 
-def test_csim_unavailable():
-    with pytest.raises(MetricUnavailable, match="face-recognition"):
-        csim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
+def test_csim_unavailable_names_the_reason(tmp_path, monkeypatch):
+    import sys
+
+    from avat3r_core.identity import FaceIdentity
+
+    monkeypatch.delenv("AVAT3R_IDENTITY_MODELS", raising=False)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))  # a venv without dlib's model files
+    with pytest.raises(MetricUnavailable, match="CSIM unavailable: .*dlib_face_recognition_resnet_model_v1.dat"):
+        csim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8), identity=FaceIdentity())
     assert issubclass(MetricUnavailable, NotImplementedError)
 
 
+UNAVAILABLE_CSIM = "CSIM unavailable: no identity network (test)"
+
+
 def test_metric_table():
-    table = MetricTable()
+    table = MetricTable(unavailable={"csim": UNAVAILABLE_CSIM})
     table.add_batch("avat3r", ids=["a", "b"], psnr=torch.tensor([20.0, 22.0]), ssim=[0.7, 0.8],
                     lpips=torch.tensor([0.3, 0.4]), akd=torch.tensor([4.0, float("nan")]))
     table.add("baseline", "a", psnr=18.0, ssim=0.6, lpips=None, akd=6.0, csim=0.5)
@@ -429,10 +438,10 @@ def test_metric_table():
     assert lines[0] == "| Method | PSNR↑ | SSIM↑ | LPIPS↓ | AKD↓ | CSIM↑ |"
     assert lines[2] == "| avat3r | 21.00 | 0.7500 | 0.3500 | 4.00 | n/a |"
     assert lines[3] == "| baseline | 18.50 | 0.6250 | n/a | 5.50 | n/a |"
-    assert CSIM_UNAVAILABLE in md
+    assert UNAVAILABLE_CSIM in md
     d = table.to_dict(samples=True)
     json.dumps(d, allow_nan=False)
-    assert d["means"]["baseline"]["lpips"] is None and d["unavailable"]["csim"] == CSIM_UNAVAILABLE
+    assert d["means"]["baseline"]["lpips"] is None and d["unavailable"]["csim"] == UNAVAILABLE_CSIM
     assert [s["id"] for s in d["samples"]] == ["a", "b", "a", "b"]
     # infinite PSNR (identical images) stays visible and JSON-safe
     t2 = MetricTable(metrics=("psnr",))
