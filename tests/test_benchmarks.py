@@ -20,10 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 # benchmark -> (path into its JSON to a measured figure that must be a positive number, ...)
 FIGURES = {
+    "arkit_map": (("seconds",), ("fit_error", "pairs")),
     "expression_path": (("input_choice", "plain", "samples"), ("gradients", "grad_norm_mean", "head"),
                         ("cross_attention_at_init", "layer0_output_over_token_norm")),
     "loader": (("raw_loop", "samples_per_s"), ("loader_0_workers", "items_per_s"), ("ratio_2_workers",)),
     "priors": (("backends", "ground_truth", "images_per_s"), ("stage", "images_per_s")),
+    "reconstruct": (("avatars_per_minute",), ("driving", "cached_frames_per_s")),
     "render": (("results", 0, "cpu", "median_s"), ("results", 0, "speedup_baseline_over_cpu")),
     "studio": (("render_only_camera_frames_per_s",), ("ratio_2_workers_vs_1",)),
     "track": (("batched", "frames_per_s"), ("speedup_batched_vs_per_frame",)),
