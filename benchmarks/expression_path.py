@@ -7,6 +7,14 @@ Prints JSON:
   code per part (the change the network is asked to produce), the jaw opening (decoded angle)
   change target vs inputs and the share of samples where it exceeds 0.05 rad, and how well
   expression dim 0 tracks the jaw angle.
+* ``input_choice``: the sampler alone over the training split's timesteps (nothing decoded), plain
+  and with ``input_contrast``: the mean jaw change target vs inputs' mean, the share of samples
+  asking for more than 0.05 rad, and the share where *no* input view is within 0.05 rad of the
+  target's jaw (the samples where only the code can tell the network what the mouth does).
+* ``cross_attention_at_init``: on a few validation samples, the freshly initialised network's
+  cross-attention layers: the spread of the attention weights over the image tokens, the share
+  of each layer's output that differs between image tokens (the rest is one vector added to
+  every token), and how far the target's code moves that output from the inputs' code.
 * ``gradients``: a short training run of the given config on the shards, per component
   (tokenizer, self-attention blocks, cross-attention, expression MLP, head): the mean gradient
   norm the optimiser saw (after clipping, which scales all parts alike), its RMS per parameter and
@@ -36,7 +44,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dataclasses import replace  # noqa: E402
+
 from avat3r_core.config import build  # noqa: E402
+from avat3r_core.dataset.loader import Avat3rDataset, Avat3rSampler, LoaderConfig  # noqa: E402
+from avat3r_core.dataset.pack import shard_urls  # noqa: E402
 from avat3r_core.tracking import expression_code as ec  # noqa: E402
 from avat3r_core.train.config import TrainConfig
 from avat3r_core.train.loop import train_loop
@@ -69,6 +81,68 @@ def code_statistics(shards: str, data: TrainDataConfig, samples: int) -> dict:
                           "share_change_over_0.05": float((np.abs(jt - ji) > 0.05).mean())},
         "corr_expr0_vs_jaw_angle": float(np.corrcoef(t[:, 0], jt)[0, 1]) if t[:, 0].std() > 0 else None,
     }
+
+
+def input_choice_statistics(shards: str, loader: LoaderConfig) -> dict:
+    import random
+
+    timesteps = list(Avat3rDataset(shard_urls(shards, "train"), loader.read_once(), seed=0).samples())
+    out = {}
+    for contrast in (False, True):
+        sampler = Avat3rSampler(replace(loader, input_contrast=contrast), random.Random(0))
+        mean_change, nearest_change = [], []
+        for ts in timesteps:
+            for plan in sampler.push(ts):
+                jt = jaw_angle(plan.target.expression)
+                ji = jaw_angle(np.stack([t.expression for t, _ in plan.inputs]))
+                mean_change.append(abs(jt - ji.mean()))
+                nearest_change.append(np.abs(jt - ji).min())
+        m, n = np.array(mean_change), np.array(nearest_change)
+        out["contrast" if contrast else "plain"] = {
+            "samples": len(m), "jaw_change_mean_rad": float(m.mean()), "share_change_over_0.05": float((m > 0.05).mean()),
+            "share_no_input_within_0.05": float((n > 0.05).mean())}
+    return out
+
+
+def cross_attention_at_init(config: TrainConfig, shards: str, data: TrainDataConfig, samples: int = 3) -> dict:
+    from avat3r_core.animation.sensitivity import input_code
+    from avat3r_core.inference.predict import model_inputs
+    from avat3r_core.train.config import build_model
+
+    torch.manual_seed(config.seed)
+    model = build_model(config).eval()
+    captured: dict[int, dict] = {}
+
+    def hook(index):
+        def record(module, args, out):
+            x, context = args
+            q = module.q(module.norm_q(x))
+            k = module.kv(module.norm_kv(context)).chunk(2, dim=-1)[0]
+            b, n, d = q.shape
+            h = module.heads
+            logits = q.view(b, n, h, d // h).transpose(1, 2) @ k.view(b, -1, h, d // h).transpose(1, 2).transpose(-1, -2)
+            captured[index] = {"weights": torch.softmax(logits / (d // h) ** 0.5, -1), "out": out - x, "x": x}
+        return record
+
+    for i, layer in enumerate(model.transformer.cross):
+        layer.register_forward_hook(hook(i))
+    rows: dict[str, list[float]] = defaultdict(list)
+    source = ShardSource(shards, build(TrainDataConfig, {"loader": data.loader, "val_samples": samples}), 1,
+                         split=data.val_split, validation=True)
+    with torch.no_grad():
+        for batch in source():
+            model(model_inputs(batch), input_code(batch))
+            inputs_code = {i: c["out"] for i, c in captured.items()}
+            model(model_inputs(batch), batch.expression)
+            for i, c in captured.items():
+                out, x = c["out"], c["x"]
+                varying = out - out.mean(1, keepdim=True)
+                rows[f"layer{i}_attention_weight_std_over_tokens"].append(float(c["weights"].std(2).mean()))
+                rows[f"layer{i}_output_share_varying_over_tokens"].append(float(varying.pow(2).sum() / out.pow(2).sum()))
+                rows[f"layer{i}_output_over_token_norm"].append(float(out.norm(dim=-1).mean() / x.norm(dim=-1).mean()))
+                rows[f"layer{i}_code_change_over_token_norm"].append(
+                    float((out - inputs_code[i]).norm(dim=-1).mean() / x.norm(dim=-1).mean()))
+    return {k: float(np.mean(v)) for k, v in rows.items()}
 
 
 def component(name: str) -> str:
@@ -165,18 +239,49 @@ def main() -> None:
     ap.add_argument("--ground-truth", default="")
     ap.add_argument("--split", default="test")
     ap.add_argument("--eval-samples", type=int, default=20)
+    ap.add_argument("--loader", default="{}", help="LoaderConfig overrides (JSON), e.g. {\"input_contrast\": true}")
+    ap.add_argument("--smoke", action="store_true", help="seconds-long run on tiny data (the test suite runs it)")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    data = build(TrainDataConfig, {"preset": "demo", "val_samples": args.val_samples})
+    tmp = None
+    if args.smoke:  # 3 tiny people (train / val / test), random codes and priors, 2 steps; measures nothing
+        tmp = tempfile.TemporaryDirectory(prefix="avat3r-expression-path-")
+        args.shards, args.steps, args.samples, args.val_samples = smoke_shards(Path(tmp.name)), 2, 4, 1
+        args.frames = args.ground_truth = ""
+    loader = {"preset": "demo", "target_views": 4, **json.loads(args.loader)}
+    data = build(TrainDataConfig, {"preset": "demo", "val_samples": args.val_samples, "loader": loader})
     model = {**model_overrides_from_shards(args.shards), "frame": data.loader.frame, **json.loads(args.model)}
     config = build(TrainConfig, {"preset": "tiny", "steps": args.steps, "validate_every": max(1, args.steps // 3),
                                  "checkpoint_every": args.steps, "model": model, **json.loads(args.train)})
     evaluate = ({"frames": args.frames, "ground_truth": args.ground_truth, "split": args.split,
                  "samples": args.eval_samples} if args.frames and args.ground_truth else None)
-    out = {"config": {"steps": args.steps, "model": model, "train": json.loads(args.train)},
+    out = {"config": {"steps": args.steps, "model": model, "train": json.loads(args.train), "loader": loader},
            "codes": code_statistics(args.shards, data, args.samples),
+           "input_choice": input_choice_statistics(args.shards, data.loader),
+           "cross_attention_at_init": cross_attention_at_init(config, args.shards, data),
            "gradients": gradient_run(config, data, args.shards, evaluate)}
     print(json.dumps(out, indent=1))
+    if tmp is not None:
+        tmp.cleanup()
+
+
+def smoke_shards(root: Path) -> str:
+    from avat3r_core.dataset.pack import PackConfig
+    from avat3r_core.extract import ExtractConfig
+    from avat3r_core.synthetic.studio import StudioConfig
+    from benchmarks.loader import make_side_manifests
+    from stages.extract import run_extract
+    from stages.pack import run_pack
+    from stages.synth import run_synth
+
+    run_synth(StudioConfig(subjects=3, sequences=1, frames=3, cameras=4, resolution=96), str(root / "raw"),
+              str(root / "gt"), str(root / "model"), executor="local")
+    run_extract(ExtractConfig(resolution=32), str(root / "raw"), str(root / "frames"), executor="local")
+    make_side_manifests(root / "frames", root / "tracking", root / "priors", feature_dim=8)
+    run_pack(PackConfig(shard_size_mb=1.0, min_shards=1, split_fractions=(0.34, 0.33, 0.33)),
+             str(root / "frames/frames.parquet"), str(root / "tracking/tracking.parquet"),
+             str(root / "priors/priors.parquet"), str(root / "shards"), executor="local")
+    return str(root / "shards")
 
 
 if __name__ == "__main__":

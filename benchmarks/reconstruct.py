@@ -265,7 +265,10 @@ def main() -> None:
     parser.add_argument("--no-drive", action="store_true", help="skip the driving measurement")
 
     parser.add_argument("--driving-limits", default="", help="e.g. 128,256: only the driving-limit measurement")
+    parser.add_argument("--smoke", action="store_true", help="seconds-long run on tiny data (the test suite runs it)")
     args = parser.parse_args()
+    if args.smoke:  # one person, no Ray, 4 driven frames once: keeps the script running, measures nothing
+        args.subjects, args.executor, args.drive_frames, args.repeats = 1, "local", 4, 1
     if args.driving_limits:
         with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
             data = setup(Path(tmp), 1)

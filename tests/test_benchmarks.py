@@ -20,15 +20,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 # benchmark -> (path into its JSON to a measured figure that must be a positive number, ...)
 FIGURES = {
+    "arkit_map": (("seconds",), ("fit_error", "pairs")),
     "capacity": (("calibrated_on", "views"), ("scales", "1", "total_predicted_s"), ("scales", "1", "total_ratio")),
-    "gallery": (("build_s",), ("avatars", 0, "first_frame_ms", "splat"), ("avatars", 0, "ply_vs_splat")),
+    "expression_path": (("input_choice", "plain", "samples"), ("gradients", "grad_norm_mean", "head"),
+                        ("cross_attention_at_init", "layer0_output_over_token_norm")),
     "extract": (("stage_frames_per_s", "1_worker"), ("decode_only_frames_per_s", "pyav"),
                 ("ratio_stage_1_worker_vs_decode_only",), ("ratio_2_workers_vs_1",),
                 ("ratio_stage_in_process_vs_decode_only_cpu",)),
+    "gallery": (("build_s",), ("avatars", 0, "first_frame_ms", "splat"), ("avatars", 0, "ply_vs_splat")),
     "loader": (("raw_loop", "samples_per_s"), ("loader_0_workers", "items_per_s"), ("ratio_2_workers",)),
     "priors": (("backends", "ground_truth", "images_per_s"), ("stage", "images_per_s")),
     "real_photos": (("avatars",), ("per_photo", "astronaut", "fit_residual_px"),
                     ("per_photo", "grace_hopper", "prepare_s"), ("reference", "astronaut_vs_grace_hopper", "distance")),
+    "reconstruct": (("avatars_per_minute",), ("driving", "cached_frames_per_s")),
     "render": (("results", 0, "cpu", "median_s"), ("results", 0, "speedup_baseline_over_cpu")),
     "scale_out": (("cluster", "ratio_items_per_s_2_vs_1", "extract"), ("dvc_s3", "push_MB_per_s"),
                   ("loader_s3", "ratio_s3_vs_local")),

@@ -197,6 +197,32 @@ def test_inputs_come_from_other_timesteps(data):
     assert len(items) == 4 and all((it["input_frames"] == it["target_frame"]).all() for it in items)
 
 
+def test_input_contrast_picks_the_most_different_timesteps():
+    """With input_contrast the inputs come from the half of the other timesteps whose expression is
+    farthest from the target's; without it any buffered timestep may be picked; read_once turns it off."""
+    from avat3r_core.dataset.loader import Avat3rSampler, Timestep, expression_distance
+
+    def ts(frame, jaw):
+        code = np.zeros(135, np.float32)
+        code[0] = jaw  # one expression coefficient: the distance is |jaw_a - jaw_b|
+        return Timestep(key=f"s_q_{frame}", subject="s", sequence="q", frame=frame, serials=["a", "b"],
+                        image_ext="png", world_to_cam=np.tile(np.eye(4), (2, 1, 1)), K=np.tile(np.eye(3), (2, 1, 1)),
+                        width=4, height=4, centers=np.array([[0.0, 0, 1], [1.0, 0, 1]]), has_position=[True, True],
+                        has_features=[False, False], expression=code, raw={})
+
+    frames = [ts(f, j) for f, j in enumerate([0.0, 0.1, 2.0, 2.1, 0.05])]  # the last is the target
+    assert expression_distance(frames[2].expression, frames[4].expression) == pytest.approx(1.95)
+    picked = {True: set(), False: set()}
+    for contrast in (True, False):
+        for seed in range(20):
+            sampler = Avat3rSampler(LoaderConfig(input_views=2, input_contrast=contrast), random.Random(seed))
+            plans = [p for f in frames for p in sampler.push(f)]
+            picked[contrast] |= {t.frame for t, _ in plans[-1].inputs}
+    assert picked[True] == {2, 3}  # the two timesteps with the open jaw
+    assert picked[False] == {0, 1, 2, 3}
+    assert not LoaderConfig(input_contrast=True).read_once().input_contrast
+
+
 def test_head_frame_moves_cameras_and_points_together(data):
     """Head-frame items are the world-frame items seen from the head: every input point projects
     to the same camera coordinates, cameras are world_to_cam @ head_to_world, and the batch's

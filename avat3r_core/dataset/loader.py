@@ -39,6 +39,10 @@ The Avat3r sampler
     encoded bytes only; just the chosen views are decoded.
     ``random_timestep_inputs=False`` (the published ablation): inputs are views of the target
     timestep itself, picked the same way; no buffer, nothing waits.
+    ``input_contrast=True`` (training only; :meth:`LoaderConfig.read_once` turns it off, so
+    validation and evaluation keep the plain protocol): the candidate timesteps are first cut to
+    the half of the buffered ones whose expression differs most from the target's
+    (:func:`expression_distance`), so more samples ask for an expression the inputs do not show.
 
 Coordinate frame
     ``frame="head"`` (default): every view is expressed in the tracked head frame of its own
@@ -78,6 +82,7 @@ from avat3r_core.geometry import FRAMES, HeadFrameError, camera_centers, farthes
 from avat3r_core.dataset.pack import sample_fields, shard_urls
 from avat3r_core.tracking import EXPRESSION_DIM
 from avat3r_core.batch import Avat3rBatch
+from avat3r_core.tracking import expression_code as ec
 
 log = logging.getLogger("avat3r.dataset")
 
@@ -112,11 +117,12 @@ class LoaderConfig(Presets):
     resampled: bool = True  # draw shards with replacement, fixed epoch length (training)
     decoder: str = "opencv"  # opencv | pillow
     frame: str = "head"  # head: each view in its timestep's tracked head frame | world (module docstring)
+    input_contrast: bool = False  # inputs from the timesteps whose expression differs most (training only)
 
     def read_once(self) -> "LoaderConfig":
         """These settings for reading a split once, in order, one sample per batch (validation,
-        evaluation, inspecting the data): no resampling, no shuffling."""
-        return replace(self, batch_size=1, resampled=False, shuffle_buffer=0)
+        evaluation, inspecting the data): no resampling, no shuffling, the plain input choice."""
+        return replace(self, batch_size=1, resampled=False, shuffle_buffer=0, input_contrast=False)
 
     def __post_init__(self) -> None:
         if self.frame not in FRAMES:
@@ -234,6 +240,14 @@ def parse_sample(sample: dict[str, Any], frame: str = "world") -> Timestep:
                     expression=expression, raw=sample, head_to_world=head)
 
 
+def expression_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """How differently two 135-d codes look: L2 over the expression coefficients and the jaw's
+    6D rotation, the jaw weighted ×10 (0.1 rad of jaw ≈ one sigma of a coefficient). Head pose,
+    neck and eyes are left out: in the head frame the pose carries no appearance."""
+    d = np.concatenate([a[ec.EXPR] - b[ec.EXPR], 10.0 * (a[ec.JAW] - b[ec.JAW])])
+    return float(np.linalg.norm(d))
+
+
 @dataclass
 class ItemPlan:
     target: Timestep
@@ -253,6 +267,9 @@ class Avat3rSampler:
 
     def _plan(self, target: Timestep, sources: list[Timestep]) -> ItemPlan | None:
         cfg = self.config
+        if cfg.input_contrast and len(sources) > 1:
+            far = sorted(sources, key=lambda ts: -expression_distance(ts.expression, target.expression))
+            sources = far[: (len(far) + 1) // 2]
         cands = [(ts, c) for ts in sources for c in range(len(ts.serials)) if ts.has_position[c]]
         if not cands:
             return None
