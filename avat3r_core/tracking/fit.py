@@ -45,7 +45,7 @@ world-to-camera matrix). Shape is shared; expression, jaw, neck and eyes are per
 
 Pitch prior: ``+ w_pitch mean_i sin^2(pitch_i)``, the pitch at which the head sees camera i (the
 angle :func:`avat3r_core.reconstruct.prepared.head_angles` reports), and a level start (the PnP pose turned
-about the head's x axis to pitch 0). Why: from one real photo, pitch trades off against face shape
+to pitch 0 about a horizontal axis, yaw kept). Why: from one real photo, pitch trades off against face shape
 and expression. The studio head's 68 landmarks are vertically longer than real faces' MediaPipe
 points (brow to chin, relative to the face's width), so PnP of the mean face alone already tilts
 the camera 37-39 deg above scikit-image's astronaut and Grace Hopper, and the fits ended at 38-48
@@ -419,12 +419,19 @@ class _Problem:
 
 
 def _level(R: np.ndarray, tr: np.ndarray) -> np.ndarray:
-    """The head pose ``X_cam = R X + tr`` turned about the head's x axis (through its origin, which
-    stays where it is in the camera) until the camera is level with the face: pitch 0, yaw kept."""
+    """The head pose ``X_cam = R X + tr`` turned about a horizontal axis through the head's origin
+    (which stays where it is in the camera) until the camera is level with the face: pitch 0, yaw
+    kept. The axis is perpendicular to the camera's horizontal direction, not the head's x axis:
+    at 70 deg of yaw a turn about x would mostly roll the head and put the camera far off."""
     c = -R.T @ tr  # camera centre in the head's frame
-    phi = math.atan2(c[1], c[2])
-    cp, sp = math.cos(phi), math.sin(phi)
-    Q = np.array([[1.0, 0.0, 0.0], [0.0, cp, -sp], [0.0, sp, cp]])  # Q c has no y component
+    horizontal = math.hypot(c[0], c[2])
+    if horizontal < 1e-9:  # camera straight above or below: no yaw to keep
+        return R
+    axis = np.array([-c[2], 0.0, c[0]]) / horizontal
+    K = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+    pitch = math.atan2(c[1], horizontal)
+    turns = [np.eye(3) + math.sin(a) * K + (1.0 - math.cos(a)) * (K @ K) for a in (pitch, -pitch)]
+    Q = min(turns, key=lambda q: abs((q @ c)[1]))  # the sense that brings the camera down to level
     return R @ Q.T
 
 
