@@ -80,8 +80,8 @@ from avat3r_core.config import Presets
 from avat3r_core.cameras import Cameras
 from avat3r_core.geometry import FRAMES, HeadFrameError, camera_centers, farthest_views, head_frames, to_head_frame
 from avat3r_core.dataset.pack import sample_fields, shard_urls
-from avat3r_core.tracking import EXPRESSION_DIM
 from avat3r_core.batch import Avat3rBatch
+from avat3r_core.tracking import EXPRESSION_DIM
 from avat3r_core.tracking import expression_code as ec
 
 log = logging.getLogger("avat3r.dataset")
