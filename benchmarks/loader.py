@@ -37,8 +37,8 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from avat3r_core import storage  # noqa: E402
-from avat3r_core.dataset.loader import (LoaderConfig, decode_alpha, decode_image, load_npz, make_loader,  # noqa: E402
-                                        to_float32)
+from avat3r_core.dataset.batching import to_float32  # noqa: E402
+from avat3r_core.dataset.loader import LoaderConfig, decode_alpha, decode_image, load_npz, make_loader  # noqa: E402
 from avat3r_core.dataset.pack import PackConfig, pack, shard_urls  # noqa: E402
 from avat3r_core.formats.manifests import PRIORS_SCHEMA  # noqa: E402
 from avat3r_core.ids import make_id  # noqa: E402

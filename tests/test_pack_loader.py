@@ -227,7 +227,8 @@ def test_head_frame_moves_cameras_and_points_together(data):
     """Head-frame items are the world-frame items seen from the head: every input point projects
     to the same camera coordinates, cameras are world_to_cam @ head_to_world, and the batch's
     target_head_to_world maps target cameras back to the world ones."""
-    from avat3r_core.dataset.loader import ItemPlan, collate, decode_item, parse_sample
+    from avat3r_core.dataset.batching import collate
+    from avat3r_core.dataset.loader import ItemPlan, decode_item, parse_sample
 
     ds = Avat3rDataset(shard_urls(data["shards"], "train"), LoaderConfig(resampled=False, shuffle_buffer=0,
                                                                            frame="world"))
