@@ -169,7 +169,7 @@ class PriorsStage(Stage):
         self._depth_cache: dict[str, np.ndarray] = {}
         self._verts_cache: dict[tuple[str, str, int], np.ndarray] = {}
         if cfg.position_source == "dust3r":
-            from avat3r_core.priors.dust3r import load_dust3r
+            from avat3r_core.priors.dust3r_checkpoint import load_dust3r
 
             self.dust3r = load_dust3r(cfg.dust3r_checkpoint, device=self.device)
         elif cfg.position_source == "face_model":

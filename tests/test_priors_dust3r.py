@@ -14,18 +14,9 @@ import torch
 from avat3r_core.cameras import Cameras
 from avat3r_core.errors import FormatError
 from avat3r_core.priors.align import align_pairwise_to_world, similarity_align, solve_pair_scales
-from avat3r_core.priors.dust3r import (
-    PAPER_CONFIG,
-    Dust3rConfig,
-    Dust3rPairs,
-    apply_rope2d,
-    build_dust3r,
-    config_to_model_string,
-    dust3r_preprocess,
-    load_dust3r,
-    pairwise_inference,
-    parse_model_string,
-)
+from avat3r_core.priors.dust3r import PAPER_CONFIG, Dust3rConfig, apply_rope2d, build_dust3r
+from avat3r_core.priors.dust3r_checkpoint import config_to_model_string, load_dust3r, parse_model_string
+from avat3r_core.priors.dust3r_inference import Dust3rPairs, dust3r_preprocess, pairwise_inference
 
 TINY = Dust3rConfig(
     img_size=(64, 64), patch_size=16, enc_embed_dim=64, enc_depth=2, enc_num_heads=4,

@@ -264,7 +264,8 @@ TINY_DUST3R = dict(img_size=(64, 64), patch_size=16, enc_embed_dim=64, enc_depth
 def test_stage_dust3r_random_weights(data, tmp_path):
     """Random weights: shapes, finite values, conf in [0, 1), points in front of and on the rays of
     the crop cameras. Nothing about accuracy can be checked without the real checkpoint."""
-    from avat3r_core.priors.dust3r import Dust3rConfig, build_dust3r, config_to_model_string
+    from avat3r_core.priors.dust3r import Dust3rConfig, build_dust3r
+    from avat3r_core.priors.dust3r_checkpoint import config_to_model_string
 
     cfg_net = Dust3rConfig(**TINY_DUST3R)
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """Per-view priors for Avat3r: DUSt3R position maps (+ alignment into the calibrated world), Sapiens
 feature maps, and the EfficientNet-Lite0 stand-in feature extractor used when Sapiens is absent.
 
-Submodules are imported on demand by callers (``from avat3r_core.priors.dust3r import ...``); this
+Submodules are imported on demand by callers (``from avat3r_core.priors.dust3r_checkpoint import ...``); this
 package re-exports the main entry points for convenience.
 """
 
@@ -12,16 +12,9 @@ from avat3r_core.priors.backbone import (
     extract_backbone_features,
     load_efficientnet_lite0,
 )
-from avat3r_core.priors.dust3r import (
-    PAPER_CONFIG,
-    Dust3rConfig,
-    Dust3rModel,
-    Dust3rPairs,
-    Dust3rTransform,
-    dust3r_preprocess,
-    load_dust3r,
-    pairwise_inference,
-)
+from avat3r_core.priors.dust3r import PAPER_CONFIG, Dust3rConfig, Dust3rModel
+from avat3r_core.priors.dust3r_checkpoint import load_dust3r
+from avat3r_core.priors.dust3r_inference import Dust3rPairs, Dust3rTransform, dust3r_preprocess, pairwise_inference
 from avat3r_core.priors.sapiens import (
     SapiensModel,
     apply_projection,

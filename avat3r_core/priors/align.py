@@ -164,7 +164,7 @@ def align_pairwise_to_world(
 ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Fuse pairwise DUSt3R predictions into one world-space point map per view.
 
-    ``pairs``: a :class:`~avat3r_core.priors.dust3r.Dust3rPairs` (any object with ``pairs``,
+    ``pairs``: a :class:`~avat3r_core.priors.dust3r_inference.Dust3rPairs` (any object with ``pairs``,
     ``pts3d_i``, ``pts3d_j_in_i``, ``conf_i``, ``conf_j``). ``cameras``: the N calibrated cameras
     at the DUSt3R input resolution (same H x W as the maps). Returns world positions (N, H, W, 3)
     and confidence (N, H, W) in float32 (plus the (P,) pair scales with ``return_scales``). A view

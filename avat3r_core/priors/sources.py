@@ -268,7 +268,7 @@ def position_from_dust3r(
     loader would drop the top and bottom of every crop (the network accepts any multiple of 16).
     """
     from avat3r_core.priors.align import align_pairwise_to_world
-    from avat3r_core.priors.dust3r import dust3r_preprocess, pairwise_inference
+    from avat3r_core.priors.dust3r_inference import dust3r_preprocess, pairwise_inference
 
     arr = np.asarray(images)
     if arr.ndim != 4 or arr.shape[0] != len(crops) or (arr.shape[2], arr.shape[1]) != (crops.width, crops.height):

@@ -169,7 +169,7 @@ class PicturePreparation:
                     neck=fit.params["neck"][local]).numpy()
         if self.position_source == "dust3r":
             if self._dust3r is None:
-                from avat3r_core.priors.dust3r import load_dust3r
+                from avat3r_core.priors.dust3r_checkpoint import load_dust3r
 
                 self._dust3r = load_dust3r(cfg.dust3r_checkpoint, device=self.device)
             # one view: DUSt3R pairs the image with itself, as its official code does for single images
