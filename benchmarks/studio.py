@@ -27,7 +27,8 @@ import numpy as np  # noqa: E402
 
 from avat3r_core.config import build  # noqa: E402
 from avat3r_core.synthetic import studio  # noqa: E402
-from avat3r_core.synthetic.head import render_head, sample_appearance, sample_identity  # noqa: E402
+from avat3r_core.synthetic.appearance import render_head, sample_appearance  # noqa: E402
+from avat3r_core.synthetic.head import sample_identity  # noqa: E402
 from avat3r_core.synthetic.studio import StudioConfig  # noqa: E402
 from stages.runner import StageResources  # noqa: E402
 from stages.synth import run_synth  # noqa: E402

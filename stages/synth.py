@@ -42,7 +42,8 @@ class SynthStage(Stage):
         ctx.add_file(uri, storage.atomic_write_bytes(uri, data))
 
     def process(self, item: dict, ctx: StageContext) -> list[dict]:
-        from avat3r_core.synthetic.head import sample_appearance, sample_identity
+        from avat3r_core.synthetic.appearance import sample_appearance
+        from avat3r_core.synthetic.head import sample_identity
 
         cfg, pid = self.config, item["subject"]
         subject_root = storage.join(self.raw_root, pid)

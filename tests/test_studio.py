@@ -99,7 +99,7 @@ def test_ground_truth_depth_matches_the_posed_mesh(dataset):
     params = np.load(gt / "001/sequences/EXP-1-head/flame_params.npz")
     serials, cams = read_nersemble_calibration(raw / "001/calibration/camera_params.json", width=studio.StudioConfig(**TINY).width,
                                                height=studio.StudioConfig(**TINY).height, dtype=torch.float64)
-    from avat3r_core.synthetic.head import hair_offsets, sample_appearance
+    from avat3r_core.synthetic.appearance import hair_offsets, sample_appearance
 
     identity = json.loads((gt / "001/identity.json").read_text())
     appearance = sample_appearance(0)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from avat3r_core.flame import FlameLayer, load_flame_model, load_landmark_embedding
+from avat3r_core.synthetic.appearance import render_head, sample_appearance
 from avat3r_core.synthetic.head import (EXPRESSION_NAMES, IDENTITY_NAMES, LABELS, N_SHAPE, build_head_model,
-                                        render_head, sample_appearance, sample_identity, write_head_model)
+                                        sample_identity, write_head_model)
 from avat3r_core.synthetic.mesh_raster import rasterize_mesh, shade_mesh
 
 

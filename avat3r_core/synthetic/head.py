@@ -24,24 +24,24 @@ direction for hair volume, and the 68-point landmark embedding ``lmk_face_idx``/
 Identity components (first 300; :data:`IDENTITY_NAMES`, 1 unit = 1 sigma) and expression
 components (last 100; :data:`EXPRESSION_NAMES`, 1 unit = a clear, moderate change; blinks close the
 eye fully at +2) are linear blendshapes; the rest are zero.
+
+A subject's look (colours, hair, surface detail) and the shaded render are in
+:mod:`avat3r_core.synthetic.appearance`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numba
 import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import nnls
 
-from avat3r_core.flame import FlameModel, write_flame_model, write_landmark_embedding
+from avat3r_core.flame import write_flame_model, write_landmark_embedding
 
 __all__ = [
-    "LABELS", "IDENTITY_NAMES", "EXPRESSION_NAMES", "REGION_NAMES", "Appearance",
-    "build_head_model", "write_head_model", "sample_identity", "sample_appearance", "vertex_albedo",
-    "hair_offsets", "render_head", "N_SHAPE", "N_EXPR",
+    "LABELS", "IDENTITY_NAMES", "EXPRESSION_NAMES", "REGION_NAMES", "build_head_model", "write_head_model",
+    "sample_identity", "smoothstep", "N_SHAPE", "N_EXPR",
 ]
 
 N_SHAPE, N_EXPR = 300, 100
@@ -71,7 +71,7 @@ NECK_C = (0.0, -0.012)  # (x, z) of the neck axis
 JOINTS = {"global": (0.0, -0.15, -0.012), "neck": (0.0, -0.075, -0.012), "jaw": (0.0, -0.018, 0.0)}
 
 
-def _ss(e0, e1, x):
+def smoothstep(e0, e1, x):
     """Smoothstep from e0 (0) to e1 (1); e0 > e1 allowed."""
     t = np.clip((np.asarray(x, dtype=np.float64) - e0) / (e1 - e0), 0.0, 1.0)
     return t * t * (3 - 2 * t)
@@ -227,14 +227,14 @@ class _HeadBuilder:
         dx, dy, dz = dirs[:, 0], dirs[:, 1], dirs[:, 2]
         hw = 0.074 + 0.004 * idp[0]
         jaw_narrow = 0.27 - 0.04 * idp[5]
-        ax = hw * (1 - jaw_narrow * _ss(-0.05, -0.85, dy)) * (1 - 0.06 * _ss(0.3, 1.0, dy))
+        ax = hw * (1 - jaw_narrow * smoothstep(-0.05, -0.85, dy)) * (1 - 0.06 * smoothstep(0.3, 1.0, dy))
         ay_top = 0.120 + 0.005 * idp[2]
-        ay_bot = 0.075 + 0.040 * _ss(-0.4, 0.5, dz)
+        ay_bot = 0.075 + 0.040 * smoothstep(-0.4, 0.5, dz)
         ay = np.where(dy > 0, ay_top, ay_bot)
-        az_front = (0.090 + 0.004 * idp[14]) * (1 - (0.07 + 0.03 * idp[10]) * _ss(0.35, 0.95, dy))
+        az_front = (0.090 + 0.004 * idp[14]) * (1 - (0.07 + 0.03 * idp[10]) * smoothstep(0.35, 0.95, dy))
         az_back = 0.103 + 0.005 * idp[1]
         az = np.where(dz > 0, az_front, az_back)
-        n = 2.3 + 1.6 * _ss(0.1, 0.6, dz) * _ss(0.0, -0.5, dy) + 0.5 * _ss(0.3, 0.8, dz) * _ss(0.5, 0.0, np.abs(dy))
+        n = 2.3 + 1.6 * smoothstep(0.1, 0.6, dz) * smoothstep(0.0, -0.5, dy) + 0.5 * smoothstep(0.3, 0.8, dz) * smoothstep(0.5, 0.0, np.abs(dy))
         r = (np.abs(dx / ax) ** n + np.abs(dy / ay) ** n + np.abs(dz / az) ** n) ** (-1.0 / n)
         return dirs * r[:, None]
 
@@ -255,13 +255,13 @@ class _HeadBuilder:
         hh = ALMOND_HH * np.sqrt(np.clip(1 - a * a, 0.0, 1.0)) + 1e-4
         b = (y - EYE_Y - tilt * ALMOND_HH) / hh
         rad = np.maximum(np.abs(a), np.abs(b))
-        return _ss(1.12, 0.82, rad) * (np.abs(a) < 1.15), a, b
+        return smoothstep(1.12, 0.82, rad) * (np.abs(a) < 1.15), a, b
 
     def shell_fields(self, idp):
         """Per shell vertex: (displacement along the direction, lateral/vertical extras)."""
         A = self.anchor
         x, y, z = A[:, 0], A[:, 1], A[:, 2]
-        front = _ss(0.0, 0.05, z)
+        front = smoothstep(0.0, 0.05, z)
         disp = np.zeros(len(A))
         # nose
         bridge, tip = 0.026, -0.016 - 0.003 * idp[4]
@@ -292,7 +292,7 @@ class _HeadBuilder:
             -0.5 * ((np.abs(x) - 0.026) / 0.024) ** 2)
         # muzzle, lips, philtrum, mentolabial sulcus, chin
         disp += 0.007 * _gauss(x, y, 0.0, MOUTH_Y + 0.002, 0.03, 0.022)
-        lipw = _ss(MOUTH_HW + 0.004, MOUTH_HW - 0.006, np.abs(x)) * np.sqrt(np.clip(1 - (x / (MOUTH_HW + 0.004)) ** 2, 0, 1))
+        lipw = smoothstep(MOUTH_HW + 0.004, MOUTH_HW - 0.006, np.abs(x)) * np.sqrt(np.clip(1 - (x / (MOUTH_HW + 0.004)) ** 2, 0, 1))
         disp += (0.0042 + 0.0012 * idp[8]) * lipw * np.exp(-0.5 * ((y - MOUTH_Y - 0.0045) / 0.0035) ** 2)
         disp += (0.0050 + 0.0013 * idp[8]) * lipw * np.exp(-0.5 * ((y - MOUTH_Y + 0.006) / 0.0042) ** 2)
         disp -= 0.0012 * _gauss(x, y, 0.0, MOUTH_Y + 0.013, 0.003, 0.004)
@@ -305,7 +305,7 @@ class _HeadBuilder:
         """(n_shell_total, 3, 16) displacement of each expression at coefficient 1 (shell only)."""
         A = self.anchor
         x, y, z = A[:, 0], A[:, 1], A[:, 2]
-        front = _ss(0.0, 0.05, z)
+        front = smoothstep(0.0, 0.05, z)
         d = self.dirs[self.shell_src]
         E = np.zeros((len(A), 3, len(EXPRESSION_NAMES)))
         lower = self.is_lower | ((y < MOUTH_Y - 1e-4) & ~self.is_upper)
@@ -327,7 +327,7 @@ class _HeadBuilder:
                     ck = _gauss(x, y, sx * 0.036, -0.018, 0.016, 0.013) * front
                     E[:, 1, k] += 0.0025 * ck
                     E[:, 2, k] += 0.002 * ck
-        brow_band = np.exp(-0.5 * ((y - 0.04) / 0.014) ** 2) * _ss(0.026, 0.034, y) * front
+        brow_band = np.exp(-0.5 * ((y - 0.04) / 0.014) ** 2) * smoothstep(0.026, 0.034, y) * front
         E[:, 1, 3] = 0.0045 * brow_band * np.exp(-0.5 * (x / 0.05) ** 2)
         for sx in (1, -1):
             inner = _gauss(x, y, sx * 0.016, 0.036, 0.011, 0.009) * front
@@ -336,11 +336,11 @@ class _HeadBuilder:
             E[:, 2, 4] += 0.001 * inner
         for k, sx in ((5, 1.0), (6, -1.0)):  # blink: the lid fills the almond opening (closed at +2)
             m, a, b = self._almond(x, y, sx * ex)
-            m = _ss(1.25, 0.95, np.maximum(np.abs(a), np.abs(b)))
+            m = smoothstep(1.25, 0.95, np.maximum(np.abs(a), np.abs(b)))
             E[:, :, k] = 0.5 * (DENT + 0.0016) * (m * front)[:, None] * d
         for sx in (1, -1):  # squint: lower lid rises, cheeks push up
             m, a, b = self._almond(x, y, sx * ex)
-            m = _ss(1.25, 0.95, np.maximum(np.abs(a), np.abs(b))) * _ss(0.3, -0.4, b)
+            m = smoothstep(1.25, 0.95, np.maximum(np.abs(a), np.abs(b))) * smoothstep(0.3, -0.4, b)
             E[:, :, 7] += 0.45 * DENT * (m * front)[:, None] * d
             E[:, 1, 7] += 0.002 * _gauss(x, y, sx * ex, EYE_Y - 0.014, 0.014, 0.007) * front
         E[:, 2, 8] = 0.006 * mouth  # pucker
@@ -402,7 +402,7 @@ class _HeadBuilder:
         ang = np.linspace(0, 2 * np.pi, self.neck_cols, endpoint=False)
         Y = np.repeat(self.neck_ys, self.neck_cols)
         A = np.tile(ang, len(self.neck_ys))
-        flare = 1 + 0.35 * _ss(-0.16, -0.205, Y)  # towards the shoulders
+        flare = 1 + 0.35 * smoothstep(-0.16, -0.205, Y)  # towards the shoulders
         V[self.neck] = np.stack([NECK_C[0] + 0.051 * flare * np.sin(A), Y,
                                  NECK_C[1] + 0.049 * flare * np.cos(A)], -1)
         return V
@@ -414,11 +414,11 @@ class _HeadBuilder:
         E[: len(Es)] = Es
         cav = self.geometry(np.zeros(len(IDENTITY_NAMES)))[self.cav]
         cy = MOUTH_Y - 0.004
-        low = _ss(cy + 0.003, cy - 0.006, cav[:, 1])
+        low = smoothstep(cy + 0.003, cy - 0.006, cav[:, 1])
         lip_lo = Es[self.slit_lower].mean(0)
         lip_up = Es[self.slit_upper].mean(0)
         # the cavity's front follows the average lip motion, so it never pokes out
-        frontness = _ss(-0.3, 0.6, self.cav_unit[:, 2])
+        frontness = smoothstep(-0.3, 0.6, self.cav_unit[:, 2])
         E[self.cav] = frontness[:, None, None] * (low[:, None, None] * lip_lo + (1 - low)[:, None, None] * lip_up)
         E[self.cav, 2, :] = np.minimum(E[self.cav, 2, :], 0.0)
         return E
@@ -437,24 +437,24 @@ def _skinning(builder: _HeadBuilder, V: np.ndarray) -> np.ndarray:
     n_sh = len(builder.anchor)
     A = builder.anchor
     y, z = A[:, 1], A[:, 2]
-    jaw = _ss(MOUTH_Y + 0.001, MOUTH_Y - 0.012, y) * _ss(-0.035, 0.02, z)
+    jaw = smoothstep(MOUTH_Y + 0.001, MOUTH_Y - 0.012, y) * smoothstep(-0.035, 0.02, z)
     jaw = np.where(builder.is_upper, 0.0, jaw)
     low = builder.slit_lower
     jaw[low] = 1 - 0.55 * (np.abs(A[low, 0]) / MOUTH_HW) ** 4
     # below the jaw line towards the throat/back of the skull the head stays rigid
-    jaw *= 1 - _ss(-0.01, -0.06, z - 0.55 * (y + 0.06))
+    jaw *= 1 - smoothstep(-0.01, -0.06, z - 0.55 * (y + 0.06))
     W[:n_sh, 2] = jaw
     W[:n_sh, 1] = 1 - jaw
     W[builder.eye_l, 3] = 1.0
     W[builder.eye_r, 4] = 1.0
     cav = V[builder.cav]
     cy = MOUTH_Y - 0.004
-    cj = _ss(cy + 0.003, cy - 0.006, cav[:, 1])
+    cj = smoothstep(cy + 0.003, cy - 0.006, cav[:, 1])
     W[builder.cav, 2] = cj
     W[builder.cav, 1] = 1 - cj
     W[builder.ear_l, 1] = W[builder.ear_r, 1] = 1.0
     ny = V[builder.neck, 1]
-    wn = _ss(JOINTS["global"][1] - 0.01, JOINTS["neck"][1] + 0.01, ny)
+    wn = smoothstep(JOINTS["global"][1] - 0.01, JOINTS["neck"][1] + 0.01, ny)
     W[builder.neck, 1] = wn
     W[builder.neck, 0] = 1 - wn
     return W
@@ -581,38 +581,38 @@ def _regions(builder: _HeadBuilder, V: np.ndarray) -> tuple[np.ndarray, np.ndarr
     hair = y - hairline
     R[:n_sh, col["hair_coord"]] = hair
     labels[:n_sh] = np.where(hair > 0, LABELS["scalp"], LABELS["skin"])
-    front = _ss(0.0, 0.05, z)
+    front = smoothstep(0.0, 0.05, z)
     brow = np.zeros(n_sh)
     for sx in (1, -1):
         xs = sx * x
         arc = 0.035 + 0.006 * np.sin(np.clip((0.054 - xs) / 0.042, 0, 1) * 2.9) - 0.002
-        brow += _ss(0.0035, 0.0015, np.abs(y - arc)) * _ss(0.058, 0.050, xs) * _ss(0.008, 0.013, xs)
+        brow += smoothstep(0.0035, 0.0015, np.abs(y - arc)) * smoothstep(0.058, 0.050, xs) * smoothstep(0.008, 0.013, xs)
         m, a, b = builder._almond(x, y, sx * EYE_X)
         ring = np.maximum(np.abs(a), np.abs(b))
-        R[:n_sh, col["lid_line"]] += _ss(0.75, 0.95, ring) * _ss(1.35, 1.0, ring) * (np.abs(a) < 1.25)
+        R[:n_sh, col["lid_line"]] += smoothstep(0.75, 0.95, ring) * smoothstep(1.35, 1.0, ring) * (np.abs(a) < 1.25)
     R[:n_sh, col["brow"]] = np.clip(brow * front, 0, 1)
-    lipx = _ss(MOUTH_HW + 0.001, MOUTH_HW - 0.002, np.abs(x))
+    lipx = smoothstep(MOUTH_HW + 0.001, MOUTH_HW - 0.002, np.abs(x))
     taper = np.sqrt(np.clip(1 - (x / (MOUTH_HW + 0.001)) ** 2, 0, 1)) ** 0.8
     bow = 0.0012 * np.exp(-0.5 * (x / 0.003) ** 2)  # cupid's bow dip
     top = MOUTH_Y + 0.0085 * taper - bow
     bot = MOUTH_Y - 0.0105 * taper
-    lips = lipx * _ss(top + 0.0012, top - 0.0008, y) * _ss(bot - 0.0012, bot + 0.0008, y)
+    lips = lipx * smoothstep(top + 0.0012, top - 0.0008, y) * smoothstep(bot - 0.0012, bot + 0.0008, y)
     R[:n_sh, col["lips"]] = lips * front
-    R[:n_sh, col["lip_line"]] = lipx * _ss(0.002, 0.0, np.abs(y - MOUTH_Y)) * front
-    R[:n_sh, col["beard"]] = (_ss(-0.028, -0.040, y) * _ss(0.064, 0.050, np.abs(x)) * front *
-                              (1 - R[:n_sh, col["lips"]]) * _ss(-0.125, -0.105, y - 0.3 * z))
+    R[:n_sh, col["lip_line"]] = lipx * smoothstep(0.002, 0.0, np.abs(y - MOUTH_Y)) * front
+    R[:n_sh, col["beard"]] = (smoothstep(-0.028, -0.040, y) * smoothstep(0.064, 0.050, np.abs(x)) * front *
+                              (1 - R[:n_sh, col["lips"]]) * smoothstep(-0.125, -0.105, y - 0.3 * z))
     R[:n_sh, col["cheek"]] = sum(_gauss(x, y, sx * 0.045, -0.015, 0.016, 0.014) for sx in (1, -1)) * front
     for ids, lab in ((builder.eye_l, "eye_left"), (builder.eye_r, "eye_right")):
         labels[ids] = LABELS[lab]
         ang = np.degrees(np.arccos(np.clip(builder.eye_unit[:, 2], -1, 1)))
-        R[ids, col["pupil"]] = _ss(14, 10, ang)
-        R[ids, col["iris"]] = _ss(33, 28, ang) - R[ids, col["pupil"]]
-        R[ids, col["sclera"]] = 1 - _ss(33, 28, ang)
+        R[ids, col["pupil"]] = smoothstep(14, 10, ang)
+        R[ids, col["iris"]] = smoothstep(33, 28, ang) - R[ids, col["pupil"]]
+        R[ids, col["sclera"]] = 1 - smoothstep(33, 28, ang)
     labels[builder.cav] = LABELS["mouth"]
     R[builder.cav, col["mouth"]] = 1.0
     cu = builder.cav_unit
-    teeth = _ss(0.15, 0.45, cu[:, 2]) * (_ss(0.15, 0.35, cu[:, 1]) * _ss(0.85, 0.65, cu[:, 1]) +
-                                         _ss(-0.2, -0.4, cu[:, 1]) * _ss(-0.85, -0.65, cu[:, 1]))
+    teeth = smoothstep(0.15, 0.45, cu[:, 2]) * (smoothstep(0.15, 0.35, cu[:, 1]) * smoothstep(0.85, 0.65, cu[:, 1]) +
+                                         smoothstep(-0.2, -0.4, cu[:, 1]) * smoothstep(-0.85, -0.65, cu[:, 1]))
     R[builder.cav, col["teeth"]] = np.clip(teeth, 0, 1)
     for ids in (builder.ear_l, builder.ear_r):
         labels[ids] = LABELS["ear"]
@@ -674,189 +674,3 @@ def sample_identity(seed: int, n: int = N_SHAPE, scale: float = 0.8) -> np.ndarr
     k = min(n, len(IDENTITY_NAMES))
     out[:k] = np.clip(rng.normal(0.0, scale, k), -2.5, 2.5)
     return out
-
-
-# --------------------------------------------------------------------------- appearance
-@dataclass
-class Appearance:
-    """Per-subject look (colours are sRGB-ish in [0, 1])."""
-
-    skin: tuple
-    hair: tuple
-    iris: tuple
-    lips: tuple
-    brow: tuple
-    hair_extent: float  # metres; > 0 lowers the hairline (more hair), < 0 receding
-    hair_volume: float  # metres of hair thickness on top of the scalp
-    freckles: float  # 0..1
-    stubble: float  # 0..1
-    noise_seed: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def _waves(self, n, kmin, kmax, salt):
-        rng = np.random.default_rng(self.noise_seed * 7919 + salt)
-        dirs = rng.normal(size=(n, 3))
-        dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-        k = np.exp(rng.uniform(np.log(kmin), np.log(kmax), n))[:, None] * dirs
-        return k, rng.uniform(0, 2 * np.pi, n)
-
-    def _noise(self, p, n, kmin, kmax, salt):
-        k, ph = self._waves(n, kmin, kmax, salt)
-        out = np.empty(len(p))
-        _sum_of_waves(np.ascontiguousarray(p, dtype=np.float64), k, ph, out)
-        return out / np.sqrt(n / 2)
-
-    def detail(self, points: np.ndarray, albedo: np.ndarray) -> np.ndarray:
-        """Procedural surface detail at canonical points (N, >=5: xyz, hair mask, skin mask)."""
-        p = points[:, :3]
-        hair = points[:, 3] if points.shape[1] > 3 else np.zeros(len(p))
-        skin = points[:, 4] if points.shape[1] > 4 else np.ones(len(p))
-        low = self._noise(p, 12, 40.0, 160.0, 1)  # blotches, cm scale
-        out = albedo.copy()
-        # fine noise only where it shows (skin / hair): this is the studio's hottest loop
-        on_skin = skin > 0
-        if on_skin.any():
-            ps = p[on_skin]
-            mid = self._noise(ps, 16, 300.0, 900.0, 2)  # pores / mottling, mm scale
-            gain = 1 + skin[on_skin] * (0.05 * low[on_skin] + 0.035 * mid)
-            if self.freckles > 0:
-                f = self._noise(ps, 20, 500.0, 1400.0, 3)
-                spots = _ss(1.3, 1.9, f) * self.freckles * skin[on_skin] * _ss(0.0, 0.06, ps[:, 2])
-                gain = gain * (1 - 0.28 * spots)
-            out[on_skin] *= gain[:, None]
-        # hair strands: fine stripes across the strand direction (mostly along y on the scalp)
-        on_hair = hair > 0
-        if on_hair.any():
-            q = p[on_hair] * np.array([1.0, 0.12, 1.0])
-            strands = self._noise(q, 18, 900.0, 2500.0, 4)
-            out[on_hair] *= (1 + hair[on_hair] * (0.16 * strands + 0.08 * low[on_hair]))[:, None]
-        return np.clip(out, 0, 1)
-
-
-@numba.njit(parallel=True, cache=True)
-def _sum_of_waves(p, k, phase, out):
-    """out[i] = Σ_j sin(p_i · k_j + phase_j): the studio's texture noise, evaluated per fragment.
-
-    The hottest loop of the studio (millions of fragments per frame); numpy's version materialises
-    an (N, n_waves) temporary and runs ~5x slower.
-    """
-    for i in numba.prange(p.shape[0]):
-        acc = 0.0
-        for j in range(k.shape[0]):
-            acc += np.sin(p[i, 0] * k[j, 0] + p[i, 1] * k[j, 1] + p[i, 2] * k[j, 2] + phase[j])
-        out[i] = acc
-
-
-def sample_appearance(seed: int) -> Appearance:
-    rng = np.random.default_rng(seed + 1_000_003)
-    tones = np.array([[0.95, 0.80, 0.70], [0.87, 0.68, 0.56], [0.76, 0.56, 0.42], [0.60, 0.42, 0.30],
-                      [0.42, 0.28, 0.20]])
-    t = rng.uniform(0, len(tones) - 1)
-    i = int(t)
-    skin = tones[i] * (1 - (t - i)) + tones[min(i + 1, len(tones) - 1)] * (t - i)
-    skin = np.clip(skin * rng.uniform(0.95, 1.05, 3), 0, 1)
-    hairs = np.array([[0.08, 0.06, 0.05], [0.25, 0.16, 0.09], [0.45, 0.30, 0.16], [0.75, 0.60, 0.38],
-                      [0.55, 0.22, 0.10], [0.55, 0.55, 0.55]])
-    hair = hairs[rng.integers(len(hairs))] * rng.uniform(0.85, 1.15)
-    irises = np.array([[0.30, 0.18, 0.08], [0.20, 0.35, 0.55], [0.30, 0.42, 0.22], [0.15, 0.10, 0.06]])
-    iris = irises[rng.integers(len(irises))]
-    lips = np.clip(skin * np.array([0.95, 0.62, 0.62]) + np.array([0.06, 0.0, 0.02]), 0, 1)
-    brow = np.clip(hair * 0.8 + 0.03, 0, 1)
-    return Appearance(
-        skin=tuple(float(c) for c in skin), hair=tuple(float(c) for c in np.clip(hair, 0, 1)),
-        iris=tuple(float(c) for c in iris), lips=tuple(float(c) for c in lips), brow=tuple(float(c) for c in brow),
-        hair_extent=float(rng.uniform(-0.015, 0.012)), hair_volume=float(rng.uniform(0.003, 0.014)),
-        freckles=float(rng.uniform(0, 1) ** 3), stubble=float(rng.uniform(0, 1) ** 2 * (rng.uniform() < 0.5)),
-        noise_seed=int(rng.integers(2 ** 31)),
-    )
-
-
-def _extras(model) -> dict:
-    if isinstance(model, FlameModel):
-        return model.extras
-    return model
-
-
-def _region(model, name: str) -> np.ndarray:
-    ex = _extras(model)
-    names = [str(s) for s in np.asarray(ex["region_names"]).tolist()]
-    return np.asarray(ex["region_masks"])[:, names.index(name)]
-
-
-def hair_mask(model, appearance: Appearance) -> np.ndarray:
-    """(V,) soft hair coverage in [0, 1] for this subject's hairline."""
-    hc = _region(model, "hair_coord")
-    labels = np.asarray(_extras(model)["vertex_labels"])
-    shell = (labels == LABELS["skin"]) | (labels == LABELS["scalp"])
-    return _ss(-0.004, 0.006, hc + appearance.hair_extent) * shell
-
-
-def hair_offsets(model, appearance: Appearance) -> np.ndarray:
-    """(V, 3) canonical displacement giving the hair volume (pass as ``offsets`` to FlameLayer)."""
-    m = hair_mask(model, appearance)
-    d = np.asarray(_extras(model)["hair_dir"])
-    top = 0.55 + 0.45 * np.clip(d[:, 1], 0, 1)
-    return (appearance.hair_volume * m * top)[:, None] * d
-
-
-def vertex_albedo(model, appearance: Appearance) -> np.ndarray:
-    """(V, 3) base colour per vertex."""
-    ex = _extras(model)
-    labels = np.asarray(ex["vertex_labels"])
-    V = len(labels)
-    skin = np.broadcast_to(np.asarray(appearance.skin), (V, 3)).copy()
-    col = skin.copy()
-    r = lambda name: _region(model, name)[:, None]  # noqa: E731
-    col = col * (1 - 0.12 * r("cheek") * np.array([0.0, 1.0, 0.8]))  # flush
-    col = col * (1 - r("lips")) + np.asarray(appearance.lips) * r("lips")
-    col = col * (1 - 0.55 * r("lip_line"))
-    col = col * (1 - 0.85 * r("brow")) + 0.85 * np.asarray(appearance.brow) * r("brow")
-    col = col * (1 - 0.75 * np.clip(r("lid_line"), 0, 1)) + 0.75 * np.clip(r("lid_line"), 0, 1) * 0.12
-    if appearance.stubble > 0:  # shaved beard shadow
-        st = appearance.stubble * 0.45 * r("beard")
-        col = col * (1 - st) + st * np.asarray(appearance.hair) * 0.8
-    hm = hair_mask(model, appearance)[:, None]
-    col = col * (1 - hm) + np.asarray(appearance.hair) * hm
-    eye = (labels == LABELS["eye_left"]) | (labels == LABELS["eye_right"])
-    sclera = np.array([0.93, 0.91, 0.88])
-    ecol = sclera * r("sclera") + np.asarray(appearance.iris) * r("iris") + 0.03 * r("pupil")
-    col[eye] = ecol[eye]
-    mouth = labels == LABELS["mouth"]
-    mcol = np.array([0.16, 0.04, 0.05]) * (1 - r("teeth")) + np.array([0.88, 0.85, 0.78]) * r("teeth")
-    col[mouth] = mcol[mouth]
-    ear = labels == LABELS["ear"]
-    col[ear] = (skin * (1 - 0.3 * r("ear_inner")) * np.array([1.0, 0.96, 0.96]))[ear]
-    neck = labels == LABELS["neck"]
-    col[neck] = skin[neck] * 0.97
-    return np.clip(col, 0, 1)
-
-
-def render_head(layer, model, appearance: Appearance, world_to_cam, K, width: int, height: int,
-                supersample: int = 2, background=None, **params):
-    """Pose the head with ``layer`` (a FlameLayer on ``model``) and shade it in every camera.
-
-    ``params`` go to ``layer.forward`` (shape, expr, rotation, neck, jaw, eyes, translation, scale;
-    unbatched (n,) or batch 1). Returns (MeshRender, FlameOutput).
-    """
-    import torch
-
-    from avat3r_core.synthetic.mesh_raster import shade_mesh
-
-    offs = torch.as_tensor(hair_offsets(model, appearance), dtype=layer.v_template.dtype)[None]
-    batched = {k: (torch.as_tensor(v, dtype=layer.v_template.dtype).reshape(1, -1) if v is not None else None)
-               for k, v in params.items()}
-    with torch.no_grad():
-        out = layer(offsets=offs, **batched)
-    verts = out.vertices[0].double().numpy()
-    labels = np.asarray(_extras(model)["vertex_labels"])
-    hm = hair_mask(model, appearance)
-    skin_m = ((labels == LABELS["skin"]) | (labels == LABELS["scalp"]) | (labels == LABELS["ear"]) |
-              (labels == LABELS["neck"])) * (1 - hm)
-    canon = np.concatenate([layer.v_template.double().numpy(), hm[:, None], skin_m[:, None]], 1)
-    eyes = ((labels == LABELS["eye_left"]) | (labels == LABELS["eye_right"])).astype(np.float64)
-    render = shade_mesh(verts, layer.faces.numpy(), world_to_cam, K, width, height,
-                        vertex_albedo(model, appearance), canonical=canon, detail=appearance.detail,
-                        supersample=supersample, background=background, unlit=0.4 * eyes)
-    return render, out

@@ -297,7 +297,8 @@ def film_sequence(config: StudioConfig, head: HeadAssets, pid: str, sequence: st
                   cams: Cameras, plates: np.ndarray, casts: dict[str, np.ndarray] | None,
                   identity: np.ndarray, appearance) -> FilmedSequence:
     """Render one sequence of one subject in every camera: what the cameras record, plus truth."""
-    from avat3r_core.synthetic.head import EXPRESSION_NAMES, render_head
+    from avat3r_core.synthetic.appearance import render_head
+    from avat3r_core.synthetic.head import EXPRESSION_NAMES
 
     motion = sequence_motion(config.seed, pid, sequence, config.frames, len(EXPRESSION_NAMES))
     noise_rng = np.random.default_rng(subject_seed(config.seed, pid, f"noise/{sequence}"))

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from avat3r_core.gaussians import Gaussians
-from avat3r_core.synthetic.head import build_head_model, sample_appearance, vertex_albedo
+from avat3r_core.synthetic.appearance import sample_appearance, vertex_albedo
+from avat3r_core.synthetic.head import build_head_model
 
 
 def head_surface_gaussians(n: int, seed: int = 0, model: dict | None = None) -> Gaussians:
