@@ -365,7 +365,7 @@ def test_level_start_keeps_yaw_and_levels_the_camera(yaw_deg, pitch_deg):
     """The uncalibrated fit's level start: the camera centre (in the head's frame) ends at pitch 0
     with its yaw and distance kept, also far from frontal (a turn about the head's x axis put a
     74-deg view 20 deg off and made a turning video's fit diverge)."""
-    from avat3r_core.tracking.fit import _level
+    from avat3r_core.tracking.rigid import level_pose
 
     yaw, pitch = np.radians(yaw_deg), np.radians(pitch_deg)
     c = 2.0 * np.array([np.sin(yaw) * np.cos(pitch), np.sin(pitch), np.cos(yaw) * np.cos(pitch)])
@@ -373,7 +373,7 @@ def test_level_start_keeps_yaw_and_levels_the_camera(yaw_deg, pitch_deg):
     R = (np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
          @ np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]]))
     tr = -R @ c
-    c2 = -_level(R, tr).T @ tr
+    c2 = -level_pose(R, tr).T @ tr
     assert abs(c2[1]) < 1e-9
     assert np.degrees(np.arctan2(c2[0], c2[2])) == pytest.approx(yaw_deg, abs=1e-6)
     assert np.linalg.norm(c2) == pytest.approx(2.0)

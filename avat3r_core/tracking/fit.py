@@ -25,7 +25,7 @@ Optimisation is vectorised across frames: one optimiser step updates all frames 
 Adam, (2) everything with Adam, (3) optional L-BFGS polish on everything. Initial rigid pose per
 frame: landmarks are triangulated across the calibrated cameras (weighted DLT) and the neutral
 template's landmarks are aligned to them (Kabsch, with one inlier re-fit); with fewer than two
-usable views a PnP fit (OpenCV) in the best camera is used instead.
+usable views a PnP fit (OpenCV) in the best camera is used instead (:mod:`avat3r_core.tracking.rigid`).
 
 Only the vertices the energy needs (landmark triangles, the silhouette subset) are posed during
 optimisation (:class:`SubsetFlame`, exactly FLAME's LBS restricted to those vertices, with the
@@ -71,10 +71,11 @@ from torch import Tensor
 from avat3r_core.config import Presets
 from avat3r_core.cameras import Cameras
 from avat3r_core.flame import FlameLayer, batch_rodrigues
+from avat3r_core.tracking.rigid import initial_rigid_pose, level_pose, pnp_pose, rotvec
 
 __all__ = [
     "FitConfig", "FitResult", "UncalibratedResult", "SubsetFlame", "fit_sequence", "fit_uncalibrated",
-    "triangulate", "kabsch", "initial_rigid_pose", "flame_params_to_full", "PER_FRAME_KEYS",
+    "flame_params_to_full", "PER_FRAME_KEYS",
 ]
 
 PER_FRAME_KEYS = ("expression", "jaw", "neck", "eyes", "rotation", "translation")
@@ -240,100 +241,6 @@ def _project(points: Tensor, w2c: Tensor, K: Tensor) -> tuple[Tensor, Tensor]:
     return uv, z
 
 
-def triangulate(points: np.ndarray, weights: np.ndarray, w2c: np.ndarray, K: np.ndarray,
-                min_views: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted linear (DLT) triangulation. points (T, C, L, 2), weights (T, C, L), cameras (C, 4, 4),
-    (C, 3, 3) -> X (T, L, 3), valid (T, L) (>= ``min_views`` weighted views and in front of them)."""
-    P = K @ w2c[:, :3, :]  # (C, 3, 4)
-    u, v = points[..., 0], points[..., 1]  # (T, C, L)
-    w = np.sqrt(np.clip(weights, 0, None))
-    rows1 = w[..., None] * (u[..., None] * P[None, :, None, 2] - P[None, :, None, 0])  # (T, C, L, 4)
-    rows2 = w[..., None] * (v[..., None] * P[None, :, None, 2] - P[None, :, None, 1])
-    A = np.concatenate([rows1, rows2], 1).transpose(0, 2, 1, 3)  # (T, L, 2C, 4)
-    _, _, vh = np.linalg.svd(A)
-    Xh = vh[..., -1, :]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        X = Xh[..., :3] / Xh[..., 3:]
-    n_views = (weights > 0).sum(1)
-    depth = np.einsum("cij,tlj->tcli", w2c[:, :3, :3], X)[..., 2] + w2c[None, :, 2, 3, None]
-    in_front = ((depth > 0) | (weights <= 0)).all(1)
-    valid = (n_views >= min_views) & np.isfinite(X).all(-1) & in_front
-    return np.where(valid[..., None], X, 0.0), valid
-
-
-def kabsch(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Rigid R, t minimising sum w |R src + t - dst|^2 (src, dst (N, 3))."""
-    w = np.ones(len(src)) if weights is None else np.asarray(weights, np.float64)
-    w = w / max(w.sum(), 1e-12)
-    ms, md = (w[:, None] * src).sum(0), (w[:, None] * dst).sum(0)
-    H = ((src - ms) * w[:, None]).T @ (dst - md)
-    U, _, Vt = np.linalg.svd(H)
-    d = np.sign(np.linalg.det(Vt.T @ U.T)) or 1.0
-    R = Vt.T @ np.diag([1.0, 1.0, d]) @ U.T
-    return R, md - R @ ms
-
-
-def _rotvec(R: np.ndarray) -> np.ndarray:
-    from scipy.spatial.transform import Rotation
-
-    return Rotation.from_matrix(R).as_rotvec()
-
-
-def _pnp(template: np.ndarray, pts: np.ndarray, weights: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Head pose in a camera (X_cam = R X + t) from 2D-3D correspondences; None if it fails."""
-    import cv2
-
-    ok_pts = weights > 0
-    if ok_pts.sum() < 6:
-        return None
-    obj = np.ascontiguousarray(template[ok_pts], np.float64)
-    img = np.ascontiguousarray(pts[ok_pts], np.float64)
-    try:
-        ok, rvec, tvec = cv2.solvePnP(obj, img, np.asarray(K, np.float64), None, flags=cv2.SOLVEPNP_EPNP)
-        if ok:
-            ok, rvec, tvec = cv2.solvePnP(obj, img, np.asarray(K, np.float64), None, rvec, tvec,
-                                          useExtrinsicGuess=True, flags=cv2.SOLVEPNP_ITERATIVE)
-    except cv2.error:
-        return None
-    if not ok or not np.isfinite(tvec).all() or tvec[2, 0] <= 0:
-        return None
-    return cv2.Rodrigues(rvec)[0], tvec[:, 0]
-
-
-def initial_rigid_pose(template: np.ndarray, root: np.ndarray, points: np.ndarray, weights: np.ndarray,
-                       w2c: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-frame FLAME (rotation, translation) (T, 3) each, from neutral ``template`` landmarks (L, 3)
-    and the root joint ``root`` (3,); points/weights (T, C, L, ...), calibrated cameras (C, ...) or
-    per frame (T, C, ...)."""
-    T = points.shape[0]
-    w2c = np.broadcast_to(w2c, (T, *w2c.shape[-3:])) if w2c.ndim == 4 else np.broadcast_to(w2c, (T, *w2c.shape))
-    K = np.broadcast_to(K, (T, *K.shape[-3:])) if K.ndim == 4 else np.broadcast_to(K, (T, *K.shape))
-    rotations, translations = np.zeros((T, 3)), np.zeros((T, 3))
-    for t in range(T):
-        X, valid = triangulate(points[t:t + 1], weights[t:t + 1], w2c[t], K[t])
-        X, valid = X[0], valid[0]
-        R = tr = None
-        if valid.sum() >= 4:
-            R, tr = kabsch(template[valid], X[valid])
-            err = np.linalg.norm(template[valid] @ R.T + tr - X[valid], axis=1)
-            inl = err <= max(3 * np.median(err), 1e-3)
-            if inl.sum() >= 4:
-                R, tr = kabsch(template[valid][inl], X[valid][inl])
-        else:  # PnP in the camera that sees most landmarks
-            c = int(np.argmax((weights[t] > 0).sum(-1)))
-            res = _pnp(template, points[t, c], weights[t, c], K[t, c])
-            if res is not None:
-                Rp, tp = res
-                Rc, tc = w2c[t, c, :3, :3], w2c[t, c, :3, 3]
-                R, tr = Rc.T @ Rp, Rc.T @ (tp - tc)
-        if R is None or not np.isfinite(R).all():
-            R, tr = np.eye(3), np.zeros(3)
-        # X = R X0 + tr  ==  FLAME: R (X0 - J0) + J0 + translation
-        rotations[t] = _rotvec(R)
-        translations[t] = tr - (np.eye(3) - R) @ root
-    return rotations, translations
-
-
 def _robust(r2: Tensor, kind: str, s: float) -> Tensor:
     if kind == "gm":
         return (s * s) * r2 / (r2 + s * s)
@@ -416,23 +323,6 @@ class _Problem:
             per_cam = torch.where(vis.any(-1), per_cam, torch.full_like(per_cam, float("nan")))
             per_frame = (d * vis).sum((1, 2)) / vis.sum((1, 2)).clamp_min(1)
         return per_cam.numpy(), per_frame.numpy(), uv.numpy()
-
-
-def _level(R: np.ndarray, tr: np.ndarray) -> np.ndarray:
-    """The head pose ``X_cam = R X + tr`` turned about a horizontal axis through the head's origin
-    (which stays where it is in the camera) until the camera is level with the face: pitch 0, yaw
-    kept. The axis is perpendicular to the camera's horizontal direction, not the head's x axis:
-    at 70 deg of yaw a turn about x would mostly roll the head and put the camera far off."""
-    c = -R.T @ tr  # camera centre in the head's frame
-    horizontal = math.hypot(c[0], c[2])
-    if horizontal < 1e-9:  # camera straight above or below: no yaw to keep
-        return R
-    axis = np.array([-c[2], 0.0, c[0]]) / horizontal
-    K = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
-    pitch = math.atan2(c[1], horizontal)
-    turns = [np.eye(3) + math.sin(a) * K + (1.0 - math.cos(a)) * (K @ K) for a in (pitch, -pitch)]
-    Q = min(turns, key=lambda q: abs((q @ c)[1]))  # the sense that brings the camera down to level
-    return R @ Q.T
 
 
 def _sin_pitch(rotation: Tensor, translation: Tensor, root: Tensor) -> Tensor:
@@ -701,14 +591,14 @@ def fit_uncalibrated(layer: FlameLayer, points: np.ndarray, image_sizes: np.ndar
     tmpl, root = tmpl[0].numpy(), root[0].numpy()
     rot0, trans0 = np.zeros((N, 3)), np.zeros((N, 3))
     for i in range(N):  # head pose in each camera by PnP; a default frontal pose if that fails
-        res = _pnp(tmpl, points[i], conf[i], Ks[i])
+        res = pnp_pose(tmpl, points[i], conf[i], Ks[i])
         if res is None:
             R, tr = np.diag([1.0, -1.0, -1.0]), np.array([0.0, 0.0, Ks[i, 1, 1] * 0.25 / sizes[i, 1]])
         else:
             R, tr = res
             if cfg.w_pitch > 0:
-                R = _level(R, tr)
-        rot0[i] = _rotvec(R)
+                R = level_pose(R, tr)
+        rot0[i] = rotvec(R)
         trans0[i] = tr - (np.eye(3) - R) @ root
     eye4 = torch.eye(4, dtype=dtype).expand(N, 1, 4, 4)
     norm = torch.as_tensor(cfg.reference_height / sizes[:, 1:2].astype(np.float64), dtype=dtype)  # (N, 1)
