@@ -36,6 +36,7 @@ __all__ = [
     "HIGHER_IS_BETTER",
     "MetricTable",
     "MetricUnavailable",
+    "PSNR_CAP",
     "akd",
     "csim",
     "lpips_metric",
@@ -45,6 +46,9 @@ __all__ = [
 
 DEFAULT_METRICS = ("psnr", "ssim", "lpips", "akd", "csim")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "akd": False, "csim": True}
+#: Per-view PSNR is capped here before a mean is taken (identical images are ``+inf``), so every
+#: mean (validation, evaluation, the expression probe) is finite and they agree.
+PSNR_CAP = 100.0
 _FORMATS = {"psnr": "{:.2f}", "ssim": "{:.4f}", "lpips": "{:.4f}", "akd": "{:.2f}", "csim": "{:.3f}"}
 _LABELS = {"psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS", "akd": "AKD", "csim": "CSIM"}
 

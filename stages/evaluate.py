@@ -32,13 +32,13 @@ from avat3r_core.storage import atomic_write_bytes, join
 from avat3r_core.evaluation import (
     EvalConfig,
     GroundTruth68,
-    LPIPS_NOT_COMPUTED,
     TargetViewIndex,
     eval_loader_config,
     evaluate_report,
     make_detector68,
     make_identity,
 )
+from avat3r_core.evaluation_report import LPIPS_NOT_COMPUTED
 from avat3r_core.inference.checkpoint import load_trained_model
 
 log = logging.getLogger("avat3r.stages.evaluate")

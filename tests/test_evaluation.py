@@ -15,14 +15,14 @@ from avat3r_core.dataset.loader import make_loader
 from avat3r_core.errors import FormatError
 from avat3r_core.inference.checkpoint import load_trained_model
 from avat3r_core.evaluation import (
-    LPIPS_NOT_COMPUTED,
-    PSNR_CAP,
     EvalConfig,
     GroundTruth68,
     TargetViewIndex,
     eval_loader_config,
     evaluate_report,
 )
+from avat3r_core.evaluation_report import LPIPS_NOT_COMPUTED
+from avat3r_core.metrics import PSNR_CAP
 from avat3r_core.tracking.landmarks import MEDIAPIPE_TO_IBUG68, mediapipe_to_ibug68
 from tests.test_pack_loader import FEATURE_DIM, make_priors_and_tracking
 
@@ -72,7 +72,7 @@ def test_identical_images_psnr_inf_per_view_and_capped_in_the_mean(data):
     assert rows and all(math.isinf(r["psnr"]) and r["psnr"] > 0 for r in rows)  # metrics.psnr: +inf
     assert all(r["ssim"] == pytest.approx(1.0, abs=1e-5) for r in rows)
     summary = report.summary("oracle")
-    assert summary["psnr"] == PSNR_CAP  # capped like inference.predict.evaluate
+    assert summary["psnr"] == PSNR_CAP  # capped like inference.predict.mean_psnr_ssim
     assert json.loads(json.dumps(report.metrics(), allow_nan=False))["oracle"]["psnr"] == PSNR_CAP
     assert "inf" in report.to_csv().splitlines()[1]
 
@@ -106,9 +106,9 @@ def test_ground_truth_akd_against_itself_is_zero(data):
 
 
 def test_baseline_equals_training_evaluate(data):
-    from avat3r_core.inference.predict import evaluate
+    from avat3r_core.inference.predict import mean_psnr_ssim
 
-    expected = evaluate(data["batches"], None)
+    expected = mean_psnr_ssim(data["batches"], None)
     report = evaluate_report(data["batches"], None)
     assert report.methods == ["baseline"]
     s = report.summary("baseline")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from avat3r_core.inference.predict import evaluate, predict_images
+from avat3r_core.inference.predict import mean_psnr_ssim, predict_images
 from avat3r_core.inference.visuals import image_grid
 from avat3r_core.train.config import TrainConfig
 from avat3r_core.train.synthetic import SyntheticSource, synthetic_sample
@@ -123,7 +123,7 @@ def test_two_worker_ray_train_keeps_ranks_identical_and_resumes(tmp_path, ray_se
 
 def test_baseline_is_evaluated_by_the_same_code_and_shown_beside_the_model():
     batch = synthetic_sample(0, size=SIZE)
-    metrics = evaluate([batch], model=None)
+    metrics = mean_psnr_ssim([batch], model=None)
     assert math.isfinite(metrics["psnr"]) and 10.0 < metrics["psnr"] < 60.0 and 0.0 < metrics["ssim"] <= 1.0
     grid = image_grid(batch, {"baseline": predict_images(batch)})
     # one row per target view; columns: 2 inputs | target | baseline

@@ -13,7 +13,7 @@ from avat3r_core.gaussians import Gaussians
 from avat3r_core.losses import Avat3rLoss
 from avat3r_core.model import Avat3r, Avat3rConfig
 from avat3r_core.render import render
-from avat3r_core.inference.predict import evaluate
+from avat3r_core.inference.predict import mean_psnr_ssim
 from avat3r_core.train.config import TrainConfig
 from avat3r_core.train.loop import train_step
 from avat3r_core.train.state import load_checkpoint, save_checkpoint
@@ -53,11 +53,11 @@ def test_overfits_one_sample_past_30_db():
     config = TrainConfig.preset("tiny", steps=250)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     loss_fn = Avat3rLoss()
-    start = evaluate([batch], model)["psnr"]
+    start = mean_psnr_ssim([batch], model)["psnr"]
     for step in range(config.steps):
         result = train_step(model, batch, optimizer, loss_fn, config, step)
         assert not result.skipped and set(result.seconds) == {"forward", "render", "backward"}
-    final = evaluate([batch], model)
+    final = mean_psnr_ssim([batch], model)
     assert final["psnr"] > 30.0 > start, (start, final)
 
 
@@ -84,7 +84,7 @@ def test_checkpoint_round_trip_and_missing_directory(tmp_path):
 
 
 def test_baseline_is_evaluated_by_the_same_code():
-    metrics = evaluate([scene_batch()], model=None)
+    metrics = mean_psnr_ssim([scene_batch()], model=None)
     assert 10.0 < metrics["psnr"] < 60.0 and 0.0 < metrics["ssim"] <= 1.0
 
 

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from avat3r_core.batch import Avat3rBatch
-from avat3r_core.metrics import psnr, ssim
+from avat3r_core.metrics import PSNR_CAP, psnr, ssim
 from avat3r_core.tracking import expression_code as ec
 
 __all__ = ["BOX_MIN", "BOX_PAD", "CODES", "ExpressionProbe", "MOUTH", "EYES", "input_code", "lip_gap", "neutral_like",
@@ -52,7 +52,6 @@ INNER_LIP_UPPER, INNER_LIP_LOWER = 62, 66
 EYE_OUTER_RIGHT, EYE_OUTER_LEFT = 36, 45
 BOX_PAD = 0.3
 BOX_MIN = 16
-_PSNR_CAP = 100.0  # per-view cap before averaging (identical crops are +inf), as evaluation does
 
 
 def input_code(batch: Avat3rBatch) -> Tensor:
@@ -112,7 +111,7 @@ def region_scores(pred: Tensor, target: Tensor, boxes: np.ndarray) -> tuple[np.n
         if x0 < 0:
             continue
         a, b = pred[i:i + 1, :, y0:y1, x0:x1], target[i:i + 1, :, y0:y1, x0:x1]
-        p_out[i] = float(psnr(a, b).clamp(max=_PSNR_CAP))
+        p_out[i] = float(psnr(a, b).clamp(max=PSNR_CAP))
         s_out[i] = float(ssim(a, b))
     return p_out, s_out
 
@@ -187,7 +186,7 @@ class ExpressionProbe:
             truth_gap = np.where(np.isfinite(truth_gap), truth_gap, lip_gap(gt_points, gt_visible))
         for name, code in codes.items():
             pred = pred_target if (name == "target" and pred_target is not None) else self._render(batch, code)
-            p = psnr(pred, targets).clamp(max=_PSNR_CAP).cpu().double().numpy()
+            p = psnr(pred, targets).clamp(max=PSNR_CAP).cpu().double().numpy()
             s = ssim(pred, targets).cpu().double().numpy()
             regions = {k: region_scores(pred, targets, b) for k, b in boxes.items()}
             gap = np.full(B * T, np.nan)

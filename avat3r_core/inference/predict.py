@@ -11,7 +11,7 @@ from torch import Tensor
 from avat3r_core.batch import Avat3rBatch
 from avat3r_core.gaussians import Gaussians
 from avat3r_core.losses import composite
-from avat3r_core.metrics import psnr, ssim
+from avat3r_core.metrics import PSNR_CAP, psnr, ssim
 from avat3r_core.model.avat3r import Avat3rInputs
 from avat3r_core.render import render
 
@@ -80,7 +80,7 @@ def predict_images(batch: Avat3rBatch, model=None, background=(1.0, 1.0, 1.0), b
 
 
 @torch.no_grad()
-def evaluate(batches, model=None, background=(1.0, 1.0, 1.0)) -> dict:
+def mean_psnr_ssim(batches, model=None, background=(1.0, 1.0, 1.0)) -> dict:
     """Mean PSNR/SSIM (:mod:`avat3r_core.metrics`) at the target views of the model (``model``) or
     of the non-learned baseline (``None``); the same code for both."""
     psnrs, ssims = [], []
@@ -100,4 +100,4 @@ def evaluate(batches, model=None, background=(1.0, 1.0, 1.0)) -> dict:
     if not psnrs:
         return {"psnr": float("nan"), "ssim": float("nan"), "images": 0}
     p = torch.cat(psnrs)
-    return {"psnr": float(p.clamp(max=100.0).mean()), "ssim": float(torch.cat(ssims).mean()), "images": int(p.numel())}
+    return {"psnr": float(p.clamp(max=PSNR_CAP).mean()), "ssim": float(torch.cat(ssims).mean()), "images": int(p.numel())}

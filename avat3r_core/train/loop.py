@@ -41,7 +41,7 @@ import torch
 from avat3r_core.batch import Avat3rBatch
 from avat3r_core.inference.checkpoint import CHECKPOINT_FILE
 from avat3r_core.inference.predict import (
-    evaluate,
+    mean_psnr_ssim,
     predict_gaussians,
     predict_images,
     render_predictions,
@@ -208,7 +208,7 @@ class LocalSession:
 def _validate(step: int, model, val_batches: list[Avat3rBatch], baseline: dict, config: TrainConfig,
               out_dir: Path, logger: TrainLogger | None) -> dict:
     raw = unwrap(model)
-    result = evaluate(val_batches, raw, config.background)
+    result = mean_psnr_ssim(val_batches, raw, config.background)
     row = {"step": step, "psnr": result["psnr"], "ssim": result["ssim"],
            "baseline_psnr": baseline["psnr"], "baseline_ssim": baseline["ssim"],
            **_expression_psnrs(raw, val_batches, config)}
@@ -288,7 +288,7 @@ def train_loop(config: TrainConfig, source: BatchSource, out_dir: str | Path, se
     resumed_from = step
     logger = TrainLogger(out_dir, resume_step=step) if rank == 0 else None
     val_batches = [b.to(device) for b in val_source(0, 1, 0)] if (val_source is not None and rank == 0) else []
-    baseline = evaluate(val_batches, None, config.background) if val_batches else {}
+    baseline = mean_psnr_ssim(val_batches, None, config.background) if val_batches else {}
     val_row: dict = {}
     if rank == 0:
         log.info("training %d steps on %d rank(s); %s", config.steps, world, loss_fn.lpips_status)
