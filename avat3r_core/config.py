@@ -3,7 +3,10 @@
 Each component defines a dataclass and (optionally) a ``PRESETS`` dict of named overrides
 (``tiny`` for CPU and tests, ``paper`` for the published model, ...). :func:`build` resolves
 ``preset`` → dataclass defaults + preset + explicit values, rejecting unknown keys by name, so the
-CLI, the Prefect flows and DVC (through ``params.yaml``) all build the very same objects.
+CLI, the Prefect flows and DVC (through ``params.yaml``) all build the very same objects. Nested
+sections merge key by key: a preset's ``optim: {lr: ...}`` and a value ``optim: {grad_clip: ...}``
+give both keys. A key a dataclass renamed (its ``RENAMED`` map) raises :class:`RenamedKeyError`
+naming the new key.
 """
 
 from __future__ import annotations
@@ -19,11 +22,38 @@ from avat3r_core.formats.parsing import read_yaml
 T = TypeVar("T")
 
 
+class RenamedKeyError(FormatError):
+    """A config key that moved (e.g. ``train.steps`` → ``train.schedule.steps``); the message names
+    the new key."""
+
+
+def _check_renamed(cls: type, keys: set[str], source: str) -> None:
+    renamed = getattr(cls, "RENAMED", {})
+    moved = sorted(k for k in keys if k in renamed)
+    if moved:
+        prefix = source.rsplit(":", 1)[1] + "." if ":" in source else ""
+        raise RenamedKeyError(source, ", ".join(moved), "renamed: " + "; ".join(
+            f"{prefix}{k} is now {prefix}{renamed[k]}" for k in moved))
+
+
+def merge(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` over ``base``, section by section: where both hold a mapping under one key, their
+    keys merge (recursively) instead of the value replacing the base's whole section."""
+    out = dict(base)
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, source: str = "config") -> T:
     """Build dataclass ``cls`` from a (nested) dict; unknown keys raise FormatError naming them."""
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    _check_renamed(cls, set(data) - names, source)
     unknown = sorted(set(data) - names - {"preset"})
     if unknown:
         raise FormatError(source, ", ".join(unknown), f"unknown key(s) for {cls.__name__}; known: {sorted(names)}")
@@ -54,9 +84,8 @@ def build(cls: type[T], values: dict[str, Any] | None = None, preset: str | None
         presets = getattr(cls, "PRESETS", {})
         if preset not in presets:
             raise FormatError(source, "preset", f"unknown preset {preset!r} for {cls.__name__}; known: {sorted(presets)}")
-        merged.update(presets[preset])
-    merged.update(values)
-    return from_dict(cls, merged, source)
+        merged = merge(merged, presets[preset])
+    return from_dict(cls, merge(merged, values), source)
 
 
 class Presets:

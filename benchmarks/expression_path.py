@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataclasses import replace  # noqa: E402
 
-from avat3r_core.config import build  # noqa: E402
+from avat3r_core.config import build, merge  # noqa: E402
 from avat3r_core.dataset.loader import Avat3rDataset, Avat3rSampler, LoaderConfig  # noqa: E402
 from avat3r_core.dataset.pack import shard_urls  # noqa: E402
 from avat3r_core.tracking import expression_code as ec  # noqa: E402
@@ -251,8 +251,8 @@ def main() -> None:
     loader = {"preset": "demo", "target_views": 4, **json.loads(args.loader)}
     data = build(TrainDataConfig, {"preset": "demo", "val_samples": args.val_samples, "loader": loader})
     model = {**model_overrides_from_shards(args.shards), "frame": data.loader.frame, **json.loads(args.model)}
-    config = build(TrainConfig, {"preset": "tiny", "steps": args.steps, "validate_every": max(1, args.steps // 3),
-                                 "checkpoint_every": args.steps, "model": model, **json.loads(args.train)})
+    config = build(TrainConfig, merge({"preset": "tiny", "schedule": {"steps": args.steps, "validate_every": max(1, args.steps // 3)},
+                                       "checkpoint": {"every": args.steps}, "model": model}, json.loads(args.train)))
     evaluate = ({"frames": args.frames, "ground_truth": args.ground_truth, "split": args.split,
                  "samples": args.eval_samples} if args.frames and args.ground_truth else None)
     out = {"config": {"steps": args.steps, "model": model, "train": json.loads(args.train), "loader": loader},

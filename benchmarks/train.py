@@ -64,7 +64,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="avat3r-train-bench-") as tmp:
         runs = [(n, 1) for n in args.workers] + ([(1, 2)] if args.reference_2cpu else [])
         for n, cpus in runs:
-            config = TrainConfig.preset("tiny", steps=args.steps, checkpoint_every=args.steps, validate_every=0,
+            config = TrainConfig.preset("tiny", schedule=dict(steps=args.steps, validate_every=0), checkpoint=dict(every=args.steps),
                                         model={"image_size": args.size, "num_views": args.inputs})
             source = SyntheticSource(num_samples=args.samples, size=args.size, num_inputs=args.inputs,
                                      num_targets=args.targets, feature_dim=config.model_config().feature_dim)

@@ -240,7 +240,7 @@ def run_train_stage(params_path: str, layout: DataLayout, ray_address: str | Non
                               ray_address=ray_address)
     # the common stage summary (items = optimiser steps, rows = samples, failed = skipped batches)
     return StageSummary(
-        stage="train", version=VERSION, manifest=layout.train_metrics, errors_manifest="", items_total=config.steps,
+        stage="train", version=VERSION, manifest=layout.train_metrics, errors_manifest="", items_total=config.schedule.steps,
         items_done=metrics["steps"] - metrics["resumed_from_step"], items_skipped=metrics["resumed_from_step"],
         items_failed=metrics["skipped_batches"], rows=metrics["samples"], bytes_written=0,
         seconds=round(time.perf_counter() - t0, 3), items_per_s=metrics["samples_per_s"], bytes_per_s=0.0,

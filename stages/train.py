@@ -6,14 +6,14 @@ group: gloo on CPU, NCCL on GPU). Each worker builds the model, wraps it with
 ``ray.train.torch.prepare_model`` (DDP when there is more than one worker) and trains on its own
 shard: the batch source is called as ``factory(rank, world_size, epoch)``.
 
-Checkpoints: every ``checkpoint_every`` steps and at the end, rank 0 writes ``checkpoint.pt``
+Checkpoints: every ``checkpoint.every`` steps and at the end, rank 0 writes ``checkpoint.pt``
 (model, optimiser, scheduler, step, every rank's loader position and RNG state) into a temporary
 directory and hands it to ``ray.train.report(metrics, checkpoint=Checkpoint.from_directory(...))``;
-Ray persists it under ``<storage_path>/<name>/`` and keeps the newest ``keep_checkpoints``.
+Ray persists it under ``<storage_path>/<name>/`` and keeps the newest ``checkpoint.keep``.
 Resume: a worker restarted after a failure (``max_failures``), or a rerun with the same
 ``storage_path`` and ``name``, gets the latest checkpoint from ``ray.train.get_checkpoint()``;
 ``resume_from=<dir>`` starts a new run from a given checkpoint directory instead. Either way the
-run ends at ``config.steps``.
+run ends at ``config.schedule.steps``.
 
 Rank 0 writes the logs and reports into ``out_dir`` (``train_log.csv``, ``tensorboard/``,
 ``plots/*.csv``, ``val/*.png``, ``metrics.json``); on a multi-node cluster ``out_dir`` must be a
@@ -228,7 +228,7 @@ def run_train(config: TrainConfig, batch_source_factory: BatchSource, out_dir: s
     resume = _check_resume(resume_from)
     storage = Path(storage_path).resolve() if storage_path is not None else out_dir / "ray"
     if executor == "local":
-        session = LocalSession(storage / name, keep=config.keep_checkpoints, resume_from=resume)
+        session = LocalSession(storage / name, keep=config.checkpoint.keep, resume_from=resume)
         metrics = train_loop(config, batch_source_factory, out_dir, session, val_source_factory)
         found = session.checkpoints()
         return {**metrics, "checkpoint": str(found[-1]) if found else None}
@@ -250,7 +250,7 @@ def run_train(config: TrainConfig, batch_source_factory: BatchSource, out_dir: s
                                      resources_per_worker={"CPU": scaling.cpus_per_worker}),
         run_config=RunConfig(storage_path=str(storage), name=name,
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=max(1, config.keep_checkpoints))),
+                             checkpoint_config=CheckpointConfig(num_to_keep=max(1, config.checkpoint.keep))),
     )
     result = trainer.fit()
     if result.error is not None:
@@ -300,8 +300,8 @@ def train_on_shards(config: TrainConfig, data: TrainDataConfig, shards_dir: str 
 
 def train_stage_configs(values: dict, source: str = "params.yaml:train"
                         ) -> tuple[TrainConfig, TrainDataConfig, TrainScaling]:
-    """``params.yaml``'s ``train`` section: the :class:`TrainConfig` keys at the top (so
-    ``dvc exp run -S train.steps=...`` works), the loader under ``data`` and Ray Train's scaling
+    """``params.yaml``'s ``train`` section: the :class:`TrainConfig` keys and sections at the top (so
+    ``dvc exp run -S train.schedule.steps=...`` works), the loader under ``data`` and Ray Train's scaling
     under ``scaling`` (its preset follows the recipe's when it has one of that name)."""
     values = dict(values or {})
     data = build(TrainDataConfig, values.pop("data", None) or {"preset": "demo"}, source=f"{source}.data")
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO)
     overrides: dict = {"model": {"image_size": args.size}}
     if args.steps:
-        overrides["steps"] = args.steps
+        overrides["schedule"] = {"steps": args.steps}
     config = TrainConfig.preset(args.preset, **overrides)
     scaling = build(TrainScaling, {"num_workers": args.workers} if args.workers else {},
                     preset=args.preset if args.preset in TrainScaling.PRESETS else None)

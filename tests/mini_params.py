@@ -13,7 +13,7 @@ def mini_params(seed: int) -> dict:
                   "fit": {"rigid_iters": 5, "adam_iters": 10, "lbfgs_iters": 2}},
         "priors": {"preset": "tiny"},
         "pack": {"preset": "tiny", "split_fractions": [0.34, 0.33, 0.33]},
-        "train": {"preset": "tiny", "steps": 2, "validate_every": 0, "checkpoint_every": 2, "scaling": {"cpus_per_worker": 1},
+        "train": {"preset": "tiny", "schedule": {"steps": 2, "validate_every": 0}, "checkpoint": {"every": 2}, "scaling": {"cpus_per_worker": 1},
                   "data": {"preset": "tiny"}},
         "runtime": {"resources": {"default": {"num_cpus": 1, "max_errors": 2}}},
     }

@@ -1,6 +1,6 @@
 """The DVC pipeline on a clone of this repository with miniature params: `dvc repro` from scratch,
 a second `dvc repro` is a no-op, push to a local remote, lose the cache and the data, pull, and the
-pipeline is still up to date; `dvc exp run -S train.steps=...` reruns training and what follows."""
+pipeline is still up to date; `dvc exp run -S train.schedule.steps=...` reruns training and what follows."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ MINI_PARAMS = {
     "track": {"preset": "tiny", "backend": "ground_truth", "noise_px": 0.25},
     "priors": {"preset": "tiny"},
     "pack": {"preset": "tiny", "split_fractions": [0.34, 0.33, 0.33]},
-    "train": {"preset": "tiny", "steps": 2, "validate_every": 0, "checkpoint_every": 2, "scaling": {"cpus_per_worker": 1},
+    "train": {"preset": "tiny", "schedule": {"steps": 2, "validate_every": 0}, "checkpoint": {"every": 2}, "scaling": {"cpus_per_worker": 1},
               "data": {"preset": "tiny"}},
     "evaluate": {"preset": "tiny", "split": "test", "detector": "none"},
     "reconstruct": {"preset": "tiny", "split": "test", "turntable_frames": 2},
@@ -77,7 +77,7 @@ def test_repro_push_pull_and_experiments(dvc_repo):
     assert "up to date" in status, status
     assert "up to date" in sh("dvc", "repro", cwd=repo, env=env)
 
-    exp = sh("dvc", "exp", "run", "-S", "train.steps=3", cwd=repo, env=env)
+    exp = sh("dvc", "exp", "run", "-S", "train.schedule.steps=3", cwd=repo, env=env)
     assert "Running stage 'train'" in exp and "Running stage 'extract'" not in exp, exp
     assert json.loads((repo / "data/train/metrics.json").read_text())["steps"] == 3
 

@@ -18,7 +18,7 @@ def write_params(path, train_steps=4, **synth):
         "track": {"preset": "tiny", "backend": "ground_truth", "noise_px": 0.25},  # 1 px at 256 px
         "priors": {"preset": "tiny"},
         "pack": {"preset": "tiny", "split_fractions": [0.5, 0.5, 0.0]},
-        "train": {"preset": "tiny", "steps": train_steps, "validate_every": 2, "checkpoint_every": 2, "scaling": {"cpus_per_worker": 1},
+        "train": {"preset": "tiny", "schedule": {"steps": train_steps, "validate_every": 2}, "checkpoint": {"every": 2}, "scaling": {"cpus_per_worker": 1},
                   "data": {"preset": "tiny"}},
         "evaluate": {"preset": "tiny", "split": "val", "detector": "none"},
         "reconstruct": {"preset": "tiny", "split": "val", "turntable_frames": 2},

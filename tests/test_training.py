@@ -14,7 +14,7 @@ from avat3r_core.losses import Avat3rLoss
 from avat3r_core.model import Avat3r, Avat3rConfig
 from avat3r_core.render import render
 from avat3r_core.inference.predict import mean_psnr_ssim
-from avat3r_core.train.config import TrainConfig
+from avat3r_core.train.config import OptimConfig, ScheduleConfig, TrainConfig
 from avat3r_core.train.loop import train_step
 from avat3r_core.train.state import load_checkpoint, save_checkpoint
 
@@ -50,11 +50,11 @@ def tiny_model() -> Avat3r:
 
 def test_overfits_one_sample_past_30_db():
     batch, model = scene_batch(), tiny_model()
-    config = TrainConfig.preset("tiny", steps=250)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    config = TrainConfig.preset("tiny", schedule=dict(steps=250))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr)
     loss_fn = Avat3rLoss()
     start = mean_psnr_ssim([batch], model)["psnr"]
-    for step in range(config.steps):
+    for step in range(config.schedule.steps):
         result = train_step(model, batch, optimizer, loss_fn, config, step)
         assert not result.skipped and set(result.seconds) == {"forward", "render", "backward"}
     final = mean_psnr_ssim([batch], model)
@@ -89,6 +89,6 @@ def test_baseline_is_evaluated_by_the_same_code():
 
 
 def test_lr_schedule_warms_up_then_decays():
-    config = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_fraction=0.1)
+    config = TrainConfig(schedule=ScheduleConfig(steps=100, warmup_steps=10, min_lr_fraction=0.1), optim=OptimConfig(lr=1.0))
     assert config.lr_at(0) == pytest.approx(0.1) and config.lr_at(9) == pytest.approx(1.0)
     assert config.lr_at(100) == pytest.approx(0.1) and config.lr_at(50) < config.lr_at(20)

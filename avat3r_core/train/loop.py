@@ -99,8 +99,8 @@ def train_step(model, batch: Avat3rBatch, optimizer: torch.optim.Optimizer, loss
         log.warning("step %d: non-finite loss on %s (here or on another rank); skipped", step, batch.keys)
         return StepResult(skipped=True, reason="non-finite loss")
     loss.backward()
-    if config.grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    if config.optim.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
     else:
         grad_norm = torch.linalg.vector_norm(torch.stack(
             [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]))
@@ -250,14 +250,14 @@ def _expression_psnrs(model, val_batches: list[Avat3rBatch], config: TrainConfig
 # is shared by resume, step, validation and checkpointing; helpers (_validate, train_step) hold the rest.
 def train_loop(config: TrainConfig, source: BatchSource, out_dir: str | Path, session: TrainSession | None = None,
                val_source: BatchSource | None = None) -> dict:
-    """Train ``config.steps`` optimiser steps from ``source`` (resuming from the session's latest
-    checkpoint), checkpointing every ``checkpoint_every`` steps and at the end, validating every
-    ``validate_every`` steps and at the end on ``val_source`` (rank 0). Rank 0 writes
+    """Train ``config.schedule.steps`` optimiser steps from ``source`` (resuming from the session's latest
+    checkpoint), checkpointing every ``checkpoint.every`` steps and at the end, validating every
+    ``schedule.validate_every`` steps and at the end on ``val_source`` (rank 0). Rank 0 writes
     ``train_log.csv``, ``tensorboard/``, ``plots/*.csv``, ``val/*.png`` and ``metrics.json`` in
     ``out_dir``; every rank writes ``ranks/rank_<r>.json`` (final step, parameter checksum).
     Returns rank 0's metrics (other ranks: their rank summary)."""
     out_dir = Path(out_dir)
-    session = session or LocalSession(out_dir / "checkpoints", keep=config.keep_checkpoints)
+    session = session or LocalSession(out_dir / "checkpoints", keep=config.checkpoint.keep)
     rank, world, device = session.rank, session.world_size, session.device
     seed_everything(config.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(config).to(device)
@@ -291,7 +291,7 @@ def train_loop(config: TrainConfig, source: BatchSource, out_dir: str | Path, se
     baseline = mean_psnr_ssim(val_batches, None, config.background) if val_batches else {}
     val_row: dict = {}
     if rank == 0:
-        log.info("training %d steps on %d rank(s); %s", config.steps, world, loss_fn.lpips_status)
+        log.info("training %d steps on %d rank(s); %s", config.schedule.steps, world, loss_fn.lpips_status)
 
     def checkpoint_and_report(metrics: dict) -> None:
         extra = {"loaders": gather_objects(stream.state()), "skipped": skipped, "samples": samples,
@@ -304,7 +304,7 @@ def train_loop(config: TrainConfig, source: BatchSource, out_dir: str | Path, se
         else:
             session.report(metrics, None)
 
-    while step < config.steps:
+    while step < config.schedule.steps:
         t0 = time.perf_counter()
         batch = next(stream).to(device)
         data_s = time.perf_counter() - t0
@@ -322,17 +322,17 @@ def train_loop(config: TrainConfig, source: BatchSource, out_dir: str | Path, se
         train_seconds += step_s
         samples += batch.batch_size * world
         last_loss = result.loss
-        if rank == 0 and (step % max(1, config.log_every) == 0 or step == config.steps):
+        if rank == 0 and (step % max(1, config.logging.every) == 0 or step == config.schedule.steps):
             logger.train({
                 "step": step, "epoch": stream.epoch, "loss": result.loss, "l1": result.terms.get("l1"),
                 "ssim": result.terms.get("ssim"), "lpips": result.terms.get("lpips", ""), "lr": result.lr,
                 "grad_norm": result.grad_norm, "data_s": data_s, "forward_s": result.seconds["forward"],
                 "render_s": result.seconds["render"], "backward_s": result.seconds["backward"], "step_s": step_s,
                 "samples_per_s": batch.batch_size * world / step_s, "skipped_total": skipped})
-        if rank == 0 and val_batches and ((config.validate_every and step % config.validate_every == 0)
-                                          or step == config.steps):
+        if rank == 0 and val_batches and ((config.schedule.validate_every and step % config.schedule.validate_every == 0)
+                                          or step == config.schedule.steps):
             val_row = _validate(step, model, val_batches, baseline, config, out_dir, logger)
-        if step % max(1, config.checkpoint_every) == 0 or step == config.steps:
+        if step % max(1, config.checkpoint.every) == 0 or step == config.schedule.steps:
             checkpoint_and_report({"step": step, "loss": last_loss, "skipped": skipped,
                                    **({"val_psnr": val_row["psnr"]} if val_row else {})})
 
