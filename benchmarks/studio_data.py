@@ -14,7 +14,7 @@ def studio_params(subjects: int, seed: int, cameras: int = 4, frames: int = 4) -
     return {"synth": {"preset": "tiny", "seed": seed, "preview": False, "subjects": subjects, "cameras": cameras,
                       "frames": frames},
             "extract": {"preset": "tiny"},
-            "track": {"preset": "tiny", "backend": "ground_truth", "overlay_frames": 1,
+            "track": {"preset": "tiny", "landmarks": "ground_truth", "overlay_frames": 1,
                       "fit": {"rigid_iters": 5, "adam_iters": 20, "lbfgs_iters": 2}},
             "priors": {"preset": "tiny"},
             "pack": {"preset": "tiny", "split_fractions": [0.5, 0.25, 0.25]},

@@ -173,14 +173,14 @@ def run_track_stage(params_path: str, layout: DataLayout, ray_address: str | Non
                     executor: str = "ray") -> dict:
     """FLAME tracking per (subject, sequence). On the studio, the landmark backend is its ground
     truth (+ noise from params), passed explicitly from the data layout; real captures use
-    ``backend: mediapipe`` or ``file``."""
+    ``landmarks: mediapipe`` or ``file``."""
     from avat3r_core.config import build
     from avat3r_core.synthetic.studio import face_model_paths
     from stages.track import TrackConfig, run_track
 
     params = load_params(params_path)
     values = dict(params.get("track") or {})
-    if values.get("backend", "ground_truth") == "ground_truth":
+    if values.get("landmarks", "ground_truth") == "ground_truth":
         values.setdefault("ground_truth_root", layout.ground_truth)
     config = build(TrackConfig, values, source=f"{params_path}:track")
     _start_ray(executor, ray_address)

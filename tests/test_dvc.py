@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not (REPO / ".git").exists(), reason="needs the 
 MINI_PARAMS = {
     "synth": {"preset": "tiny", "seed": 5, "preview": False, "subjects": 3},
     "extract": {"preset": "tiny"},
-    "track": {"preset": "tiny", "backend": "ground_truth", "noise_px": 0.25},
+    "track": {"preset": "tiny", "landmarks": "ground_truth", "noise_px": 0.25},
     "priors": {"preset": "tiny"},
     "pack": {"preset": "tiny", "split_fractions": [0.34, 0.33, 0.33]},
     "train": {"preset": "tiny", "schedule": {"steps": 2, "validate_every": 0}, "checkpoint": {"every": 2}, "scaling": {"cpus_per_worker": 1},

@@ -15,7 +15,7 @@ def write_params(path, train_steps=4, **synth):
     params = {
         "synth": {"preset": "tiny", "seed": 3, "preview": True, **synth},
         "extract": {"preset": "tiny"},
-        "track": {"preset": "tiny", "backend": "ground_truth", "noise_px": 0.25},  # 1 px at 256 px
+        "track": {"preset": "tiny", "landmarks": "ground_truth", "noise_px": 0.25},  # 1 px at 256 px
         "priors": {"preset": "tiny"},
         "pack": {"preset": "tiny", "split_fractions": [0.5, 0.5, 0.0]},
         "train": {"preset": "tiny", "schedule": {"steps": train_steps, "validate_every": 2}, "checkpoint": {"every": 2}, "scaling": {"cpus_per_worker": 1},

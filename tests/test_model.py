@@ -76,8 +76,13 @@ def test_presets_and_validation():
     # a value another config's own check rejects (plain ValueError) is named with its source too
     from stages.track import TrackConfig
 
-    with pytest.raises(FormatError, match=r"params.yaml:track: invalid TrackConfig: .*backend"):
-        build(TrackConfig, {"backend": "nope", "ground_truth_root": "x"}, source="params.yaml:track")
+    with pytest.raises(FormatError, match=r"params.yaml:track: invalid TrackConfig: .*landmarks"):
+        build(TrackConfig, {"landmarks": "nope", "ground_truth_root": "x"}, source="params.yaml:track")
+    # the landmark backend's old name in the track section names the new one
+    from avat3r_core.config import RenamedKeyError
+
+    with pytest.raises(RenamedKeyError, match=r"track\.backend is now track\.landmarks"):
+        build(TrackConfig, {"backend": "mediapipe"}, source="params.yaml:track")
 
 
 # ------------------------------------------------------------------------------------ shapes

@@ -331,7 +331,7 @@ def test_garbage_landmarks_diverge(studio_run, head, tmp_path):
     (tmp_path / "lm" / "001").mkdir(parents=True)
     np.savez(tmp_path / "lm" / "001" / f"{SEQ}.npz", landmarks=junk, visible=np.ones(junk.shape[:-1], bool),
              serials=gt["serials"])
-    config = TrackConfig.preset("tiny", backend="file", landmarks_root=str(tmp_path / "lm"),
+    config = TrackConfig.preset("tiny", landmarks="file", landmarks_root=str(tmp_path / "lm"),
                                 fit=dict(FitConfig.PRESETS["tiny"], adam_iters=100, lbfgs_iters=0))
     out = tmp_path / "tracking"
     from stages.runner import StageResources

@@ -396,7 +396,7 @@ class MediaPipeLandmarks(LandmarkDetector):
                                              "face_boxes": boxes})
 
 
-#: the landmark backends by name, for the track stage (``track.backend``) and for picture
+#: the landmark backends by name, for the track stage (``track.landmarks``) and for picture
 #: reconstruction (``reconstruct.landmarks``: the two without ground truth, which pictures lack)
 LANDMARK_BACKENDS = ("ground_truth", "file", "mediapipe")
 PICTURE_LANDMARK_BACKENDS = ("mediapipe", "file")
