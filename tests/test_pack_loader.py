@@ -421,3 +421,26 @@ def test_truncated_shard_is_skipped_counted_and_named(data, tmp_path):
     loader = make_loader(str(shards), LoaderConfig(batch_size=1, target_views=2, shuffle_buffer=0),
                          epoch_length=6, seed=3)
     assert sum(1 for _ in loader) == 6
+
+
+def test_training_batches_carry_mouth_weights_only_when_asked(data, tmp_path):
+    from avat3r_core.synthetic.studio import write_face_model
+    from stages.train import ShardSource, TrainDataConfig
+
+    plain = TrainDataConfig(loader=LoaderConfig(target_views=2), epoch_length=2)
+    batches = list(ShardSource(data["shards"], plain, 1)(0, 1, 0))
+    assert len(batches) == 2 and all(b.target_weights is None for b in batches)
+    with pytest.raises(ValueError, match="face_model"):
+        replace(plain, mouth_weight=4.0).mouth_weights()
+    with pytest.raises(ValueError, match="frame"):
+        TrainDataConfig(loader=LoaderConfig(frame="world"), mouth_weight=4.0)
+    with pytest.raises(ValueError, match="mouth_weight"):
+        TrainDataConfig(mouth_weight=-1.0)
+    model, embedding = write_face_model(str(tmp_path / "head"), seed=0)
+    weighted = replace(plain, mouth_weight=4.0, face_model=model, landmark_embedding=embedding)
+    source = ShardSource(data["shards"], weighted, 1)
+    for b, ref in zip(source(0, 1, 0), batches):
+        assert b.keys == ref.keys and b.target_weights.shape == b.target_alphas.shape
+        assert set(b.target_weights.unique().tolist()) <= {1.0, 5.0}
+    val = ShardSource(data["shards"], replace(weighted, val_samples=1), 1, validation=True)
+    assert all(b.target_weights is None for b in val())  # validation scores the plain view
