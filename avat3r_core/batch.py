@@ -41,6 +41,9 @@ class Avat3rBatch:
     #: (B, V, 135) the expression code of each input view's own timestep: what the inputs show,
     #: the reference an expression-sensitivity measurement replaces the target's code with
     input_expressions: Tensor | None = None
+    #: (B, T, 1, H, W) per-pixel weights of the photometric loss (None: every pixel 1), e.g. the
+    #: mouth raised (:class:`avat3r_core.animation.sensitivity.MouthWeights`)
+    target_weights: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -74,4 +77,5 @@ def cat_batches(samples: list[Avat3rBatch]) -> Avat3rBatch:
         keys=[k for s in samples for k in s.keys], input_frames=cat("input_frames"), target_frames=cat("target_frames"),
         target_head_to_world=None if any(s.target_head_to_world is None for s in samples) else cat("target_head_to_world"),
         input_head_to_world=None if any(s.input_head_to_world is None for s in samples) else cat("input_head_to_world"),
-        input_expressions=None if any(s.input_expressions is None for s in samples) else cat("input_expressions"))
+        input_expressions=None if any(s.input_expressions is None for s in samples) else cat("input_expressions"),
+        target_weights=None if any(s.target_weights is None for s in samples) else cat("target_weights"))

@@ -10,7 +10,8 @@ Conventions
 -----------
 * Images are float (B, 3, H, W) in [0, ``data_range``]; every function also takes channels-last
   (B, H, W, 3) with ``channels_last=True`` (the renderer's layout).
-* ``mask`` (optional) is a per-pixel weight in [0, 1]: (B, 1, H, W), (B, H, W) or (B, 3, H, W)
+* ``mask`` (optional) is a per-pixel weight ≥ 0 (a matte in [0, 1], or training's loss weights
+  that raise the mouth): (B, 1, H, W), (B, H, W) or (B, 3, H, W)
   (channels-last: (B, H, W, 1), (B, H, W) or (B, H, W, 3)). Reductions become weighted means; an
   all-zero mask gives 0 (never NaN).
 * :func:`ssim`: Gaussian window (``window_size`` 11, ``sigma`` 1.5, normalised to sum 1), constants

@@ -7,10 +7,11 @@ Prints JSON:
   code per part (the change the network is asked to produce), the jaw opening (decoded angle)
   change target vs inputs and the share of samples where it exceeds 0.05 rad, and how well
   expression dim 0 tracks the jaw angle.
-* ``input_choice``: the sampler alone over the training split's timesteps (nothing decoded), plain
-  and with ``input_contrast``: the mean jaw change target vs inputs' mean, the share of samples
-  asking for more than 0.05 rad, and the share where *no* input view is within 0.05 rad of the
-  target's jaw (the samples where only the code can tell the network what the mouth does).
+* ``input_choice``: the sampler alone over the training split's timesteps (nothing decoded), plain,
+  with ``input_contrast`` and with ``input_pool: subject`` (``trained_with``: the one this run
+  trains with): the mean jaw change target vs inputs' mean, the share of samples asking for more
+  than 0.05 rad, and the share where *no* input view is within 0.05 rad of the target's jaw (the
+  samples where only the code can tell the network what the mouth does).
 * ``cross_attention_at_init``: on a few validation samples, the freshly initialised network's
   cross-attention layers: the spread of the attention weights over the image tokens, the share
   of each layer's output that differs between image tokens (the rest is one vector added to
@@ -25,9 +26,19 @@ Prints JSON:
 * ``evaluation`` (with ``--frames`` and ``--ground-truth``): the evaluation's expression
   sensitivity of the final model on ``--split`` (mouth / eye boxes from the ground-truth landmarks,
   MediaPipe lip gap per sequence), :func:`stages.evaluate.run_evaluate` with ``--eval-samples``.
+* ``summary``: the figures that say whether the code is used: validation PSNR with the target's /
+  the inputs' / a neutral code at the last step, and from the evaluation the target-minus-inputs
+  code PSNR over the view and in the mouth box and, per sequence, the lip gap's correlation and
+  range ratio (target code, and the correlation with the inputs' code).
+
+``--input-pool subject`` trains with inputs from the person's other sequences
+(``LoaderConfig.input_pool``), ``--mouth-weight W`` with the mouth box weighted 1 + W in the loss
+(``TrainDataConfig.mouth_weight``; the box from ``--face-model``, by default the studio head beside
+the shards).
 
     python benchmarks/expression_path.py --shards data/shards --steps 150 [--model '{"...": ...}'] \
-        [--frames data/frames/frames.parquet --ground-truth data/ground_truth/synthetic]
+        [--frames data/frames/frames.parquet --ground-truth data/ground_truth/synthetic] \
+        [--input-pool subject] [--mouth-weight 4]
 """
 
 from __future__ import annotations
@@ -83,24 +94,34 @@ def code_statistics(shards: str, data: TrainDataConfig, samples: int) -> dict:
     }
 
 
+#: the sampler settings input_choice compares (LoaderConfig overrides)
+SAMPLERS = {"plain": {"input_contrast": False, "input_pool": "sequence"},
+            "contrast": {"input_contrast": True, "input_pool": "sequence"},
+            "subject": {"input_contrast": False, "input_pool": "subject"}}
+
+
 def input_choice_statistics(shards: str, loader: LoaderConfig) -> dict:
     import random
 
     timesteps = list(Avat3rDataset(shard_urls(shards, "train"), loader.read_once(), seed=0).samples())
     out = {}
-    for contrast in (False, True):
-        sampler = Avat3rSampler(replace(loader, input_contrast=contrast), random.Random(0))
-        mean_change, nearest_change = [], []
+    for name, settings in SAMPLERS.items():
+        sampler = Avat3rSampler(replace(loader, **settings), random.Random(0))
+        mean_change, nearest_change, other_sequence = [], [], []
         for ts in timesteps:
             for plan in sampler.push(ts):
                 jt = jaw_angle(plan.target.expression)
                 ji = jaw_angle(np.stack([t.expression for t, _ in plan.inputs]))
                 mean_change.append(abs(jt - ji.mean()))
                 nearest_change.append(np.abs(jt - ji).min())
+                other_sequence.append(np.mean([t.sequence != plan.target.sequence for t, _ in plan.inputs]))
         m, n = np.array(mean_change), np.array(nearest_change)
-        out["contrast" if contrast else "plain"] = {
-            "samples": len(m), "jaw_change_mean_rad": float(m.mean()), "share_change_over_0.05": float((m > 0.05).mean()),
-            "share_no_input_within_0.05": float((n > 0.05).mean())}
+        share = lambda x: float(x.mean()) if len(x) else None  # noqa: E731 - no sample: no figure
+        out[name] = {"samples": len(m), "jaw_change_mean_rad": share(m), "share_change_over_0.05": share(m > 0.05),
+                     "share_no_input_within_0.05": share(n > 0.05),
+                     "share_inputs_from_other_sequences": share(np.array(other_sequence))}
+    out["trained_with"] = next((name for name, settings in SAMPLERS.items()
+                                if all(getattr(loader, k) == v for k, v in settings.items())), "other")
     return out
 
 
@@ -219,6 +240,24 @@ def gradient_run(config: TrainConfig, data: TrainDataConfig, shards: str, evalua
     }
 
 
+def summary(gradients: dict) -> dict:
+    """The expression figures of a run in one place (see the module docstring)."""
+    last = gradients["validation"][-1] if gradients["validation"] else {}
+    out = {"val_psnr": {k: last.get(c) for k, c in (("target_code", "psnr"), ("inputs_code", "psnr_inputs_code"),
+                                                    ("neutral_code", "psnr_neutral_code"))}}
+    ev = gradients.get("evaluation")
+    if ev:
+        es = ev["expression_sensitivity"]
+        delta = es["target_minus_inputs"]
+        out.update(eval_psnr=ev["psnr"], target_minus_inputs_psnr=delta["psnr"],
+                   target_minus_inputs_mouth_psnr=delta["mouth_psnr"],
+                   mouth_psnr={c: es["codes"][c]["mouth_psnr"] for c in es["codes"]},
+                   lip_gap=[{k: q[k] for k in ("subject", "sequence", "frames", "correlation", "range_ratio",
+                                               "inputs_code_correlation", "inputs_code_range_ratio")}
+                            for q in es["lip_gap_sequences"]], lip_gap_status=es["lip_gap_status"])
+    return out
+
+
 def csv_rows(path: Path):
     import csv
 
@@ -240,6 +279,11 @@ def main() -> None:
     ap.add_argument("--split", default="test")
     ap.add_argument("--eval-samples", type=int, default=20)
     ap.add_argument("--loader", default="{}", help="LoaderConfig overrides (JSON), e.g. {\"input_contrast\": true}")
+    ap.add_argument("--input-pool", choices=("sequence", "subject"), default="sequence",
+                    help="training inputs from the target's sequence or the person's other sequences")
+    ap.add_argument("--mouth-weight", type=float, default=0.0, help="loss weight added inside the mouth box (0: off)")
+    ap.add_argument("--face-model", default="", help="face model directory for --mouth-weight "
+                    "(default: models/studio_head beside the shards directory)")
     ap.add_argument("--smoke", action="store_true", help="seconds-long run on tiny data (the test suite runs it)")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -248,18 +292,28 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory(prefix="avat3r-expression-path-")
         args.shards, args.steps, args.samples, args.val_samples = smoke_shards(Path(tmp.name)), 2, 4, 1
         args.frames = args.ground_truth = ""
-    loader = {"preset": "demo", "target_views": 4, **json.loads(args.loader)}
-    data = build(TrainDataConfig, {"preset": "demo", "val_samples": args.val_samples, "loader": loader})
+        args.input_pool, args.mouth_weight = "subject", 4.0  # the options' code paths run too
+        args.face_model = str(Path(tmp.name) / "model")
+    loader = {"preset": "demo", "target_views": 4, "input_pool": args.input_pool, **json.loads(args.loader)}
+    mouth = {}
+    if args.mouth_weight:
+        from avat3r_core.synthetic.studio import face_model_paths
+
+        model_path, embedding = face_model_paths(args.face_model or str(Path(args.shards).parent / "models" / "studio_head"))
+        mouth = {"mouth_weight": args.mouth_weight, "face_model": model_path, "landmark_embedding": embedding}
+    data = build(TrainDataConfig, {"preset": "demo", "val_samples": args.val_samples, "loader": loader, **mouth})
     model = {**model_overrides_from_shards(args.shards), "frame": data.loader.frame, **json.loads(args.model)}
     config = build(TrainConfig, merge({"preset": "tiny", "schedule": {"steps": args.steps, "validate_every": max(1, args.steps // 3)},
                                        "checkpoint": {"every": args.steps}, "model": model}, json.loads(args.train)))
     evaluate = ({"frames": args.frames, "ground_truth": args.ground_truth, "split": args.split,
                  "samples": args.eval_samples} if args.frames and args.ground_truth else None)
-    out = {"config": {"steps": args.steps, "model": model, "train": json.loads(args.train), "loader": loader},
+    out = {"config": {"steps": args.steps, "model": model, "train": json.loads(args.train), "loader": loader,
+                      "mouth_weight": args.mouth_weight},
            "codes": code_statistics(args.shards, data, args.samples),
            "input_choice": input_choice_statistics(args.shards, data.loader),
            "cross_attention_at_init": cross_attention_at_init(config, args.shards, data),
            "gradients": gradient_run(config, data, args.shards, evaluate)}
+    out["summary"] = summary(out["gradients"])
     print(json.dumps(out, indent=1))
     if tmp is not None:
         tmp.cleanup()
@@ -274,7 +328,7 @@ def smoke_shards(root: Path) -> str:
     from stages.pack import run_pack
     from stages.synth import run_synth
 
-    run_synth(StudioConfig(subjects=3, sequences=1, frames=3, cameras=4, resolution=96), str(root / "raw"),
+    run_synth(StudioConfig(subjects=3, sequences=2, frames=3, cameras=4, resolution=96), str(root / "raw"),
               str(root / "gt"), str(root / "model"), executor="local")
     run_extract(ExtractConfig(resolution=32), str(root / "raw"), str(root / "frames"), executor="local")
     make_side_manifests(root / "frames", root / "tracking", root / "priors", feature_dim=8)

@@ -12,7 +12,7 @@ import contextlib
 import importlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -235,6 +235,11 @@ def run_train_stage(params_path: str, layout: DataLayout, ray_address: str | Non
 
     params = load_params(params_path)
     config, data, scaling = train_stage_configs(params.get("train") or {}, source=f"{params_path}:train")
+    if data.mouth_weight and not data.face_model:  # the mouth's box from the face model tracking fitted
+        from avat3r_core.synthetic.studio import face_model_paths
+
+        model, embedding = face_model_paths(layout.face_model)
+        data = replace(data, face_model=model, landmark_embedding=data.landmark_embedding or embedding)
     t0 = time.perf_counter()
     metrics = train_on_shards(config, data, layout.shards, layout.train, scaling=scaling, executor=executor,
                               ray_address=ray_address)

@@ -78,10 +78,29 @@ class TrainDataConfig(Presets):
     loader_workers: int = 0  #: DataLoader processes per rank (0: decode in the training process)
     val_split: str = "val"
     val_samples: int = 16  #: held-out samples evaluated at each validation
+    #: training loss weight of the mouth: its pixels count 1 + this (0: off; MouthWeights), boxes
+    #: from the face model below projected into each target view
+    mouth_weight: float = 0.0
+    face_model: str = ""  #: FLAME-layout model (.pkl) for mouth_weight; "" in the flows: the studio head
+    landmark_embedding: str = ""  #: its 68-point iBUG landmark embedding
 
     def __post_init__(self) -> None:
-        if self.epoch_length < 1 or self.val_samples < 0 or self.loader_workers < 0:
-            raise ValueError("epoch_length ≥ 1, val_samples ≥ 0 and loader_workers ≥ 0 are required")
+        if self.epoch_length < 1 or self.val_samples < 0 or self.loader_workers < 0 or self.mouth_weight < 0:
+            raise ValueError("epoch_length ≥ 1, val_samples ≥ 0, loader_workers ≥ 0 and mouth_weight ≥ 0 are required")
+        if self.mouth_weight and self.loader.frame != "head":
+            raise ValueError("train.data.mouth_weight places the face model's mouth in the head frame: it needs "
+                             f"loader frame: head, not {self.loader.frame!r}")
+
+    def mouth_weights(self):
+        """The :class:`~avat3r_core.animation.sensitivity.MouthWeights` of ``mouth_weight`` (None when off)."""
+        if not self.mouth_weight:
+            return None
+        if not (self.face_model and self.landmark_embedding):
+            raise ValueError("train.data.mouth_weight needs train.data.face_model and landmark_embedding (the "
+                             "face model tracking fitted, with its 68-point embedding)")
+        from avat3r_core.animation.sensitivity import MouthWeights
+
+        return MouthWeights(self.mouth_weight, self.face_model, self.landmark_embedding)
 
 
 @dataclass
@@ -103,7 +122,9 @@ class TrainScaling(Presets):
 class ShardSource:
     """:data:`~avat3r_core.train.loop.BatchSource` over packed shards: ``(rank, world_size, epoch)`` →
     that rank's batches of the epoch. ``validation=True``: no resampling, no shuffling, at most
-    ``max_samples`` samples. Picklable (Ray ships it to the workers; each builds its own loader)."""
+    ``max_samples`` samples. Training batches carry the mouth's loss weights when
+    ``data.mouth_weight`` is on (validation's are plain). Picklable (Ray ships it to the workers;
+    each builds its own loader)."""
 
     def __init__(self, shards_dir: str | Path, data: TrainDataConfig, batch_size: int, split: str = "train",
                  validation: bool = False, seed: int = 0):
@@ -127,7 +148,9 @@ class ShardSource:
         loader = make_loader(self.shards_dir, config, rank, world_size, self.data.loader_workers,
                              self.data.epoch_length, self.seed, self.split)
         loader.set_epoch(epoch)
-        yield from loader
+        mouth = self.data.mouth_weights()  # built here, in the worker: the source stays picklable
+        for batch in loader:
+            yield batch if mouth is None else replace(batch, target_weights=mouth(batch))
 
 
 def model_overrides_from_shards(shards_dir: str | Path, split: str = "train") -> dict:

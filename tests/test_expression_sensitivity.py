@@ -125,3 +125,83 @@ def test_probe_lip_gap_per_sequence_from_a_detector():
     assert (q["subject"], q["sequence"], q["frames"]) == ("007", "EXP-5-mouth", 1)
     assert q["truth_min"] == pytest.approx(0.1) and q["render_min"] == pytest.approx(0.3)
     assert "| 007 | EXP-5-mouth | 1 |" in probe.to_markdown()
+
+
+# --------------------------------------------------------------------------- mouth weights
+def test_box_weights_are_one_outside_and_one_plus_w_inside():
+    from avat3r_core.animation.sensitivity import box_weights
+
+    w = box_weights(np.array([[2, 3, 6, 5], [-1, -1, -1, -1]]), 8, 10, 4.0)
+    assert w.shape == (2, 1, 8, 10)
+    inside = torch.zeros(8, 10, dtype=torch.bool)
+    inside[3:5, 2:6] = True
+    assert (w[0, 0][inside] == 5.0).all() and (w[0, 0][~inside] == 1.0).all()
+    assert (w[1] == 1.0).all()  # no box: no weight
+
+
+@pytest.fixture(scope="module")
+def face_model(tmp_path_factory):
+    from avat3r_core.synthetic.studio import write_face_model
+
+    return write_face_model(str(tmp_path_factory.mktemp("head")), seed=0)
+
+
+def _front_batch(jaw: float, size: int = 128):
+    """Two target views of the head frame from 1 m in front (z is out of the face) and 20° to the
+    side; the code opens the jaw by ``jaw`` rad."""
+    from avat3r_core.cameras import Cameras
+
+    batch = synthetic_sample(0, size=size, num_inputs=2, num_targets=2)
+    eyes = torch.tensor([[0.0, -0.03, 1.0], [np.sin(0.35), -0.03, np.cos(0.35)]])
+    cams = Cameras.look_at(eyes, (0.0, -0.03, 0.0), fov_deg=18.0, width=size, height=size)
+    code = torch.as_tensor(ec.encode({"expression": np.zeros((1, 100)), "jaw": np.array([[jaw, 0.0, 0.0]])}),
+                           dtype=torch.float32)
+    return dataclasses.replace(batch, target_cameras=cams, expression=code)
+
+
+def test_mouth_weights_follow_the_landmarks_given_or_the_projected_face_models_mouth(face_model):
+    from avat3r_core.animation.sensitivity import MouthWeights, box_weights
+
+    mouth = MouthWeights(4.0, *face_model)
+    closed, opened = _front_batch(0.0), _front_batch(0.3)
+    w = mouth(closed)
+    assert w.shape == (1, 2, 1, 128, 128) and set(w.unique().tolist()) == {1.0, 5.0}
+    pts, vis = mouth.projected_landmarks(closed)
+    lips, eyes = pts[0, MOUTH], pts[0, 36:48]
+    # the raised box holds every lip point of the view and lies below the eyes
+    rows, cols = torch.nonzero(w[0, 0, 0] == 5.0, as_tuple=True)
+    assert rows.min() <= lips[:, 1].min() and rows.max() >= lips[:, 1].max() - 1
+    assert cols.min() <= lips[:, 0].min() and cols.max() >= lips[:, 0].max() - 1
+    assert rows.min() > eyes[:, 1].max()
+    # the box follows the code: an open jaw makes it taller
+    height = lambda x: int((x[0, 0, 0] == 5.0).any(1).sum())  # noqa: E731
+    assert height(mouth(opened)) > height(w) + 8
+    # ground-truth landmarks, when given, decide instead of the face model
+    gt = np.stack([_face68(8.0, cx=20.0, cy=30.0)] * 2)
+    given = mouth(closed, gt, np.ones((2, 68), bool))
+    torch.testing.assert_close(given.flatten(0, 1), box_weights(
+        region_boxes(gt, np.ones((2, 68), bool), MOUTH, 128, 128), 128, 128, 4.0))
+    with pytest.raises(ValueError, match="> 0"):
+        MouthWeights(0.0, *face_model)
+
+
+def test_weighted_loss_differs_from_the_plain_one_only_through_the_mouth_pixels():
+    from avat3r_core.animation.sensitivity import box_weights
+    from avat3r_core.losses import Avat3rLoss, LossConfig
+
+    loss = Avat3rLoss(LossConfig(l1_weight=1.0, ssim_weight=0.0))
+    target = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    weights = box_weights(np.array([[4, 4, 8, 8], [0, 0, 16, 4]]), 16, 16, 3.0)
+    # the same error at every pixel: weighting changes nothing
+    same = target + 0.1
+    assert float(loss(same, target, mask=weights)[0]) == pytest.approx(float(loss(same, target)[0]), rel=1e-6)
+    # all-ones weights are the plain loss exactly (the default path)
+    pred = target + 0.2 * torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    assert float(loss(pred, target, mask=torch.ones(2, 1, 16, 16))[0]) == pytest.approx(float(loss(pred, target)[0]))
+    # per pixel, the weighted loss's gradient is 1 + w times larger inside the box than outside
+    p = pred.clone().requires_grad_(True)
+    loss(p, target, mask=weights)[0].backward()
+    g = p.grad.abs()[0, 0]
+    inside = weights[0, 0] > 1
+    ratio = g[inside].mean() / g[~inside].mean()
+    assert float(ratio) == pytest.approx(4.0, rel=1e-5)

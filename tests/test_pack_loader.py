@@ -6,6 +6,7 @@ import io
 import random
 import shutil
 import tarfile
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -223,6 +224,76 @@ def test_input_contrast_picks_the_most_different_timesteps():
     assert not LoaderConfig(input_contrast=True).read_once().input_contrast
 
 
+def _timestep_stream():
+    """2 people x 2 sequences x 4 frames, 3 cameras (the third without a position map at frame 2),
+    random centres and codes, in packing order."""
+    from avat3r_core.dataset.loader import Timestep
+
+    rng = np.random.default_rng(5)
+    out = []
+    for subject in ("p1", "p2"):
+        for sequence in ("A", "B"):
+            for frame in range(4):
+                centers = rng.normal(size=(3, 3))
+                out.append(Timestep(key=f"{subject}_{sequence}_{frame}", subject=subject, sequence=sequence,
+                                    frame=frame, serials=["a", "b", "c"], image_ext="png",
+                                    world_to_cam=np.tile(np.eye(4), (3, 1, 1)), K=np.tile(np.eye(3), (3, 1, 1)),
+                                    width=4, height=4, centers=centers, has_position=[True, True, frame != 2],
+                                    has_features=[False] * 3, expression=rng.normal(size=135).astype(np.float32),
+                                    raw={}))
+    return out
+
+
+def _plans(config, seed=3):
+    from avat3r_core.dataset.loader import Avat3rSampler
+
+    dropped = []
+    sampler = Avat3rSampler(config, random.Random(seed), on_drop=dropped.append)
+    plans = [p for ts in _timestep_stream() for p in sampler.push(ts)]
+    sampler.flush()
+    return plans, dropped
+
+
+@pytest.mark.parametrize("contrast, digest", [
+    (False, "e987f744af43d6e6cbf41da6161a27db3942f3135aabe62b95dda8c1a0b3f6e6"),
+    (True, "8886d08d5eda6a7f90e686eb5eaffd82b835c59b6917ce0f509759f882d1842f")])
+def test_default_input_pool_chooses_exactly_as_before(contrast, digest):
+    """The sequence pool (default) picks the same targets, views and inputs, in the same order and
+    with the same random draws, as the sampler did before input_pool existed (digests recorded
+    from that code on this stream)."""
+    import hashlib
+
+    config = LoaderConfig(input_views=3, target_views=2, buffer_per_sequence=3, max_sequences=2,
+                          input_contrast=contrast)
+    plans, _ = _plans(config)
+    text = repr([(p.target.key, p.target_views, [(t.key, c) for t, c in p.inputs]) for p in plans])
+    assert hashlib.sha256(text.encode()).hexdigest() == digest
+
+
+def test_subject_input_pool_takes_inputs_from_the_persons_other_sequences():
+    config = LoaderConfig(input_views=3, target_views=2, buffer_per_sequence=3, max_sequences=2,
+                          input_pool="subject")
+    plans, dropped = _plans(config)
+    for p in plans:
+        assert {t.subject for t, _ in p.inputs} == {p.target.subject}
+        assert all(t.sequence != p.target.sequence for t, _ in p.inputs)
+        assert all(t.has_position[c] for t, c in p.inputs)
+    # sequence A waits for B: its last 3 (buffer_per_sequence) targets are released one per arriving
+    # B timestep, the first is dropped; every B target finds A in the buffer
+    targets = [p.target.key for p in plans]
+    assert len(targets) == len(set(targets)) == 14
+    assert sorted(ts.key for ts in dropped) == ["p1_A_0", "p2_A_0"]
+    assert targets[:3] == ["p1_A_1", "p1_B_0", "p1_A_2"]
+    # the plain pool on the same stream takes every input from the target's own sequence
+    plain, _ = _plans(replace(config, input_pool="sequence"))
+    assert all(t.sequence == p.target.sequence for p in plain for t, _ in p.inputs)
+    assert LoaderConfig(input_pool="subject").read_once().input_pool == "sequence"
+    with pytest.raises(ValueError, match="input_pool"):
+        LoaderConfig(input_pool="person")
+    with pytest.raises(ValueError, match="random_timestep_inputs"):
+        LoaderConfig(input_pool="subject", random_timestep_inputs=False)
+
+
 def test_head_frame_moves_cameras_and_points_together(data):
     """Head-frame items are the world-frame items seen from the head: every input point projects
     to the same camera coordinates, cameras are world_to_cam @ head_to_world, and the batch's
@@ -351,3 +422,26 @@ def test_truncated_shard_is_skipped_counted_and_named(data, tmp_path):
     loader = make_loader(str(shards), LoaderConfig(batch_size=1, target_views=2, shuffle_buffer=0),
                          epoch_length=6, seed=3)
     assert sum(1 for _ in loader) == 6
+
+
+def test_training_batches_carry_mouth_weights_only_when_asked(data, tmp_path):
+    from avat3r_core.synthetic.studio import write_face_model
+    from stages.train import ShardSource, TrainDataConfig
+
+    plain = TrainDataConfig(loader=LoaderConfig(target_views=2), epoch_length=2)
+    batches = list(ShardSource(data["shards"], plain, 1)(0, 1, 0))
+    assert len(batches) == 2 and all(b.target_weights is None for b in batches)
+    with pytest.raises(ValueError, match="face_model"):
+        replace(plain, mouth_weight=4.0).mouth_weights()
+    with pytest.raises(ValueError, match="frame"):
+        TrainDataConfig(loader=LoaderConfig(frame="world"), mouth_weight=4.0)
+    with pytest.raises(ValueError, match="mouth_weight"):
+        TrainDataConfig(mouth_weight=-1.0)
+    model, embedding = write_face_model(str(tmp_path / "head"), seed=0)
+    weighted = replace(plain, mouth_weight=4.0, face_model=model, landmark_embedding=embedding)
+    source = ShardSource(data["shards"], weighted, 1)
+    for b, ref in zip(source(0, 1, 0), batches):
+        assert b.keys == ref.keys and b.target_weights.shape == b.target_alphas.shape
+        assert set(b.target_weights.unique().tolist()) <= {1.0, 5.0}
+    val = ShardSource(data["shards"], replace(weighted, val_samples=1), 1, validation=True)
+    assert all(b.target_weights is None for b in val())  # validation scores the plain view

@@ -61,6 +61,33 @@ def test_overfits_one_sample_past_30_db():
     assert final["psnr"] > 30.0 > start, (start, final)
 
 
+def test_train_step_weights_the_loss_by_the_batchs_target_weights():
+    """No target_weights: the plain loss; all-ones weights: the same loss and the same update;
+    raised pixels: the loss the weighted Avat3rLoss gives on the same render."""
+    import dataclasses
+
+    from avat3r_core.inference.predict import predict_gaussians, render_predictions, targets_on_background
+
+    batch, config = scene_batch(), TrainConfig.preset("tiny", grad_clip=0.0)
+    weights = torch.ones(1, 2, 1, SIZE, SIZE)
+    weights[..., 10:20, 8:24] = 5.0
+    bg = torch.tensor(config.background)
+    results, params = {}, {}
+    for name, w in (("plain", None), ("ones", torch.ones_like(weights)), ("mouth", weights)):
+        model = tiny_model()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        if name == "mouth":
+            with torch.no_grad():
+                pred = render_predictions(predict_gaussians(model, batch, False), batch, bg)
+            expected = float(Avat3rLoss()(pred, targets_on_background(batch, bg), mask=weights.flatten(0, 1))[0])
+        results[name] = train_step(model, dataclasses.replace(batch, target_weights=w), optimizer, Avat3rLoss(),
+                                   config).loss
+        params[name] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert results["ones"] == pytest.approx(results["plain"], rel=1e-6)
+    torch.testing.assert_close(params["ones"], params["plain"])
+    assert results["mouth"] == pytest.approx(expected, rel=1e-5) and results["mouth"] != pytest.approx(results["plain"])
+
+
 def test_nan_batch_is_skipped_and_parameters_untouched():
     batch, model = scene_batch(), tiny_model()
     batch.position_maps[0, 0, :, 3, 3] = float("nan")

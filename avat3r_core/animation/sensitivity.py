@@ -24,6 +24,10 @@ in order, each frame the mean over its target views: Pearson **correlation** of 
 gap (target code) with the ground truth's, and the **range ratio** ``ptp(render) / ptp(truth)``
 (1 = the mouth opens as far as the person's).
 
+**Mouth weights** (:class:`MouthWeights`, training's ``train.data.mouth_weight``): the mouth is a
+few percent of a view's pixels, so the photometric loss barely sees whether it opens; the weights
+count each pixel of the view's mouth box ``1 + weight`` times (:func:`box_weights`).
+
 No Ray, no Prefect; used by :func:`avat3r_core.evaluation.evaluate_report` (with landmarks) and
 by training's validation (whole-view numbers only: no landmarks there).
 """
@@ -42,8 +46,8 @@ from avat3r_core.batch import Avat3rBatch
 from avat3r_core.metrics import PSNR_CAP, psnr, ssim
 from avat3r_core.tracking import expression_code as ec
 
-__all__ = ["BOX_MIN", "BOX_PAD", "CODES", "ExpressionProbe", "MOUTH", "EYES", "input_code", "lip_gap", "neutral_like",
-           "region_boxes", "region_scores", "sequence_agreement"]
+__all__ = ["BOX_MIN", "BOX_PAD", "CODES", "ExpressionProbe", "MOUTH", "EYES", "MouthWeights", "box_weights", "input_code",
+           "lip_gap", "neutral_like", "region_boxes", "region_scores", "sequence_agreement"]
 
 CODES = ("target", "inputs", "neutral")
 MOUTH = slice(48, 68)
@@ -102,6 +106,64 @@ def region_boxes(points: np.ndarray, visible: np.ndarray, region: slice, height:
         if x1 - x0 >= 11 and y1 - y0 >= 11:  # SSIM's window must fit
             boxes[i] = (x0, y0, x1, y1)
     return boxes
+
+
+def box_weights(boxes: np.ndarray, height: int, width: int, weight: float) -> Tensor:
+    """(N, 1, H, W) per-pixel loss weights: 1 everywhere, ``1 + weight`` inside each row's box
+    (``x0, y0, x1, y1``, exclusive, as :func:`region_boxes` gives them; a row of -1: no box, all 1)."""
+    out = torch.ones(len(boxes), 1, height, width)
+    for i, (x0, y0, x1, y1) in enumerate(np.asarray(boxes).tolist()):
+        if x0 >= 0:
+            out[i, :, y0:y1, x0:x1] += weight
+    return out
+
+
+class MouthWeights:
+    """Loss weights raising the mouth of every target view of a batch: (B, T, 1, H, W), 1 outside
+    the view's mouth box (:func:`region_boxes` of iBUG points 48–67), ``1 + weight`` inside.
+
+    The box comes from the view's ground-truth landmarks when the caller has them, else from the
+    face model's mouth projected into the view: the model (FLAME layout with a 68-point iBUG
+    embedding, the one tracking fitted) with the target's expression, jaw and eyes, at rest shape
+    and no head or neck pose. In the head frame that is where the mouth is, up to the person's
+    shape and scale (:meth:`~avat3r_core.flame.FlameLayer.head_to_world`: points of the head frame
+    are the unposed head times the scale), which the box's padding absorbs; so the batch must be
+    in the head frame (the loader's default).
+    """
+
+    def __init__(self, weight: float, face_model: str, landmark_embedding: str):
+        from avat3r_core.flame import FlameLayer, load_flame_model, load_landmark_embedding
+
+        if not weight > 0:
+            raise ValueError(f"mouth weight must be > 0 (0 is off: build no MouthWeights), got {weight}")
+        embedding = load_landmark_embedding(landmark_embedding)
+        if len(embedding) != 68:
+            raise ValueError(f"{landmark_embedding}: mouth weights need a 68-point iBUG landmark embedding, "
+                             f"this one embeds {len(embedding)} points")
+        self.weight = float(weight)
+        self.layer = FlameLayer(load_flame_model(face_model), landmarks=embedding).eval()
+
+    @torch.no_grad()
+    def projected_landmarks(self, batch: Avat3rBatch) -> tuple[np.ndarray, np.ndarray]:
+        """(B·T, 68, 2) the face model's iBUG points in each target view (head-frame cameras) and
+        (B·T, 68) whether each is in front of the camera."""
+        params = ec.decode(batch.expression.detach().cpu().double())
+        t = lambda key: torch.as_tensor(params[key], dtype=self.layer.v_template.dtype)  # noqa: E731
+        points = self.layer(expr=t("expression")[:, :self.layer.n_expr], jaw=t("jaw"), eyes=t("eyes")).landmarks
+        T = batch.target_images.shape[1]
+        cams = batch.target_cameras
+        uv, depth = cams.project(points.repeat_interleave(T, 0).to(cams.world_to_cam))
+        return uv.cpu().numpy(), (depth > 0).cpu().numpy()
+
+    def __call__(self, batch: Avat3rBatch, points: np.ndarray | None = None,
+                 visible: np.ndarray | None = None) -> Tensor:
+        """The weights of ``batch``'s target views; ``points``/``visible`` (B·T, 68, ·): their
+        ground-truth landmarks, when there are any."""
+        B, T, _, H, W = batch.target_images.shape
+        if points is None:
+            points, visible = self.projected_landmarks(batch)
+        boxes = region_boxes(points, visible, MOUTH, H, W)
+        return box_weights(boxes, H, W, self.weight).view(B, T, 1, H, W).to(batch.target_images.device)
 
 
 def region_scores(pred: Tensor, target: Tensor, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -43,6 +43,12 @@ The Avat3r sampler
     validation and evaluation keep the plain protocol): the candidate timesteps are first cut to
     the half of the buffered ones whose expression differs most from the target's
     (:func:`expression_distance`), so more samples ask for an expression the inputs do not show.
+    ``input_pool="subject"`` (training only, turned off by :meth:`LoaderConfig.read_once` too): the
+    inputs come from the buffered timesteps of the person's *other* sequences, never the target's
+    own, so the target's expression cannot be copied from a neighbouring frame and only the code
+    can say what the mouth does. A target whose person has no other sequence in the buffer yet
+    waits (up to ``buffer_per_sequence`` per sequence, the oldest dropped as ``no_partner``); each
+    timestep of another of that person's sequences that arrives releases one waiting target.
 
 Coordinate frame
     ``frame="head"`` (default): every view is expressed in the tracked head frame of its own
@@ -95,6 +101,8 @@ class MissingHeadFrame(ValueError):
 
 #: names of the shared counters (see :attr:`Avat3rLoader.counters`)
 COUNTERS = ("corrupt", "no_partner", "samples", "items")
+#: where a training target's input views come from (module docstring, ``input_pool``)
+INPUT_POOLS = ("sequence", "subject")
 
 
 @dataclass
@@ -118,13 +126,20 @@ class LoaderConfig(Presets):
     decoder: str = "opencv"  # opencv | pillow
     frame: str = "head"  # head: each view in its timestep's tracked head frame | world (module docstring)
     input_contrast: bool = False  # inputs from the timesteps whose expression differs most (training only)
+    input_pool: str = "sequence"  # sequence: the target's sequence | subject: the person's other sequences (training only)
 
     def read_once(self) -> "LoaderConfig":
         """These settings for reading a split once, in order, one sample per batch (validation,
         evaluation, inspecting the data): no resampling, no shuffling, the plain input choice."""
-        return replace(self, batch_size=1, resampled=False, shuffle_buffer=0, input_contrast=False)
+        return replace(self, batch_size=1, resampled=False, shuffle_buffer=0, input_contrast=False,
+                       input_pool="sequence")
 
     def __post_init__(self) -> None:
+        if self.input_pool not in INPUT_POOLS:
+            raise ValueError(f"input_pool must be one of {INPUT_POOLS}, got {self.input_pool!r}")
+        if self.input_pool == "subject" and not self.random_timestep_inputs:
+            raise ValueError("input_pool: subject takes inputs from other timesteps; it contradicts "
+                             "random_timestep_inputs: false (inputs from the target timestep)")
         if self.frame not in FRAMES:
             raise ValueError(f"frame must be one of {FRAMES}, got {self.frame!r}")
         if self.decoder not in ("opencv", "pillow"):
@@ -264,6 +279,7 @@ class Avat3rSampler:
         self.on_drop = on_drop or (lambda ts: None)
         self.buffers: OrderedDict[tuple[str, str], OrderedDict[int, Timestep]] = OrderedDict()
         self.pending: dict[tuple[str, str], Timestep] = {}
+        self.waiting: dict[tuple[str, str], list[Timestep]] = {}  # input_pool "subject": targets per sequence
 
     def _plan(self, target: Timestep, sources: list[Timestep]) -> ItemPlan | None:
         cfg = self.config
@@ -274,7 +290,9 @@ class Avat3rSampler:
         if not cands:
             return None
         centers = np.stack([ts.centers[c] for ts, c in cands])
-        groups = np.array([ts.frame for ts, _ in cands])
+        # one label per source timestep (frame numbers repeat across the sequences of one person)
+        label = {id(ts): i for i, ts in enumerate(sources)}
+        groups = np.array([label[id(ts)] for ts, _ in cands])
         picks = farthest_views(centers, cfg.input_views, self.rng, groups)
         while len(picks) < cfg.input_views:  # fewer candidates than V: repeat (in pick order)
             picks.append(picks[len(picks) % len(picks)])
@@ -295,11 +313,15 @@ class Avat3rSampler:
                 dropped = self.pending.pop(old_key, None)
                 if dropped is not None:
                     self.on_drop(dropped)
+                for waited in self.waiting.pop(old_key, []):
+                    self.on_drop(waited)
         self.buffers.move_to_end(key)
         buf.pop(ts.frame, None)
         buf[ts.frame] = ts
         while len(buf) > self.config.buffer_per_sequence:
             buf.popitem(last=False)
+        if self.config.input_pool == "subject":
+            return self._push_other_sequences(ts)
         out = []
         waiting = self.pending.pop(key, None)
         for target in ([waiting] if waiting is not None else []) + [ts]:
@@ -314,11 +336,40 @@ class Avat3rSampler:
                 out.append(plan)
         return out
 
+    def _other_sequences(self, target: Timestep) -> list[Timestep]:
+        return [o for (subject, sequence), buf in self.buffers.items()
+                if subject == target.subject and sequence != target.sequence for o in buf.values()]
+
+    def _push_other_sequences(self, ts: Timestep) -> list[ItemPlan]:
+        """``input_pool="subject"``: ``ts`` (already buffered) releases one waiting target of another of
+        its person's sequences, and is planned itself from those sequences or waits."""
+        out = []
+        for key, queue in self.waiting.items():
+            if key[0] == ts.subject and key[1] != ts.sequence and queue:
+                waited = queue.pop(0)
+                plan = self._plan(waited, self._other_sequences(waited))
+                if plan:
+                    out.append(plan)
+                break
+        sources = self._other_sequences(ts)
+        if sources:
+            plan = self._plan(ts, sources)
+            if plan:
+                out.append(plan)
+            return out
+        queue = self.waiting.setdefault(ts.seq_key, [])
+        queue[:] = [w for w in queue if w.frame != ts.frame]  # the frame came again (resampled): the newer copy waits
+        queue.append(ts)
+        while len(queue) > self.config.buffer_per_sequence:
+            self.on_drop(queue.pop(0))
+        return out
+
     def flush(self) -> None:
         """End of stream: waiting samples never found a partner."""
-        for ts in self.pending.values():
+        for ts in [*self.pending.values(), *(w for queue in self.waiting.values() for w in queue)]:
             self.on_drop(ts)
         self.pending.clear()
+        self.waiting.clear()
         self.buffers.clear()
 
 

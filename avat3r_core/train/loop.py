@@ -2,7 +2,8 @@
 
 One step: the model turns the input views into pixel-aligned Gaussians (invalid pixels at zero
 opacity), :func:`avat3r_core.render.render` draws them at the target cameras, and the Avat3r loss
-compares with the targets composited on the same background; then backward, gradient clipping and
+compares with the targets composited on the same background (each pixel weighted by the batch's
+``target_weights`` when it has them, e.g. the mouth raised); then backward, gradient clipping and
 Adam. On CUDA the network runs under bf16 autocast (rendering and loss stay float32); on CPU the
 same code runs in float32.
 
@@ -93,7 +94,9 @@ def train_step(model, batch: Avat3rBatch, optimizer: torch.optim.Optimizer, loss
     prediction = render_predictions(gaussians, batch, background)
     _sync(device)
     t2 = time.perf_counter()
-    loss, terms = loss_fn(prediction, targets_on_background(batch, background).to(prediction.dtype), step=step)
+    weights = None if batch.target_weights is None else batch.target_weights.flatten(0, 1)
+    loss, terms = loss_fn(prediction, targets_on_background(batch, background).to(prediction.dtype), step=step,
+                          mask=weights)
     optimizer.zero_grad(set_to_none=True)
     if not all_ranks_agree(bool(torch.isfinite(loss)), device):
         log.warning("step %d: non-finite loss on %s (here or on another rank); skipped", step, batch.keys)
