@@ -68,7 +68,7 @@ def test_train_step_weights_the_loss_by_the_batchs_target_weights():
 
     from avat3r_core.inference.predict import predict_gaussians, render_predictions, targets_on_background
 
-    batch, config = scene_batch(), TrainConfig.preset("tiny", grad_clip=0.0)
+    batch, config = scene_batch(), TrainConfig.preset("tiny", optim={"grad_clip": 0.0})
     weights = torch.ones(1, 2, 1, SIZE, SIZE)
     weights[..., 10:20, 8:24] = 5.0
     bg = torch.tensor(config.background)
