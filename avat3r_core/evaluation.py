@@ -123,7 +123,7 @@ class EvalConfig(Presets):
             raise ValueError(f"EvalConfig.identity must be dlib or none, got {self.identity!r}")
 
 
-def eval_loader_config(config: EvalConfig, frame: str = "head"):
+def eval_loader_config(config: EvalConfig, frame: str):
     """The loader settings of an evaluation: the split read once, in order, one sample per batch,
     in the coordinate ``frame`` the model was trained in."""
     from avat3r_core.dataset.loader import LoaderConfig
