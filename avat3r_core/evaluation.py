@@ -319,8 +319,9 @@ def _other_people(target_ids: list[tuple[str, np.ndarray]]) -> dict:
             "views": len(target_ids), "people": int(len(set(subjects.tolist())))}
 
 
-# Long (~130 lines): the per-batch accumulation of every metric for every method shares its
-# running state (rows, sheet rows, detector results); kept whole while issue 20 adds CSIM here.
+# Long (~155 lines): the per-batch accumulation of every metric (PSNR/SSIM/LPIPS, AKD, CSIM) for
+# every method shares its running state (rows, sheet rows, detector and identity results); to split
+# per metric into accumulators (left for later: issue 19's remainder ran out of time).
 @torch.no_grad()
 def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapping[str, Any] | None = None,
                     labels: Mapping[str, str] | None = None, background: Sequence[float] = (1.0, 1.0, 1.0),
