@@ -123,7 +123,7 @@ class EvalConfig(Presets):
             raise ValueError(f"EvalConfig.identity must be dlib or none, got {self.identity!r}")
 
 
-def eval_loader_config(config: EvalConfig, frame: str = "head"):
+def eval_loader_config(config: EvalConfig, frame: str):
     """The loader settings of an evaluation: the split read once, in order, one sample per batch,
     in the coordinate ``frame`` the model was trained in."""
     from avat3r_core.dataset.loader import LoaderConfig
@@ -319,8 +319,9 @@ def _other_people(target_ids: list[tuple[str, np.ndarray]]) -> dict:
             "views": len(target_ids), "people": int(len(set(subjects.tolist())))}
 
 
-# Long (~130 lines): the per-batch accumulation of every metric for every method shares its
-# running state (rows, sheet rows, detector results); kept whole while issue 20 adds CSIM here.
+# Long (~155 lines): the per-batch accumulation of every metric (PSNR/SSIM/LPIPS, AKD, CSIM) for
+# every method shares its running state (rows, sheet rows, detector and identity results); to split
+# per metric into accumulators (left for later: issue 19's remainder ran out of time).
 @torch.no_grad()
 def evaluate_report(batches: Iterable[Avat3rBatch], model=None, *, methods: Mapping[str, Any] | None = None,
                     labels: Mapping[str, str] | None = None, background: Sequence[float] = (1.0, 1.0, 1.0),

@@ -151,7 +151,8 @@ def drive(data: dict, frames: int, size: int, repeats: int = 3) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     model, mc, _ = load_trained_model(data["checkpoint"])
-    prepared = Preparer(PrepareConfig(feature_projection=data["projection"]), mc.image_size, mc.feature_dim, mc.features_enabled).prepare(
+    prepared = Preparer(PrepareConfig(feature_projection=data["projection"]), mc.image_size, mc.feature_dim, mc.features_enabled,
+                        frame=mc.frame).prepare(
         LibraryEntry("d", "capture", data["frames"], subject="001", priors=data["priors"]))
     codes, _ = load_expression_track("builtin", prepared.reference, frames_per_key=max(1, frames // 6 + 1))
     codes = codes[:frames]
@@ -209,7 +210,7 @@ def driving_limits(data: dict, sizes: list[int], frames: int, repeats: int = 3) 
     torch.set_num_threads(os.cpu_count() or 1)
     model, mc, _ = load_trained_model(data["checkpoint"])
     prepared = Preparer(PrepareConfig(feature_projection=data["projection"]), mc.image_size, mc.feature_dim,
-                        mc.features_enabled).prepare(LibraryEntry("d", "capture", data["frames"], subject="001",
+                        mc.features_enabled, frame=mc.frame).prepare(LibraryEntry("d", "capture", data["frames"], subject="001",
                                                                   priors=data["priors"]))
     codes, _ = load_expression_track("builtin", prepared.reference, frames_per_key=max(1, frames // 7 + 1))
     c = torch.as_tensor(codes[:frames])

@@ -152,7 +152,7 @@ class _PrepareWorker:
 
         if num_threads > 0:
             torch.set_num_threads(num_threads)
-        self.preparer = Preparer(config, image_size, feature_dim, features_enabled, frame)
+        self.preparer = Preparer(config, image_size, feature_dim, features_enabled, frame=frame)
 
     def prepare(self, item_json: str) -> dict:
         entry = LibraryEntry.from_item(json.loads(item_json))

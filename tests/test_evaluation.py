@@ -54,7 +54,7 @@ def data(tmp_path_factory):
     optimizer, scheduler = build_optimizer(model, config)
     save_checkpoint(root / "ckpt", model, optimizer, 7, scheduler=scheduler, config=config)
     cfg = EvalConfig(target_views=3, grid_samples=2)
-    batches = list(make_loader(str(root / "shards"), eval_loader_config(cfg), split="test"))
+    batches = list(make_loader(str(root / "shards"), eval_loader_config(cfg, "head"), split="test"))
     return {"root": root, "shards": str(root / "shards"), "frames": str(root / "frames/frames.parquet"),
             "gt": str(root / "gt"), "ckpt": root / "ckpt", "batches": batches, "config": cfg}
 
@@ -153,7 +153,7 @@ def test_csim_per_view_counts_and_the_other_people_reference(data):
     assert "not measured: fewer than two held-out people" in alone.to_markdown()
     # every split's people (three) for the reference
     batches = [b for split in ("train", "val", "test")
-               for b in make_loader(data["shards"], eval_loader_config(data["config"]), split=split)]
+               for b in make_loader(data["shards"], eval_loader_config(data["config"], "head"), split=split)]
     report = evaluate_report(batches, methods={"oracle": _oracle, "white": white},
                              views=TargetViewIndex(data["frames"]), identity=_ColourIdentity(), identity_upscale=3)
     oracle, blank = report.summary("oracle"), report.summary("white")

@@ -198,7 +198,7 @@ def test_only_regular_files_are_read(tmp_path, head):
     fifo = tmp_path / "photo.png"
     os.mkfifo(fifo)
     prep = Preparer(PrepareConfig(landmarks="mediapipe", face_model=head["model"], landmark_embedding=head["embedding"],
-                                  device="cpu", fit=FAST_FIT), image_size=32)
+                                  device="cpu", fit=FAST_FIT), image_size=32, frame="world")
     with _Deadline(10):  # open() on a FIFO without a writer blocks forever
         with pytest.raises(UnreadableInputError, match="photo.png.*a FIFO: inputs are read from regular files only"):
             prep.prepare(LibraryEntry("f", "image", str(fifo)))
@@ -297,7 +297,7 @@ def test_photos_are_decoded_one_at_a_time(tmp_path, head, monkeypatch):
         cv2.imwrite(str(folder / f"p{k}.jpg"), canvas)
     cfg = PrepareConfig(face_model=head["model"], landmark_embedding=head["embedding"], device="cpu", fit=FAST_FIT,
                         feature_source="none")
-    prep = Preparer(cfg, image_size=32)
+    prep = Preparer(cfg, image_size=32, frame="world")
     prep.face_layer()
     prep._mediapipe()._build()
     at_fit = {}
@@ -334,7 +334,7 @@ def test_several_faces_take_the_largest_and_small_faces_are_named(tmp_path, head
     cv2.imwrite(str(tmp_path / "group.png"), group)
     cfg = PrepareConfig(face_model=head["model"], landmark_embedding=head["embedding"], device="cpu", fit=FAST_FIT,
                         feature_source="none")
-    prep = Preparer(cfg, image_size=32)
+    prep = Preparer(cfg, image_size=32, frame="world")
     out = prep.prepare(LibraryEntry("group", "image", str(tmp_path / "group.png")))
     view = out.meta["views"][0]
     assert view["faces_found"] == 2 and len(view["other_faces"]) == 1
@@ -344,7 +344,8 @@ def test_several_faces_take_the_largest_and_small_faces_are_named(tmp_path, head
     assert (x1 - x0) * (y1 - y0) > 1.5 * (ox1 - ox0) * (oy1 - oy0)
     assert out.meta["fit_residual_px"] < 4.0
     tiny = Preparer(PrepareConfig(face_model=head["model"], landmark_embedding=head["embedding"], device="cpu",
-                                  fit=FAST_FIT, feature_source="none", min_face_px=150), image_size=32)
+                                  fit=FAST_FIT, feature_source="none", min_face_px=150), image_size=32,
+                    frame="world")
     with pytest.raises(FaceTooSmallError, match=r"astronaut.png: face too small: the largest face is 1\d\d px high.*"
                                                  r"min_face_px = 150"):
         tiny.prepare(LibraryEntry("a", "image", _astronaut()))
@@ -431,13 +432,14 @@ def test_matte_fallback_is_labelled_and_extreme_poses_are_named(tmp_path, head, 
     monkeypatch.setattr(sys, "prefix", str(tmp_path))  # a venv without the segmentation model
     cfg = PrepareConfig(face_model=head["model"], landmark_embedding=head["embedding"], device="cpu", fit=FAST_FIT,
                         feature_source="none")
-    out = Preparer(cfg, image_size=32).prepare(LibraryEntry("a", "image", _astronaut()))
+    out = Preparer(cfg, image_size=32, frame="world").prepare(LibraryEntry("a", "image", _astronaut()))
     assert out.meta["matte_source"] == "face_model_silhouette"
     assert np.array_equal(out.matte > 0.5, out.confidence > 0.5)
     monkeypatch.undo()
     # the fitted head pose bounds the usable views; a picture beyond them is refused, angles named
     turned = Preparer(PrepareConfig(face_model=head["model"], landmark_embedding=head["embedding"], device="cpu",
-                                    fit=FAST_FIT, feature_source="none", max_pitch_deg=10.0), image_size=32)
+                                    fit=FAST_FIT, feature_source="none", max_pitch_deg=10.0), image_size=32,
+                      frame="world")
     with pytest.raises(ExtremePoseError, match=r"astronaut.png: head turned too far: .*yaw [+-]\d+ deg, pitch "
                                                r"[+-]\d+ deg \(fitted\); limits ±75 and ±10 deg"):
         turned.prepare(LibraryEntry("a", "image", _astronaut()))
@@ -455,7 +457,7 @@ def test_single_photo_fits_keep_a_plausible_pitch(head):
 
     cfg = PrepareConfig(face_model=head["model"], landmark_embedding=head["embedding"], device="cpu",
                         feature_source="none")
-    prep = Preparer(cfg, image_size=32)
+    prep = Preparer(cfg, image_size=32, frame="world")
     layer, indices = prep.face_layer(), prep._embedding.landmark_indices
     assert FitConfig().w_pitch > 0  # on by default
     for photo in (_astronaut(), _hopper()):
@@ -507,7 +509,7 @@ def test_video_of_a_real_photo_with_a_moving_virtual_camera(tmp_path, head):
     _virtual_camera_video(tmp_path / "orbit.mp4", cv2.imread(_hopper()), yaws)
     cfg = PrepareConfig(face_model=head["model"], landmark_embedding=head["embedding"], device="cpu", fit=FAST_FIT,
                         feature_source="none", video_fit_frames=12)
-    out = Preparer(cfg, image_size=32).prepare(LibraryEntry("v", "video", str(tmp_path / "orbit.mp4")))
+    out = Preparer(cfg, image_size=32, frame="world").prepare(LibraryEntry("v", "video", str(tmp_path / "orbit.mp4")))
     picked = [int(v["input"].rsplit("frame", 1)[1]) for v in out.meta["views"]]
     assert out.num_views == 4 and len(set(picked)) == 4 and out.meta["fitted"] == 12 and not out.meta["dropped"]
     fitted = np.array([v["yaw_deg"] for v in out.meta["views"]])

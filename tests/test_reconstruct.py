@@ -179,7 +179,7 @@ def test_view_and_pose_choice_is_farthest_and_deterministic():
 # --------------------------------------------------------------------------- per mode, one item
 def test_each_mode_prepares_model_inputs(studio):
     cfg = config(studio)
-    prep = Preparer(cfg, image_size=S)
+    prep = Preparer(cfg, image_size=S, frame="world")
     p = studio["pics"]
     cap = prep.prepare(LibraryEntry("c", "capture", studio["frames"], subject="001", priors=studio["priors"]))
     assert cap.images.shape == (4, S, S, 3) and cap.position.shape == (4, S, S, 3)
@@ -237,7 +237,7 @@ def test_head_frame_inputs(studio, tmp_path):
     cfg = config(studio)
     entry = LibraryEntry("c", "capture", studio["frames"], subject="001", priors=studio["priors"],
                          tracking=studio["tracking"])
-    world = Preparer(cfg, image_size=S).prepare(entry)
+    world = Preparer(cfg, image_size=S, frame="world").prepare(entry)
     head = Preparer(cfg, image_size=S, frame="head").prepare(entry)
     assert head.meta["frame"] == "head" and world.meta["frame"] == "world"
     tracked = {(r["sequence"], r["frame"]): np.reshape(r["head_to_world"], (4, 4))
@@ -367,7 +367,7 @@ def test_head_motion_replayed_by_the_camera(studio, tmp_path):
     np.testing.assert_array_equal(head_motion_for("head", spec, True), motion)
 
     model, _, _ = load_trained_model(studio["checkpoint"])
-    prepared = Preparer(config(studio), image_size=S).prepare(
+    prepared = Preparer(config(studio), image_size=S, frame="world").prepare(
         LibraryEntry("c", "capture", studio["frames"], subject="001", priors=studio["priors"]))
     codes, _ = load_expression_track(spec, prepared.reference)
     cam = view_orbit(prepared.center, prepared.radius, prepared.front, prepared.up, frames=1, size=48)
@@ -387,7 +387,7 @@ def test_driving_through_the_cache_matches_full_forward(tmp_path, studio):
     from avat3r_core.reconstruct.build import drive_without_cache
 
     model, _, _ = load_trained_model(studio["checkpoint"])
-    prepared = Preparer(config(studio), image_size=S).prepare(
+    prepared = Preparer(config(studio), image_size=S, frame="world").prepare(
         LibraryEntry("c", "capture", studio["frames"], subject="001", priors=studio["priors"]))
     codes, _ = load_expression_track("builtin", prepared.reference, frames_per_key=1)
     codes = codes[:4] * 3  # exaggerate: the random network (output layer std 1e-3) reacts only slightly
@@ -438,7 +438,7 @@ def test_non_finite_capture_inputs_name_the_input_at_fault(studio, tmp_path):
     entry = LibraryEntry("c", "capture", studio["frames"], subject="001", priors=str(priors / "priors.parquet"),
                          tracking=studio["tracking"])
     with pytest.raises(NonFiniteError, match=rf"{priors}/maps/001/.*\.npz \[position\]"):
-        Preparer(cfg, image_size=S).prepare(entry)
+        Preparer(cfg, image_size=S, frame="world").prepare(entry)
 
     bad = _tracking_with(studio["tracking"], tmp_path / "rotation.parquet", "rotation")
     with pytest.raises(NonFiniteError, match=rf"rotation\.parquet \[001/{SEQ} frame \d+: rotation\]"):

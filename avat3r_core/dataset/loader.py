@@ -225,7 +225,7 @@ def head_to_world_of(sample: dict[str, Any]) -> np.ndarray:
         raise ValueError(f"sample {sample.get('__key__')!r}: head_to_world is not a rigid transform") from None
 
 
-def parse_sample(sample: dict[str, Any], frame: str = "world") -> Timestep:
+def parse_sample(sample: dict[str, Any], frame: str) -> Timestep:
     """A grouped WebDataset sample → :class:`Timestep` with its cameras in ``frame``; raises on an
     incomplete sample."""
     if "meta.json" not in sample:

@@ -84,8 +84,10 @@ class Avat3rConfig:
     random_timestep_inputs: bool = True  #: data-sampler switch; bookkeeping only here
     #: the frame of the cameras and position maps it was trained on (the loader's ``frame``:
     #: "head" = each view in its timestep's tracked head frame, "world" = the capture's frame);
-    #: reconstruction and evaluation feed it the same. Set by training on shards; "world" for
-    #: anything else (in-memory sources, checkpoints from before the setting existed).
+    #: reconstruction and evaluation feed it the same. Its home is the data's setting
+    #: (``LoaderConfig.frame``, default "head"): training on shards copies it here. The default is
+    #: "world" because checkpoints from before the setting existed hold no ``frame`` and were
+    #: trained in the world frame (and in-memory sources, e.g. the synthetic one, have no head frame).
     frame: str = "world"
 
     PRESETS: ClassVar[dict] = {

@@ -101,7 +101,7 @@ class ExpressionEncoder(nn.Module):
     checkpoints hold the same tensors either way."""
 
     def __init__(self, expr_dim: int, hidden: int, dim: int, num_tokens: int, normalization: str = "none",
-                 rotation_gain: float = 10.0, frame: str = "world"):
+                 rotation_gain: float = 10.0, *, frame: str):
         super().__init__()
         self.num_tokens, self.dim = num_tokens, dim
         self.fc1 = nn.Linear(expr_dim, hidden)
@@ -132,7 +132,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(c.dim, c.num_heads, c.mlp_hidden, eps) for _ in range(c.depth))
         self.cross = nn.ModuleList(CrossAttention(c.dim, c.num_heads, eps) for _ in range(c.cross_attn_layers))
         self.expression = ExpressionEncoder(c.expr_dim, c.expr_hidden, c.dim, c.num_expr_tokens, c.expr_normalization,
-                                            c.expr_rotation_gain, c.frame)
+                                            c.expr_rotation_gain, frame=c.frame)
         self.norm = nn.LayerNorm(c.dim, eps=eps)
         # block index → cross-attention layer that follows it
         self._cross_of = {i: k for k, i in enumerate(c.cross_after)}

@@ -36,7 +36,7 @@ class Preparer(CapturePreparation, PicturePreparation):
     """
 
     def __init__(self, config: PrepareConfig, image_size: int, feature_dim: int = 0, features_enabled: bool = False,
-                 frame: str = "world"):
+                 *, frame: str):
         if frame not in FRAMES:
             raise ValueError(f"frame must be head or world, got {frame!r}")
         self.frame = frame

@@ -31,7 +31,8 @@ class PicturePreparation:
 
     # ------------------------------------------------------------------ photos / image / video
     # Long (~180 lines): the picture pipeline (read → landmarks → fit → views → crops → priors →
-    # matte) moved whole from library.py while issue 20 changes it; split along those steps after.
+    # matte) moved whole from library.py; to split along those steps (left for later: issue 19's
+    # remainder ran out of time, and issue 20's picture work landed in it just before).
     def prepare_pictures(self, entry: LibraryEntry, pictures: list[str], frames: list[np.ndarray] | None = None,
                          frame_scale: float = 1.0) -> PreparedAvatar:
         """Landmarks → uncalibrated face-model fit → head crops → priors, for N pictures (or the
