@@ -79,7 +79,13 @@ _MEAN_OF_THREE = np.full((1, 3), 1.0 / (3 * 255.0), np.float32)
 
 
 def background_matte(frame: np.ndarray, plate: np.ndarray, threshold: float) -> np.ndarray:
-    """Foreground alpha (H, W) float32 in {0, 1} from an empty-scene plate, cleaned up.
+    """Foreground alpha (H, W) float32 in {0, 1} from an empty-scene plate, cleaned up
+    (:func:`foreground_mask` as floats)."""
+    return (foreground_mask(frame, plate, threshold) > 0).astype(np.float32)
+
+
+def foreground_mask(frame: np.ndarray, plate: np.ndarray, threshold: float) -> np.ndarray:
+    """Foreground mask (H, W) uint8 in {0, 255} from an empty-scene plate, cleaned up.
 
     Difference → threshold → morphological open (speckle) and close (holes) → keep the largest
     connected component → fill interior holes. Good enough for a studio backdrop; real captures
@@ -92,18 +98,19 @@ def background_matte(frame: np.ndarray, plate: np.ndarray, threshold: float) -> 
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel, iterations=2)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    if count > 1:
-        largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    # labels alone, areas by bincount: OpenCV's per-component statistics cost ~2.5x the labelling
+    count, labels = cv2.connectedComponents(mask, connectivity=8)
+    if count > 2:  # one component (count 2) is the mask itself
+        largest = 1 + int(np.argmax(np.bincount(labels.ravel(), minlength=count)[1:]))
         mask = (labels == largest).astype(np.uint8)
     # fill holes: everything not reachable from the border through background is foreground
-    flood = mask.copy()
+    # (the flood only enters background, so the component itself is never marked)
     h, w = mask.shape
     seed_mask = np.zeros((h + 2, w + 2), np.uint8)
     for y, x in ((0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1)):
-        if flood[y, x] == 0:
-            cv2.floodFill(flood, seed_mask, (x, y), 2)
-    return ((flood != 2) | (mask == 1)).astype(np.float32)
+        if mask[y, x] == 0:
+            cv2.floodFill(mask, seed_mask, (x, y), 2)
+    return cv2.compare(mask, 2, cv2.CMP_NE)
 
 
 def median_plate(frames: list[np.ndarray]) -> np.ndarray:
@@ -223,6 +230,14 @@ def halve(image: np.ndarray, times: int) -> tuple[np.ndarray, int]:
     return image, done
 
 
+def align(coordinate: int, reduce: int) -> int:
+    """``coordinate`` rounded down to a multiple of ``2 ** reduce`` (and of 2: the 4:2:0 chroma
+    grid): the start of a region that is reduced ``reduce`` times, so that its reduced pixels are
+    the same 2^k blocks of the frame as those of the whole frame reduced."""
+    step = 2 ** max(reduce, 1)
+    return coordinate // step * step
+
+
 def crop_region(image: np.ndarray, origin: tuple[float, float], box: np.ndarray, size: int,
                 scale: int = 1) -> np.ndarray:
     """:func:`crop_image` on a region of the source whose top-left corner is ``origin`` (x, y) in
@@ -286,10 +301,12 @@ class Yuv420Frame:
         ``reduce``: up to this many exact 2x2 averagings (:func:`halve`) first. They are made on
         the planes, luma ``reduce`` times and the half-size chroma once less, and only the
         reduced region is converted: far fewer pixels than converting then reducing, and the
-        same result up to rounding (conversion is affine; the chroma resolution matches)."""
+        same result up to rounding (conversion is affine; the chroma resolution matches). The
+        top-left is aligned to the reduction (:func:`align`), so a reduced pixel is the same
+        block of the frame whatever region it is read in (:class:`PlatePyramid` relies on it)."""
         x1 = self.width if x1 is None else x1
         y1 = self.height if y1 is None else y1
-        x0, y0 = x0 // 2 * 2, y0 // 2 * 2
+        x0, y0 = align(x0, reduce), align(y0, reduce)
         x1, y1 = min(-(-x1 // 2) * 2, self.width // 2 * 2), min(-(-y1 // 2) * 2, self.height // 2 * 2)
         luma, done = halve(self.y[y0:y1, x0:x1], reduce)
         u, v = self.u[y0 // 2:y1 // 2, x0 // 2:x1 // 2], self.v[y0 // 2:y1 // 2, x0 // 2:x1 // 2]
@@ -311,6 +328,19 @@ class Yuv420Frame:
         to_rgb = _BT601_FULL_TO_RGB if self.full_range else _BT601_LIMITED_TO_RGB
         return cv2.transform(cv2.merge([luma, u, v]), to_rgb), (x0, y0), 2 ** done
 
+    def region(self, x0: int, y0: int, x1: int, y1: int, reduce: int) -> Yuv420Region | None:
+        """The planes of a region reduced as :meth:`rgb` reduces them (``reduce`` ≥ 1), kept for
+        a later pass (:class:`Yuv420Region`); ``None`` if the region is too small to reduce so."""
+        x0, y0 = align(x0, reduce), align(y0, reduce)
+        x1, y1 = min(-(-x1 // 2) * 2, self.width // 2 * 2), min(-(-y1 // 2) * 2, self.height // 2 * 2)
+        luma, done = halve(self.y[y0:y1, x0:x1], reduce)
+        if reduce < 1 or done != reduce:
+            return None
+        u, _ = halve(self.u[y0 // 2:y1 // 2, x0 // 2:x1 // 2], reduce - 1)
+        v, _ = halve(self.v[y0 // 2:y1 // 2, x0 // 2:x1 // 2], reduce - 1)
+        return Yuv420Region(np.ascontiguousarray(luma), np.ascontiguousarray(u), np.ascontiguousarray(v),
+                            x0, y0, reduce, self.width, self.height, self.full_range)
+
     def gray(self, x0: int = 0, y0: int = 0, x1: int | None = None, y1: int | None = None,
              reduce: int = 0) -> tuple[np.ndarray, tuple[int, int], int]:
         """Full-range gray of a region (the matte of an alpha video), with its top-left (x, y) and
@@ -321,6 +351,92 @@ class Yuv420Frame:
         if self.full_range:  # the luma is the gray already
             return np.ascontiguousarray(luma), (x0, y0), 2 ** done
         return cv2.LUT(np.ascontiguousarray(luma), LUMA_TO_GRAY), (x0, y0), 2 ** done
+
+
+class Yuv420Region:
+    """A region of a decoded frame as :meth:`Yuv420Frame.region` reduced it (luma ``reduce``
+    times, the half-size chroma once less: all three the same size), read back as the frame is:
+    :meth:`rgb` of a region inside it, reduced at least as much, gives exactly the frame's bytes.
+    The head-centre pass keeps such regions of the frames it decodes anyway, so that the crop
+    pass does not decode those videos again (:func:`save_region`, :class:`FrameStash`)."""
+
+    def __init__(self, y: np.ndarray, u: np.ndarray, v: np.ndarray, x0: int, y0: int, reduce: int,
+                 width: int, height: int, full_range: bool) -> None:
+        self.y, self.u, self.v, self.x0, self.y0, self.reduce = y, u, v, int(x0), int(y0), int(reduce)
+        self.width, self.height, self.full_range = int(width), int(height), bool(full_range)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, 3)
+
+    def header(self) -> list[int]:
+        """What :class:`FrameStash` needs besides the planes' bytes."""
+        return [self.x0, self.y0, self.reduce, self.width, self.height, int(self.full_range), *self.y.shape]
+
+    def covers(self, x0: int, y0: int, x1: int, y1: int, reduce: int) -> bool:
+        """Whether :meth:`rgb` of this region of the frame can be read from it."""
+        step = 2 ** self.reduce
+        x0, y0 = align(x0, reduce), align(y0, reduce)
+        x1, y1 = min(-(-x1 // 2) * 2, self.width // 2 * 2), min(-(-y1 // 2) * 2, self.height // 2 * 2)
+        return (reduce >= self.reduce and x0 >= self.x0 and y0 >= self.y0
+                and (x1 - x0) // step >= 4 and (y1 - y0) // step >= 4
+                and (x0 - self.x0) // step + (x1 - x0) // step <= self.y.shape[1]
+                and (y0 - self.y0) // step + (y1 - y0) // step <= self.y.shape[0])
+
+    def rgb(self, x0: int, y0: int, x1: int, y1: int, reduce: int) -> tuple[np.ndarray, tuple[int, int], int]:
+        """:meth:`Yuv420Frame.rgb` of a region it :meth:`covers` (ValueError otherwise)."""
+        if not self.covers(x0, y0, x1, y1, reduce):
+            raise ValueError(f"region {(x0, y0, x1, y1)} at reduction {reduce} is not inside the kept region")
+        step = 2 ** self.reduce
+        x0, y0 = align(x0, reduce), align(y0, reduce)
+        x1, y1 = min(-(-x1 // 2) * 2, self.width // 2 * 2), min(-(-y1 // 2) * 2, self.height // 2 * 2)
+        r0, c0 = (y0 - self.y0) // step, (x0 - self.x0) // step
+        rows, cols = (y1 - y0) // step, (x1 - x0) // step
+        luma, more = halve(self.y[r0:r0 + rows, c0:c0 + cols], reduce - self.reduce)
+        u, _ = halve(self.u[r0:r0 + rows, c0:c0 + cols], more)
+        v, _ = halve(self.v[r0:r0 + rows, c0:c0 + cols], more)
+        to_rgb = _BT601_FULL_TO_RGB if self.full_range else _BT601_LIMITED_TO_RGB
+        return cv2.transform(cv2.merge([luma, u, v]), to_rgb), (x0, y0), 2 ** (self.reduce + more)
+
+
+def save_region(handle, region: Yuv420Region) -> list[int]:
+    """Append a :class:`Yuv420Region`'s three planes to an open binary file, read back by
+    :class:`FrameStash`; returns its header (:meth:`Yuv420Region.header` and the offset), which
+    the reader is given. One file per video: creating a file costs more CPU than writing
+    these bytes on this project's filesystem (see ``stages/extract.py``'s writer)."""
+    offset = handle.tell()
+    for plane in (region.y, region.u, region.v):
+        handle.write(plane.data)
+    return [*region.header(), offset]
+
+
+class FrameStash:
+    """The regions the head-centre pass kept of one camera's frames (one file, the headers
+    apart: :func:`save_region`), read like an :class:`ImageSequence`: a frame's bytes when it
+    is asked for."""
+
+    def __init__(self, path: str, headers: dict[int, list[int]]) -> None:
+        self.path, self.headers = path, headers
+
+    def __len__(self) -> int:
+        return max(self.headers) + 1 if self.headers else 0
+
+    def region(self, index: int, planes: np.ndarray | None = None) -> Yuv420Region:
+        """The header's region (planes not read: zero-size views, enough for
+        :meth:`Yuv420Region.covers`) or, given ``planes`` (3, rows, cols), the region itself."""
+        x0, y0, reduce, width, height, full_range, rows, cols, _ = self.headers[index]
+        if planes is None:
+            planes = np.broadcast_to(np.uint8(0), (3, rows, cols))
+        return Yuv420Region(planes[0], planes[1], planes[2], x0, y0, reduce, width, height, bool(full_range))
+
+    def __getitem__(self, index: int) -> Yuv420Region:
+        from avat3r_core.errors import FormatError
+
+        rows, cols, offset = self.headers[index][6:]
+        data = np.fromfile(self.path, np.uint8, count=3 * rows * cols, offset=offset)
+        if data.size != 3 * rows * cols:
+            raise FormatError(self.path, f"frame {index}", f"kept region has {data.size} bytes, expected {3 * rows * cols}")
+        return self.region(index, data.reshape(3, rows, cols))
 
 
 #: BT.601 limited-range YUV → RGB as an affine map of (Y, U, V, 1) for ``cv2.transform`` (the
@@ -409,16 +525,47 @@ def centers_of_sparse_frames(wanted: list[int], decoded: Iterable[tuple[int, obj
 _SRGB_TO_LINEAR = srgb_to_linear(np.arange(256, dtype=np.float32) / 255.0)
 
 
-def correct_colors(image: np.ndarray, ccm: np.ndarray | None) -> np.ndarray:
-    """``apply_ccm`` on a uint8 sRGB image (its sRGB decode by table lookup: identical values)."""
-    if ccm is None:
-        return image
-    expanded = cheung2004_terms(cv2.LUT(image, _SRGB_TO_LINEAR), ccm.shape[-1])
-    out = linear_to_srgb(expanded @ np.asarray(ccm, dtype=np.float32).T)
-    out *= 255.0  # in place: the same values as np.clip(np.rint(out * 255), 0, 255)
+def _srgb_to_uint8(x: np.ndarray) -> np.ndarray:
+    """``np.clip(np.rint(linear_to_srgb(x) * 255), 0, 255)`` as uint8, exactly, by table.
+
+    float32 [0, 1] falls in 2^16 equal bins; where a bin's two ends encode to the same byte
+    (the encode is monotone) the table holds it, and the few pixels in the 255 bins that hold a
+    byte boundary are encoded exactly. ``np.power`` on float32 was ~70% of the colour
+    correction's cost."""
+    x = np.clip(x, 0.0, 1.0, out=x if x.dtype == np.float32 else None).astype(np.float32, copy=False)
+    index = (x * _SRGB_BINS).astype(np.int32)  # x * 2^16 is exact; truncation is floor for x ≥ 0
+    looked_up = _SRGB_TABLE[index]
+    out = looked_up.astype(np.uint8)
+    edge = looked_up > 255
+    if edge.any():
+        out[edge] = _encode_srgb_exact(x[edge])
+    return out
+
+
+def _encode_srgb_exact(x: np.ndarray) -> np.ndarray:
+    out = linear_to_srgb(x)
+    out *= 255.0
     np.rint(out, out=out)
     np.clip(out, 0, 255, out=out)
     return out.astype(np.uint8)
+
+
+_SRGB_BINS = 1 << 16
+_SRGB_LOW = np.arange(_SRGB_BINS + 1, dtype=np.float32) / _SRGB_BINS  # bin i starts here (bin 2^16: 1.0 alone)
+_SRGB_HIGH = np.append(np.nextafter(_SRGB_LOW[1:], np.float32(0)), np.float32(1.0))  # and ends here
+_SRGB_BYTE = _encode_srgb_exact(_SRGB_LOW.copy())
+#: each bin's byte, or 256 where the bin holds a byte boundary (one gather gives both)
+_SRGB_TABLE = np.where(_SRGB_BYTE != _encode_srgb_exact(_SRGB_HIGH.copy()), np.uint16(256), _SRGB_BYTE.astype(np.uint16))
+
+
+def correct_colors(image: np.ndarray, ccm: np.ndarray | None) -> np.ndarray:
+    """``apply_ccm`` on a uint8 sRGB image (its sRGB decode and encode by table: identical values)."""
+    if ccm is None:
+        return image
+    linear = cv2.LUT(image, _SRGB_TO_LINEAR)
+    # three terms are the RGB values themselves (cheung2004_terms would copy them into a new array)
+    expanded = linear if ccm.shape[-1] == 3 else cheung2004_terms(linear, ccm.shape[-1])
+    return _srgb_to_uint8(expanded @ np.asarray(ccm, dtype=np.float32).T)
 
 
 def affine_color_correct(image: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
@@ -492,7 +639,7 @@ def read_image(path: str) -> np.ndarray:
 def pick_frames(stream, wanted: list[int]) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (index, frame) for the wanted indices of a sequential decode (stopping after the
     last), or of an :class:`ImageSequence` (reading only those)."""
-    if isinstance(stream, ImageSequence):
+    if isinstance(stream, (ImageSequence, FrameStash)):
         for index in sorted(wanted):
             if index < len(stream):
                 yield index, stream[index]
@@ -541,6 +688,7 @@ def extract_video(job: VideoJob, color: Iterator, alpha: Iterator | None,
     size = config.resolution
     # alpha and colour are decoded in lockstep (each sequentially), so no frame is held twice
     alpha_stream = pick_frames(alpha, job.frames) if alpha is not None else None
+    plates = PlatePyramid(job.plate) if job.plate is not None else None
     for index, frame in pick_frames(color, job.frames):
         if (frame.shape[1], frame.shape[0]) != (job.width, job.height):
             raise ValueError(f"frame {index} is {frame.shape[1]}x{frame.shape[0]}, expected {job.width}x{job.height}")
@@ -550,8 +698,8 @@ def extract_video(job: VideoJob, color: Iterator, alpha: Iterator | None,
             if alpha_index != index:
                 raise ValueError(f"alpha video has no frame {index}")
             image, matte_crop = _crop_frame(frame, box, size), _crop_frame(matte, box, size, matte=True)
-        elif job.plate is not None:
-            image, matte_crop = crop_with_plate(frame, job.plate, box, size, config.alpha_threshold)
+        elif plates is not None:
+            image, matte_crop = crop_with_plate(frame, plates, box, size, config.alpha_threshold)
         else:
             raise ValueError("no alpha video and no background plate: cannot matte")
         if config.color_correction:  # per pixel, so after the crop: the same result, far fewer pixels
@@ -559,23 +707,41 @@ def extract_video(job: VideoJob, color: Iterator, alpha: Iterator | None,
         yield CroppedFrame(index, image, matte_crop)
 
 
-def _region(frame, plate: np.ndarray, x0: int, y0: int, x1: int, y1: int, reduce: int):
+class PlatePyramid:
+    """A background plate and its exact 2x reductions (:func:`halve`), each made once per
+    video, not once per frame: the reduced region of a plate at an aligned origin (:func:`align`)
+    is a slice of its reduced whole, the same pixels as reducing the region itself."""
+
+    def __init__(self, plate: np.ndarray) -> None:
+        self.levels = [plate]
+
+    def region(self, x0: int, y0: int, shape: tuple[int, ...], scale: int) -> np.ndarray:
+        """The plate region reduced by ``scale`` (a power of two) whose top-left is (x0, y0) in
+        the full plate (multiples of ``scale``), of ``shape`` (height, width) at that scale."""
+        level = scale.bit_length() - 1
+        while len(self.levels) <= level:
+            self.levels.append(halve(self.levels[-1], 1)[0])
+        plate = self.levels[level]
+        region = plate[y0 // scale:y0 // scale + shape[0], x0 // scale:x0 // scale + shape[1]]
+        if region.shape[:2] != tuple(shape[:2]):  # a plate smaller than the frame: stretched to the region
+            region = cv2.resize(region if region.size else plate, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+        return region
+
+
+def _region(frame, plates: PlatePyramid, x0: int, y0: int, x1: int, y1: int, reduce: int):
     """RGB of a frame's region and the same region of its plate, both reduced alike (up to
-    ``reduce`` exact halvings); returns (region, plate region, top-left in the frame, factor)."""
-    if isinstance(frame, Yuv420Frame):
+    ``reduce`` exact halvings, the top-left aligned to them); returns (region, plate region,
+    top-left in the frame, factor)."""
+    if isinstance(frame, (Yuv420Frame, Yuv420Region)):
         region, origin, scale = frame.rgb(x0, y0, x1, y1, reduce=reduce)
     else:
+        x0, y0 = align(x0, reduce), align(y0, reduce)
         region, done = halve(frame[y0:y1, x0:x1], reduce)
         origin, scale = (x0, y0), 2 ** done
-    ox, oy = origin
-    plate_region, _ = halve(plate[oy:oy + region.shape[0] * scale, ox:ox + region.shape[1] * scale],
-                            scale.bit_length() - 1)
-    if plate_region.shape != region.shape:  # a region at the frame's odd edge: floor differences
-        plate_region = cv2.resize(plate_region, region.shape[1::-1], interpolation=cv2.INTER_AREA)
-    return region, plate_region, origin, scale
+    return region, plates.region(*origin, region.shape[:2], scale), origin, scale
 
 
-def crop_with_plate(frame, plate: np.ndarray, box: np.ndarray, size: int,
+def crop_with_plate(frame, plates: PlatePyramid, box: np.ndarray, size: int,
                     threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Crop (RGB) and matte crop (uint8) of a frame differenced against its background plate.
 
@@ -586,29 +752,21 @@ def crop_with_plate(frame, plate: np.ndarray, box: np.ndarray, size: int,
     rx0, ry0, rx1, ry1 = crop_roi(frame.shape[0], frame.shape[1], box, size)
     if rx1 <= rx0 or ry1 <= ry0:
         return np.zeros((size, size, 3), np.uint8), np.zeros((size, size), np.uint8)
-    region, plate_region, origin, scale = _region(frame, plate, rx0, ry0, rx1, ry1, halvings(float(box[2]), size))
-    matte = np.rint(background_matte(region, plate_region, threshold) * 255).astype(np.uint8)
+    region, plate_region, origin, scale = _region(frame, plates, rx0, ry0, rx1, ry1, halvings(float(box[2]), size))
+    matte = foreground_mask(region, plate_region, threshold)
     return crop_region(region, origin, box, size, scale), crop_region(matte, origin, box, size, scale)
 
 
 class PlateCenters:
     """:func:`mask_center` of each frame's matte against the camera's plate, differenced at a
-    reduced size (shorter side at least 256 px: the centre's precision is a few pixels anyway);
-    the plate is reduced once, at the first frame."""
+    reduced size (shorter side at least 256 px: the centre's precision is a few pixels anyway)."""
 
     def __init__(self, plate: np.ndarray, threshold: float) -> None:
-        self.plate, self.threshold, self.reduce = plate, threshold, 0
+        self.plates, self.threshold, self.reduce = PlatePyramid(plate), threshold, 0
         while min(plate.shape[:2]) >> (self.reduce + 1) >= 256:
             self.reduce += 1
-        self._small: np.ndarray | None = None
 
     def __call__(self, frame) -> np.ndarray | None:
-        if isinstance(frame, Yuv420Frame):
-            region, _, scale = frame.rgb(reduce=self.reduce)
-        else:
-            region, done = halve(frame, self.reduce)
-            scale = 2 ** done
-        if self._small is None or self._small.shape != region.shape:
-            self._small, _ = halve(self.plate[:region.shape[0] * scale, :region.shape[1] * scale], scale.bit_length() - 1)
-        center = mask_center(background_matte(region, self._small, self.threshold))
+        region, plate, _, scale = _region(frame, self.plates, 0, 0, frame.shape[1], frame.shape[0], self.reduce)
+        center = mask_center(foreground_mask(region, plate, self.threshold))
         return None if center is None else center * scale

@@ -349,8 +349,12 @@ def main() -> None:
         args.subjects, args.cameras, args.frames, args.resolution, args.crop, args.repeat = 1, 4, 4, 96, 64, 1
         args.source_height, args.keep = args.resolution, ""
 
+    import cv2
     import ray
 
+    # the references get one OpenCV thread, as each stage worker does (_one_thread_per_worker):
+    # the per-worker comparison, and CPU seconds not inflated by a thread pool's overhead
+    cv2.setNumThreads(1)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="avat3r-bench-extract-"))
     out_root = Path(args.out) if args.out else work
     try:

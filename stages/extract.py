@@ -35,9 +35,10 @@ import numpy as np
 
 from avat3r_core import storage
 from avat3r_core.errors import FormatError
-from avat3r_core.extract import (ExtractConfig, ImageSequence, VideoJob, centers_of_sparse_frames, encode_image,
-                                 extract_video, frame_boxes, PlateCenters, mask_center, median_plate, pick_frames,
-                                 read_image, read_reference_yuv420, read_yuv420, select_frames, triangulate)
+from avat3r_core.extract import (ExtractConfig, FrameStash, ImageSequence, PlateCenters, VideoJob,
+                                 centers_of_sparse_frames, crop_roi, encode_image, extract_video, frame_boxes,
+                                 halvings, mask_center, median_plate, pick_frames, read_image, read_reference_yuv420,
+                                 read_yuv420, save_region, select_frames, triangulate)
 from avat3r_core.geometry import farthest_views
 from avat3r_core.ids import make_id
 from avat3r_core.video import read_frames, reference_frames
@@ -139,7 +140,8 @@ def _mask_centers(item: dict, frames: list[int], decoder: str, threshold: float)
     elif item.get("alpha_video") or item.get("alpha_images"):
         alphas = (read_frames(item["alpha_video"], gray=True, backend=_rgb_backend(decoder), threads=1)
                   if item.get("alpha_video") else ImageSequence(item["alpha_images"], gray=True))
-        found = {index: mask_center(matte.astype(np.float32) / 255.0) for index, matte in pick_frames(alphas, usable)}
+        # on the 8-bit matte as read: x / 255 > 0.5 exactly when x > 127.5 (no float copy of each frame)
+        found = {index: mask_center(matte, threshold=127.5) for index, matte in pick_frames(alphas, usable)}
     else:
         plate = _plate(item, decoder)
         if plate is None:
@@ -147,10 +149,142 @@ def _mask_centers(item: dict, frames: list[int], decoder: str, threshold: float)
         center = PlateCenters(plate, threshold)
         if item.get("images"):
             found = {index: center(frame) for index, frame in pick_frames(ImageSequence(item["images"]), usable)}
+        elif item.get("stash") and decoder == "yuv":
+            found = _centers_keeping_regions(item, usable, center)
         else:  # the colour video is decoded twice (here and in the crop pass): here, its reference frames only
             found = centers_of_sparse_frames(usable, _reference_color_frames(item["video"], decoder), center)
     for index in frames:
         yield index, found.get(index)
+
+
+#: what the kept regions allow for: the crop box's side may be this much off the planner's
+#: estimate (the head nearer or farther than the rig's centre) ...
+STASH_SIDE_SLACK = 1.3
+#: ... and its centre this fraction of the side off the camera's own 2D head centre (the
+#: triangulated, smoothed centre projects near, not onto, it)
+STASH_CENTRE_SLACK = 0.15
+
+
+def _centers_keeping_regions(item: dict, frames: list[int], center) -> dict[int, np.ndarray | None]:
+    """Head centres of the wanted frames of a plate-route video, decoding it whole, and each
+    frame's region around its centre kept in ``item["stash"]["dir"]`` at the crop's working
+    reduction (:meth:`Yuv420Frame.region`), so the crop pass reads those instead of decoding
+    the video a second time (it decodes after all where a crop falls outside them). An
+    ``index.json`` of the kept frames, written last, marks the folder complete.
+
+    As on the reference-frame route, a wanted frame between two wanted neighbours one frame
+    away gets the centre interpolated between theirs (every other frame is differenced: the
+    plate difference of a whole frame costs about what decoding it does)."""
+    import json
+    import os
+
+    stash = item["stash"]
+    folder, side, size = stash["dir"], float(stash["side"]), int(stash["size"])
+    reduce = halvings(side / STASH_SIDE_SLACK, size)
+    half = 0.5 * side * STASH_SIDE_SLACK + STASH_CENTRE_SLACK * side + 4 + side / size
+    found, kept, regions = {}, {}, None
+    if reduce >= 1:
+        os.makedirs(folder, exist_ok=True)
+        regions = open(f"{folder}/regions.yuv", "wb")  # noqa: SIM115 (closed below, also on a decode error)
+
+    def keep(index: int, frame) -> None:
+        c = found[index]
+        if c is None or reduce < 1:
+            return
+        x0, y0 = max(int(c[0] - half), 0), max(int(c[1] - half), 0)
+        region = frame.region(x0, y0, min(int(c[0] + half) + 1, frame.width), min(int(c[1] + half) + 1, frame.height),
+                              reduce)
+        if region is not None:
+            kept[index] = save_region(regions, region)
+
+    frames = sorted(frames)
+    position = {f: p for p, f in enumerate(frames)}
+    try:
+        pending = None  # (index, frame) whose centre waits for the next differenced frame
+        for index, frame in pick_frames(read_yuv420(item["video"], threads=1), frames):
+            p = position[index]
+            between = 0 < p < len(frames) - 1 and p % 2 == 1 and frames[p + 1] - frames[p - 1] == 2
+            if between and pending is None and frames[p - 1] in found:
+                pending = (index, frame)
+                continue
+            found[index] = center(frame)
+            if pending is not None:
+                before, after = found.get(frames[position[pending[0]] - 1]), found[index]
+                found[pending[0]] = None if before is None or after is None else 0.5 * (before + after)
+                keep(*pending)
+                pending = None
+            keep(index, frame)
+        if pending is not None:  # the video ended early: the next frame never came
+            found[pending[0]] = center(pending[1])
+            keep(*pending)
+    finally:
+        if regions is not None:
+            regions.close()
+    if reduce >= 1:
+        with open(f"{folder}/index.json.tmp", "w") as handle:
+            json.dump(kept, handle)
+        os.replace(f"{folder}/index.json.tmp", f"{folder}/index.json")
+    return found
+
+
+def _plan_stash(center_items: list[dict], video_items: list[dict], out_dir: str, config: ExtractConfig) -> None:
+    """Where the head-centre pass keeps the regions of the plate-route videos it decodes
+    (:func:`_centers_keeping_regions`), and the crop box side it should expect in each: the
+    projection of ±``head_extent`` at the point nearest all these cameras' optical axes (a rig's
+    cameras look at the head). Local outputs with the ``yuv`` decoder only; items changed in place."""
+    root = storage.local_path(out_dir)
+    if root is None or config.decoder != "yuv":
+        return
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for item in center_items:
+        if not item.get("problem") and item.get("video") and not (
+                item.get("alpha_video") or item.get("alpha_images") or item.get("images")):
+            groups.setdefault((item["subject"], item["sequence"]), []).append(item)
+    by_id = {item["id"]: item for item in video_items}
+    for items in groups.values():
+        w2c = np.array([i["camera"]["world_to_cam"] for i in items], np.float64).reshape(-1, 4, 4)
+        K = np.array([i["camera"]["K"] for i in items], np.float64).reshape(-1, 3, 3)
+        rig = triangulate(w2c, K, K[:, :2, 2], np.ones(len(items), bool))
+        if rig is None:
+            continue
+        depth = (w2c[:, :3, :3] @ rig + w2c[:, :3, 3])[:, 2]
+        for item, d, k in zip(items, depth, K):
+            if d <= 0:
+                continue
+            folder = f"{root}/{STASH}/{item['id']}"
+            item["stash"] = {"dir": folder, "side": 2.0 * config.head_extent * 0.5 * (k[0, 0] + k[1, 1]) / d,
+                             "size": config.resolution}
+            if item["id"] in by_id:  # the crop pass's item of the same camera (same id)
+                by_id[item["id"]]["stash_dir"] = folder
+
+
+#: the head-centre pass's kept regions, under the output (removed once the crop pass is done)
+STASH = "head_centers/kept_regions"
+
+
+def _stashed_frames(item: dict, job: VideoJob, size: int) -> FrameStash | None:
+    """The head-centre pass's kept regions of this video (:func:`_centers_keeping_regions`)
+    when they hold every crop it needs; else ``None`` (decode the video)."""
+    import json
+
+    folder = item.get("stash_dir")
+    if not folder:
+        return None
+    try:
+        with open(f"{folder}/index.json") as handle:
+            stash = FrameStash(f"{folder}/regions.yuv", {int(f): [int(v) for v in h]
+                                                         for f, h in json.load(handle).items()})
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    if not set(job.frames) <= set(stash.headers):
+        return None
+    for index in job.frames:
+        region, box = stash.region(index), job.boxes[index]
+        roi = crop_roi(job.height, job.width, box, size)
+        if (region.width, region.height) != (job.width, job.height) or (
+                roi[2] > roi[0] and roi[3] > roi[1] and not region.covers(*roi, halvings(float(box[2]), size))):
+            return None
+    return stash
 
 
 class _LocalWriter:
@@ -197,7 +331,7 @@ def _one_thread_per_worker() -> None:
 
 
 #: Bumped when the stage's output changes meaning; part of the flow task's cache key (pipelines/caching.py).
-VERSION = "6"  # 6: plate-route head centres from the reference frames (the others interpolated), the head-centre pass per camera; v1 colour correction truncated as nersemble does; 5: frame folders, JPEG plates, temporal-median plates, head centres odd-reflected at the ends; 4: full-range (yuvj420p, pc-tagged) streams convert as full range; 3: crops reduced on the planes
+VERSION = "7"  # 7: plate-route regions aligned to their reduction, the head-centre views decoded whole (every other frame differenced) and their regions kept for the crop pass; 6: plate-route head centres from the reference frames (the others interpolated), the head-centre pass per camera; v1 colour correction truncated as nersemble does; 5: frame folders, JPEG plates, temporal-median plates, head centres odd-reflected at the ends; 4: full-range (yuvj420p, pc-tagged) streams convert as full range; 3: crops reduced on the planes
 
 
 class _ExtractStageBase(Stage):
@@ -316,7 +450,9 @@ class ExtractStage(_ExtractStageBase):
             alpha = ImageSequence(item["alpha_images"], gray=True)
         else:
             job.plate = _plate(item, cfg.decoder)
-        color = _color_frames(item, cfg.decoder, planes=True)
+        color = (_stashed_frames(item, job, cfg.resolution) if job.plate is not None and cfg.decoder == "yuv" else None)
+        if color is None:
+            color = _color_frames(item, cfg.decoder, planes=True)
         base = f"{item['subject']}/{make_id(item['sequence'])}/cam_{item['camera_serial']}"
         writer = _LocalWriter(ctx)
         source_of_alpha = alpha_source(item)
@@ -441,6 +577,7 @@ def run_extract(config: ExtractConfig, capture_root: str, out_dir: str, layout: 
     with storage.output_lock(out_dir):
         index = scan_capture(capture_root, layout=layout, decode=False)
         center_items, video_items = plan(index, config)
+        _plan_stash(center_items, video_items, out_dir, config)
         centers_dir = storage.join(out_dir, "head_centers")
         centers = run_stage(lambda: HeadCenterStage(config), center_items, centers_dir, "head_centers",
                             resources=resources, executor=executor)
@@ -459,4 +596,8 @@ def run_extract(config: ExtractConfig, capture_root: str, out_dir: str, layout: 
                 ready.append(plan_crops(item, found, config))
         frames = run_stage(lambda: ExtractStage(config), ready, out_dir, "frames", resources=resources,
                            executor=executor)
+        if storage.local_path(out_dir) is not None:  # a failed crop item decodes on a rerun
+            import shutil
+
+            shutil.rmtree(f"{storage.local_path(out_dir)}/{STASH}", ignore_errors=True)
         return centers, frames

@@ -258,3 +258,138 @@ def test_colour_correction_matches_the_reference_formula():
         srgb = np.where(y <= 0.0031308, y * 12.92, 1.055 * np.power(y, 1 / 2.4) - 0.055).astype(np.float32)
         expected = np.clip(np.rint(srgb * 255.0), 0, 255).astype(np.uint8)
         assert np.array_equal(correct_colors(image, ccm), expected), n
+
+
+def _reference_foreground_mask(frame, plate, threshold):
+    """The plate matte's clean-up as first written (OpenCV's per-component statistics, a float
+    matte of the flood): what foreground_mask must reproduce byte for byte."""
+    import cv2
+
+    diff = cv2.transform(cv2.absdiff(frame, plate).astype(np.float32), np.full((1, 3), 1.0 / (3 * 255.0), np.float32))
+    mask = (diff > threshold).astype(np.uint8)
+    size = max(3, int(round(min(frame.shape[:2]) / 100)) | 1)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel, iterations=2)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if count > 1:
+        mask = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+    flood = mask.copy()
+    h, w = mask.shape
+    seed_mask = np.zeros((h + 2, w + 2), np.uint8)
+    for y, x in ((0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1)):
+        if flood[y, x] == 0:
+            cv2.floodFill(flood, seed_mask, (x, y), 2)
+    return np.rint(((flood != 2) | (mask == 1)).astype(np.float32) * 255).astype(np.uint8)
+
+
+def test_foreground_mask_is_the_reference_clean_up_byte_for_byte():
+    """Several blobs (the largest kept), a hole (filled), speckle, a blob on the border, and an
+    empty frame: the cheaper clean-up gives exactly the reference's bytes."""
+    import cv2
+
+    from avat3r_core.extract import foreground_mask
+
+    rng = np.random.default_rng(5)
+    for case in range(6):
+        h, w = int(rng.integers(60, 240)), int(rng.integers(60, 240))
+        plate = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        frame = plate.copy()
+        for _ in range(case):  # 0 .. 5 blobs of random sizes, some touching the border
+            centre = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+            cv2.circle(frame, centre, int(rng.integers(3, min(h, w) // 3)), tuple(int(v) for v in rng.integers(0, 256, 3)), -1)
+        if case >= 2:  # a hole in the first blob's colour, and speckle
+            cv2.circle(frame, (w // 2, h // 2), min(h, w) // 4, (250, 10, 120), -1)
+            cv2.circle(frame, (w // 2, h // 2), min(h, w) // 12, tuple(int(v) for v in plate[h // 2, w // 2]), -1)
+            frame[h // 2, w // 2] = plate[h // 2, w // 2]
+        frame = cv2.add(frame, rng.integers(0, 25, frame.shape, dtype=np.uint8))
+        got = foreground_mask(frame, plate, 0.06)
+        assert got.dtype == np.uint8 and np.array_equal(got, _reference_foreground_mask(frame, plate, 0.06)), case
+    assert not foreground_mask(plate, plate, 0.06).any()
+
+
+def test_plate_pyramid_regions_are_the_regions_reduced():
+    """A plate reduced once per video and sliced at an aligned origin gives the pixels of
+    reducing that region of the plate itself, at every level."""
+    from avat3r_core.extract import PlatePyramid, align, halve
+
+    plate = np.random.default_rng(1).integers(0, 256, (203, 317, 3), dtype=np.uint8)
+    pyramid = PlatePyramid(plate)
+    for reduce in (1, 2, 3):
+        for x0, y0, x1, y1 in ((0, 0, 317, 203), (37, 21, 200, 150), (101, 77, 317, 203), (5, 9, 70, 41)):
+            x0, y0 = align(x0, reduce), align(y0, reduce)
+            expected, done = halve(plate[y0:y1, x0:x1], reduce)
+            assert done == reduce and x0 % 2 ** reduce == 0 and y0 % 2 ** reduce == 0
+            assert np.array_equal(pyramid.region(x0, y0, expected.shape[:2], 2 ** reduce), expected), (reduce, x0, y0)
+
+
+def test_kept_regions_read_back_the_frames_own_bytes(capture, tmp_path):
+    """A region the head-centre pass keeps (reduced planes, written and read back) gives exactly
+    the bytes of the decoded frame's :meth:`rgb` for every region inside it at that reduction or
+    more; a region outside it, or less reduced, is refused."""
+    from avat3r_core.extract import FrameStash, read_yuv420, save_region
+
+    video = next((capture / "raw/001/sequences/EXP-1-head/images").glob("cam_*.mp4"))
+    frames = list(read_yuv420(video))[:2]
+    headers = {}
+    with open(tmp_path / "regions.yuv", "wb") as handle:
+        for index, frame in enumerate(frames):
+            headers[index] = save_region(handle, frame.region(13 + index, 9, 117, 121, 1))
+    stash = FrameStash(str(tmp_path / "regions.yuv"), headers)
+    for index, frame in enumerate(frames):
+        kept = stash[index]
+        assert kept.shape == frame.shape and kept.reduce == 1
+        for roi, reduce in (((20, 14, 100, 110), 1), ((17, 33, 90, 96), 2), ((24, 16, 116, 120), 3), ((31, 10, 60, 50), 1)):
+            assert kept.covers(*roi, reduce), (roi, reduce)
+            got, origin, scale = kept.rgb(*roi, reduce)
+            expected, expected_origin, expected_scale = frame.rgb(*roi, reduce=reduce)
+            assert (origin, scale) == (expected_origin, expected_scale) and np.array_equal(got, expected), (roi, reduce)
+        assert not kept.covers(kept.x0 - 2, 14, 100, 110, 1) and not kept.covers(20, kept.y0 - 2, 100, 110, 1)
+        assert not kept.covers(20, 14, 100, 110, 0)
+        with pytest.raises(ValueError, match="not inside"):
+            kept.rgb(0, 0, 128, 128, 1)
+
+
+def test_srgb_encode_table_is_exact_at_every_bin_edge():
+    """The table encode of linear → sRGB bytes equals the formula on every float32 within 40
+    ulps of each of the 2^16 bin edges (where a table could go wrong), on random values and
+    outside [0, 1]. (Every float32 in [0, 1] was checked once: no difference.)"""
+    from avat3r_core.extract import _encode_srgb_exact, _srgb_to_uint8
+
+    edges = (np.arange((1 << 16) + 1, dtype=np.float32) / (1 << 16)).view(np.int32)
+    near = (edges[:, None] + np.arange(-40, 41, dtype=np.int32)).ravel().view(np.float32)
+    x = np.concatenate([near[(near >= 0) & (near <= 1)], np.random.default_rng(2).random(200_000, np.float32),
+                        np.array([-1.0, -1e-30, 1.0000001, 2.0, 1e30], np.float32)])
+    assert np.array_equal(_srgb_to_uint8(x.copy()), _encode_srgb_exact(x.copy()))
+
+
+def test_plate_route_crops_from_kept_regions_are_the_decoded_videos_crops(capture, tmp_path, monkeypatch):
+    """Without alpha videos the head-centre pass decodes its views whole and keeps each frame's
+    region around the head; their crop items read those instead of decoding again, and write
+    exactly the bytes a decode would (the same run, the kept regions refused)."""
+    import stages.extract as stage
+
+    raw = tmp_path / "raw"
+    shutil.copytree(capture / "raw", raw)
+    for alpha_dir in raw.glob("*/sequences/*/alpha"):
+        shutil.rmtree(alpha_dir)
+    used, original = [], stage._stashed_frames
+
+    def spy(item, job, size):
+        stash = original(item, job, size)
+        used.append(stash is not None)
+        return stash
+
+    monkeypatch.setattr(stage, "_stashed_frames", spy)
+    _, kept = extract(raw, tmp_path / "kept", resolution=16, center_views=2)
+    assert used.count(True) == 2 * STUDIO["subjects"]  # the two centre views of each subject
+    assert not (tmp_path / "kept" / stage.STASH).exists()  # removed once the crop pass is done
+    monkeypatch.setattr(stage, "_stashed_frames", lambda item, job, size: None)
+    _, decoded = extract(raw, tmp_path / "decoded", resolution=16, center_views=2)
+    rows = sorted(pq.read_table(kept.manifest).to_pylist(), key=lambda r: r["id"])
+    again = sorted(pq.read_table(decoded.manifest).to_pylist(), key=lambda r: r["id"])
+    assert len(rows) == STUDIO["subjects"] * STUDIO["frames"] * STUDIO["cameras"]
+    for a, b in zip(rows, again):
+        assert a["crop_box"] == b["crop_box"]
+        for key in ("image", "alpha"):
+            assert (tmp_path / "kept" / a[key]).read_bytes() == (tmp_path / "decoded" / b[key]).read_bytes(), a["id"]
