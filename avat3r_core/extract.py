@@ -270,6 +270,19 @@ LUMA_TO_GRAY = np.clip(np.rint((np.arange(256) - 16) * 255.0 / 219.0), 0, 255).a
 LUMA_HALF = float(np.flatnonzero(LUMA_TO_GRAY > 127.5)[0]) - 0.5
 
 
+def _even_box(x0: int, y0: int, x1: int, y1: int, reduce: int, width: int, height: int
+              ) -> tuple[int, int, int, int]:
+    """A region as the 4:2:0 planes give it: the top-left aligned to the reduction
+    (:func:`align`), the bottom-right grown to even coordinates inside the (even) frame."""
+    return (align(x0, reduce), align(y0, reduce), min(-(-x1 // 2) * 2, width // 2 * 2),
+            min(-(-y1 // 2) * 2, height // 2 * 2))
+
+
+def _yuv444_to_rgb(luma: np.ndarray, u: np.ndarray, v: np.ndarray, full_range: bool) -> np.ndarray:
+    """BT.601 RGB of planes of one size (the chroma already brought to the luma's)."""
+    return cv2.transform(cv2.merge([luma, u, v]), _BT601_FULL_TO_RGB if full_range else _BT601_LIMITED_TO_RGB)
+
+
 class Yuv420Frame:
     """One decoded frame as the decoder left it: 4:2:0 planes (views of the decoder's buffers,
     valid while this object lives), converted to RGB or gray only where asked.
@@ -306,8 +319,7 @@ class Yuv420Frame:
         block of the frame whatever region it is read in (:class:`PlatePyramid` relies on it)."""
         x1 = self.width if x1 is None else x1
         y1 = self.height if y1 is None else y1
-        x0, y0 = align(x0, reduce), align(y0, reduce)
-        x1, y1 = min(-(-x1 // 2) * 2, self.width // 2 * 2), min(-(-y1 // 2) * 2, self.height // 2 * 2)
+        x0, y0, x1, y1 = _even_box(x0, y0, x1, y1, reduce, self.width, self.height)
         luma, done = halve(self.y[y0:y1, x0:x1], reduce)
         u, v = self.u[y0 // 2:y1 // 2, x0 // 2:x1 // 2], self.v[y0 // 2:y1 // 2, x0 // 2:x1 // 2]
         if done == 0 and not self.full_range:  # OpenCV's own converter (limited range only)
@@ -325,14 +337,12 @@ class Yuv420Frame:
         else:  # the same shape as the luma now: both halve (floor) per step
             u, _ = halve(u, done - 1)
             v, _ = halve(v, done - 1)
-        to_rgb = _BT601_FULL_TO_RGB if self.full_range else _BT601_LIMITED_TO_RGB
-        return cv2.transform(cv2.merge([luma, u, v]), to_rgb), (x0, y0), 2 ** done
+        return _yuv444_to_rgb(luma, u, v, self.full_range), (x0, y0), 2 ** done
 
     def region(self, x0: int, y0: int, x1: int, y1: int, reduce: int) -> Yuv420Region | None:
         """The planes of a region reduced as :meth:`rgb` reduces them (``reduce`` ≥ 1), kept for
         a later pass (:class:`Yuv420Region`); ``None`` if the region is too small to reduce so."""
-        x0, y0 = align(x0, reduce), align(y0, reduce)
-        x1, y1 = min(-(-x1 // 2) * 2, self.width // 2 * 2), min(-(-y1 // 2) * 2, self.height // 2 * 2)
+        x0, y0, x1, y1 = _even_box(x0, y0, x1, y1, reduce, self.width, self.height)
         luma, done = halve(self.y[y0:y1, x0:x1], reduce)
         if reduce < 1 or done != reduce:
             return None
@@ -376,8 +386,7 @@ class Yuv420Region:
     def covers(self, x0: int, y0: int, x1: int, y1: int, reduce: int) -> bool:
         """Whether :meth:`rgb` of this region of the frame can be read from it."""
         step = 2 ** self.reduce
-        x0, y0 = align(x0, reduce), align(y0, reduce)
-        x1, y1 = min(-(-x1 // 2) * 2, self.width // 2 * 2), min(-(-y1 // 2) * 2, self.height // 2 * 2)
+        x0, y0, x1, y1 = _even_box(x0, y0, x1, y1, reduce, self.width, self.height)
         return (reduce >= self.reduce and x0 >= self.x0 and y0 >= self.y0
                 and (x1 - x0) // step >= 4 and (y1 - y0) // step >= 4
                 and (x0 - self.x0) // step + (x1 - x0) // step <= self.y.shape[1]
@@ -388,15 +397,13 @@ class Yuv420Region:
         if not self.covers(x0, y0, x1, y1, reduce):
             raise ValueError(f"region {(x0, y0, x1, y1)} at reduction {reduce} is not inside the kept region")
         step = 2 ** self.reduce
-        x0, y0 = align(x0, reduce), align(y0, reduce)
-        x1, y1 = min(-(-x1 // 2) * 2, self.width // 2 * 2), min(-(-y1 // 2) * 2, self.height // 2 * 2)
+        x0, y0, x1, y1 = _even_box(x0, y0, x1, y1, reduce, self.width, self.height)
         r0, c0 = (y0 - self.y0) // step, (x0 - self.x0) // step
         rows, cols = (y1 - y0) // step, (x1 - x0) // step
         luma, more = halve(self.y[r0:r0 + rows, c0:c0 + cols], reduce - self.reduce)
         u, _ = halve(self.u[r0:r0 + rows, c0:c0 + cols], more)
         v, _ = halve(self.v[r0:r0 + rows, c0:c0 + cols], more)
-        to_rgb = _BT601_FULL_TO_RGB if self.full_range else _BT601_LIMITED_TO_RGB
-        return cv2.transform(cv2.merge([luma, u, v]), to_rgb), (x0, y0), 2 ** (self.reduce + more)
+        return _yuv444_to_rgb(luma, u, v, self.full_range), (x0, y0), 2 ** (self.reduce + more)
 
 
 def save_region(handle, region: Yuv420Region) -> list[int]:
