@@ -646,6 +646,9 @@ def animate(
                                           "or a Live Link Face ARKit-52 .csv; replaces --expressions."),
     face_model: Path = typer.Option(Path("data/models/studio_head"), "--face-model",
                                     help="Face model directory (head_model.pkl, its landmark embedding, arkit_mapping.npz)."),
+    strip: Optional[Path] = typer.Option(None, "--strip", help="Also a PNG of evenly spaced frames side by side "
+                                         "(driver | avatar when driven)."),
+    strip_frames: int = typer.Option(6, "--strip-frames", min=1, help="Frames in the --strip picture."),
 ):
     """Drive a built avatar with an expression track from its encoder cache (decoder only per frame)."""
     from avat3r_core.animation.drivers import make_driver
@@ -653,7 +656,7 @@ def animate(
 
     drive = _run(make_driver, driver, face_model) if driver is not None else None
     result = _run(animate_avatar, avatar_dir, expressions, out, checkpoint=checkpoint, size=size, fps=fps,
-                  drive_head_pose=head_pose, driver=drive)
+                  drive_head_pose=head_pose, driver=drive, strip=strip, strip_frames=strip_frames)
     console.print_json(json.dumps(result))
 
 

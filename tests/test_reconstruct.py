@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from avat3r_core.geometry import farthest_views
 from avat3r_core.errors import FormatError
@@ -27,6 +28,7 @@ from avat3r_core.reconstruct.library import LibraryEntry, read_library, write_ca
 from avat3r_core.reconstruct.pictures import LANDMARKS_SUFFIX
 from avat3r_core.reconstruct.prepare import Preparer
 from avat3r_core.reconstruct.prepared import pick_diverse_poses
+from avat3r_core.reconstruct.build import strip_indices
 from avat3r_core.inference.checkpoint import load_trained_model
 from stages.reconstruct import ReconstructConfig, run_reconstruct
 
@@ -337,9 +339,19 @@ def test_stage_builds_every_mode_names_failures_and_resumes(tmp_path, studio, ra
     np.save(tmp_path / "codes.npy", codes[:5])
     runner = CliRunner()
     res = runner.invoke(app, ["animate", str(out / "person-image"), "--expressions", str(tmp_path / "codes.npy"),
-                              "--out", str(tmp_path / "drive.mp4")])
+                              "--out", str(tmp_path / "drive.mp4"), "--strip", str(tmp_path / "strip.png"),
+                              "--strip-frames", "3"])
     assert res.exit_code == 0, res.output
-    assert len(list(read_frames(tmp_path / "drive.mp4"))) == 5
+    driven = list(read_frames(tmp_path / "drive.mp4"))
+    assert len(driven) == 5
+    # the strip is frames 0, 2, 4 side by side: each tile is that video frame (up to compression)
+    strip = np.asarray(Image.open(tmp_path / "strip.png").convert("RGB"))
+    h, w = driven[0].shape[:2]
+    assert strip.shape == (h, 3 * w, 3)
+    for tile, index in enumerate(json.loads(res.output)["strip_frames"]):
+        assert np.abs(strip[:, tile * w:(tile + 1) * w].astype(float) - driven[index]).mean() < 4.0, tile
+    assert json.loads(res.output)["strip_frames"] == [0, 2, 4]
+    assert strip_indices(2, 6) == [0, 1] and strip_indices(10, 1) == [0] and strip_indices(37, 4) == [0, 12, 24, 36]
     (tmp_path / "broken.csv").write_text("mode,source\nselfie,a.png\n")
     res = runner.invoke(app, ["reconstruct", "--inputs", str(tmp_path / "broken.csv"), "--checkpoint",
                               studio["checkpoint"], "--out", str(tmp_path / "x"), "--executor", "local"])

@@ -177,11 +177,14 @@ def drive_without_cache(model, prepared: PreparedAvatar, codes: np.ndarray, came
 
 def animate_avatar(avatar_dir: str | Path, expressions: str | None, out: str | Path, checkpoint: str | Path | None = None,
                    size: int | None = None, fps: float | None = None, device: str = "auto",
-                   drive_head_pose: bool = False, driver=None) -> dict:
+                   drive_head_pose: bool = False, driver=None, strip: str | Path | None = None,
+                   strip_frames: int = 6) -> dict:
     """Drive a built avatar (its ``meta.json`` + encoder cache) with an expression track → MP4.
 
     ``driver``: an :class:`avat3r_core.animation.drivers.Driver` (a tracked video or an ARKit CSV)
     instead of ``expressions``; the video shows ``driver | avatar`` when the driver has frames.
+    ``strip``: also a PNG of ``strip_frames`` evenly spaced frames of the video side by side (the
+    frames as rendered, before video compression): what a person looks at before playing it.
 
     Only the decoder runs per frame. ``checkpoint`` defaults to the one the avatar was built with
     (recorded in ``meta.json``); the cache is read with the weights-only loader.
@@ -215,7 +218,21 @@ def animate_avatar(avatar_dir: str | Path, expressions: str | None, out: str | P
     start = time.perf_counter()
     frames = animation_frames(model, encoded, torch.as_tensor(codes, device=dev), camera, motion=motion)
     seconds = time.perf_counter() - start
-    data = encode_video(driver.side_by_side(list(frames)) if driver is not None else list(frames), fps=fps)
+    shown = driver.side_by_side(list(frames)) if driver is not None else list(frames)
+    data = encode_video(shown, fps=fps)
     storage.atomic_write_bytes(str(out), data)
-    return {"out": str(out), "frames": int(len(frames)), "expressions": described, "seconds": round(seconds, 3),
-            "frames_per_s": round(len(frames) / seconds, 2) if seconds > 0 else None, "bytes": len(data)}
+    result = {"out": str(out), "frames": int(len(frames)), "expressions": described, "seconds": round(seconds, 3),
+              "frames_per_s": round(len(frames) / seconds, 2) if seconds > 0 else None, "bytes": len(data)}
+    if strip is not None:
+        picked = strip_indices(len(shown), strip_frames)
+        storage.atomic_write_bytes(str(strip), png_bytes(tile_images([shown[i] for i in picked], len(picked))))
+        result.update(strip=str(strip), strip_frames=picked)
+    return result
+
+
+def strip_indices(frames: int, count: int) -> list[int]:
+    """``count`` evenly spaced frame indices from the first to the last (fewer for a short video)."""
+    if count < 1:
+        raise ValueError(f"strip_frames must be at least 1, got {count}")
+    count = min(count, frames)
+    return [round(i * (frames - 1) / max(count - 1, 1)) for i in range(count)]
