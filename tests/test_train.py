@@ -159,6 +159,22 @@ def test_sections_merge_preset_and_values_key_by_key():
     assert cfg.loss.use_lpips and cfg.loss.lpips_start_step == 3_000_000
 
 
+def test_nested_sections_of_other_stages_merge_key_by_key():
+    """params.yaml's `track.fit` and `train.data.loader` set one key and keep the preset's others
+    (the same merge as the train sections above, not a replaced section)."""
+    from stages.track import TrackConfig
+    from stages.train import TrainDataConfig
+
+    track = build(TrackConfig, {"preset": "tiny", "ground_truth_root": "gt", "fit": {"adam_iters": 7}})
+    assert (track.fit.adam_iters, track.fit.rigid_iters, track.fit.lbfgs_iters) == (7, 40, 50)
+    assert track.overlay_frames == 2
+    data = build(TrainDataConfig, {"preset": "demo", "loader": {"input_contrast": True}})
+    demo = TrainDataConfig.preset("demo")
+    assert data.loader.input_contrast and not demo.loader.input_contrast
+    assert (data.loader.target_views, data.loader.batch_size, data.loader.buffer_per_sequence) == (4, 1, 8)
+    assert data.epoch_length == 64 and data.val_samples == 16
+
+
 def test_a_checkpoint_with_the_flat_config_loads_for_inference_and_resume(tmp_path):
     """Checkpoints written before the sections stored the flat keys (steps, lr, checkpoint_every, ...):
     inference rebuilds the network from model_preset + model alone, and resume reads no stored config."""
