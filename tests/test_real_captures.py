@@ -466,10 +466,10 @@ def test_decode_path_keeps_colours_for_every_pixel_format(tmp_path, codec, pix_f
 
 
 # --------------------------------------------------------------------------- the head-centre pass's sparse decode
-def _write_clip(path: Path, codec: str, frames: list[np.ndarray]) -> None:
+def _write_clip(path: Path, codec: str, frames: list[np.ndarray], pix_fmt: str = "yuv420p") -> None:
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, rate=25)
-        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], pix_fmt
         if codec == "libx265":
             stream.options = {"x265-params": "log-level=error:bframes=2:frame-threads=1:pools=none"}  # see write_pyav
         for frame in frames:
@@ -507,6 +507,30 @@ def test_reference_frames_are_the_full_decodes_frames_at_their_index(tmp_path, c
         np.testing.assert_array_equal(frame, full[i])
     if codec in ("libx264", "libx265"):
         assert len(sparse) < len(full)
+
+
+@pytest.mark.parametrize("codec,container", [
+    ("libx264", "mp4"), ("libx265", "mp4"), ("mpeg4", "mp4"), ("mjpeg", "avi"), ("libvpx-vp9", "webm"),
+    pytest.param("libsvtav1", "mkv", marks=NO_AV1),
+])
+def test_decoders_opening_without_the_stream_probe_give_every_frame_unchanged(tmp_path, codec, container):
+    """decoded_frames and reference_frames open the file without FFmpeg's decoding stream probe
+    (it costs ~6 ms a video and its frames are thrown away): the frames are those a default open
+    decodes, every one, byte for byte — also for MPEG-4 Part 2, whose size is not in the header."""
+    from avat3r_core.video import decoded_frames, reference_frames
+
+    path = tmp_path / f"clip.{container}"
+    _write_clip(path, codec, _ramp(15), "yuvj420p" if codec == "mjpeg" else "yuv420p")
+    with av.open(str(path)) as c:  # PyAV's default open: the probe decodes the first frames
+        stream = c.streams.video[0]
+        stream.codec_context.thread_count = 1
+        expected = [f.to_ndarray(format="rgb24") for f in c.decode(stream)]
+    got = [f.to_ndarray(format="rgb24") for f in decoded_frames(path, threads=1)]
+    assert len(expected) == len(got) == 15
+    for a, b in zip(expected, got):
+        np.testing.assert_array_equal(a, b)
+    for i, frame in reference_frames(path):
+        np.testing.assert_array_equal(frame.to_ndarray(format="rgb24"), expected[i])
 
 
 @pytest.mark.parametrize("codec,container", [
