@@ -510,6 +510,30 @@ def test_reference_frames_are_the_full_decodes_frames_at_their_index(tmp_path, c
 
 
 @pytest.mark.parametrize("codec,container", [
+    ("libx264", "mp4"), ("libx265", "mp4"), ("libvpx-vp9", "webm"), ("mp4v", "mp4"),
+])
+def test_decoding_after_the_header_only_open_gives_ffmpegs_default_frames(tmp_path, codec, container):
+    """Every open skips FFmpeg's decoding stream probe (``_HEADER_ONLY``): the frames decoded after
+    it, whole or reference frames only, are those of a container opened with FFmpeg's defaults, byte
+    for byte (x264/x265 B-frames; mp4v, whose header has no size)."""
+    from avat3r_core.video import decoded_frames, reference_frames
+
+    path = tmp_path / f"clip.{container}"
+    if codec == "mp4v":
+        write_opencv(path, _ramp(), "mp4v")
+    else:
+        _write_clip(path, codec, _ramp())
+    with av.open(str(path)) as default:
+        stream = default.streams.video[0]
+        stream.codec_context.thread_count = 1
+        expected = [[bytes(p) for p in f.planes] for f in default.decode(stream)]
+    assert len(expected) == 20
+    assert [[bytes(p) for p in f.planes] for f in decoded_frames(path, threads=1)] == expected
+    for i, frame in reference_frames(path):
+        assert [bytes(p) for p in frame.planes] == expected[i]
+
+
+@pytest.mark.parametrize("codec,container", [
     ("libvpx-vp9", "webm"), ("libx264", "mkv"),
     pytest.param("libsvtav1", "webm", marks=NO_AV1),
     pytest.param("libsvtav1", "mp4", marks=NO_AV1),
