@@ -86,17 +86,16 @@ def _to_yuv420p(frame: np.ndarray, gray: bool) -> np.ndarray:
     return np.concatenate([planes[0], chroma], axis=0)
 
 
-#: Codec options for FFmpeg's stream probe when only the header is wanted. Opening a container
-#: decodes its first frames to fill in stream details (11 ms a video at 2048 px); skipping non-key
-#: frames ends that probe at once (0.2 ms; `benchmarks/extract.py`). Size, frame count and rate
-#: come from the container header either way, and later decoding is not affected (the decoder it
-#: uses is set up afresh), so the decoders below open this way too: the probe's frames would be
-#: decoded and thrown away (6 of 6.5 ms CPU an open at 1024 px; the same frames, byte for byte, for
-#: H.264, HEVC, MPEG-4 Part 2, MJPEG, VP9, 4:4:4 and 10-bit: `tests/test_real_captures.py`).
+#: Codec options for FFmpeg's stream probe on open. Opening a container with its defaults decodes
+#: its first frames to fill in stream details (11 ms a video at 2048 px, 6 ms at 1024); skipping
+#: non-key frames ends that probe at once (0.2-0.6 ms; `benchmarks/extract.py`). Size, frame count
+#: and rate come from the container header either way, and decoding after the open is not
+#: affected (the decoder it uses is set up afresh: the same frames, byte for byte, tested), so
+#: every open, the probe's and the decoders', skips that work.
 _HEADER_ONLY = {"skip_frame": "nonkey"}
 
 
-def _open(uri: str | Path, header_only: bool = False):
+def _open(uri: str | Path):
     """A PyAV container. A local file is opened by path, so FFmpeg reads only what it needs (a
     probe reads the headers, not a capture's gigabytes); a remote one is read whole first."""
     import av
@@ -110,8 +109,7 @@ def _open(uri: str | Path, header_only: bool = False):
         raise FormatError(uri, None, "empty file (0 bytes)")
     local = storage.local_path(uri)
     try:
-        options = _HEADER_ONLY if header_only else None
-        return av.open(local if local is not None else io.BytesIO(storage.read_bytes(uri)), options=options)
+        return av.open(local if local is not None else io.BytesIO(storage.read_bytes(uri)), options=_HEADER_ONLY)
     except av.error.FFmpegError as exc:
         raise FormatError(uri, None, f"unreadable video ({exc})") from exc
 
@@ -121,7 +119,7 @@ def probe_video(uri: str | Path, decode: bool = True) -> VideoInfo:
     files, costs a full decode); ``decode=False`` trusts the container header when it has a count."""
     import av
 
-    with _open(uri, header_only=not decode) as container:
+    with _open(uri) as container:
         if not container.streams.video:
             raise FormatError(uri, None, "no video stream")
         stream = container.streams.video[0]
@@ -155,7 +153,7 @@ def decoded_frames(uri: str | Path, threads: int = 0):
     FormatError naming the file and the frame index."""
     import av
 
-    with _open(uri, header_only=True) as container:
+    with _open(uri) as container:
         if not container.streams.video:
             raise FormatError(uri, None, "no video stream")
         stream = container.streams.video[0]
@@ -184,7 +182,7 @@ def reference_frames(uri: str | Path, threads: int = 1) -> Iterator[tuple[int, o
     :func:`decoded_frames` does."""
     import av
 
-    with _open(uri, header_only=True) as container:
+    with _open(uri) as container:
         if not container.streams.video:
             raise FormatError(uri, None, "no video stream")
         stream = container.streams.video[0]

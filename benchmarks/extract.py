@@ -30,7 +30,12 @@ Prints one JSON object:
   later stages do. Not part of the ratios;
 * ``cpu_seconds_best``: CPU seconds of this process for the references and for the whole stage
   run in this process (``executor="local"``, one worker): ``ratio_stage_in_process_vs_decode_only_cpu``
-  is the per-worker ratio that load from other jobs on a shared machine does not move;
+  is the per-worker ratio that load from other jobs on a shared machine does not move.
+  ``stage_decodes_only``: the decoding that in-process stage does (every decoder call it makes,
+  each replayed alone for as many frames as the stage consumed; plates and v1 images included),
+  in CPU seconds; ``ratio_ceiling_decode_only_cpu`` = reference / that: the ratio the stage would
+  reach if it did nothing but decode, so the gap between it and the stage's ratio is the rest
+  (matting, colour, crops, encoding, writes, the runner);
 * ratios of the best runs: stage with 1 worker / decode-only (goal ≥ 0.7), also / codec floor;
   2 workers / 1 worker (goal ≥ 1.7), for whole runs and for the crop pass alone. Every
   measurement runs ``--repeat`` times, interleaved with the others (all runs are listed), so
@@ -290,6 +295,66 @@ def cpu_seconds(fn) -> float:
     return time.process_time() - start
 
 
+def record_stage_decoding(run) -> list[tuple]:
+    """The decoding that ``run()`` (the stage, in this process) does, call by call: every video
+    decode (whole, or reference frames only) with the number of frames it consumed, and every
+    image file read (v1 frames, JPEG plates). Recorded by wrapping the decoders the stage calls."""
+    import stages.extract as stage_module
+    from avat3r_core import extract as core_extract
+    from avat3r_core import video as video_module
+
+    calls: list[tuple] = []
+    originals = {"decoded_frames": video_module.decoded_frames, "reference_frames": video_module.reference_frames,
+                 "image": core_extract.ImageSequence.__getitem__}
+
+    def counting(kind):
+        def wrapper(uri, threads=0 if kind == "decoded_frames" else 1):
+            record = [kind, str(uri), threads, 0]
+            calls.append(record)
+            for frame in originals[kind](uri, threads):
+                record[3] += 1
+                yield frame
+        return wrapper
+
+    def image(self, index):
+        calls.append(["image", self.paths[index], self.gray, 1])
+        return originals["image"](self, index)
+
+    video_module.decoded_frames, video_module.reference_frames = counting("decoded_frames"), counting("reference_frames")
+    stage_module.reference_frames = video_module.reference_frames  # imported there by name
+    core_extract.ImageSequence.__getitem__ = image
+    try:
+        run()
+    finally:
+        video_module.decoded_frames, video_module.reference_frames = originals["decoded_frames"], originals["reference_frames"]
+        stage_module.reference_frames = originals["reference_frames"]
+        core_extract.ImageSequence.__getitem__ = originals["image"]
+    return [tuple(call) for call in calls]
+
+
+def stage_decodes_only(calls: list[tuple]) -> int:
+    """Replay :func:`record_stage_decoding`'s calls with nothing else: the same decoders, the same
+    files, the same number of frames each (the stage's own decoding alone). Returns the frames
+    decoded or images read."""
+    import itertools
+
+    from avat3r_core.extract import ImageSequence
+    from avat3r_core.video import decoded_frames, reference_frames
+
+    decoders = {"decoded_frames": decoded_frames, "reference_frames": reference_frames}
+    total = 0
+    for kind, uri, arg, count in calls:
+        if kind == "image":
+            ImageSequence([uri], gray=arg)[0]
+        else:
+            frames = decoders[kind](uri, arg)
+            for _ in itertools.islice(frames, count):
+                pass
+            frames.close()
+        total += count
+    return total
+
+
 def crop_costs(raw: Path, out: Path, size: int, frames: int = 16) -> dict:
     """ms per crop, on the first ``frames`` frames of one video with the boxes the stage used
     (``out``'s manifest): the stage's way (the region reduced on the 4:2:0 planes, then
@@ -397,7 +462,13 @@ def main() -> None:
         runs: dict[int, list[dict]] = {1: [], 2: []}
         # the same stage run in this process (executor=local, one worker) and the references, in
         # CPU seconds of this process: a per-worker ratio that load from other jobs does not move
-        cpu: dict[str, list[float]] = {**{backend: [] for backend in reference_backends}, "stage_in_process": []}
+        cpu: dict[str, list[float]] = {**{backend: [] for backend in reference_backends}, "stage_in_process": [],
+                                       "stage_decodes_only": []}
+        # what the in-process stage decodes, call by call, replayed alone in the loop: the ratio
+        # the stage would reach if it did nothing but its own decoding (the ceiling)
+        shutil.rmtree(out_root / "out_local", ignore_errors=True)
+        stage_decoding = record_stage_decoding(lambda: run_extract(
+            config, str(work / "raw"), str(out_root / "out_local"), executor="local"))
         with multiprocessing.get_context("spawn").Pool(2) as pool:  # spawn: a fork would copy Ray's threads
             pool.starmap(decode_videos, [(videos[:1], floor_backend)] * 2, chunksize=1)  # started, modules imported
             for _ in range(args.repeat):
@@ -415,6 +486,7 @@ def main() -> None:
                 shutil.rmtree(out_root / "out_local", ignore_errors=True)
                 cpu["stage_in_process"].append(cpu_seconds(lambda: run_extract(
                     config, str(work / "raw"), str(out_root / "out_local"), executor="local")))
+                cpu["stage_decodes_only"].append(cpu_seconds(lambda: stage_decodes_only(stage_decoding)))
         best = {backend: max(rates) for backend, rates in decode.items()}
         fastest = max(best, key=best.get)
         best_runs = {workers: max(r, key=lambda run: run["frames_per_s"]) for workers, r in runs.items()}
@@ -448,6 +520,10 @@ def main() -> None:
             "cpu_seconds_best": {k: round(min(v), 3) for k, v in cpu.items()},
             "ratio_stage_in_process_vs_decode_only_cpu": round(
                 min(min(cpu[b]) for b in reference_backends) / min(cpu["stage_in_process"]), 3),
+            "stage_decodes_only": {"calls": len(stage_decoding),
+                                   "frames_or_images": sum(call[3] for call in stage_decoding)},
+            "ratio_ceiling_decode_only_cpu": round(
+                min(min(cpu[b]) for b in reference_backends) / min(cpu["stage_decodes_only"]), 3),
             "ratio_stage_1_worker_vs_decode_only": round(one / best[fastest], 3),
             "ratio_stage_1_worker_vs_codec_floor": round(one / max(floor), 3),
             "ratio_2_workers_vs_1": round(two / one, 3),

@@ -331,7 +331,7 @@ def _one_thread_per_worker() -> None:
 
 
 #: Bumped when the stage's output changes meaning; part of the flow task's cache key (pipelines/caching.py).
-VERSION = "7"  # 7: plate-route regions aligned to their reduction, the head-centre views decoded whole (every other frame differenced) and their regions kept for the crop pass; 6: plate-route head centres from the reference frames (the others interpolated), the head-centre pass per camera; v1 colour correction truncated as nersemble does; 5: frame folders, JPEG plates, temporal-median plates, head centres odd-reflected at the ends; 4: full-range (yuvj420p, pc-tagged) streams convert as full range; 3: crops reduced on the planes
+VERSION = "8"  # 8: plate-route head centres differenced at a shorter side >= 128 px (was 256), every decode opens without FFmpeg's decoding probe; 7: plate-route regions aligned to their reduction, the head-centre views decoded whole (every other frame differenced) and their regions kept for the crop pass; 6: plate-route head centres from the reference frames (the others interpolated), the head-centre pass per camera; v1 colour correction truncated as nersemble does; 5: frame folders, JPEG plates, temporal-median plates, head centres odd-reflected at the ends; 4: full-range (yuvj420p, pc-tagged) streams convert as full range; 3: crops reduced on the planes
 
 
 class _ExtractStageBase(Stage):

@@ -393,3 +393,32 @@ def test_plate_route_crops_from_kept_regions_are_the_decoded_videos_crops(captur
         assert a["crop_box"] == b["crop_box"]
         for key in ("image", "alpha"):
             assert (tmp_path / "kept" / a[key]).read_bytes() == (tmp_path / "decoded" / b[key]).read_bytes(), a["id"]
+
+
+def test_benchmark_replays_exactly_the_decoding_it_recorded(tmp_path):
+    """``benchmarks/extract.py``'s ceiling figure: the recorder sees each decoder call with the
+    frames the caller consumed (an early stop counts only what was taken) and each image read; the
+    replay decodes as much again; the wrapped decoders are put back afterwards."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.extract import record_stage_decoding, stage_decodes_only
+
+    import avat3r_core.video as video_module
+    from avat3r_core.extract import ImageSequence, pick_frames, read_image, read_yuv420
+
+    frames = [np.full((32, 48, 3), 10 * i, np.uint8) for i in range(10)]
+    video = tmp_path / "clip.mp4"
+    _full_range_video(video, frames)
+    plate = tmp_path / "plate.png"
+    Image.fromarray(frames[3]).save(plate)
+    originals = (video_module.decoded_frames, video_module.reference_frames, ImageSequence.__getitem__)
+
+    def run():
+        assert [i for i, _ in pick_frames(read_yuv420(video, threads=1), [1, 4])] == [1, 4]  # stops after frame 4
+        assert len(list(read_yuv420(video))) == 10
+        read_image(str(plate))
+
+    calls = record_stage_decoding(run)
+    assert calls == [("decoded_frames", str(video), 1, 5), ("decoded_frames", str(video), 1, 10),
+                     ("image", str(plate), False, 1)]
+    assert (video_module.decoded_frames, video_module.reference_frames, ImageSequence.__getitem__) == originals
+    assert stage_decodes_only(calls) == 16

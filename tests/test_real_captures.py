@@ -514,7 +514,7 @@ def test_reference_frames_are_the_full_decodes_frames_at_their_index(tmp_path, c
     pytest.param("libsvtav1", "mkv", marks=NO_AV1),
 ])
 def test_decoders_opening_without_the_stream_probe_give_every_frame_unchanged(tmp_path, codec, container):
-    """decoded_frames and reference_frames open the file without FFmpeg's decoding stream probe
+    """Every open (the probes', decoded_frames', reference_frames') skips FFmpeg's decoding stream probe
     (it costs ~6 ms a video and its frames are thrown away): the frames are those a default open
     decodes, every one, byte for byte — also for MPEG-4 Part 2, whose size is not in the header."""
     from avat3r_core.video import decoded_frames, reference_frames
@@ -531,6 +531,9 @@ def test_decoders_opening_without_the_stream_probe_give_every_frame_unchanged(tm
         np.testing.assert_array_equal(a, b)
     for i, frame in reference_frames(path):
         np.testing.assert_array_equal(frame.to_ndarray(format="rgb24"), expected[i])
+    # the counting probe opens the same way: every frame counted, the size from the decoder
+    info = probe_video(path, decode=True)
+    assert (info.frames, info.width, info.height) == (15, 96, 64)
 
 
 @pytest.mark.parametrize("codec,container", [
