@@ -31,6 +31,13 @@ Prints JSON:
   code PSNR over the view and in the mouth box and, per sequence, the lip gap's correlation and
   range ratio (target code, and the correlation with the inputs' code).
 
+* ``overfit`` (``--overfit SUBJECT``, instead of the sections above): can the code be learned at all? One
+  person's training samples with every sample's inputs replaced by the first one's (so only the code tells
+  the targets apart), ``--steps`` training steps of the config on those samples alone, then on the same
+  samples the mouth-box PSNR (the face model's mouth projected into each target view) with the target's code
+  vs the (fixed) inputs' code, the same on the samples whose jaw differs by more than 0.05 rad, and
+  ``--overfit-holdout`` samples left out of training (does it generalise to unseen expressions).
+
 ``--input-pool subject`` trains with inputs from the person's other sequences
 (``LoaderConfig.input_pool``), ``--mouth-weight W`` with the mouth box weighted 1 + W in the loss
 (``TrainDataConfig.mouth_weight``; the box from ``--face-model``, by default the studio head beside
@@ -258,6 +265,76 @@ def summary(gradients: dict) -> dict:
     return out
 
 
+#: the fields of a batch that describe its inputs (replaced by the reference sample's in ``overfit``)
+INPUT_FIELDS = ("images", "alphas", "cameras", "position_maps", "confidence", "features", "input_frames",
+                "input_head_to_world", "input_expressions")
+
+
+def overfit_run(config: TrainConfig, data: TrainDataConfig, shards: str, subject: str, face_model: str,
+                holdout: int = 0, eval_every: int = 0) -> dict:
+    import random
+
+    from avat3r_core.animation.sensitivity import MOUTH, MouthWeights, input_code, region_boxes, region_scores
+    from avat3r_core.inference.predict import predict_images, targets_on_background
+    from avat3r_core.losses import Avat3rLoss
+    from avat3r_core.metrics import psnr
+    from avat3r_core.synthetic.studio import face_model_paths
+    from avat3r_core.train.config import build_model, build_optimizer
+    from avat3r_core.train.loop import train_step
+
+    source = ShardSource(shards, build(TrainDataConfig, {"loader": data.loader, "val_samples": 10**6}), 1,
+                         split="train", validation=True)
+    samples = [b for b in source() if b.keys[0].split("_")[0] == subject]
+    if len(samples) < 2 + holdout:
+        raise ValueError(f"--overfit {subject}: {len(samples)} training samples of that person, need {2 + holdout}")
+    random.Random(0).shuffle(samples)
+    ref = samples[0]  # its inputs become every sample's; it is never held out (its code is the inputs')
+    samples = [replace(b, **{f: getattr(ref, f) for f in INPUT_FIELDS}) for b in samples]
+    mouth = MouthWeights(1.0, *face_model_paths(face_model))
+    H, W = ref.target_images.shape[-2:]
+    boxes = [region_boxes(*mouth.projected_landmarks(b), MOUTH, H, W) for b in samples]
+    held = set(random.Random(1).sample(range(1, len(samples)), holdout))
+    train = [i for i in range(len(samples)) if i not in held]
+
+    torch.manual_seed(config.seed)
+    model = build_model(config).train()
+    optimizer, scheduler = build_optimizer(model, config)
+    loss_fn = Avat3rLoss(config.loss)
+    background = torch.tensor(config.background)
+
+    @torch.no_grad()
+    def measure(indices: list[int]) -> dict:
+        model.eval()
+        rows = []
+        for i in indices:
+            b = samples[i]
+            target = targets_on_background(b, background).float().clamp(0, 1)
+            render = {name: predict_images(replace(b, expression=code), model, config.background).float()
+                      for name, code in (("target", b.expression), ("inputs", input_code(b)))}
+            jaw = jaw_angle(torch.stack([b.expression[0], input_code(b)[0]]).numpy())
+            rows.append({"big_jaw": bool(abs(jaw[0] - jaw[1]) > 0.05),
+                         **{f"{n}_psnr": float(psnr(r, target).mean()) for n, r in render.items()},
+                         **{f"{n}_mouth_psnr": float(np.nanmean(region_scores(r, target, boxes[i])[0]))
+                            for n, r in render.items()}})
+        model.train()
+        mean = lambda key, rs: float(np.mean([r[key] for r in rs])) if rs else None  # noqa: E731
+        big = [r for r in rows if r["big_jaw"]]
+        return {"samples": len(rows), "big_jaw_samples": len(big),
+                **{k: mean(k, rows) for k in ("target_psnr", "inputs_psnr", "target_mouth_psnr", "inputs_mouth_psnr")},
+                "mouth_gain": mean("target_mouth_psnr", rows) - mean("inputs_mouth_psnr", rows),
+                "mouth_gain_big_jaw": (mean("target_mouth_psnr", big) - mean("inputs_mouth_psnr", big)) if big else None}
+
+    history, order = [], []
+    for step in range(config.schedule.steps):
+        if not order:
+            order = random.Random(step).sample(train, len(train))
+        train_step(model, samples[order.pop()], optimizer, loss_fn, config, step, scheduler)
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < config.schedule.steps:
+            history.append({"step": step + 1, **measure(train)})
+    return {"subject": subject, "steps": config.schedule.steps, "history": history, "final": measure(train),
+            "held_out": measure(sorted(held)) if held else None}
+
+
 def csv_rows(path: Path):
     import csv
 
@@ -284,6 +361,8 @@ def main() -> None:
     ap.add_argument("--mouth-weight", type=float, default=0.0, help="loss weight added inside the mouth box (0: off)")
     ap.add_argument("--face-model", default="", help="face model directory for --mouth-weight "
                     "(default: models/studio_head beside the shards directory)")
+    ap.add_argument("--overfit", default="", help="a training person: run only the overfit check on them")
+    ap.add_argument("--overfit-holdout", type=int, default=0, help="overfit: samples left out of training")
     ap.add_argument("--smoke", action="store_true", help="seconds-long run on tiny data (the test suite runs it)")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -305,6 +384,15 @@ def main() -> None:
     model = {**model_overrides_from_shards(args.shards), "frame": data.loader.frame, **json.loads(args.model)}
     config = build(TrainConfig, merge({"preset": "tiny", "schedule": {"steps": args.steps, "validate_every": max(1, args.steps // 3)},
                                        "checkpoint": {"every": args.steps}, "model": model}, json.loads(args.train)))
+    face_model = args.face_model or str(Path(args.shards).parent / "models" / "studio_head")
+    if args.overfit or args.smoke:
+        subject = args.overfit or json.loads((Path(args.shards) / "splits.json").read_text())["train"][0]
+        overfit = overfit_run(config, data, args.shards, subject, face_model, args.overfit_holdout,
+                              max(1, args.steps // 10))
+        if not args.smoke:
+            print(json.dumps({"config": {"steps": args.steps, "model": model, "train": json.loads(args.train),
+                                         "loader": loader}, "overfit": overfit}, indent=1))
+            return
     evaluate = ({"frames": args.frames, "ground_truth": args.ground_truth, "split": args.split,
                  "samples": args.eval_samples} if args.frames and args.ground_truth else None)
     out = {"config": {"steps": args.steps, "model": model, "train": json.loads(args.train), "loader": loader,
@@ -314,6 +402,8 @@ def main() -> None:
            "cross_attention_at_init": cross_attention_at_init(config, args.shards, data),
            "gradients": gradient_run(config, data, args.shards, evaluate)}
     out["summary"] = summary(out["gradients"])
+    if args.smoke:
+        out["overfit"] = overfit
     print(json.dumps(out, indent=1))
     if tmp is not None:
         tmp.cleanup()
