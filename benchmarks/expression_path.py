@@ -374,17 +374,17 @@ def main() -> None:
         args.input_pool, args.mouth_weight = "subject", 4.0  # the options' code paths run too
         args.face_model = str(Path(tmp.name) / "model")
     loader = {"preset": "demo", "target_views": 4, "input_pool": args.input_pool, **json.loads(args.loader)}
+    face_model = args.face_model or str(Path(args.shards).parent / "models" / "studio_head")
     mouth = {}
     if args.mouth_weight:
         from avat3r_core.synthetic.studio import face_model_paths
 
-        model_path, embedding = face_model_paths(args.face_model or str(Path(args.shards).parent / "models" / "studio_head"))
+        model_path, embedding = face_model_paths(face_model)
         mouth = {"mouth_weight": args.mouth_weight, "face_model": model_path, "landmark_embedding": embedding}
     data = build(TrainDataConfig, {"preset": "demo", "val_samples": args.val_samples, "loader": loader, **mouth})
     model = {**model_overrides_from_shards(args.shards), "frame": data.loader.frame, **json.loads(args.model)}
     config = build(TrainConfig, merge({"preset": "tiny", "schedule": {"steps": args.steps, "validate_every": max(1, args.steps // 3)},
                                        "checkpoint": {"every": args.steps}, "model": model}, json.loads(args.train)))
-    face_model = args.face_model or str(Path(args.shards).parent / "models" / "studio_head")
     if args.overfit or args.smoke:
         subject = args.overfit or json.loads((Path(args.shards) / "splits.json").read_text())["train"][0]
         overfit = overfit_run(config, data, args.shards, subject, face_model, args.overfit_holdout,
