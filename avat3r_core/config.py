@@ -127,3 +127,19 @@ def pick_device(device: str):
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but no CUDA device is available to this worker")
     return torch.device(device)
+
+
+def set_cpu_threads(n: int) -> None:
+    """Limit torch's intra-op threads and numba's (the CPU renderer) to ``n``. Both share the
+    OpenMP runtime: numba's OpenMP layer resets the OpenMP thread count to its own at each parallel
+    launch, so limiting torch alone does not hold. More threads than free cores costs far more than
+    it gains: OpenMP's spinning threads made every torch op 20-45x slower on a shared 2-core machine."""
+    import torch
+
+    try:
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:  # pragma: no cover - numba is a dependency of the CPU renderer
+        pass
+    torch.set_num_threads(n)

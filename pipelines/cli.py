@@ -649,11 +649,16 @@ def animate(
     strip: Optional[Path] = typer.Option(None, "--strip", help="Also a PNG of evenly spaced frames side by side "
                                          "(driver | avatar when driven)."),
     strip_frames: int = typer.Option(6, "--strip-frames", min=1, help="Frames in the --strip picture."),
+    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for the model and renderer (0: one per "
+                                "core; on a machine other jobs share, 1 is much faster than too many)."),
 ):
     """Drive a built avatar with an expression track from its encoder cache (decoder only per frame)."""
     from avat3r_core.animation.drivers import make_driver
+    from avat3r_core.config import set_cpu_threads
     from avat3r_core.reconstruct.build import animate_avatar
 
+    if threads:
+        set_cpu_threads(threads)
     drive = _run(make_driver, driver, face_model) if driver is not None else None
     result = _run(animate_avatar, avatar_dir, expressions, out, checkpoint=checkpoint, size=size, fps=fps,
                   drive_head_pose=head_pose, driver=drive, strip=strip, strip_frames=strip_frames)

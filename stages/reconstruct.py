@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 
 from avat3r_core import storage
-from avat3r_core.config import pick_device
+from avat3r_core.config import pick_device, set_cpu_threads
 from avat3r_core.reconstruct.build import (
     ANIMATION_FILE,
     CACHE_FILE,
@@ -148,10 +148,8 @@ class _PrepareWorker:
 
     def __init__(self, config: ReconstructConfig, image_size: int, feature_dim: int, features_enabled: bool,
                  frame: str = "world", num_threads: int = 1):
-        import torch
-
-        if num_threads > 0:
-            torch.set_num_threads(num_threads)
+        if num_threads > 0:  # the CPU renderer's numba threads too: workers must not oversubscribe the node
+            set_cpu_threads(num_threads)
         self.preparer = Preparer(config, image_size, feature_dim, features_enabled, frame=frame)
 
     def prepare(self, item_json: str) -> dict:
@@ -173,10 +171,8 @@ class _AvatarWorker:
     """Model step: prepared inputs → encode, decode, render; writes ``<out>/<id>/``; returns the index row."""
 
     def __init__(self, config: ReconstructConfig, checkpoint: str, out_dir: str, num_threads: int = 1):
-        import torch
-
-        if num_threads > 0:
-            torch.set_num_threads(num_threads)
+        if num_threads > 0:  # the CPU renderer's numba threads too: workers must not oversubscribe the node
+            set_cpu_threads(num_threads)
         self.config = config
         self.checkpoint = checkpoint
         self.out_dir = out_dir

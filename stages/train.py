@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from avat3r_core import storage
-from avat3r_core.config import Presets, build
+from avat3r_core.config import Presets, build, set_cpu_threads
 from avat3r_core.dataset.loader import LoaderConfig, make_loader
 from avat3r_core.inference.checkpoint import CHECKPOINT_FILE
 from avat3r_core.train.config import TrainConfig
@@ -42,21 +42,6 @@ log = logging.getLogger("avat3r.stages.train")
 
 #: Bumped when the stage's output changes meaning; part of the flow task's cache key (pipelines/caching.py).
 VERSION = "2"  # 2: views in the tracked head frame
-
-
-def set_cpu_threads(n: int) -> None:
-    """Limit torch's intra-op threads and numba's (the CPU renderer) to ``n``. Both share the
-    OpenMP runtime: numba's OpenMP layer resets the OpenMP thread count to its own at each parallel
-    launch, so limiting torch alone does not hold."""
-    import torch
-
-    try:
-        import numba
-
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    except ImportError:  # pragma: no cover - numba is a dependency of the CPU renderer
-        pass
-    torch.set_num_threads(n)
 
 
 # --------------------------------------------------------------------------- data

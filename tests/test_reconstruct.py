@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numba
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -338,9 +339,16 @@ def test_stage_builds_every_mode_names_failures_and_resumes(tmp_path, studio, ra
     codes, _ = load_expression_track("builtin", None, frames_per_key=1)
     np.save(tmp_path / "codes.npy", codes[:5])
     runner = CliRunner()
-    res = runner.invoke(app, ["animate", str(out / "person-image"), "--expressions", str(tmp_path / "codes.npy"),
-                              "--out", str(tmp_path / "drive.mp4"), "--strip", str(tmp_path / "strip.png"),
-                              "--strip-frames", "3"])
+    threads_before = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        res = runner.invoke(app, ["animate", str(out / "person-image"), "--expressions", str(tmp_path / "codes.npy"),
+                                  "--out", str(tmp_path / "drive.mp4"), "--strip", str(tmp_path / "strip.png"),
+                                  "--strip-frames", "3", "--threads", "1"])
+        # --threads holds for torch and the renderer's numba through a whole animation
+        assert (torch.get_num_threads(), numba.get_num_threads()) == (1, 1)
+    finally:
+        torch.set_num_threads(threads_before[0])
+        numba.set_num_threads(threads_before[1])
     assert res.exit_code == 0, res.output
     driven = list(read_frames(tmp_path / "drive.mp4"))
     assert len(driven) == 5
