@@ -19,8 +19,10 @@ The constant terms are added *outside* the output layer, so a zero output layer 
 offsets 0 (means = position map), colours = input RGB, identity rotations, opacity =
 ``init_opacity`` (0.9) and an isotropic scale of ``scale_footprint`` (1) pixel footprint, i.e.
 ``z/f`` with ``z`` the camera depth of the position-map point and ``f`` the mean focal length in
-pixels. The output layer is initialised with std ``head_init_std`` (1e-3, not zero, so that every
-parameter gets a gradient from the first step); its bias is zero.
+pixels. The output layer is initialised with std ``head_init_std`` (0.02, like every other layer; not
+zero, so that every parameter gets a gradient from the first step, and not 1e-3, under which the rest of
+the network's changes barely reached the Gaussians: 0.5 dB lower held-out PSNR on the demo); its bias is
+zero.
 
 Without the position skip (``position_skip=False``) or without the position map
 (``use_position_map=False``), the mean is ``camera centre + t · ray`` with the unit pixel ray and
