@@ -129,11 +129,14 @@ def pick_device(device: str):
     return torch.device(device)
 
 
-def set_cpu_threads(n: int) -> None:
-    """Limit torch's intra-op threads and numba's (the CPU renderer) to ``n``. Both share the
+def set_cpu_threads(n: int | None) -> None:
+    """Limit torch's intra-op threads and numba's (the CPU renderer) to ``n``; ``0``/``None`` leaves
+    both as they are (one per core unless the environment says otherwise). Both share the
     OpenMP runtime: numba's OpenMP layer resets the OpenMP thread count to its own at each parallel
     launch, so limiting torch alone does not hold. More threads than free cores costs far more than
     it gains: OpenMP's spinning threads made every torch op 20-45x slower on a shared 2-core machine."""
+    if n is None or n <= 0:
+        return
     import torch
 
     try:

@@ -657,8 +657,7 @@ def animate(
     from avat3r_core.config import set_cpu_threads
     from avat3r_core.reconstruct.build import animate_avatar
 
-    if threads:
-        set_cpu_threads(threads)
+    set_cpu_threads(threads)
     drive = _run(make_driver, driver, face_model) if driver is not None else None
     result = _run(animate_avatar, avatar_dir, expressions, out, checkpoint=checkpoint, size=size, fps=fps,
                   drive_head_pose=head_pose, driver=drive, strip=strip, strip_frames=strip_frames)

@@ -148,8 +148,7 @@ class _PrepareWorker:
 
     def __init__(self, config: ReconstructConfig, image_size: int, feature_dim: int, features_enabled: bool,
                  frame: str = "world", num_threads: int = 1):
-        if num_threads > 0:  # the CPU renderer's numba threads too: workers must not oversubscribe the node
-            set_cpu_threads(num_threads)
+        set_cpu_threads(num_threads)  # the CPU renderer's numba threads too: workers must not oversubscribe the node
         self.preparer = Preparer(config, image_size, feature_dim, features_enabled, frame=frame)
 
     def prepare(self, item_json: str) -> dict:
@@ -171,8 +170,7 @@ class _AvatarWorker:
     """Model step: prepared inputs → encode, decode, render; writes ``<out>/<id>/``; returns the index row."""
 
     def __init__(self, config: ReconstructConfig, checkpoint: str, out_dir: str, num_threads: int = 1):
-        if num_threads > 0:  # the CPU renderer's numba threads too: workers must not oversubscribe the node
-            set_cpu_threads(num_threads)
+        set_cpu_threads(num_threads)  # the CPU renderer's numba threads too: workers must not oversubscribe the node
         self.config = config
         self.checkpoint = checkpoint
         self.out_dir = out_dir

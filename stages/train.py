@@ -161,8 +161,7 @@ class RayTrainSession:
         import ray.train
         import ray.train.torch
 
-        if cpu_threads:  # one thread per reserved CPU: workers must not oversubscribe the node
-            set_cpu_threads(cpu_threads)
+        set_cpu_threads(cpu_threads)  # one thread per reserved CPU: workers must not oversubscribe the node
 
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
