@@ -251,13 +251,16 @@ def summary(gradients: dict) -> dict:
     """The expression figures of a run in one place (see the module docstring)."""
     last = gradients["validation"][-1] if gradients["validation"] else {}
     out = {"val_psnr": {k: last.get(c) for k, c in (("target_code", "psnr"), ("inputs_code", "psnr_inputs_code"),
+                                                    ("inputs_expression", "psnr_inputs_expression"),
                                                     ("neutral_code", "psnr_neutral_code"))}}
     ev = gradients.get("evaluation")
     if ev:
         es = ev["expression_sensitivity"]
-        delta = es["target_minus_inputs"]
+        delta, expression = es["target_minus_inputs"], es["target_minus_inputs_expression"]
         out.update(eval_psnr=ev["psnr"], target_minus_inputs_psnr=delta["psnr"],
                    target_minus_inputs_mouth_psnr=delta["mouth_psnr"],
+                   target_minus_inputs_expression_psnr=expression["psnr"],
+                   target_minus_inputs_expression_mouth_psnr=expression["mouth_psnr"],
                    mouth_psnr={c: es["codes"][c]["mouth_psnr"] for c in es["codes"]},
                    lip_gap=[{k: q[k] for k in ("subject", "sequence", "frames", "correlation", "range_ratio",
                                                "inputs_code_correlation", "inputs_code_range_ratio")}

@@ -1,4 +1,4 @@
-"""Expression sensitivity: lip gap, region boxes and scores, the three-code probe, sequence agreement."""
+"""Expression sensitivity: lip gap, region boxes and scores, the four-code probe, sequence agreement."""
 
 import dataclasses
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from avat3r_core.animation.sensitivity import (
-    ExpressionProbe, MOUTH, input_code, lip_gap, neutral_like, region_boxes, region_scores, sequence_agreement)
+    ExpressionProbe, MOUTH, input_code, lip_gap, neutral_like, region_boxes, region_scores, sequence_agreement,
+    with_head_pose)
 from avat3r_core.config import build
 from avat3r_core.model import Avat3r
 from avat3r_core.model.config import Avat3rConfig
@@ -108,10 +109,40 @@ def test_probe_measures_nothing_for_a_model_blind_to_the_code_and_something_othe
     assert d["psnr"] == pytest.approx(0.0, abs=1e-9) and d["ssim"] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_probe_tells_the_code_s_head_pose_from_its_expression():
+    """A network that reads only the code's head pose gains over the inputs' code, and nothing over
+    the inputs' expression posed as the target; one that reads only the expression the other way."""
+    model, batch = _model_and_batch()
+    t = batch.expression.clone()
+    t[:, ec.HEAD_POSE] += 0.3  # the target's pose differs from the inputs' mean pose
+    batch = dataclasses.replace(batch, expression=t)
+    targets = targets_on_background(batch, torch.ones(3)).clamp(0, 1)
+    with torch.no_grad():
+        model.head.reset_output(0.5)
+    fc1 = model.transformer.expression.fc1.weight
+    pose = torch.zeros(fc1.shape[1], dtype=torch.bool)
+    pose[ec.HEAD_POSE] = True
+    torch.testing.assert_close(with_head_pose(input_code(batch), t)[:, ec.HEAD_POSE], t[:, ec.HEAD_POSE])
+    deltas = {}
+    for reads, keep in (("pose", pose), ("expression", ~pose)):
+        with torch.no_grad():
+            saved = fc1.clone()
+            fc1[:, ~keep] = 0.0
+        probe = ExpressionProbe(model)
+        probe.add(batch, targets)
+        with torch.no_grad():
+            fc1.copy_(saved)
+        s = probe.summary()
+        deltas[reads] = (s["target_minus_inputs"]["psnr"], s["target_minus_inputs_expression"]["psnr"])
+    assert abs(deltas["pose"][0]) > 1e-4 and deltas["pose"][1] == pytest.approx(0.0, abs=1e-9)
+    assert abs(deltas["expression"][1]) > 1e-4
+    assert deltas["expression"][1] == pytest.approx(deltas["expression"][0], abs=1e-9)
+
+
 def test_probe_lip_gap_per_sequence_from_a_detector():
     model, batch = _model_and_batch()
     targets = targets_on_background(batch, torch.ones(3)).clamp(0, 1)
-    gaps = iter([0.1, 0.3, 0.2, 0.25])  # per call: truth, target code, inputs code, neutral code
+    gaps = iter([0.1, 0.3, 0.2, 0.22, 0.25])  # per call: truth, target, inputs, inputs' expression, neutral code
 
     def detector(images, rows):
         g = next(gaps)

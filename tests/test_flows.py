@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -66,10 +68,15 @@ def test_demo_flow_runs_the_built_stages_and_is_resumable(prefect_harness, ray_s
     stored = safe_torch_load(tmp_path / "data/train/checkpoint/checkpoint.pt")["config"]["model"]
     assert stored["image_size"] == 64 and stored["feature_dim"] == 112  # tiny priors keep all channels
     assert list((tmp_path / "data/train/val").glob("*.png"))
+    with (tmp_path / "data/train/plots/val.csv").open(newline="") as f:
+        val_rows = list(csv.DictReader(f))  # shards carry the input frames' codes: every code is scored
+    assert val_rows and all(math.isfinite(float(r[k])) for r in val_rows
+                            for k in ("psnr", "psnr_inputs_code", "psnr_inputs_expression", "psnr_neutral_code"))
     # evaluation of the checkpoint beside the baseline on the held-out subject
     assert evaluate["stage"] == "evaluate" and evaluate["items_done"] > 0
     report = (tmp_path / "data/reports/evaluation/report.md").read_text()
     assert "non-learned baseline" in report and "published" in report
+    assert "target − inputs' expression (both with the target's head pose)" in report
     assert result["report"] == str(tmp_path / "data/reports/evaluation/report.md")
     # the held-out subject as an avatar: .ply, preview, turntable, animation, in the library index
     assert reconstruct["stage"] == "reconstruct" and reconstruct["items_done"] == 1 and reconstruct["items_failed"] == 0

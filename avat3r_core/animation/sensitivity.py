@@ -2,11 +2,17 @@
 
 Held-out PSNR is earned mostly by view synthesis: a model that ignores its expression code still
 scores well when the target's expression is close to the inputs'. So every held-out sample is
-rendered three times from the *same inputs and cameras*, only the code differing:
+rendered four times from the *same inputs and cameras*, only the code differing:
 
 * ``target``  — the target timestep's code (what evaluation scores anyway);
 * ``inputs``  — the mean code of the input views' own timesteps (``Avat3rBatch.input_expressions``):
   what the input images already show;
+* ``inputs_expression`` — that code with the target's head pose dims (:func:`with_head_pose`): what
+  the inputs show, posed as the target. ``target − inputs_expression`` is what the *expression*
+  earns; ``inputs_expression − inputs`` is what the code's head pose alone earns. The two differ:
+  in the head frame the head's pose says where the neck and shoulders are, which the head frame
+  does not hold still, so a network can learn to use the code's pose long before its expression
+  (a 3000-step demo run: +0.63 dB over the inputs' code, −0.03 dB over the inputs' expression);
 * ``neutral`` — expression, eyelids zero, eyes / neck / jaw at rest; the head pose dims kept from the
   target (pose is not expression).
 
@@ -47,9 +53,9 @@ from avat3r_core.metrics import PSNR_CAP, psnr, ssim
 from avat3r_core.tracking import expression_code as ec
 
 __all__ = ["BOX_MIN", "BOX_PAD", "CODES", "ExpressionProbe", "MOUTH", "EYES", "MouthWeights", "box_weights", "input_code",
-           "lip_gap", "neutral_like", "region_boxes", "region_scores", "sequence_agreement"]
+           "lip_gap", "neutral_like", "region_boxes", "region_scores", "sequence_agreement", "with_head_pose"]
 
-CODES = ("target", "inputs", "neutral")
+CODES = ("target", "inputs", "inputs_expression", "neutral")
 MOUTH = slice(48, 68)
 EYES = slice(36, 48)
 INNER_LIP_UPPER, INNER_LIP_LOWER = 62, 66
@@ -65,12 +71,17 @@ def input_code(batch: Avat3rBatch) -> Tensor:
     return batch.input_expressions.mean(dim=1)
 
 
+def with_head_pose(code: Tensor, pose_of: Tensor) -> Tensor:
+    """``code`` (B, 135) with the head pose dims of ``pose_of`` (B, 135)."""
+    out = code.clone()
+    out[:, ec.HEAD_POSE] = pose_of[:, ec.HEAD_POSE]
+    return out
+
+
 def neutral_like(code: Tensor) -> Tensor:
     """``code`` (B, 135) with the expression at rest and its head pose dims kept."""
     rest = torch.as_tensor(ec.encode({"expression": np.zeros((1, ec.N_EXPR))})[0], dtype=code.dtype, device=code.device)
-    out = rest.expand_as(code).clone()
-    out[:, ec.HEAD_POSE] = code[:, ec.HEAD_POSE]
-    return out
+    return with_head_pose(rest.expand_as(code), code)
 
 
 def lip_gap(points: np.ndarray, visible: np.ndarray | None = None) -> np.ndarray:
@@ -201,7 +212,7 @@ def _mean(values) -> float | None:
 
 
 class ExpressionProbe:
-    """Collects the three-code renders of every batch it is given; :meth:`summary` reduces them.
+    """Collects the four-code renders of every batch it is given; :meth:`summary` reduces them.
 
     ``detector``: ``images (N, H, W, 3) uint8, rows -> (points (N, 68, 2), found (N,))`` (e.g.
     :class:`avat3r_core.evaluation.MediaPipe68`) for the lip gap; without it there is none.
@@ -233,6 +244,7 @@ class ExpressionProbe:
         B, T = batch.batch_size, batch.target_images.shape[1]
         H, W = targets.shape[-2:]
         codes = {"target": batch.expression, "inputs": input_code(batch)}
+        codes["inputs_expression"] = with_head_pose(codes["inputs"], codes["target"])
         codes["neutral"] = neutral_like(codes["target"])
         sel = torch.cat([torch.arange(ec.N_EXPR), torch.arange(ec.JAW.start, ec.JAW.stop)])
         self.code_distance += (codes["target"] - codes["inputs"])[:, sel].abs().mean(1).tolist()
@@ -297,6 +309,7 @@ class ExpressionProbe:
             "views": sum(1 for r in self.rows if r["code"] == "target"),
             "codes": per_code,
             "target_minus_inputs": delta("target", "inputs"),
+            "target_minus_inputs_expression": delta("target", "inputs_expression"),
             "target_minus_neutral": delta("target", "neutral"),
             "mean_code_distance_target_vs_inputs": _mean(self.code_distance),
             "lip_gap_status": lip_status,
@@ -311,7 +324,8 @@ class ExpressionProbe:
 
         lines = ["", "## Expression sensitivity", "",
                  "Same inputs and cameras, only the expression code differs (target's / the input frames' mean / "
-                 "neutral). Mouth and eye boxes from the ground-truth landmarks of each target view.", "",
+                 "the input frames' mean with the target's head pose / neutral). Mouth and eye boxes from the "
+                 "ground-truth landmarks of each target view.", "",
                  "| code | PSNR↑ | SSIM↑ | mouth PSNR↑ | mouth SSIM↑ | eyes PSNR↑ | eyes SSIM↑ |", "|---|---|---|---|---|---|---|"]
         for c in CODES:
             m = s["codes"][c]
@@ -321,6 +335,10 @@ class ExpressionProbe:
         lines += ["", f"- target − inputs code: PSNR {f(d['psnr'], '{:+.2f}')} dB, mouth {f(d['mouth_psnr'], '{:+.2f}')} dB, "
                   f"eyes {f(d['eyes_psnr'], '{:+.2f}')} dB ({s['views']} views; mean |Δcode| over expression + jaw dims "
                   f"{f(s['mean_code_distance_target_vs_inputs'], '{:.3f}')})."]
+        e = s["target_minus_inputs_expression"]
+        lines += [f"- target − inputs' expression (both with the target's head pose): what the expression earns: PSNR "
+                  f"{f(e['psnr'], '{:+.2f}')} dB, mouth {f(e['mouth_psnr'], '{:+.2f}')} dB, eyes "
+                  f"{f(e['eyes_psnr'], '{:+.2f}')} dB."]
         if s["lip_gap_sequences"]:
             lines += ["", "| subject | sequence | frames | lip gap truth | lip gap render | correlation | range ratio | "
                       "correlation with the inputs' code |", "|---|---|---|---|---|---|---|---|"]

@@ -17,10 +17,12 @@ class TrainLogger:
 
     TRAIN_FIELDS = ["step", "epoch", "loss", "l1", "ssim", "lpips", "lr", "grad_norm", "data_s", "forward_s",
                     "render_s", "backward_s", "step_s", "samples_per_s", "skipped_total"]
-    #: psnr_inputs_code / psnr_neutral_code: the same validation views rendered with the input frames'
-    #: mean code / a neutral code (:mod:`avat3r_core.animation.sensitivity`); psnr above them is what
-    #: the expression path earns
-    VAL_FIELDS = ["step", "psnr", "ssim", "baseline_psnr", "baseline_ssim", "psnr_inputs_code", "psnr_neutral_code"]
+    #: psnr_inputs_code / psnr_inputs_expression / psnr_neutral_code: the same validation views rendered
+    #: with the input frames' mean code / that code with the target's head pose / a neutral code
+    #: (:mod:`avat3r_core.animation.sensitivity`); psnr above psnr_inputs_expression is what the
+    #: expression earns, psnr_inputs_expression above psnr_inputs what the code's head pose does
+    VAL_FIELDS = ["step", "psnr", "ssim", "baseline_psnr", "baseline_ssim", "psnr_inputs_code", "psnr_inputs_expression",
+                  "psnr_neutral_code"]
 
     def __init__(self, out_dir: Path, resume_step: int = 0, tensorboard: bool = True):
         self.out_dir = Path(out_dir)

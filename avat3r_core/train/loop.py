@@ -231,8 +231,9 @@ def _validate(step: int, model, val_batches: list[Avat3rBatch], baseline: dict, 
 
 
 def _expression_psnrs(model, val_batches: list[Avat3rBatch], config: TrainConfig) -> dict:
-    """Validation PSNR with the input frames' code and a neutral code (empty for batches without
-    input codes): a run shows when the expression path starts to matter."""
+    """Validation PSNR with the input frames' code, their expression with the target's head pose and
+    a neutral code (empty for batches without input codes): a run shows when the expression path
+    starts to matter, and whether it is the expression or the code's head pose that does."""
     from avat3r_core.animation.sensitivity import ExpressionProbe
 
     if not val_batches or any(b.input_expressions is None for b in val_batches):
@@ -246,7 +247,8 @@ def _expression_psnrs(model, val_batches: list[Avat3rBatch], config: TrainConfig
     finally:
         model.train()
     codes = probe.summary()["codes"]
-    return {"psnr_inputs_code": codes["inputs"]["psnr"], "psnr_neutral_code": codes["neutral"]["psnr"]}
+    return {"psnr_inputs_code": codes["inputs"]["psnr"], "psnr_inputs_expression": codes["inputs_expression"]["psnr"],
+            "psnr_neutral_code": codes["neutral"]["psnr"]}
 
 
 # Long (~105 lines): the loop's state (step, streams, skipped counts, logger, checkpoint cadence)
