@@ -10,8 +10,9 @@ rendered four times from the *same inputs and cameras*, only the code differing:
 * ``inputs_expression`` — that code with the target's head pose dims (:func:`with_head_pose`): what
   the inputs show, posed as the target. ``target − inputs_expression`` is what the *expression*
   earns; ``inputs_expression − inputs`` is what the code's head pose alone earns. The two differ:
-  in the head frame the head's pose says where the neck and shoulders are, which the head frame
-  does not hold still, so a network can learn to use the code's pose long before its expression
+  in the head frame the pose still changes the image (light fixed in the world re-shades the face
+  as the head turns; the shoulders do not turn with it), over far more pixels than a mouth, so a
+  network can learn to use the code's pose long before its expression
   (a 3000-step demo run: +0.63 dB over the inputs' code, −0.03 dB over the inputs' expression);
 * ``neutral`` — expression, eyelids zero, eyes / neck / jaw at rest; the head pose dims kept from the
   target (pose is not expression).
