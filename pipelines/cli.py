@@ -46,6 +46,12 @@ ParamsPath = typer.Option("params.yaml", "--params", help="The params file DVC t
 DataRoot = typer.Option("data", "--data-root", help="Root of the DVC-tracked data tree.")
 
 
+def _print_error(kind: str, exc: BaseException) -> None:
+    """One line naming what failed. soft_wrap: Rich would otherwise break a long path at the terminal's
+    width mid-name (``…/tracking\\n.npz``), and the name must stay one piece to be copied or grepped."""
+    console.print(f"[bold red]{kind}:[/] {escape(str(exc))}", soft_wrap=True)
+
+
 def _run(fn, *args, **kwargs):
     """Map the project's errors to exit codes with a one-line message naming what failed."""
     from avat3r_core.errors import FormatError
@@ -56,22 +62,22 @@ def _run(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except OutputLocked as exc:
-        console.print(f"[bold red]output in use:[/] {escape(str(exc))}")
+        _print_error("output in use", exc)
         raise typer.Exit(EXIT_BUSY) from exc
     except DiskFull as exc:
-        console.print(f"[bold red]disk full:[/] {escape(str(exc))}")
+        _print_error("disk full", exc)
         raise typer.Exit(EXIT_FAILURE) from exc
     except FormatError as exc:
-        console.print(f"[bold red]bad input:[/] {escape(str(exc))}")
+        _print_error("bad input", exc)
         raise typer.Exit(EXIT_BAD_INPUT) from exc
     except FileNotFoundError as exc:  # a missing input file/directory: name it, no traceback
-        console.print(f"[bold red]missing input:[/] {escape(str(exc))}")
+        _print_error("missing input", exc)
         raise typer.Exit(EXIT_BAD_INPUT) from exc
     except ErrorBudgetExceeded as exc:
-        console.print(f"[bold red]error budget exceeded:[/] {escape(str(exc))}")
+        _print_error("error budget exceeded", exc)
         raise typer.Exit(EXIT_ERROR_BUDGET) from exc
     except RayConnectError as exc:  # nothing answers --ray-address: name it, no traceback
-        console.print(f"[bold red]ray:[/] {escape(str(exc))}")
+        _print_error("ray", exc)
         raise typer.Exit(EXIT_FAILURE) from exc
 
 
@@ -289,7 +295,7 @@ def shards_verify(shards_dir: Path = typer.Argument(Path("data/shards"), help="D
     console.print(f"{report['shards']} shard(s), {report['samples']} sample(s) checked")
     for path, problems in report["broken"].items():
         for problem in problems:
-            console.print(f"[red]broken[/] {escape(str(path))}: {escape(str(problem))}")
+            console.print(f"[red]broken[/] {escape(str(path))}: {escape(str(problem))}", soft_wrap=True)
     if report["ok"]:
         console.print("[green]all shards match the index[/]")
     raise typer.Exit(EXIT_OK if report["ok"] else EXIT_BAD_INPUT)
@@ -444,7 +450,7 @@ def schedule(
         deployment = _run(schedules.make_deployment, flow_name, cron, params, data_root, ray_address, name,
                           work_pool, timezone)
     except ValueError as exc:
-        console.print(f"[bold red]bad schedule:[/] {escape(str(exc))}")
+        _print_error("bad schedule", exc)
         raise typer.Exit(EXIT_USAGE) from exc
     from prefect.settings import PREFECT_API_URL
 
@@ -526,7 +532,7 @@ def stage_errors(stage_dir: Path = typer.Argument(..., help="A stage output dire
 
     files = sorted(stage_dir.glob("*.errors.parquet"))
     if not files:
-        console.print(f"[red]no error manifest (*.errors.parquet) in {stage_dir}[/]")
+        console.print(f"[red]no error manifest (*.errors.parquet) in {escape(str(stage_dir))}[/]", soft_wrap=True)
         raise typer.Exit(EXIT_BAD_INPUT)
     total = 0
     for path in files:
@@ -587,7 +593,7 @@ def evaluate(
     try:
         config = build(EvalConfig, overrides, preset=preset, source="command line")
     except ValueError as exc:
-        console.print(f"[bold red]bad arguments:[/] {escape(str(exc))}")
+        _print_error("bad arguments", exc)
         raise typer.Exit(EXIT_USAGE) from exc
     metrics = _run(run_evaluate, checkpoint, shards, out, split, frames_manifest=frames, ground_truth=ground_truth,
                    lpips_backbone=lpips_backbone, lpips_lin=lpips_lin, config=config)
@@ -630,7 +636,7 @@ def reconstruct(
     _print_summaries([summary.to_dict()])
     console.print(f"avatars: {out}\nindex: {summary.manifest}")
     if summary.items_failed:
-        console.print(f"[red]{summary.items_failed} avatar(s) failed[/]: avat3r stage errors {out}")
+        console.print(f"[red]{summary.items_failed} avatar(s) failed[/]: avat3r stage errors {out}", soft_wrap=True)
 
 
 @app.command()
@@ -678,7 +684,7 @@ def gallery(
     try:
         summary = _run(build_gallery, avatars_dir, out, GalleryConfig(**values))
     except GalleryError as exc:
-        console.print(f"[bold red]cannot build the gallery:[/] {escape(str(exc))}")
+        _print_error("cannot build the gallery", exc)
         raise typer.Exit(EXIT_USAGE) from exc
     console.print(f"{summary['avatars']} avatars: {summary['ok']} ok, {summary['incomplete']} incomplete, "
                   f"{summary['failed']} failed; web export {summary['splat_bytes'] / 1e6:.2f} MB "

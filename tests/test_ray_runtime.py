@@ -62,7 +62,7 @@ def free_port() -> int:
 
 def test_joining_an_address_where_nothing_answers_names_it():
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "300"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "40"}  # narrow: the message must not wrap
     for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
         done = subprocess.run([sys.executable, "-m", "pipelines.cli", "extract", "--capture", "nowhere", "--ray-address",
                                address], capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
