@@ -63,7 +63,7 @@ def main() -> None:
     try:
         studio.write_face_model(str(work / "model"), config.seed)
         render_rate = render_only(config, work / "model", frames=4)
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
         rates = {}
         for workers in (1, 2):
             out = work / f"run{workers}"

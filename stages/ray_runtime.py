@@ -125,6 +125,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
             if listen not in ("loopback", "all"):
                 raise RayConnectError(f"{LISTEN_ENV}={listen!r}: use loopback or all")
             _set_cluster_mode(listen == "all")
+            # "local", not None: a bare ray.init() joins the cluster `ray start` recorded on this
+            # machine (ray_current_cluster in Ray's temp dir) instead of starting one
+            kwargs["address"] = "local"
             if num_cpus:
                 kwargs["num_cpus"] = num_cpus
             if dashboard is None:

@@ -138,3 +138,17 @@ def test_losing_a_node_mid_stage_runs_its_items_again_on_the_head(cluster, tmp_p
     assert started_on_second[0] in retried and all(r["node_lost"] == second for r in stats["retried"]), stats
     # what ran after the loss ran on the head
     assert stats["nodes"].get(cluster["nodes"]["head"]["node_id"], 0) >= n - len(started_on_second), stats
+
+
+def test_without_an_address_ray_starts_locally_beside_a_recorded_cluster(cluster):
+    """The test cluster is the one recorded in Ray's temp dir (what `--ray-address auto` finds, as
+    after `ray start`): a command given no address still starts its own Ray on this machine."""
+    code = ("import json, ray; from stages.ray_runtime import ensure_ray; "
+            "resources = ensure_ray(num_cpus=1, dashboard=False); "
+            "print(json.dumps({'resources': resources, 'gcs': ray.get_runtime_context().gcs_address}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cluster["env"], cwd=REPO,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["gcs"] != cluster["address"], found
+    assert "head" not in found["resources"] and "second" not in found["resources"], found
